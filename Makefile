@@ -1,0 +1,58 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP_RUN := $(VENV)/.installed-run
+STAMP_DEV := $(VENV)/.installed-dev
+CONFIG ?= models/gateway.yaml
+LISTEN ?= 127.0.0.1:8001
+ARGS ?=
+
+.PHONY: run test test-fast bench proto proto-check lint fmt models clean venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP_RUN): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(STAMP_DEV): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test,dev]'
+	touch $@ $(STAMP_RUN)
+
+venv: $(STAMP_DEV)
+
+run: $(STAMP_RUN)
+	$(VENV)/bin/gateway serve --config $(CONFIG) --listen $(LISTEN) $(ARGS)
+
+test: $(STAMP_DEV) proto-check
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(STAMP_DEV)
+	$(PY) -m benchmarks $(ARGS)
+
+proto: $(STAMP_DEV)
+	PYTHON=$(PY) scripts/gen_proto.sh
+
+# Fails when the checked-in generated code differs from what proto/ produces.
+proto-check: $(STAMP_DEV)
+	@PYTHON=$(PY) scripts/gen_proto.sh
+	@git diff --quiet --exit-code -- gateway/pb && test -z "$$(git status --porcelain -- gateway/pb)" \
+		|| { echo "gateway/pb is stale: run 'make proto' and commit the result"; git status --short -- gateway/pb; exit 1; }
+
+lint: $(STAMP_DEV)
+	$(VENV)/bin/ruff check gateway tests benchmarks models scripts
+	$(VENV)/bin/ruff format --check gateway tests benchmarks models scripts
+	$(VENV)/bin/mypy gateway
+
+fmt: $(STAMP_DEV)
+	$(VENV)/bin/ruff format gateway tests benchmarks models scripts
+	$(VENV)/bin/ruff check --fix gateway tests benchmarks models scripts
+
+models: $(STAMP_DEV)
+	$(PY) models/make_demo_models.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,137 @@
+"""The YAML route file: typed, validated, with errors that name the field and what is valid.
+
+    model_root: .            # relative to this file; holds <endpoint>/<version>/
+    endpoints:
+      ctr-ranker:
+        versions: ["1.12", "1.13", "1.14"]   # loaded side by side
+        traffic: {"1.12": 90, "1.13": 10}     # integer percent, sums to 100
+        labels: {stable: "1.12", canary: "1.13"}
+        max_batch_size: 256
+        nan_policy: allow                     # allow | reject
+
+Versions are strings. YAML reads `1.10` as the number 1.1, so this loader keeps every
+unquoted decimal as the text that was written (`1.10` stays "1.10").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.errors import ConfigError, InvalidInput
+from gateway.routing import EndpointRoutes, RouteTable
+
+
+class _TextDecimalLoader(yaml.SafeLoader):
+    """SafeLoader without the float resolver: `1.10` stays the string "1.10"."""
+
+
+_TextDecimalLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+class EndpointConfig(BaseModel):
+    """One endpoint in the route file."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    versions: list[str] = Field(min_length=1)
+    traffic: dict[str, int]
+    labels: dict[str, str] = Field(default_factory=dict)
+    max_batch_size: int = Field(default=256, ge=1, le=1 << 20)
+    nan_policy: Literal["allow", "reject"] = "allow"
+    intra_op_threads: int = Field(default=1, ge=1, le=64)
+    shadows: dict[str, int] = Field(default_factory=dict)
+    guardrails: list[str] = Field(default_factory=list)
+
+    @field_validator("versions")
+    @classmethod
+    def _unique(cls, versions: list[str]) -> list[str]:
+        duplicates = sorted({v for v in versions if versions.count(v) > 1})
+        if duplicates:
+            raise ValueError(f"versions are listed twice: {', '.join(duplicates)}")
+        return versions
+
+    @field_validator("shadows", "guardrails")
+    @classmethod
+    def _not_yet(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("shadows and guardrails are not supported by this release yet; leave them empty")
+        return value
+
+
+class GatewayConfig(BaseModel):
+    """The whole route file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_root: Path = Path(".")
+    endpoints: dict[str, EndpointConfig] = Field(min_length=1)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for problem in err.errors():
+        location = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif problem["type"] == "missing":
+            message = "required field is missing"
+        lines.append(f"{source}: {location}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, *, source: str = "<route file>", base_dir: Path | None = None) -> GatewayConfig:
+    """Parse and validate route-file text; `model_root` becomes absolute against `base_dir`."""
+    try:
+        raw = yaml.load(text, Loader=_TextDecimalLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must be a mapping with 'endpoints'")
+    try:
+        config = GatewayConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    if base_dir is not None and not config.model_root.is_absolute():
+        config = config.model_copy(update={"model_root": (base_dir / config.model_root).resolve()})
+    try:
+        build_route_table(config, revision=0)
+    except InvalidInput as err:
+        raise ConfigError(f"{source}: {err.message}", field=err.field) from None
+    return config
+
+
+def load_config(path: Path) -> GatewayConfig:
+    """Read and validate a route file."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read route file {path}: {err.strerror}") from None
+    return parse_config(text, source=str(path), base_dir=path.resolve().parent)
+
+
+def endpoint_routes(name: str, endpoint: EndpointConfig) -> EndpointRoutes:
+    """The validated routes of one configured endpoint."""
+    return EndpointRoutes(
+        name=name,
+        versions=tuple(endpoint.versions),
+        weights=dict(endpoint.traffic),
+        labels=dict(endpoint.labels),
+        max_batch_size=endpoint.max_batch_size,
+        reject_nan=endpoint.nan_policy == "reject",
+    )
+
+
+def build_route_table(config: GatewayConfig, *, revision: int) -> RouteTable:
+    """The route table a config describes."""
+    return RouteTable(
+        revision=revision,
+        endpoints={name: endpoint_routes(name, ep) for name, ep in config.endpoints.items()},
+    )

@@ -1,0 +1,1 @@
+"""The gRPC transport: thin servicers, pb <-> domain converters, error mapping, server assembly."""

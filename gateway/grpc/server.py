@@ -1,0 +1,80 @@
+"""Server assembly: `create_server(gateway, listen) -> (server, port)`, separate from running it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway.app import Gateway
+from gateway.errors import InvalidInput
+from gateway.grpc.errors import ErrorInterceptor
+from gateway.grpc.health import HealthReporter
+from gateway.grpc.servicers import OpenInferenceServicer, PredictServicer
+from gateway.pb.gateway.v1 import inference_pb2, inference_pb2_grpc
+from gateway.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
+
+
+@dataclass
+class InferenceServer:
+    """A started inference listener and what belongs to it."""
+
+    server: grpc.aio.Server
+    port: int
+    health: HealthReporter
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, then finish in-flight calls for up to `grace` seconds."""
+        await self.health.shut_down()
+        await self.server.stop(grace)
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel arguments shared by the gateway's listeners."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def bind(server: grpc.aio.Server, listen: str) -> int:
+    """Bind an insecure port; raise InvalidInput naming the address when it cannot be bound."""
+    try:
+        port: int = server.add_insecure_port(listen)
+    except RuntimeError as err:
+        raise InvalidInput(f"cannot listen on {listen}: {err}") from None
+    if port == 0:
+        raise InvalidInput(f"cannot listen on {listen}: the address is in use or invalid")
+    return port
+
+
+async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServer:
+    """Build and start the inference listener (Predict, Open Inference Protocol, health, reflection)."""
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor()],
+        options=server_options(gateway.limits.max_message_bytes),
+    )
+    inference_pb2_grpc.add_InferenceServicer_to_server(PredictServicer(gateway.inference), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        OpenInferenceServicer(gateway.inference), server
+    )
+    health = HealthReporter(gateway.inference, asyncio.get_running_loop())
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        [
+            inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+            grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    port = bind(server, listen)
+    await health.refresh()
+    gateway.registry.on_change(lambda _snapshot: health.refresh_soon())
+    await server.start()
+    return InferenceServer(server, port, health)

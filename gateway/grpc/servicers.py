@@ -1,0 +1,65 @@
+"""Thin servicers: convert, call the domain service, convert back. No domain logic here."""
+
+from __future__ import annotations
+
+import grpc
+
+from gateway.grpc import converters
+from gateway.inference import InferenceService
+from gateway.pb.gateway.v1 import inference_pb2 as gw
+from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
+from gateway.pb.inference import grpc_service_pb2 as oip
+from gateway.pb.inference import grpc_service_pb2_grpc as oip_grpc
+
+
+class PredictServicer(gw_grpc.InferenceServicer):
+    """`gateway.v1.Inference`."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self._infer = service.infer
+
+    async def Predict(  # noqa: N802 - gRPC method name
+        self, request: gw.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> gw.PredictResponse:
+        return converters.predict_response(self._infer(converters.predict_request(request)))
+
+
+class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    """`inference.GRPCInferenceService`: the Open Inference Protocol v2."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self._service = service
+        self._infer = service.infer
+
+    async def ModelInfer(  # noqa: N802
+        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelInferResponse:
+        return converters.model_infer_response(self._infer(converters.model_infer_request(request)))
+
+    async def ServerLive(  # noqa: N802
+        self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(  # noqa: N802
+        self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self._service.server_ready())
+
+    async def ModelReady(  # noqa: N802
+        self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelReadyResponse:
+        return oip.ModelReadyResponse(ready=self._service.is_ready(request.name, request.version))
+
+    async def ServerMetadata(  # noqa: N802
+        self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerMetadataResponse:
+        name, version, extensions = self._service.server_metadata()
+        return oip.ServerMetadataResponse(name=name, version=version, extensions=list(extensions))
+
+    async def ModelMetadata(  # noqa: N802
+        self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelMetadataResponse:
+        return converters.model_metadata_response(
+            self._service.endpoint_metadata(request.name, request.version)
+        )

@@ -1,0 +1,91 @@
+"""`OnnxModel`: one onnxruntime session with its IO signature, warm-up and run.
+
+This is the only module that imports onnxruntime, so the rest of the gateway (and its
+fault-injection tests) deal with a small, typed surface.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from gateway.errors import ArtifactError
+from gateway.tensors import DataType, TensorSpec
+
+log = logging.getLogger(__name__)
+
+_ORT_TYPES = {
+    "tensor(bool)": DataType.BOOL,
+    "tensor(uint8)": DataType.UINT8,
+    "tensor(uint16)": DataType.UINT16,
+    "tensor(uint32)": DataType.UINT32,
+    "tensor(uint64)": DataType.UINT64,
+    "tensor(int8)": DataType.INT8,
+    "tensor(int16)": DataType.INT16,
+    "tensor(int32)": DataType.INT32,
+    "tensor(int64)": DataType.INT64,
+    "tensor(float16)": DataType.FP16,
+    "tensor(float)": DataType.FP32,
+    "tensor(double)": DataType.FP64,
+}
+
+
+def _spec(arg: ort.NodeArg, *, path: Path) -> TensorSpec:
+    datatype = _ORT_TYPES.get(arg.type)
+    if datatype is None:
+        supported = ", ".join(sorted(_ORT_TYPES))
+        raise ArtifactError(f"{path}: tensor {arg.name!r} has type {arg.type}; supported: {supported}")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in arg.shape)
+    return TensorSpec(arg.name, datatype, shape)
+
+
+class OnnxModel:
+    """An onnxruntime session over one immutable model file, plus its input/output signature.
+
+    `run` is safe to call from several threads at once (onnxruntime sessions are), and
+    releases the GIL while the graph executes.
+    """
+
+    def __init__(self, path: Path, *, intra_op_threads: int = 1) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        self.path = path
+        try:
+            self._session = ort.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # onnxruntime raises several unrelated types for bad files
+            raise ArtifactError(f"{path}: onnxruntime cannot load this model: {err}") from err
+        self.inputs: tuple[TensorSpec, ...] = tuple(_spec(a, path=path) for a in self._session.get_inputs())
+        self.outputs: tuple[TensorSpec, ...] = tuple(
+            _spec(a, path=path) for a in self._session.get_outputs()
+        )
+        self.output_names: tuple[str, ...] = tuple(o.name for o in self.outputs)
+        self._run = self._session.run
+
+    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] = ()) -> list[np.ndarray]:
+        """Run the graph; returns the outputs in the order of `output_names` (all when empty)."""
+        result: list[np.ndarray] = self._run(output_names or self.output_names, feeds)
+        return result
+
+    def warm_up(self, *, batch_size: int = 1, rounds: int = 3) -> float:
+        """Run zero inputs a few times so the first real request pays no lazy setup; returns seconds."""
+        feeds = {
+            spec.name: np.zeros(
+                [batch_size if d is None else d for d in spec.shape], dtype=spec.datatype.numpy
+            )
+            for spec in self.inputs
+        }
+        started = time.perf_counter()
+        for _ in range(rounds):
+            self.run(feeds)
+        return time.perf_counter() - started
