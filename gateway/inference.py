@@ -62,7 +62,10 @@ class EndpointMetadata:
 
 
 def _check_inputs(
-    routes: EndpointRoutes, decision: RouteDecision, specs: tuple[TensorSpec, ...], inputs: Mapping[str, np.ndarray]
+    routes: EndpointRoutes,
+    decision: RouteDecision,
+    specs: tuple[TensorSpec, ...],
+    inputs: Mapping[str, np.ndarray],
 ) -> None:
     where = f"{routes.name} {decision.version}"
     if len(inputs) != len(specs) or any(spec.name not in inputs for spec in specs):

@@ -148,9 +148,8 @@ class ModelRegistry:
             known = self.versions_of(endpoint)
             if not known:
                 raise NotFound(f"no versions are loaded for endpoint {endpoint!r}")
-            raise NotFound(
-                f"{endpoint} has no version {version!r}; loaded versions: {', '.join(v.version for v in known)}"
-            )
+            loaded = ", ".join(v.version for v in known)
+            raise NotFound(f"{endpoint} has no version {version!r}; loaded versions: {loaded}")
         return snapshot
 
     def versions_of(self, endpoint: str) -> list[ModelVersion]:

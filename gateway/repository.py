@@ -72,11 +72,12 @@ class ModelRepository:
         return self.root / endpoint / version
 
     def resolve(self, endpoint: str, version: str, *, expected_sha256: str | None = None) -> Artifact:
-        """Locate a version's model file and verify its digest against the manifest (and `expected_sha256`)."""
+        """Locate a version's model file and check its digest against the manifest and `expected_sha256`."""
         directory = self.version_dir(endpoint, version)
         if not directory.is_dir():
             raise ArtifactError(
-                f"no directory for {endpoint} {version}: expected {directory} under the model root {self.root}"
+                f"no directory for {endpoint} {version}: expected {directory} "
+                f"under the model root {self.root}"
             )
         manifest = _read_manifest(directory)
         file_name = str(manifest.get("file", "model.onnx"))

@@ -66,9 +66,7 @@ class OnnxModel:
         except Exception as err:  # onnxruntime raises several unrelated types for bad files
             raise ArtifactError(f"{path}: onnxruntime cannot load this model: {err}") from err
         self.inputs: tuple[TensorSpec, ...] = tuple(_spec(a, path=path) for a in self._session.get_inputs())
-        self.outputs: tuple[TensorSpec, ...] = tuple(
-            _spec(a, path=path) for a in self._session.get_outputs()
-        )
+        self.outputs: tuple[TensorSpec, ...] = tuple(_spec(a, path=path) for a in self._session.get_outputs())
         self.output_names: tuple[str, ...] = tuple(o.name for o in self.outputs)
         self._run = self._session.run
 

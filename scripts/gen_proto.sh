@@ -10,6 +10,6 @@ rm -rf gateway/pb/gateway gateway/pb/inference
 mapfile -t protos < <(find proto -name '*.proto' | sort)
 "$PY" -m grpc_tools.protoc -Igateway/pb=proto \
   --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
-  "${protos[@]}"
+  "${protos[@]}" 2> >(grep -v "^Writing mypy to" >&2)
 # Packages for the generated modules.
 find gateway/pb -type d -exec sh -c 'f="$1/__init__.py"; [ -f "$f" ] || : > "$f"' _ {} \;

@@ -66,6 +66,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        """The handler for a method, wrapped with the error mapping (built once per method)."""
         method = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is not None:

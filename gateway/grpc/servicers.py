@@ -18,7 +18,7 @@ class PredictServicer(gw_grpc.InferenceServicer):
     def __init__(self, service: InferenceService) -> None:
         self._infer = service.infer
 
-    async def Predict(  # noqa: N802 - gRPC method name
+    async def Predict(
         self, request: gw.PredictRequest, context: grpc.aio.ServicerContext
     ) -> gw.PredictResponse:
         return converters.predict_response(self._infer(converters.predict_request(request)))
@@ -31,33 +31,33 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self._service = service
         self._infer = service.infer
 
-    async def ModelInfer(  # noqa: N802
+    async def ModelInfer(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelInferResponse:
         return converters.model_infer_response(self._infer(converters.model_infer_request(request)))
 
-    async def ServerLive(  # noqa: N802
+    async def ServerLive(
         self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> oip.ServerLiveResponse:
         return oip.ServerLiveResponse(live=True)
 
-    async def ServerReady(  # noqa: N802
+    async def ServerReady(
         self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ServerReadyResponse:
         return oip.ServerReadyResponse(ready=self._service.server_ready())
 
-    async def ModelReady(  # noqa: N802
+    async def ModelReady(
         self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelReadyResponse:
         return oip.ModelReadyResponse(ready=self._service.is_ready(request.name, request.version))
 
-    async def ServerMetadata(  # noqa: N802
+    async def ServerMetadata(
         self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ServerMetadataResponse:
         name, version, extensions = self._service.server_metadata()
         return oip.ServerMetadataResponse(name=name, version=version, extensions=list(extensions))
 
-    async def ModelMetadata(  # noqa: N802
+    async def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
         return converters.model_metadata_response(

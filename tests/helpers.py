@@ -1,0 +1,120 @@
+"""Test helpers: a real gateway on port 0 in a background event loop, and tensor builders."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from gateway.app import Gateway, ServerLimits
+from gateway.config import parse_config
+from gateway.grpc.server import InferenceServer, start_inference_server
+from gateway.pb.gateway.v1 import inference_pb2 as gw
+from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+DEMO_CONFIG = MODELS / "gateway.yaml"
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread, for running the aio server beside sync test code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+class RunningGateway:
+    """A started in-process gateway with a channel to it."""
+
+    def __init__(self, gateway: Gateway, server: InferenceServer, loop: LoopThread) -> None:
+        self.gateway = gateway
+        self.server = server
+        self.loop = loop
+        self.port = server.port
+        self.target = f"127.0.0.1:{server.port}"
+        self.channel = grpc.insecure_channel(self.target)
+        self.predict_stub = gw_grpc.InferenceStub(self.channel)
+
+    def predict(self, model: str = "ctr-ranker", **kwargs):  # type: ignore[no-untyped-def]
+        return self.predict_stub.Predict(predict_request(model, **kwargs), timeout=10)
+
+
+def config_text(**endpoint_overrides: object) -> str:
+    """The demo route file with overrides for the ctr-ranker endpoint (YAML flow values)."""
+    fields = {
+        "versions": '["1.12", "1.13", "1.14"]',
+        "traffic": '{"1.12": 90, "1.13": 10}',
+        "labels": '{stable: "1.12", canary: "1.13"}',
+        "max_batch_size": "256",
+    }
+    fields.update({k: str(v) for k, v in endpoint_overrides.items()})
+    body = "\n".join(f"    {k}: {v}" for k, v in fields.items())
+    return f"model_root: {MODELS}\nendpoints:\n  ctr-ranker:\n{body}\n"
+
+
+@contextmanager
+def running_gateway(
+    text: str | None = None, *, max_message_bytes: int = 4 * 1024 * 1024
+) -> Iterator[RunningGateway]:
+    """Start a real gateway (models loaded, gRPC on 127.0.0.1:0) and stop it afterwards."""
+    config = parse_config(text or config_text(), base_dir=MODELS)
+    gateway = Gateway(config, limits=ServerLimits(max_message_bytes))
+    gateway.load_models()
+    loop = LoopThread()
+    server = loop.run(start_inference_server(gateway, "127.0.0.1:0"))
+    running = RunningGateway(gateway, server, loop)
+    try:
+        yield running
+    finally:
+        running.channel.close()
+        loop.run(server.stop(grace=1))
+        loop.close()
+
+
+def features(rows: int = 1, seed: int = 0) -> np.ndarray:
+    """Random demo features, [rows, 32] float32."""
+    return np.random.default_rng(seed).normal(size=(rows, 32)).astype(np.float32)
+
+
+def tensor(name: str, array: np.ndarray, datatype: int = gw.DATA_TYPE_FP32) -> gw.Tensor:
+    return gw.Tensor(name=name, datatype=datatype, shape=array.shape, data=array.tobytes())
+
+
+def predict_request(
+    model: str = "ctr-ranker",
+    *,
+    inputs: list[gw.Tensor] | None = None,
+    routing_key: str = "",
+    request_id: str = "",
+    rows: int = 1,
+    output_names: tuple[str, ...] = (),
+) -> gw.PredictRequest:
+    if inputs is None:
+        inputs = [tensor("features", features(rows))]
+    return gw.PredictRequest(
+        model=model,
+        inputs=inputs,
+        routing_key=routing_key,
+        request_id=request_id,
+        output_names=list(output_names),
+    )
+
+
+def scores(response: gw.PredictResponse) -> np.ndarray:
+    out = response.outputs[0]
+    return np.frombuffer(out.data, dtype="<f4").reshape(out.shape)

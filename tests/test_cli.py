@@ -1,0 +1,122 @@
+"""The `gateway` command as users run it: real processes, real ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import DEMO_CONFIG, ROOT, config_text
+
+GATEWAY = [sys.executable, "-m", "gateway.cli"]
+ROW = json.dumps([0.1] * 32)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    store = tmp_path_factory.mktemp("store") / "gateway.db"
+    process = subprocess.Popen(
+        [
+            *GATEWAY,
+            "serve",
+            "--config",
+            str(DEMO_CONFIG),
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            f"sqlite:///{store}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = re.search(r"gateway ready: inference on (127\.0\.0\.1:\d+)", line)
+    assert match, (line, process.stderr.read() if process.poll() is not None else "")
+    yield match.group(1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=15) == 0
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*GATEWAY, *args], capture_output=True, text=True, timeout=60, cwd=ROOT, check=False
+    )
+
+
+def test_serve_prints_ready_line_and_predict_shows_version_and_arm(served: str) -> None:
+    result = run("predict", "ctr-ranker", "--features", ROW, "--routing-key", "user-1", "--target", served)
+    assert result.returncode == 0, result.stderr
+    assert re.match(
+        r"ctr-ranker 1\.1[23] \(arm: (stable|canary), request id: [0-9a-f]{32}\)\n  score: \[\[0\.\d+\]\]",
+        result.stdout,
+    )
+
+
+def test_predict_json_pin_and_batch(served: str) -> None:
+    result = run(
+        "predict", "ctr-ranker@1.14", "--features", json.dumps([[0.1] * 32] * 2), "--target", served, "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert (body["version"], body["arm"], body["route_revision"]) == ("1.14", "pinned", 1)
+    assert len(body["outputs"]["score"]) == 2
+
+
+def test_predict_features_from_file(served: str, tmp_path: Path) -> None:
+    path = tmp_path / "row.json"
+    path.write_text(json.dumps({"features": [0.2] * 32}))
+    result = run("predict", "ctr-ranker:canary", "--features", f"@{path}", "--target", served)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ctr-ranker 1.13 (arm: pinned")
+
+
+def test_predict_error_is_one_line_and_nonzero(served: str) -> None:
+    result = run("predict", "ctr-ranker@7", "--features", ROW, "--target", served)
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip() == "error: NOT_FOUND: ctr-ranker has no version '7'; versions: 1.12, 1.13, 1.14"
+    )
+
+
+def test_invalid_route_file_stops_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(config_text(traffic='{"1.12": 90, "1.13": 20}'))
+    result = run(
+        "serve", "--config", str(path), "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path}/s.db"
+    )
+    assert result.returncode != 0
+    assert "endpoints.ctr-ranker.traffic: weights sum to 110; they must sum to 100" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_tampered_artifact_stops_the_start(tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(ROOT / "models" / "ctr-ranker", tmp_path / "ctr-ranker")
+    model = tmp_path / "ctr-ranker" / "1.13" / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"\x01")
+    path = tmp_path / "routes.yaml"
+    path.write_text(config_text().replace(f"model_root: {ROOT / 'models'}", f"model_root: {tmp_path}"))
+    result = run(
+        "serve", "--config", str(path), "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path}/s.db"
+    )
+    assert result.returncode != 0
+    assert "but its manifest records" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_commands() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    assert "serve" in result.stdout and "predict" in result.stdout
+    assert os.access(ROOT / ".ci" / "run", os.X_OK)

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import build_route_table, load_config, parse_config
+from gateway.errors import ConfigError
+from tests.helpers import DEMO_CONFIG, MODELS, config_text
+
+
+def test_demo_route_file() -> None:
+    config = load_config(DEMO_CONFIG)
+    assert config.model_root == MODELS
+    routes = build_route_table(config, revision=1).endpoint("ctr-ranker")
+    assert routes.versions == ("1.12", "1.13", "1.14")
+    assert dict(routes.weights) == {"1.12": 90, "1.13": 10}
+    assert dict(routes.labels) == {"stable": "1.12", "canary": "1.13"}
+    assert routes.traffic_share("1.14") == 0
+
+
+def test_unquoted_versions_keep_their_text() -> None:
+    text = config_text(versions="[1.10, 1.12]", traffic="{1.10: 90, 1.12: 10}", labels="{stable: 1.10}")
+    routes = build_route_table(parse_config(text), revision=1).endpoint("ctr-ranker")
+    assert routes.versions == ("1.10", "1.12")
+    assert dict(routes.weights) == {"1.10": 90, "1.12": 10}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"traffic": '{"1.12": 80, "1.13": 10}'}, r"endpoints.ctr-ranker.traffic: weights sum to 90; .*100"),
+        ({"traffic": '{"1.12": 90, "9.9": 10}'}, r"endpoints.ctr-ranker.traffic: version '9.9' is not"),
+        (
+            {"traffic": '{"1.12": ninety}'},
+            r"endpoints.ctr-ranker.traffic.1.12: Input should be a valid integer",
+        ),
+        ({"labels": '{stable: "7.0"}'}, r"endpoints.ctr-ranker.labels.stable: version '7.0'"),
+        ({"nan_policy": "drop"}, r"endpoints.ctr-ranker.nan_policy: Input should be 'allow' or 'reject'"),
+        ({"max_batch_size": "0"}, r"endpoints.ctr-ranker.max_batch_size: Input should be greater than"),
+        ({"colour": "blue"}, r"endpoints.ctr-ranker.colour: unknown field"),
+        ({"versions": '["1.12", "1.12"]'}, r"versions are listed twice: 1.12"),
+        ({"shadows": '{"1.14": 10}'}, r"shadows.*not supported by this release yet"),
+    ],
+)
+def test_invalid_route_files_name_the_field(overrides: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(config_text(**overrides), source="routes.yaml")
+
+
+def test_missing_endpoints_and_bad_yaml() -> None:
+    with pytest.raises(ConfigError, match="endpoints: required field is missing"):
+        parse_config("model_root: .\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_config("endpoints: [unclosed\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        parse_config("- a\n- b\n")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read route file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_bad_endpoint_name() -> None:
+    text = config_text().replace("ctr-ranker:", "CTR@ranker:")
+    with pytest.raises(ConfigError, match="endpoint name 'CTR@ranker' is invalid"):
+        parse_config(text)
