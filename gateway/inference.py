@@ -8,7 +8,8 @@ maps them to statuses in one place.
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ import numpy as np
 from gateway import __version__
 from gateway.errors import InvalidInput, NotFound, TooLarge
 from gateway.registry import ModelRegistry
-from gateway.routing import EndpointRoutes, ModelRef, RouteDecision, Router, RoutingReason
+from gateway.routing import EndpointRoutes, ModelRef, RouteDecision, Router, RouteTable, RoutingReason
 from gateway.tensors import DataType, TensorSpec
 
 PLATFORM = "onnxruntime_onnx"
@@ -26,13 +27,18 @@ SERVER_NAME = "model-gateway"
 
 @dataclass(frozen=True, slots=True)
 class InferRequest:
-    """A prediction request after decoding: named input arrays and how to route them."""
+    """A prediction request after decoding: named input arrays and how to route them.
 
-    model: ModelRef
+    `model` is `name`, `name@version` or `name:label`; `version` (the Open Inference
+    Protocol's model_version) names a version or label explicitly.
+    """
+
+    model: str
     inputs: Mapping[str, np.ndarray]
     routing_key: str = ""
     request_id: str = ""
     output_names: tuple[str, ...] = ()
+    version: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,45 +73,59 @@ def _check_inputs(
     specs: tuple[TensorSpec, ...],
     inputs: Mapping[str, np.ndarray],
 ) -> None:
-    where = f"{routes.name} {decision.version}"
-    if len(inputs) != len(specs) or any(spec.name not in inputs for spec in specs):
-        expected = ", ".join(f"{s.name} ({s.describe()})" for s in specs)
-        missing = [s.name for s in specs if s.name not in inputs]
-        names = {s.name for s in specs}
-        unexpected = [name for name in inputs if name not in names]
-        problem = f"missing input {', '.join(map(repr, missing))}" if missing else ""
-        if unexpected:
-            problem += ("; " if problem else "") + f"unexpected input {', '.join(map(repr, unexpected))}"
-        raise InvalidInput(f"{where}: {problem}; expected inputs: {expected}")
-    batch = None
+    """Names, dtypes, shapes, batch limit and NaN policy; the common case is a few comparisons."""
+    if len(inputs) != len(specs):
+        _explain_names(routes, decision, specs, inputs)
     for spec in specs:
-        array = inputs[spec.name]
-        if array.dtype != spec.datatype.numpy:
-            raise InvalidInput(
-                f"{where}: input {spec.name!r} has datatype {_datatype_name(array)}; "
-                f"expected {spec.datatype.value} (shape {spec.wire_shape})"
+        array = inputs.get(spec.name)
+        if array is None:
+            _explain_names(routes, decision, specs, inputs)
+            return
+        if not spec.matches(array):
+            _explain_mismatch(routes, decision, spec, array)
+        if spec.batched and array.shape[0] > routes.max_batch_size:
+            raise TooLarge(
+                f"{routes.name} {decision.version}: batch size {array.shape[0]} of input {spec.name!r} "
+                f"exceeds the endpoint's max_batch_size {routes.max_batch_size}; split the request"
             )
-        shape = array.shape
-        if len(shape) != len(spec.shape) or any(
-            want is not None and got != want for got, want in zip(shape, spec.shape, strict=True)
-        ):
-            raise InvalidInput(
-                f"{where}: input {spec.name!r} has shape {list(shape)}; expected {spec.wire_shape} "
-                "(-1 is any size)"
-            )
-        if spec.shape and spec.shape[0] is None:
-            batch = shape[0]
-            if batch > routes.max_batch_size:
-                raise TooLarge(
-                    f"{where}: batch size {batch} of input {spec.name!r} exceeds the endpoint's "
-                    f"max_batch_size {routes.max_batch_size}; split the request"
-                )
         if routes.reject_nan and array.dtype.kind == "f" and np.isnan(array).any():
             index = [int(i) for i in np.argwhere(np.isnan(array))[0]]
             raise InvalidInput(
-                f"{where}: input {spec.name!r} has NaN at index {index}; this endpoint's nan_policy is "
-                "'reject' (finite values only)"
+                f"{routes.name} {decision.version}: input {spec.name!r} has NaN at index {index}; "
+                "this endpoint's nan_policy is 'reject' (finite values only)"
             )
+
+
+def _explain_names(
+    routes: EndpointRoutes,
+    decision: RouteDecision,
+    specs: tuple[TensorSpec, ...],
+    inputs: Mapping[str, np.ndarray],
+) -> None:
+    expected = ", ".join(f"{s.name} ({s.describe()})" for s in specs)
+    names = {s.name for s in specs}
+    missing = [s.name for s in specs if s.name not in inputs]
+    unexpected = [name for name in inputs if name not in names]
+    problems = []
+    if missing:
+        problems.append(f"missing input {', '.join(map(repr, missing))}")
+    if unexpected:
+        problems.append(f"unexpected input {', '.join(map(repr, unexpected))}")
+    raise InvalidInput(
+        f"{routes.name} {decision.version}: {'; '.join(problems)}; expected inputs: {expected}"
+    )
+
+
+def _explain_mismatch(
+    routes: EndpointRoutes, decision: RouteDecision, spec: TensorSpec, array: np.ndarray
+) -> None:
+    where = f"{routes.name} {decision.version}: input {spec.name!r}"
+    if array.dtype != spec.dtype:
+        raise InvalidInput(
+            f"{where} has datatype {_datatype_name(array)}; "
+            f"expected {spec.datatype.value} (shape {spec.wire_shape})"
+        )
+    raise InvalidInput(f"{where} has shape {list(array.shape)}; expected {spec.wire_shape} (-1 is any size)")
 
 
 def _datatype_name(array: np.ndarray) -> str:
@@ -115,19 +135,36 @@ def _datatype_name(array: np.ndarray) -> str:
         return str(array.dtype)
 
 
+def _route(table: RouteTable, request: InferRequest) -> tuple[EndpointRoutes, RouteDecision]:
+    routes = table.endpoints.get(request.model)
+    if routes is not None:  # the common case: a bare endpoint name
+        if request.version:
+            return routes, routes.resolve(ModelRef(routes.name, version=request.version), "")
+        return routes, routes.choose(request.routing_key)
+    ref = ModelRef.parse(request.model)
+    if request.version and (ref.version or ref.label):
+        raise InvalidInput(f"model {request.model!r} selects a version; do not also set model_version")
+    routes = table.endpoint(ref.endpoint)
+    if request.version:
+        ref = ModelRef(ref.endpoint, version=request.version)
+    return routes, routes.resolve(ref, request.routing_key)
+
+
 class InferenceService:
     """Serves predictions: routing, input checks, model run. Shared by every transport."""
 
     def __init__(self, registry: ModelRegistry, router: Router) -> None:
         self._registry = registry
         self._router = router
+        # Request ids: 16 hex digits random per process + a 16-digit counter. No syscall per
+        # request (os.urandom after a GIL-releasing model run costs several microseconds).
+        self._id_prefix = os.urandom(8).hex()
+        self._id_counter = itertools.count()
 
     def infer(self, request: InferRequest) -> InferResult:
         """Route and run one request."""
         table = self._router.table
-        ref = request.model
-        routes = table.endpoint(ref.endpoint)
-        decision = routes.resolve(ref, request.routing_key)
+        routes, decision = _route(table, request)
         model = self._registry.runnable(routes.name, decision.version)
         _check_inputs(routes, decision, model.inputs, request.inputs)
         wanted = request.output_names
@@ -142,7 +179,7 @@ class InferenceService:
             wanted = model.output_names
         arrays = model.run(request.inputs, wanted)
         return InferResult(
-            request_id=request.request_id or uuid.uuid4().hex,
+            request_id=request.request_id or self._new_request_id(),
             endpoint=routes.name,
             version=decision.version,
             arm=decision.arm,
@@ -150,6 +187,9 @@ class InferenceService:
             route_revision=table.revision,
             outputs=dict(zip(wanted, arrays, strict=True)),
         )
+
+    def _new_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     # --- metadata and readiness -------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -86,14 +86,16 @@ def check_shape(shape: Sequence[int], *, what: str) -> tuple[int, ...]:
     return dims
 
 
-def array_from_bytes(data: bytes, datatype: DataType, shape: Sequence[int], *, what: str) -> np.ndarray:
+def array_from_bytes(data: bytes, datatype: DataType, shape: Sequence[int], *, name: str) -> np.ndarray:
     """A read-only array over `data` (little-endian, row-major) after checking its length."""
-    dims = check_shape(shape, what=what)
-    dtype = datatype.numpy
+    dims = tuple(shape)
+    if len(dims) > MAX_RANK or (dims and min(dims) < 0):
+        check_shape(dims, what=f"input {name!r}")  # raises with the reason
+    dtype = _NUMPY[datatype]
     expected = math.prod(dims) * dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
-            f"{what} has {len(data)} bytes of data, but shape {list(dims)} of {datatype.value} "
+            f"input {name!r} has {len(data)} bytes of data, but shape {list(dims)} of {datatype.value} "
             f"needs {expected} bytes"
         )
     return np.frombuffer(data, dtype=dtype).reshape(dims)
@@ -122,6 +124,26 @@ class TensorSpec:
     name: str
     datatype: DataType
     shape: tuple[int | None, ...]
+    # Derived once, for the per-request check: numpy dtype, fixed (axis, size) pairs, batched.
+    dtype: np.dtype[np.generic] = field(init=False, repr=False, compare=False)
+    fixed_dims: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
+    batched: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", _NUMPY[self.datatype])
+        object.__setattr__(
+            self, "fixed_dims", tuple((axis, d) for axis, d in enumerate(self.shape) if d is not None)
+        )
+        object.__setattr__(self, "batched", bool(self.shape) and self.shape[0] is None)
+
+    def matches(self, array: np.ndarray) -> bool:
+        """Whether an array has this spec's dtype, rank and fixed dimensions."""
+        if array.dtype != self.dtype:
+            return False
+        shape = array.shape
+        if len(shape) != len(self.shape):
+            return False
+        return all(shape[axis] == size for axis, size in self.fixed_dims)
 
     @property
     def wire_shape(self) -> list[int]:

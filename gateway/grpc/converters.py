@@ -10,13 +10,14 @@ from gateway.errors import InvalidInput
 from gateway.inference import EndpointMetadata, InferRequest, InferResult
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.inference import grpc_service_pb2 as oip
-from gateway.routing import ModelRef
 from gateway.tensors import DataType, TensorSpec, array_from_bytes, array_from_values
 
 ROUTING_KEY_PARAMETER = "routing_key"
 
 _TO_PB = {d: gw.DataType.Value(f"DATA_TYPE_{d.value}") for d in DataType}
 _FROM_PB = {v: k for k, v in _TO_PB.items()}
+# Native little-endian dtypes encode as they are; anything else is converted first.
+_PB_BY_DTYPE = {d.numpy: pb for d, pb in _TO_PB.items()}
 _VALID_PB = ", ".join(f"DATA_TYPE_{d.value}" for d in DataType)
 
 # --- gateway.v1 ---------------------------------------------------------------------------
@@ -27,20 +28,24 @@ def predict_request(request: gw.PredictRequest) -> InferRequest:
     inputs: dict[str, np.ndarray] = {}
     for tensor in request.inputs:
         name = tensor.name
-        what = f"input {name!r}"
-        if name in inputs:
-            raise InvalidInput(f"{what} is given twice; each input tensor must appear once")
         datatype = _FROM_PB.get(tensor.datatype)
-        if datatype is None:
-            raise InvalidInput(f"{what} has datatype {tensor.datatype}; valid datatypes: {_VALID_PB}")
-        inputs[name] = array_from_bytes(tensor.data, datatype, tensor.shape, what=what)
+        if datatype is None or name in inputs:
+            _explain_tensor(tensor, inputs)
+        inputs[name] = array_from_bytes(tensor.data, datatype, tensor.shape, name=name)  # type: ignore[arg-type]
     return InferRequest(
-        model=ModelRef.parse(request.model),
+        model=request.model,
         inputs=inputs,
         routing_key=request.routing_key,
         request_id=request.request_id,
         output_names=tuple(request.output_names),
     )
+
+
+def _explain_tensor(tensor: gw.Tensor, seen: dict[str, np.ndarray]) -> None:
+    what = f"input {tensor.name!r}"
+    if tensor.name in seen:
+        raise InvalidInput(f"{what} is given twice; each input tensor must appear once")
+    raise InvalidInput(f"{what} has datatype {tensor.datatype}; valid datatypes: {_VALID_PB}")
 
 
 def predict_response(result: InferResult) -> gw.PredictResponse:
@@ -54,12 +59,8 @@ def predict_response(result: InferResult) -> gw.PredictResponse:
     )
     add = response.outputs.add
     for name, array in result.outputs.items():
-        add(
-            name=name,
-            datatype=_TO_PB[DataType.of(array.dtype)],
-            shape=array.shape,
-            data=_little_endian_bytes(array),
-        )
+        datatype = _PB_BY_DTYPE.get(array.dtype) or _TO_PB[DataType.of(array.dtype)]
+        add(name=name, datatype=datatype, shape=array.shape, data=_little_endian_bytes(array))
     return response
 
 
@@ -115,7 +116,7 @@ def model_infer_request(request: oip.ModelInferRequest) -> InferRequest:
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(f"{what} has both contents and raw_input_contents; use one")
-            inputs[tensor.name] = array_from_bytes(raw[index], datatype, tensor.shape, what=what)
+            inputs[tensor.name] = array_from_bytes(raw[index], datatype, tensor.shape, name=tensor.name)
         else:
             inputs[tensor.name] = array_from_values(
                 _typed_contents(tensor.contents, datatype, what), datatype, tensor.shape, what=what
@@ -123,7 +124,8 @@ def model_infer_request(request: oip.ModelInferRequest) -> InferRequest:
     if not request.model_name:
         raise InvalidInput("model_name is empty; give an endpoint name")
     return InferRequest(
-        model=ModelRef(request.model_name, version=request.model_version),
+        model=request.model_name,
+        version=request.model_version,
         inputs=inputs,
         routing_key=_routing_key(request),
         request_id=request.id,
