@@ -12,6 +12,7 @@ import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,12 +26,12 @@ PLATFORM = "onnxruntime_onnx"
 SERVER_NAME = "model-gateway"
 
 
-@dataclass(frozen=True, slots=True)
-class InferRequest:
+class InferRequest(NamedTuple):
     """A prediction request after decoding: named input arrays and how to route them.
 
     `model` is `name`, `name@version` or `name:label`; `version` (the Open Inference
-    Protocol's model_version) names a version or label explicitly.
+    Protocol's model_version) names a version or label explicitly. A NamedTuple rather
+    than a frozen dataclass: immutable too, and several times cheaper to build per request.
     """
 
     model: str
@@ -41,9 +42,8 @@ class InferRequest:
     version: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class InferResult:
-    """Outputs of one request and what served it."""
+class InferResult(NamedTuple):
+    """Outputs of one request and what served it (a NamedTuple for the same reason)."""
 
     request_id: str
     endpoint: str

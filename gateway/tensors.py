@@ -86,17 +86,22 @@ def check_shape(shape: Sequence[int], *, what: str) -> tuple[int, ...]:
     return dims
 
 
-def array_from_bytes(data: bytes, datatype: DataType, shape: Sequence[int], *, name: str) -> np.ndarray:
-    """A read-only array over `data` (little-endian, row-major) after checking its length."""
+def array_from_bytes(
+    data: bytes, dtype: np.dtype[np.generic], shape: Sequence[int], *, name: str
+) -> np.ndarray:
+    """A read-only array over `data` (little-endian, row-major) after checking its length.
+
+    Takes the numpy dtype (`DataType.numpy`) rather than the DataType: this runs per request,
+    and hashing an Enum member is a Python-level call.
+    """
     dims = tuple(shape)
     if len(dims) > MAX_RANK or (dims and min(dims) < 0):
         check_shape(dims, what=f"input {name!r}")  # raises with the reason
-    dtype = _NUMPY[datatype]
     expected = math.prod(dims) * dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
-            f"input {name!r} has {len(data)} bytes of data, but shape {list(dims)} of {datatype.value} "
-            f"needs {expected} bytes"
+            f"input {name!r} has {len(data)} bytes of data, but shape {list(dims)} of "
+            f"{DataType.of(dtype).value} needs {expected} bytes"
         )
     return np.frombuffer(data, dtype=dtype).reshape(dims)
 
@@ -143,7 +148,10 @@ class TensorSpec:
         shape = array.shape
         if len(shape) != len(self.shape):
             return False
-        return all(shape[axis] == size for axis, size in self.fixed_dims)
+        for axis, size in self.fixed_dims:  # noqa: SIM110 - a generator per request costs more
+            if shape[axis] != size:
+                return False
+        return True
 
     @property
     def wire_shape(self) -> list[int]:

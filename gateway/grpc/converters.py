@@ -15,7 +15,7 @@ from gateway.tensors import DataType, TensorSpec, array_from_bytes, array_from_v
 ROUTING_KEY_PARAMETER = "routing_key"
 
 _TO_PB = {d: gw.DataType.Value(f"DATA_TYPE_{d.value}") for d in DataType}
-_FROM_PB = {v: k for k, v in _TO_PB.items()}
+_NUMPY_FROM_PB = {pb: d.numpy for d, pb in _TO_PB.items()}
 # Native little-endian dtypes encode as they are; anything else is converted first.
 _PB_BY_DTYPE = {d.numpy: pb for d, pb in _TO_PB.items()}
 _VALID_PB = ", ".join(f"DATA_TYPE_{d.value}" for d in DataType)
@@ -28,16 +28,16 @@ def predict_request(request: gw.PredictRequest) -> InferRequest:
     inputs: dict[str, np.ndarray] = {}
     for tensor in request.inputs:
         name = tensor.name
-        datatype = _FROM_PB.get(tensor.datatype)
-        if datatype is None or name in inputs:
+        dtype = _NUMPY_FROM_PB.get(tensor.datatype)
+        if dtype is None or name in inputs:
             _explain_tensor(tensor, inputs)
-        inputs[name] = array_from_bytes(tensor.data, datatype, tensor.shape, name=name)  # type: ignore[arg-type]
+        inputs[name] = array_from_bytes(tensor.data, dtype, tensor.shape, name=name)  # type: ignore[arg-type]
     return InferRequest(
         model=request.model,
         inputs=inputs,
         routing_key=request.routing_key,
         request_id=request.request_id,
-        output_names=tuple(request.output_names),
+        output_names=tuple(request.output_names) if request.output_names else (),
     )
 
 
@@ -116,7 +116,7 @@ def model_infer_request(request: oip.ModelInferRequest) -> InferRequest:
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(f"{what} has both contents and raw_input_contents; use one")
-            inputs[tensor.name] = array_from_bytes(raw[index], datatype, tensor.shape, name=tensor.name)
+            inputs[tensor.name] = array_from_bytes(raw[index], datatype.numpy, tensor.shape, name=tensor.name)
         else:
             inputs[tensor.name] = array_from_values(
                 _typed_contents(tensor.contents, datatype, what), datatype, tensor.shape, what=what

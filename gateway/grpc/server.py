@@ -11,11 +11,14 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway.app import Gateway
 from gateway.errors import InvalidInput
-from gateway.grpc.errors import ErrorInterceptor
+from gateway.grpc.errors import guard_servicer
 from gateway.grpc.health import HealthReporter
 from gateway.grpc.servicers import OpenInferenceServicer, PredictServicer
 from gateway.pb.gateway.v1 import inference_pb2, inference_pb2_grpc
 from gateway.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
+
+INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
+OPEN_INFERENCE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 
 @dataclass
@@ -54,20 +57,19 @@ def bind(server: grpc.aio.Server, listen: str) -> int:
 
 async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServer:
     """Build and start the inference listener (Predict, Open Inference Protocol, health, reflection)."""
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
-        options=server_options(gateway.limits.max_message_bytes),
+    server = grpc.aio.server(options=server_options(gateway.limits.max_message_bytes))
+    inference_pb2_grpc.add_InferenceServicer_to_server(
+        guard_servicer(PredictServicer(gateway.inference), INFERENCE), server
     )
-    inference_pb2_grpc.add_InferenceServicer_to_server(PredictServicer(gateway.inference), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        OpenInferenceServicer(gateway.inference), server
+        guard_servicer(OpenInferenceServicer(gateway.inference), OPEN_INFERENCE), server
     )
     health = HealthReporter(gateway.inference, asyncio.get_running_loop())
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         [
-            inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
-            grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            INFERENCE.full_name,
+            OPEN_INFERENCE.full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],

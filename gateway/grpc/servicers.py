@@ -1,8 +1,10 @@
-"""Thin servicers: convert, call the domain service, convert back. No domain logic here."""
+"""Thin servicers: convert, call the domain service, convert back. No domain logic here.
+
+RPCs that only compute are plain functions; `guard_servicer` runs them inside the one
+coroutine gRPC needs, with the error mapping around them.
+"""
 
 from __future__ import annotations
-
-import grpc
 
 from gateway.grpc import converters
 from gateway.inference import InferenceService
@@ -18,9 +20,7 @@ class PredictServicer(gw_grpc.InferenceServicer):
     def __init__(self, service: InferenceService) -> None:
         self._infer = service.infer
 
-    async def Predict(
-        self, request: gw.PredictRequest, context: grpc.aio.ServicerContext
-    ) -> gw.PredictResponse:
+    def Predict(self, request: gw.PredictRequest, context: object) -> gw.PredictResponse:
         return converters.predict_response(self._infer(converters.predict_request(request)))
 
 
@@ -31,35 +31,25 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self._service = service
         self._infer = service.infer
 
-    async def ModelInfer(
-        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> oip.ModelInferResponse:
+    def ModelInfer(self, request: oip.ModelInferRequest, context: object) -> oip.ModelInferResponse:
         return converters.model_infer_response(self._infer(converters.model_infer_request(request)))
 
-    async def ServerLive(
-        self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
-    ) -> oip.ServerLiveResponse:
+    def ServerLive(self, request: oip.ServerLiveRequest, context: object) -> oip.ServerLiveResponse:
         return oip.ServerLiveResponse(live=True)
 
-    async def ServerReady(
-        self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext
-    ) -> oip.ServerReadyResponse:
+    def ServerReady(self, request: oip.ServerReadyRequest, context: object) -> oip.ServerReadyResponse:
         return oip.ServerReadyResponse(ready=self._service.server_ready())
 
-    async def ModelReady(
-        self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
-    ) -> oip.ModelReadyResponse:
+    def ModelReady(self, request: oip.ModelReadyRequest, context: object) -> oip.ModelReadyResponse:
         return oip.ModelReadyResponse(ready=self._service.is_ready(request.name, request.version))
 
-    async def ServerMetadata(
-        self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: object
     ) -> oip.ServerMetadataResponse:
         name, version, extensions = self._service.server_metadata()
         return oip.ServerMetadataResponse(name=name, version=version, extensions=list(extensions))
 
-    async def ModelMetadata(
-        self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> oip.ModelMetadataResponse:
+    def ModelMetadata(self, request: oip.ModelMetadataRequest, context: object) -> oip.ModelMetadataResponse:
         return converters.model_metadata_response(
             self._service.endpoint_metadata(request.name, request.version)
         )
