@@ -24,6 +24,10 @@ $(STAMP_DEV): pyproject.toml | $(PY)
 
 venv: $(STAMP_DEV)
 
+# A development admin token for the local demo; production sets its own (see README).
+GATEWAY_ADMIN_TOKENS ?= dev=dev-admin-token-change-me
+export GATEWAY_ADMIN_TOKENS
+
 run: $(STAMP_RUN)
 	$(VENV)/bin/gateway serve --config $(CONFIG) --listen $(LISTEN) $(ARGS)
 

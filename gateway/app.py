@@ -1,17 +1,19 @@
-"""`Gateway`: assembles the transport-free core from a route file and owns its lifecycle."""
+"""`Gateway`: assembles the transport-free core and owns its lifecycle."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config import GatewayConfig, build_route_table, load_config
+from gateway.config import GatewayConfig, load_config
+from gateway.control import ControlPlane
+from gateway.desired import desired_from_config
 from gateway.inference import InferenceService
-from gateway.registry import ModelRegistry, ModelVersion
+from gateway.registry import ModelRegistry
 from gateway.repository import ModelRepository
-from gateway.routing import Router
+from gateway.routing import Router, RouteTable
+from gateway.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -24,28 +26,42 @@ class ServerLimits:
 
 
 class Gateway:
-    """The domain core of one gateway process: registry, router and inference service."""
+    """The domain core of one gateway process: registry, router, inference service and control plane.
 
-    def __init__(self, config: GatewayConfig, *, limits: ServerLimits | None = None) -> None:
+    The route file seeds an empty store; after that the store is the truth, and changes go
+    through the control plane (admin RPCs, `Apply` for a whole file).
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        store: StateStore,
+        *,
+        limits: ServerLimits | None = None,
+        config_source: str = "route file",
+    ) -> None:
         self.config = config
+        self.config_source = config_source
+        self.store = store
         self.limits = limits or ServerLimits()
-        self.registry = ModelRegistry(ModelRepository(config.model_root))
-        self.router = Router(build_route_table(config, revision=1))
+        self.repository = ModelRepository(config.model_root)
+        self.registry = ModelRegistry(self.repository)
+        self.router = Router(RouteTable(0, {}))
         self.inference = InferenceService(self.registry, self.router)
+        self.control = ControlPlane(store, self.registry, self.router)
 
     @classmethod
-    def from_file(cls, path: Path, *, limits: ServerLimits | None = None) -> Gateway:
+    def from_file(cls, path: Path, store: StateStore, *, limits: ServerLimits | None = None) -> Gateway:
         """Build from a route file (validated; raises ConfigError naming the field)."""
-        return cls(load_config(path), limits=limits)
+        return cls(load_config(path), store, limits=limits, config_source=str(path))
 
-    def load_models(self, progress: Callable[[ModelVersion], None] | None = None) -> None:
-        """Load, verify and warm every configured version. Blocking; any failure stops the start."""
-        for name, endpoint in self.config.endpoints.items():
-            for version in endpoint.versions:
-                loaded = self.registry.load(
-                    name,
-                    version,
-                    intra_op_threads=endpoint.intra_op_threads,
-                )
-                if progress:
-                    progress(loaded)
+    def start(self) -> int:
+        """Restore (or seed) the desired state and load every version. Blocking; returns the revision."""
+        revision = self.control.start(
+            lambda: desired_from_config(self.config, self.repository), seed_source=self.config_source
+        )
+        return revision.revision
+
+    def close(self) -> None:
+        """Release the store."""
+        self.store.close()

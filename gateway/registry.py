@@ -87,43 +87,38 @@ class ModelRegistry:
         for listener in self._listeners:
             listener(snapshot)
 
-    def load(
-        self,
-        endpoint: str,
-        version: str,
-        *,
-        expected_sha256: str | None = None,
-        intra_op_threads: int = 1,
-        warm_up_batch: int = 1,
-    ) -> ModelVersion:
+    def load(self, artifact: Artifact, *, intra_op_threads: int = 1, warm_up_batch: int = 1) -> ModelVersion:
         """Verify, load and warm a version; it becomes READY only after the warm-up succeeded.
 
-        Blocking (file hashing, session creation): call it off the event loop.
+        Blocking (file read and hash, session creation): call it off the event loop.
         """
+        endpoint, version = artifact.endpoint, artifact.version
         key = (endpoint, version)
         with self._lock:
             current = self._versions.get(key)
             if current is not None and current.state in (VersionState.LOADING, VersionState.READY):
                 raise AlreadyExists(f"{endpoint} {version} is already {current.state.value}")
         started = time.perf_counter()
-        self._publish(ModelVersion(endpoint, version, VersionState.LOADING))
+        self._publish(
+            ModelVersion(endpoint, version, VersionState.LOADING, sha256=artifact.sha256, path=artifact.path)
+        )
         try:
-            artifact: Artifact = self.repository.resolve(endpoint, version, expected_sha256=expected_sha256)
-            model = OnnxModel(artifact.path, intra_op_threads=intra_op_threads)
+            data = self.repository.read_verified(artifact)
+            model = OnnxModel(data, source=artifact.path, intra_op_threads=intra_op_threads)
             model.warm_up(batch_size=warm_up_batch)
         except GatewayError as err:
-            self._publish(ModelVersion(endpoint, version, VersionState.FAILED, error=err.message))
+            self._publish(self._failed(artifact, err.message))
             raise
         except Exception as err:
             log.exception("loading %s %s failed", endpoint, version)
-            self._publish(ModelVersion(endpoint, version, VersionState.FAILED, error=str(err)))
+            self._publish(self._failed(artifact, str(err)))
             raise
         snapshot = ModelVersion(
             endpoint,
             version,
             VersionState.READY,
             sha256=artifact.sha256,
-            path=str(artifact.path),
+            path=artifact.path,
             loaded_at=self._clock(),
             load_seconds=time.perf_counter() - started,
             model=model,
@@ -132,10 +127,24 @@ class ModelRegistry:
         log.info("loaded %s %s sha256=%s in %.3fs", endpoint, version, artifact.sha256, snapshot.load_seconds)
         return snapshot
 
+    @staticmethod
+    def _failed(artifact: Artifact, error: str) -> ModelVersion:
+        return ModelVersion(
+            artifact.endpoint,
+            artifact.version,
+            VersionState.FAILED,
+            sha256=artifact.sha256,
+            path=artifact.path,
+            error=error,
+        )
+
     def unload(self, endpoint: str, version: str) -> ModelVersion:
-        """Forget a version; the caller (control plane) checks it takes no traffic first."""
+        """Forget a version; the caller (control plane) checks it takes no traffic first.
+
+        Requests already running keep their reference to the model and finish normally.
+        """
         snapshot = self.get(endpoint, version)
-        self._publish(replace(snapshot, state=VersionState.DRAINING))
+        self._publish(replace(snapshot, state=VersionState.DRAINING, model=None))
         with self._lock:
             self._versions.pop((endpoint, version), None)
             self._ready.pop((endpoint, version), None)

@@ -1,8 +1,9 @@
-"""The model repository on disk: `<root>/<endpoint>/<version>/` holding a model file and a manifest.
+"""The model repository on disk: every artifact lives under one root directory.
 
-Artifacts are immutable. Each version's manifest records the sha256 of its model file; the
-gateway hashes the file at load and refuses it when the digest differs from the manifest
-(or from the digest an operator passed in).
+The conventional layout is `<root>/<endpoint>/<version>/` holding `model.onnx` and a
+`manifest.yaml` that records the file's sha256. Artifacts are immutable: the gateway reads a
+file once, hashes exactly the bytes it loads, and refuses them when the digest differs from
+the one on record (the manifest's, or the one an operator passed to LoadVersion).
 """
 
 from __future__ import annotations
@@ -17,18 +18,18 @@ import yaml
 from gateway.errors import ArtifactError, InvalidInput
 
 MANIFEST = "manifest.yaml"
+DEFAULT_FILE = "model.onnx"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True, slots=True)
 class Artifact:
-    """A verified model file: where it is and the sha256 it was checked against."""
+    """A reference to one model file: its path relative to the model root and its recorded sha256."""
 
     endpoint: str
     version: str
-    path: Path
+    path: str
     sha256: str
-    description: str
 
 
 def file_sha256(path: Path) -> str:
@@ -62,43 +63,67 @@ def _read_manifest(directory: Path) -> dict[str, object]:
 
 
 class ModelRepository:
-    """Finds and verifies artifacts under one root directory."""
+    """Finds artifacts under one root and reads them with their digest checked."""
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
 
-    def version_dir(self, endpoint: str, version: str) -> Path:
-        """The directory of one version."""
-        return self.root / endpoint / version
+    def _inside(self, path: Path, *, what: str) -> Path:
+        resolved = (path if path.is_absolute() else self.root / path).resolve()
+        if not resolved.is_relative_to(self.root):
+            raise ArtifactError(f"{what} {path} is outside the model root {self.root}")
+        return resolved
 
-    def resolve(self, endpoint: str, version: str, *, expected_sha256: str | None = None) -> Artifact:
-        """Locate a version's model file and check its digest against the manifest and `expected_sha256`."""
-        directory = self.version_dir(endpoint, version)
+    def from_manifest(self, endpoint: str, version: str) -> Artifact:
+        """The artifact `<root>/<endpoint>/<version>/` describes in its manifest."""
+        directory = self.root / endpoint / version
         if not directory.is_dir():
             raise ArtifactError(
                 f"no directory for {endpoint} {version}: expected {directory} "
                 f"under the model root {self.root}"
             )
         manifest = _read_manifest(directory)
-        file_name = str(manifest.get("file", "model.onnx"))
-        path = (directory / file_name).resolve()
-        if not path.is_relative_to(self.root):
-            raise ArtifactError(f"{directory / MANIFEST}: file {file_name!r} points outside the model root")
-        if not path.is_file():
-            raise ArtifactError(f"{path} is missing (named by {directory / MANIFEST})")
+        path = self._inside(
+            directory / str(manifest.get("file", DEFAULT_FILE)), what=f"{directory / MANIFEST}: file"
+        )
         recorded = manifest.get("sha256")
         if not isinstance(recorded, str) or not _SHA256.match(recorded.lower()):
             raise ArtifactError(f"{directory / MANIFEST}: 'sha256' must be 64 hex characters")
-        recorded = recorded.lower()
-        if expected_sha256 is not None and expected_sha256 != recorded:
+        return Artifact(endpoint, version, str(path.relative_to(self.root)), recorded.lower())
+
+    def at_path(self, endpoint: str, version: str, path: str, sha256: str) -> Artifact:
+        """An operator-named artifact: a model file (or a version directory with a manifest) under the root.
+
+        The operator's sha256 must match the manifest's when there is one.
+        """
+        expected = check_sha256(sha256)
+        resolved = self._inside(Path(path), what="path")
+        if resolved.is_dir():
+            manifest = _read_manifest(resolved)
+            recorded = str(manifest.get("sha256", "")).lower()
+            if recorded != expected:
+                raise ArtifactError(
+                    f"{resolved / MANIFEST} records sha256 {recorded or '(none)'}, "
+                    f"but {expected} was expected; "
+                    "artifacts are immutable, publish a new version instead"
+                )
+            resolved = self._inside(resolved / str(manifest.get("file", DEFAULT_FILE)), what="file")
+        if not resolved.is_file():
+            raise ArtifactError(f"{resolved} does not exist (looked under the model root {self.root})")
+        return Artifact(endpoint, version, str(resolved.relative_to(self.root)), expected)
+
+    def read_verified(self, artifact: Artifact) -> bytes:
+        """The artifact's bytes, after checking they hash to its recorded sha256."""
+        path = self._inside(Path(artifact.path), what="path")
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise ArtifactError(f"cannot read {path}: {err.strerror}") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != artifact.sha256:
             raise ArtifactError(
-                f"{endpoint} {version}: the manifest records sha256 {recorded}, "
-                f"but {expected_sha256} was expected; artifacts are immutable, publish a new version instead"
+                f"{path} has sha256 {actual}, but {artifact.endpoint} {artifact.version} was registered with "
+                f"{artifact.sha256}; the file changed after it was published "
+                "(artifacts are immutable: publish a new version)"
             )
-        actual = file_sha256(path)
-        if actual != recorded:
-            raise ArtifactError(
-                f"{path} has sha256 {actual}, but its manifest records {recorded}; "
-                "the file changed after it was published (artifacts are immutable: publish a new version)"
-            )
-        return Artifact(endpoint, version, path, actual, str(manifest.get("description", "")))
+        return data

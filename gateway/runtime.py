@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -35,38 +34,42 @@ _ORT_TYPES = {
 }
 
 
-def _spec(arg: ort.NodeArg, *, path: Path) -> TensorSpec:
+def _spec(arg: ort.NodeArg, *, source: str) -> TensorSpec:
     datatype = _ORT_TYPES.get(arg.type)
     if datatype is None:
         supported = ", ".join(sorted(_ORT_TYPES))
-        raise ArtifactError(f"{path}: tensor {arg.name!r} has type {arg.type}; supported: {supported}")
+        raise ArtifactError(f"{source}: tensor {arg.name!r} has type {arg.type}; supported: {supported}")
     shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in arg.shape)
     return TensorSpec(arg.name, datatype, shape)
 
 
 class OnnxModel:
-    """An onnxruntime session over one immutable model file, plus its input/output signature.
+    """An onnxruntime session over one immutable model (its verified bytes), plus its IO signature.
 
     `run` is safe to call from several threads at once (onnxruntime sessions are), and
     releases the GIL while the graph executes.
     """
 
-    def __init__(self, path: Path, *, intra_op_threads: int = 1) -> None:
+    def __init__(self, model: bytes, *, source: str, intra_op_threads: int = 1) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        self.path = path
+        self.source = source
         try:
             self._session = ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+                model, sess_options=options, providers=["CPUExecutionProvider"]
             )
         except Exception as err:  # onnxruntime raises several unrelated types for bad files
-            raise ArtifactError(f"{path}: onnxruntime cannot load this model: {err}") from err
-        self.inputs: tuple[TensorSpec, ...] = tuple(_spec(a, path=path) for a in self._session.get_inputs())
-        self.outputs: tuple[TensorSpec, ...] = tuple(_spec(a, path=path) for a in self._session.get_outputs())
+            raise ArtifactError(f"{source}: onnxruntime cannot load this model: {err}") from err
+        self.inputs: tuple[TensorSpec, ...] = tuple(
+            _spec(a, source=source) for a in self._session.get_inputs()
+        )
+        self.outputs: tuple[TensorSpec, ...] = tuple(
+            _spec(a, source=source) for a in self._session.get_outputs()
+        )
         self.output_names: tuple[str, ...] = tuple(o.name for o in self.outputs)
         self._run = self._session.run
 

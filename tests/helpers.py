@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,10 +13,13 @@ import grpc
 import numpy as np
 
 from gateway.app import Gateway, ServerLimits
+from gateway.auth import AdminTokens
 from gateway.config import parse_config
-from gateway.grpc.server import InferenceServer, start_inference_server
+from gateway.grpc.server import AdminServer, InferenceServer, start_admin_server, start_inference_server
+from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
+from gateway.state.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -38,20 +42,38 @@ class LoopThread:
         self._thread.join(5)
 
 
-class RunningGateway:
-    """A started in-process gateway with a channel to it."""
+ONCALL_TOKEN = "oncall-token-0123456789"
+CI_TOKEN = "ci-token-0123456789abcdef"
+TOKENS = AdminTokens({"oncall": ONCALL_TOKEN, "ci": CI_TOKEN})
 
-    def __init__(self, gateway: Gateway, server: InferenceServer, loop: LoopThread) -> None:
+
+def bearer(token: str = ONCALL_TOKEN) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+class RunningGateway:
+    """A started in-process gateway (inference and admin listeners) with channels to it."""
+
+    def __init__(
+        self, gateway: Gateway, server: InferenceServer, admin: AdminServer, loop: LoopThread
+    ) -> None:
         self.gateway = gateway
         self.server = server
+        self.admin_server = admin
         self.loop = loop
         self.port = server.port
         self.target = f"127.0.0.1:{server.port}"
+        self.admin_target = f"127.0.0.1:{admin.port}"
         self.channel = grpc.insecure_channel(self.target)
+        self.admin_channel = grpc.insecure_channel(self.admin_target)
         self.predict_stub = gw_grpc.InferenceStub(self.channel)
+        self.admin_stub = admin_pb2_grpc.AdminStub(self.admin_channel)
 
     def predict(self, model: str = "ctr-ranker", **kwargs):  # type: ignore[no-untyped-def]
         return self.predict_stub.Predict(predict_request(model, **kwargs), timeout=10)
+
+    def admin(self, method: str, request, token: str = ONCALL_TOKEN):  # type: ignore[no-untyped-def]
+        return getattr(self.admin_stub, method)(request, metadata=bearer(token), timeout=30)
 
 
 def config_text(**endpoint_overrides: object) -> str:
@@ -69,21 +91,33 @@ def config_text(**endpoint_overrides: object) -> str:
 
 @contextmanager
 def running_gateway(
-    text: str | None = None, *, max_message_bytes: int = 4 * 1024 * 1024
+    text: str | None = None,
+    *,
+    max_message_bytes: int = 4 * 1024 * 1024,
+    store_path: Path | None = None,
+    model_root: Path | None = None,
 ) -> Iterator[RunningGateway]:
-    """Start a real gateway (models loaded, gRPC on 127.0.0.1:0) and stop it afterwards."""
-    config = parse_config(text or config_text(), base_dir=MODELS)
-    gateway = Gateway(config, limits=ServerLimits(max_message_bytes))
-    gateway.load_models()
-    loop = LoopThread()
-    server = loop.run(start_inference_server(gateway, "127.0.0.1:0"))
-    running = RunningGateway(gateway, server, loop)
-    try:
-        yield running
-    finally:
-        running.channel.close()
-        loop.run(server.stop(grace=1))
-        loop.close()
+    """Start a real gateway (SQLite store, models loaded, gRPC on 127.0.0.1:0) and stop it afterwards."""
+    with tempfile.TemporaryDirectory() as scratch:
+        config = parse_config(text or config_text(), base_dir=MODELS)
+        if model_root is not None:
+            config = config.model_copy(update={"model_root": model_root})
+        store = SqliteStore(store_path or Path(scratch) / "gateway.db")
+        gateway = Gateway(config, store, limits=ServerLimits(max_message_bytes))
+        gateway.start()
+        loop = LoopThread()
+        server = loop.run(start_inference_server(gateway, "127.0.0.1:0"))
+        admin = loop.run(start_admin_server(gateway, "127.0.0.1:0", TOKENS))
+        running = RunningGateway(gateway, server, admin, loop)
+        try:
+            yield running
+        finally:
+            running.channel.close()
+            running.admin_channel.close()
+            loop.run(server.stop(grace=1))
+            loop.run(admin.stop(grace=1))
+            loop.close()
+            gateway.close()
 
 
 def features(rows: int = 1, seed: int = 0) -> np.ndarray:

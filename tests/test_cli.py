@@ -92,7 +92,15 @@ def test_invalid_route_file_stops_the_start(tmp_path: Path) -> None:
     path = tmp_path / "routes.yaml"
     path.write_text(config_text(traffic='{"1.12": 90, "1.13": 20}'))
     result = run(
-        "serve", "--config", str(path), "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path}/s.db"
+        "serve",
+        "--config",
+        str(path),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--store",
+        f"sqlite:///{tmp_path}/s.db",
     )
     assert result.returncode != 0
     assert "endpoints.ctr-ranker.traffic: weights sum to 110; they must sum to 100" in result.stderr
@@ -108,10 +116,18 @@ def test_tampered_artifact_stops_the_start(tmp_path: Path) -> None:
     path = tmp_path / "routes.yaml"
     path.write_text(config_text().replace(f"model_root: {ROOT / 'models'}", f"model_root: {tmp_path}"))
     result = run(
-        "serve", "--config", str(path), "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path}/s.db"
+        "serve",
+        "--config",
+        str(path),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--store",
+        f"sqlite:///{tmp_path}/s.db",
     )
     assert result.returncode != 0
-    assert "but its manifest records" in result.stderr
+    assert "the file changed after it was published" in result.stderr
     assert "Traceback" not in result.stderr
 
 

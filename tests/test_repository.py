@@ -17,48 +17,78 @@ def model_root(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_resolve_verifies_digest(model_root: Path) -> None:
-    artifact = ModelRepository(model_root).resolve("ctr-ranker", "1.12")
-    assert artifact.sha256 == file_sha256(model_root / "ctr-ranker" / "1.12" / "model.onnx")
+def test_manifest_artifact_and_verified_read(model_root: Path) -> None:
+    repository = ModelRepository(model_root)
+    artifact = repository.from_manifest("ctr-ranker", "1.12")
+    assert artifact.path == "ctr-ranker/1.12/model.onnx"
+    assert artifact.sha256 == file_sha256(model_root / artifact.path)
+    assert repository.read_verified(artifact) == (model_root / artifact.path).read_bytes()
 
 
 def test_changed_file_is_refused(model_root: Path) -> None:
-    path = model_root / "ctr-ranker" / "1.13" / "model.onnx"
+    repository = ModelRepository(model_root)
+    artifact = repository.from_manifest("ctr-ranker", "1.13")
+    path = model_root / artifact.path
     path.write_bytes(path.read_bytes() + b"\x00")
-    with pytest.raises(ArtifactError, match=r"has sha256 .* but its manifest records .* immutable"):
-        ModelRepository(model_root).resolve("ctr-ranker", "1.13")
+    with pytest.raises(
+        ArtifactError, match=r"has sha256 .* but ctr-ranker 1\.13 was registered with .* immutable"
+    ):
+        repository.read_verified(artifact)
 
 
 def test_registry_marks_refused_version_failed(model_root: Path) -> None:
-    path = model_root / "ctr-ranker" / "1.13" / "model.onnx"
-    path.write_bytes(b"not a model")
-    registry = ModelRegistry(ModelRepository(model_root))
+    repository = ModelRepository(model_root)
+    artifact = repository.from_manifest("ctr-ranker", "1.13")
+    (model_root / artifact.path).write_bytes(b"not a model")
+    registry = ModelRegistry(repository)
     with pytest.raises(ArtifactError):
-        registry.load("ctr-ranker", "1.13")
+        registry.load(artifact)
     assert registry.get("ctr-ranker", "1.13").state is VersionState.FAILED
     with pytest.raises(NotReady, match=r"ctr-ranker 1\.13 is failed, not ready"):
         registry.runnable("ctr-ranker", "1.13")
 
 
-def test_expected_digest_must_match_manifest(model_root: Path) -> None:
+def test_unloadable_model_with_right_digest_is_refused(model_root: Path) -> None:
+    path = model_root / "ctr-ranker" / "9.0" / "model.onnx"
+    path.parent.mkdir()
+    path.write_bytes(b"not an onnx model")
+    repository = ModelRepository(model_root)
+    artifact = repository.at_path("ctr-ranker", "9.0", "ctr-ranker/9.0/model.onnx", file_sha256(path))
+    with pytest.raises(ArtifactError, match="onnxruntime cannot load this model"):
+        ModelRegistry(repository).load(artifact)
+
+
+def test_operator_digest_must_match_manifest(model_root: Path) -> None:
     with pytest.raises(ArtifactError, match=r"was expected; artifacts are immutable"):
-        ModelRepository(model_root).resolve("ctr-ranker", "1.12", expected_sha256="0" * 64)
+        ModelRepository(model_root).at_path("ctr-ranker", "1.12", "ctr-ranker/1.12", "0" * 64)
+
+
+def test_operator_path_to_file_or_directory(model_root: Path) -> None:
+    repository = ModelRepository(model_root)
+    digest = repository.from_manifest("ctr-ranker", "1.14").sha256
+    by_dir = repository.at_path("ctr-ranker", "2.0", "ctr-ranker/1.14", digest)
+    by_file = repository.at_path("ctr-ranker", "2.0", str(model_root / "ctr-ranker/1.14/model.onnx"), digest)
+    assert by_dir.path == by_file.path == "ctr-ranker/1.14/model.onnx"
+    with pytest.raises(ArtifactError, match="outside the model root"):
+        repository.at_path("ctr-ranker", "2.0", "../../etc/passwd", digest)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        repository.at_path("ctr-ranker", "2.0", "ctr-ranker/nope.onnx", digest)
 
 
 def test_missing_version_and_manifest(model_root: Path) -> None:
     repository = ModelRepository(model_root)
     with pytest.raises(ArtifactError, match=r"no directory for ctr-ranker 9\.9"):
-        repository.resolve("ctr-ranker", "9.9")
+        repository.from_manifest("ctr-ranker", "9.9")
     (model_root / "ctr-ranker" / "1.12" / "manifest.yaml").unlink()
     with pytest.raises(ArtifactError, match=r"manifest\.yaml is missing"):
-        repository.resolve("ctr-ranker", "1.12")
+        repository.from_manifest("ctr-ranker", "1.12")
 
 
 def test_manifest_cannot_point_outside_root(model_root: Path) -> None:
     manifest = model_root / "ctr-ranker" / "1.12" / "manifest.yaml"
     manifest.write_text(manifest.read_text().replace("file: model.onnx", "file: ../../../etc/passwd"))
-    with pytest.raises(ArtifactError, match="points outside the model root"):
-        ModelRepository(model_root).resolve("ctr-ranker", "1.12")
+    with pytest.raises(ArtifactError, match="outside the model root"):
+        ModelRepository(model_root).from_manifest("ctr-ranker", "1.12")
 
 
 def test_check_sha256() -> None:
@@ -68,9 +98,10 @@ def test_check_sha256() -> None:
 
 
 def test_versions_load_side_by_side_and_warm(model_root: Path) -> None:
-    registry = ModelRegistry(ModelRepository(model_root))
+    repository = ModelRepository(model_root)
+    registry = ModelRegistry(repository)
     for version in ("1.12", "1.13", "1.14"):
-        snapshot = registry.load("ctr-ranker", version)
+        snapshot = registry.load(repository.from_manifest("ctr-ranker", version))
         assert snapshot.state is VersionState.READY
         assert snapshot.load_seconds > 0
     assert [v.version for v in registry.versions_of("ctr-ranker")] == ["1.12", "1.13", "1.14"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -10,15 +11,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.app import Gateway
+from gateway.auth import AdminTokens
 from gateway.errors import InvalidInput
+from gateway.grpc.admin_servicer import AdminServicer
 from gateway.grpc.errors import guard_servicer
 from gateway.grpc.health import HealthReporter
 from gateway.grpc.servicers import OpenInferenceServicer, PredictServicer
-from gateway.pb.gateway.v1 import inference_pb2, inference_pb2_grpc
+from gateway.pb.gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from gateway.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
 OPEN_INFERENCE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
 
 
 @dataclass
@@ -78,5 +82,43 @@ async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServ
     port = bind(server, listen)
     await health.refresh()
     gateway.registry.on_change(lambda _snapshot: health.refresh_soon())
+    gateway.control.on_change(lambda _revision, _state: health.refresh_soon())
     await server.start()
     return InferenceServer(server, port, health)
+
+
+def bearer_authenticator(tokens: AdminTokens) -> Callable[[grpc.aio.ServicerContext], str]:
+    """Reads `authorization` metadata and returns the caller's name (raises on bad credentials)."""
+
+    def authenticate(context: grpc.aio.ServicerContext) -> str:
+        authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                authorization = value if isinstance(value, str) else value.decode()
+        return tokens.authenticate(authorization)
+
+    return authenticate
+
+
+@dataclass
+class AdminServer:
+    """A started admin listener."""
+
+    server: grpc.aio.Server
+    port: int
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Finish in-flight admin calls for up to `grace` seconds."""
+        await self.server.stop(grace)
+
+
+async def start_admin_server(gateway: Gateway, listen: str, tokens: AdminTokens) -> AdminServer:
+    """Build and start the admin listener; every RPC is authenticated with a bearer token."""
+    server = grpc.aio.server(options=server_options(gateway.limits.max_message_bytes))
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        guard_servicer(AdminServicer(gateway.control), ADMIN, bearer_authenticator(tokens)), server
+    )
+    reflection.enable_server_reflection([ADMIN.full_name, reflection.SERVICE_NAME], server)
+    port = bind(server, listen)
+    await server.start()
+    return AdminServer(server, port)

@@ -1,0 +1,385 @@
+"""`gateway admin ...`: inspect and change routes through the authenticated Admin API.
+
+Connection options (`--target`, `--token`, env `GATEWAY_ADMIN_TARGET` / `GATEWAY_ADMIN_TOKEN`)
+are shared with the other operator commands (`rollout`, `incidents`, `report`) through
+`AdminClient`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gateway.cli.output import fail, print_json, rpc_failure, table, when
+from gateway.pb.gateway.v1 import admin_pb2 as pb
+from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
+
+ENV_TARGET = "GATEWAY_ADMIN_TARGET"
+ENV_TOKEN = "GATEWAY_ADMIN_TOKEN"
+DEFAULT_TARGET = "localhost:8002"
+
+
+def connection_options() -> argparse.ArgumentParser:
+    """`--target`, `--token`, `--timeout`, `--json`: accepted before or after the subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target",
+        default=argparse.SUPPRESS,
+        help=f"admin HOST:PORT (default ${ENV_TARGET} or {DEFAULT_TARGET})",
+    )
+    common.add_argument("--token", default=argparse.SUPPRESS, help=f"bearer token (default ${ENV_TOKEN})")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds (default 30)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    return common
+
+
+def change_options() -> argparse.ArgumentParser:
+    """`--reason` (required) and `--dry-run`, for every mutating command."""
+    mutating = argparse.ArgumentParser(add_help=False)
+    mutating.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    mutating.add_argument("--dry-run", action="store_true", help="validate and show the diff; change nothing")
+    return mutating
+
+
+class AdminClient:
+    """An authenticated Admin stub built from the shared connection options."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.target = getattr(args, "target", None) or os.environ.get(ENV_TARGET) or DEFAULT_TARGET
+        token = getattr(args, "token", None) or os.environ.get(ENV_TOKEN, "")
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = getattr(args, "timeout", 30.0)
+        self.channel = grpc.insecure_channel(self.target)
+        self.stub = pb_grpc.AdminStub(self.channel)
+
+    def call(self, method: str, request: Any) -> Any:
+        """Invoke an Admin RPC with the token and timeout."""
+        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+
+def _json_value(text: str) -> Any:
+    return json.loads(text) if text else None
+
+
+def _changes_json(changes: Any) -> list[dict[str, Any]]:
+    return [{"path": c.path, "before": _json_value(c.before), "after": _json_value(c.after)} for c in changes]
+
+
+def _print_change(response: pb.ChangeResponse, as_json: bool) -> None:
+    if as_json:
+        print_json(
+            {
+                "revision": response.revision,
+                "dry_run": response.dry_run,
+                "audit_id": response.audit_id,
+                "message": response.message,
+                "changes": _changes_json(response.changes),
+            }
+        )
+        return
+    if response.dry_run:
+        print(f"dry run against revision {response.revision}: nothing changed")
+    elif response.changes:
+        print(f"revision {response.revision}")
+    else:
+        print(f"revision {response.revision}: {response.message or 'no change'}")
+    for change in response.changes:
+        before = change.before or "(none)"
+        after = change.after or "(none)"
+        print(f"  {change.path}: {before} -> {after}")
+
+
+def _print_routes(routes: pb.Routes, as_json: bool) -> None:
+    endpoints: list[dict[str, Any]] = [
+        {
+            "name": e.name,
+            "versions": list(e.versions),
+            "traffic": dict(e.traffic),
+            "labels": dict(e.labels),
+            "max_batch_size": e.max_batch_size,
+            "nan_policy": e.nan_policy,
+        }
+        for e in routes.endpoints
+    ]
+    if as_json:
+        print_json({"revision": routes.revision, "committed_at": routes.committed_at, "endpoints": endpoints})
+        return
+    print(f"revision {routes.revision} (committed {when(routes.committed_at)})")
+    rows = []
+    for e in endpoints:
+        for version in e["versions"]:
+            labels = ", ".join(sorted(k for k, v in e["labels"].items() if v == version))
+            rows.append([e["name"], version, f"{e['traffic'].get(version, 0)}%", labels])
+    print(table(["ENDPOINT", "VERSION", "TRAFFIC", "LABELS"], rows))
+
+
+# --- subcommands ---------------------------------------------------------------------------
+
+
+def _routes(client: AdminClient, args: argparse.Namespace) -> pb.Routes:
+    routes: pb.Routes = client.call(
+        "GetRoutes", pb.GetRoutesRequest(endpoint=args.endpoint or "", revision=args.revision)
+    )
+    return routes
+
+
+def _revisions(client: AdminClient, args: argparse.Namespace) -> None:
+    response = client.call("ListRevisions", pb.ListRevisionsRequest(limit=args.limit))
+    if args.json:
+        print_json(
+            [
+                {
+                    "revision": r.revision,
+                    "committed_at": r.committed_at,
+                    "traffic": {e.name: dict(e.traffic) for e in r.endpoints},
+                }
+                for r in response.revisions
+            ]
+        )
+        return
+    rows = [
+        [
+            r.revision,
+            when(r.committed_at),
+            "; ".join(
+                f"{e.name} " + ", ".join(f"{v} {w}%" for v, w in sorted(e.traffic.items()))
+                for e in r.endpoints
+            ),
+        ]
+        for r in response.revisions
+    ]
+    print(table(["REVISION", "COMMITTED", "TRAFFIC"], rows))
+
+
+def _versions(client: AdminClient, args: argparse.Namespace) -> None:
+    response = client.call("ListVersions", pb.ListVersionsRequest(endpoint=args.endpoint or ""))
+    if args.json:
+        print_json(
+            [
+                {
+                    "endpoint": v.endpoint,
+                    "version": v.version,
+                    "state": v.state,
+                    "traffic": v.traffic,
+                    "labels": list(v.labels),
+                    "sha256": v.sha256,
+                    "path": v.path,
+                    "loaded_at": v.loaded_at,
+                    "load_seconds": v.load_seconds,
+                    "error": v.error,
+                }
+                for v in response.versions
+            ]
+        )
+        return
+    rows = [
+        [
+            v.endpoint,
+            v.version,
+            v.state + (f" ({v.error})" if v.error else ""),
+            f"{v.traffic}%",
+            ", ".join(v.labels),
+            v.sha256[:12],
+            when(v.loaded_at),
+        ]
+        for v in response.versions
+    ]
+    print(table(["ENDPOINT", "VERSION", "STATE", "TRAFFIC", "LABELS", "SHA256", "LOADED"], rows))
+
+
+def _weights(pairs: list[str]) -> dict[str, int]:
+    weights: dict[str, int] = {}
+    for pair in pairs:
+        version, sep, weight = pair.partition("=")
+        if not sep or not weight.strip().lstrip("-").isdigit():
+            raise ValueError(f"{pair!r} is not VERSION=WEIGHT (an integer percent), e.g. 1.13=25")
+        weights[version.strip()] = int(weight)
+    return weights
+
+
+def _audit(client: AdminClient, args: argparse.Namespace) -> None:
+    response = client.call("GetAudit", pb.GetAuditRequest(endpoint=args.endpoint or "", limit=args.limit))
+    if args.json:
+        print_json(
+            [
+                {
+                    "id": e.id,
+                    "at": e.at,
+                    "actor": e.actor,
+                    "action": e.action,
+                    "endpoint": e.endpoint,
+                    "reason": e.reason,
+                    "dry_run": e.dry_run,
+                    "revision_before": e.revision_before,
+                    "revision_after": e.revision_after,
+                    "changes": _changes_json(e.changes),
+                    "detail": json.loads(e.detail or "{}"),
+                }
+                for e in response.entries
+            ]
+        )
+        return
+    rows = []
+    for e in response.entries:
+        revision = (
+            f"{e.revision_before}->{e.revision_after}"
+            if e.revision_after != e.revision_before
+            else str(e.revision_before)
+        )
+        changes = "; ".join(f"{c.path}: {c.before or '(none)'} -> {c.after or '(none)'}" for c in e.changes)
+        rows.append(
+            [
+                e.id,
+                when(e.at),
+                e.actor,
+                e.action + (" (dry run)" if e.dry_run else ""),
+                e.endpoint,
+                revision,
+                e.reason,
+                changes,
+            ]
+        )
+    print(table(["ID", "AT", "WHO", "ACTION", "ENDPOINT", "REVISION", "REASON", "CHANGES"], rows))
+
+
+def _mutation(args: argparse.Namespace) -> tuple[str, Any]:
+    """The RPC and request for a mutating subcommand."""
+    common = {"reason": args.reason, "dry_run": args.dry_run}
+    builders: dict[str, Callable[[], tuple[str, Any]]] = {
+        "set-traffic": lambda: (
+            "SetTraffic",
+            pb.SetTrafficRequest(endpoint=args.endpoint, weights=_weights(args.weights), **common),
+        ),
+        "label": lambda: (
+            "SetLabel",
+            pb.SetLabelRequest(
+                endpoint=args.endpoint, label=args.label, version=args.version or "", **common
+            ),
+        ),
+        "promote": lambda: ("Promote", pb.PromoteRequest(endpoint=args.endpoint, **common)),
+        "rollback": lambda: (
+            "Rollback",
+            pb.RollbackRequest(
+                endpoint=args.endpoint, to_version=args.to or "", to_revision=args.to_revision or 0, **common
+            ),
+        ),
+        "switch": lambda: (
+            "Switch",
+            pb.SwitchRequest(endpoint=args.endpoint, version=args.version, **common),
+        ),
+        "load": lambda: (
+            "LoadVersion",
+            pb.LoadVersionRequest(
+                endpoint=args.endpoint, version=args.version, path=args.path, sha256=args.sha256, **common
+            ),
+        ),
+        "unload": lambda: (
+            "UnloadVersion",
+            pb.UnloadVersionRequest(endpoint=args.endpoint, version=args.version, **common),
+        ),
+        "apply": lambda: (
+            "Apply",
+            pb.ApplyRequest(document=Path(args.file).read_text(), source=str(args.file), **common),
+        ),
+    }
+    return builders[args.admin_command]()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch one admin subcommand."""
+    args.json = getattr(args, "json", False)
+    if args.admin_command == "label" and not args.version and not args.remove:
+        return fail("give the VERSION the label should point at, or --remove to delete the label", 2)
+    try:
+        mutation = _mutation(args) if hasattr(args, "reason") else None
+    except (OSError, ValueError) as err:
+        return fail(str(err), 2)
+    client = AdminClient(args)
+    try:
+        if mutation is not None:
+            method, request = mutation
+            _print_change(client.call(method, request), args.json)
+        elif args.admin_command == "routes":
+            _print_routes(_routes(client, args), args.json)
+        elif args.admin_command == "revisions":
+            _revisions(client, args)
+        elif args.admin_command == "versions":
+            _versions(client, args)
+        elif args.admin_command == "audit":
+            _audit(client, args)
+    except grpc.RpcError as err:
+        return rpc_failure(err)
+    finally:
+        client.close()
+    return 0
+
+
+def register(commands: Any) -> None:
+    """Add `gateway admin` and its subcommands."""
+    common = connection_options()
+    mutating = change_options()
+    admin = commands.add_parser("admin", parents=[common], help="inspect and change routes (authenticated)")
+    admin.set_defaults(handler=run)
+    sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ADMIN_COMMAND")
+
+    routes = sub.add_parser("routes", parents=[common], help="show routes (current or an earlier revision)")
+    routes.add_argument("endpoint", nargs="?")
+    routes.add_argument("--revision", type=int, default=0)
+    revisions = sub.add_parser("revisions", parents=[common], help="route history, newest first")
+    revisions.add_argument("--limit", type=int, default=20)
+    versions = sub.add_parser("versions", parents=[common], help="loaded versions: state, digest, traffic")
+    versions.add_argument("endpoint", nargs="?")
+    audit = sub.add_parser("audit", parents=[common], help="the audit log, newest first")
+    audit.add_argument("endpoint", nargs="?")
+    audit.add_argument("--limit", type=int, default=50)
+
+    traffic = sub.add_parser(
+        "set-traffic", parents=[common, mutating], help="set weights: VERSION=PERCENT ..."
+    )
+    traffic.add_argument("endpoint")
+    traffic.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT")
+    label = sub.add_parser("label", parents=[common, mutating], help="point a label at a version")
+    label.add_argument("endpoint")
+    label.add_argument("label")
+    label.add_argument("version", nargs="?")
+    label.add_argument("--remove", action="store_true", help="delete the label")
+    promote = sub.add_parser("promote", parents=[common, mutating], help="the canary becomes stable at 100%%")
+    promote.add_argument("endpoint")
+    rollback = sub.add_parser(
+        "rollback",
+        parents=[common, mutating],
+        help="all traffic to stable (or --to VERSION / --to-revision N)",
+    )
+    rollback.add_argument("endpoint")
+    target = rollback.add_mutually_exclusive_group()
+    target.add_argument("--to", metavar="VERSION")
+    target.add_argument("--to-revision", type=int, metavar="N")
+    switch = sub.add_parser(
+        "switch", parents=[common, mutating], help="blue-green: 100%% to VERSION in one step"
+    )
+    switch.add_argument("endpoint")
+    switch.add_argument("version")
+    load = sub.add_parser(
+        "load", parents=[common, mutating], help="load a new version from under the model root"
+    )
+    load.add_argument("endpoint")
+    load.add_argument("version")
+    load.add_argument("path", help="model file or version directory, relative to the model root")
+    load.add_argument("--sha256", required=True)
+    unload = sub.add_parser(
+        "unload", parents=[common, mutating], help="unload a version that takes no traffic"
+    )
+    unload.add_argument("endpoint")
+    unload.add_argument("version")
+    apply = sub.add_parser("apply", parents=[common, mutating], help="apply a whole route file")
+    apply.add_argument("-f", "--file", required=True)

@@ -1,0 +1,104 @@
+"""`gateway predict`: send one prediction and show which version and arm served it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from gateway.cli.output import fail, print_json
+
+DEFAULT_TARGET = "localhost:8001"
+
+
+def register(commands: Any) -> None:
+    """Add the `predict` subcommand."""
+    predict = commands.add_parser("predict", help="send one prediction and show which version served it")
+    predict.add_argument("endpoint", help="endpoint, endpoint@version or endpoint:label")
+    predict.add_argument(
+        "--features", required=True, help="JSON row, list of rows, or {input: values}; @FILE reads a file"
+    )
+    predict.add_argument("--routing-key", help="sticky routing key (a user id)")
+    predict.add_argument("--request-id")
+    predict.add_argument("--target", default=DEFAULT_TARGET)
+    predict.add_argument("--timeout", type=float, default=10.0)
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.set_defaults(handler=run)
+
+
+# --- predict -------------------------------------------------------------------------------
+
+
+def _read_features(value: str) -> Any:
+    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    return json.loads(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Send one Predict request and print the served version, arm and outputs."""
+    from gateway.pb.gateway.v1 import inference_pb2 as gw
+    from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
+    from gateway.pb.inference import grpc_service_pb2 as oip
+    from gateway.pb.inference import grpc_service_pb2_grpc as oip_grpc
+    from gateway.tensors import DataType
+
+    try:
+        features = _read_features(args.features)
+    except (OSError, json.JSONDecodeError) as err:
+        return fail(f"--features: {err}")
+    endpoint = args.endpoint.split("@", 1)[0].split(":", 1)[0]
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            metadata = oip_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
+                oip.ModelMetadataRequest(name=endpoint), timeout=args.timeout
+            )
+            named = features if isinstance(features, dict) else {metadata.inputs[0].name: features}
+            request = gw.PredictRequest(
+                model=args.endpoint, routing_key=args.routing_key or "", request_id=args.request_id or ""
+            )
+            specs = {t.name: t for t in metadata.inputs}
+            for name, values in named.items():
+                spec = specs.get(name)
+                datatype = DataType(spec.datatype) if spec else DataType.FP32
+                array = np.asarray(values, dtype=datatype.numpy)
+                if spec and array.ndim == len(spec.shape) - 1:
+                    array = array[np.newaxis, ...]  # one row: add the batch dimension
+                request.inputs.add(
+                    name=name,
+                    datatype=gw.DataType.Value(f"DATA_TYPE_{datatype.value}"),
+                    shape=array.shape,
+                    data=array.tobytes(),
+                )
+            response = gw_grpc.InferenceStub(channel).Predict(request, timeout=args.timeout)
+        except grpc.RpcError as err:
+            return fail(f"{err.code().name}: {err.details()}")
+        except (ValueError, TypeError) as err:
+            return fail(f"--features: {err}")
+    outputs = {
+        t.name: np.frombuffer(
+            t.data, dtype=DataType(gw.DataType.Name(t.datatype).removeprefix("DATA_TYPE_")).numpy
+        )
+        .reshape(t.shape)
+        .tolist()
+        for t in response.outputs
+    }
+    if args.json:
+        print_json(
+            {
+                "request_id": response.request_id,
+                "model": response.model,
+                "version": response.version,
+                "arm": response.arm,
+                "route_revision": response.route_revision,
+                "outputs": outputs,
+            }
+        )
+    else:
+        print(f"{response.model} {response.version} (arm: {response.arm}, request id: {response.request_id})")
+        for name, value in outputs.items():
+            print(f"  {name}: {value}")
+    return 0

@@ -1,0 +1,93 @@
+"""`gateway serve`: run the gateway until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from gateway.app import Gateway, ServerLimits
+from gateway.auth import ENV_TOKENS, AdminTokens
+from gateway.cli.output import fail
+from gateway.errors import GatewayError
+from gateway.state import open_store
+
+log = logging.getLogger("gateway")
+
+DEFAULT_CONFIG = "models/gateway.yaml"
+DEFAULT_LISTEN = "127.0.0.1:8001"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:8002"
+DEFAULT_STORE = "sqlite:///var/gateway.db"
+
+
+def register(commands: Any) -> None:
+    """Add the `serve` subcommand."""
+    serve = commands.add_parser("serve", help="serve the models of a route file over gRPC")
+    serve.add_argument("--config", default=DEFAULT_CONFIG, help=f"route file (default {DEFAULT_CONFIG})")
+    serve.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT for inference; port 0 picks one")
+    serve.add_argument(
+        "--admin-listen", default=DEFAULT_ADMIN_LISTEN, help="HOST:PORT for the admin API (default loopback)"
+    )
+    serve.add_argument(
+        "--admin-tokens-file",
+        type=Path,
+        help=f"NAME=TOKEN lines for admin callers (default: ${ENV_TOKENS}, comma-separated)",
+    )
+    serve.add_argument(
+        "--store",
+        default=DEFAULT_STORE,
+        help="state store: sqlite:///relative/path.db or sqlite:////absolute/path.db (default %(default)s)",
+    )
+    serve.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+    serve.add_argument("--grace", type=float, default=5.0, help="seconds to finish in-flight calls on stop")
+    serve.set_defaults(handler=run)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from gateway.grpc.server import start_admin_server, start_inference_server
+
+    tokens = AdminTokens.load(args.admin_tokens_file)
+    store = open_store(args.store)
+    try:
+        gateway = Gateway.from_file(Path(args.config), store, limits=ServerLimits(args.max_message_bytes))
+        revision = await asyncio.to_thread(gateway.start)
+        inference = await start_inference_server(gateway, args.listen)
+        admin = await start_admin_server(gateway, args.admin_listen, tokens)
+    except BaseException:
+        store.close()
+        raise
+    if not tokens.names:
+        log.warning(
+            "no admin tokens configured (%s or --admin-tokens-file): admin calls will be refused", ENV_TOKENS
+        )
+    host = args.listen.rsplit(":", 1)[0]
+    admin_host = args.admin_listen.rsplit(":", 1)[0]
+    summary = "; ".join(
+        f"{name} " + ", ".join(f"{v} {w}%" for v, w in routes.weights.items())
+        for name, routes in gateway.router.table.endpoints.items()
+    )
+    print(
+        f"gateway ready: inference on {host}:{inference.port}, admin on {admin_host}:{admin.port} "
+        f"(revision {revision}; {summary})",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await asyncio.gather(inference.stop(grace=args.grace), admin.stop(grace=args.grace))
+    gateway.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the gateway and serve until SIGINT/SIGTERM."""
+    try:
+        return asyncio.run(_serve(args))
+    except GatewayError as err:
+        return fail(err.message, 2)

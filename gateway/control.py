@@ -1,0 +1,491 @@
+"""`ControlPlane`: the single writer of routes.
+
+Admin RPCs, the CLI and (later) the guardian all change traffic through it.
+
+Every change follows the same steps: compute the new desired state from the current one,
+validate it (routes compile, versions that gain traffic are ready), diff it; on a dry run
+record the diff as a dry-run audit entry and stop; otherwise commit it to the store with
+compare-and-swap together with its audit entry, then swap the in-process route table. The
+data plane never waits: it keeps reading the old table until the one-attribute swap.
+
+Methods block (store I/O, model loading): call them off the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import parse_config
+from gateway.desired import Change, DesiredState, EndpointState, diff, endpoint_from_config
+from gateway.errors import FailedPrecondition, GatewayError, InvalidInput, NotFound
+from gateway.registry import ModelRegistry, VersionState
+from gateway.repository import Artifact
+from gateway.routing import CANARY, STABLE, VERSION_NAME, Router
+from gateway.state import AuditDraft, AuditEntry, Revision, StateStore
+
+log = logging.getLogger(__name__)
+
+SYSTEM_ACTOR = "system"
+
+
+@dataclass(frozen=True)
+class ChangeResult:
+    """What a mutating call did (or, on a dry run, would do)."""
+
+    revision: int
+    dry_run: bool
+    changes: list[Change]
+    audit_id: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A version as an operator sees it: lifecycle state, artifact, traffic and labels."""
+
+    endpoint: str
+    version: str
+    state: str
+    sha256: str
+    path: str
+    loaded_at: float
+    load_seconds: float
+    traffic: int
+    labels: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Intent:
+    """Who asks for which change, why, and whether only to see its diff."""
+
+    actor: str
+    action: str
+    endpoint: str
+    reason: str
+    dry_run: bool = False
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+Listener = Callable[[int, DesiredState], None]
+
+
+class ControlPlane:
+    """Owns the desired state, its durable revisions and audit log, and the route-table swap."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        registry: ModelRegistry,
+        router: Router,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.router = router
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._state = DesiredState({})
+        self._revision = 0
+        self._listeners: list[Listener] = []
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def on_change(self, listener: Listener) -> None:
+        """Call `listener(revision, state)` after every committed change (and at start)."""
+        self._listeners.append(listener)
+
+    def start(self, seed: Callable[[], DesiredState], *, seed_source: str) -> Revision:
+        """Restore the newest committed revision, or seed an empty store; then load every version.
+
+        `seed` is only called when the store is empty: after that the store is the truth.
+        """
+        latest = self.store.latest()
+        if latest is None:
+            state = seed()
+            state.route_table(1)  # validate before anything is written
+            latest, _ = self.store.commit(
+                0,
+                state.to_json(),
+                self._draft(
+                    Intent(
+                        SYSTEM_ACTOR, "seed", ",".join(sorted(state.endpoints)), f"seeded from {seed_source}"
+                    ),
+                    0,
+                    diff(DesiredState({}), state),
+                ),
+            )
+            log.info("seeded the store %s from %s (revision 1)", self.store.url, seed_source)
+        else:
+            log.info("restoring revision %d from %s", latest.revision, self.store.url)
+        state = DesiredState.from_json(latest.document)
+        self._load_all(state)
+        with self._lock:
+            self._install(latest.revision, state)
+        return latest
+
+    def _load_all(self, state: DesiredState) -> None:
+        for endpoint, artifact in state.artifacts():
+            if self.registry.is_ready(endpoint.name, artifact.version):
+                continue
+            try:
+                self.registry.load(artifact, intra_op_threads=endpoint.intra_op_threads)
+            except GatewayError as err:
+                if endpoint.weights.get(artifact.version, 0) > 0:
+                    raise  # a version that takes traffic must load, or the start fails
+                log.error(
+                    "%s %s failed to load and takes no traffic: %s", endpoint.name, artifact.version, err
+                )
+
+    def _install(self, revision: int, state: DesiredState) -> None:
+        table = state.route_table(revision)
+        self._state, self._revision = state, revision
+        self.router.swap(table)
+        for listener in self._listeners:
+            listener(revision, state)
+
+    # --- reads ----------------------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        """The revision the data plane is serving."""
+        return self._revision
+
+    @property
+    def state(self) -> DesiredState:
+        """The desired state of the current revision."""
+        return self._state
+
+    def versions(self, endpoint: str = "") -> list[VersionInfo]:
+        """Every version (of one endpoint, when given) with its state and traffic share."""
+        state = self._state
+        names = [state.endpoint(endpoint).name] if endpoint else sorted(state.endpoints)
+        infos = []
+        for name in names:
+            ep = state.endpoints[name]
+            for version, artifact in ep.artifacts.items():
+                try:
+                    snapshot = self.registry.get(name, version)
+                    status, loaded_at, seconds, error = (
+                        snapshot.state.value,
+                        snapshot.loaded_at,
+                        snapshot.load_seconds,
+                        snapshot.error,
+                    )
+                except NotFound:
+                    status, loaded_at, seconds, error = "absent", 0.0, 0.0, "not loaded in this process"
+                infos.append(
+                    VersionInfo(
+                        endpoint=name,
+                        version=version,
+                        state=status,
+                        sha256=artifact.sha256,
+                        path=artifact.path,
+                        loaded_at=loaded_at,
+                        load_seconds=seconds,
+                        traffic=ep.weights.get(version, 0),
+                        labels=sorted(label for label, target in ep.labels.items() if target == version),
+                        error=error,
+                    )
+                )
+        return infos
+
+    def audit(self, endpoint: str = "", limit: int = 100) -> list[AuditEntry]:
+        """The audit log, newest first."""
+        return self.store.audit(endpoint or None, limit)
+
+    def revisions(self, limit: int = 50) -> list[Revision]:
+        """Route revisions, newest first."""
+        return self.store.revisions(limit)
+
+    # --- changes --------------------------------------------------------------------------
+
+    def set_traffic(
+        self, actor: str, endpoint: str, weights: Mapping[str, int], *, reason: str, dry_run: bool = False
+    ) -> ChangeResult:
+        """Replace an endpoint's weights (integer percent summing to 100; unnamed versions get 0)."""
+
+        def change(ep: EndpointState) -> EndpointState:
+            for version in weights:
+                ep.require_version(version)
+            return ep.with_(weights=dict(weights))
+
+        return self._change(
+            Intent(actor, "set-traffic", endpoint, reason, dry_run, {"weights": dict(weights)}), change
+        )
+
+    def set_label(
+        self, actor: str, endpoint: str, label: str, version: str, *, reason: str, dry_run: bool = False
+    ) -> ChangeResult:
+        """Point a label at a version; an empty version removes the label."""
+
+        def change(ep: EndpointState) -> EndpointState:
+            labels = dict(ep.labels)
+            if version:
+                ep.require_version(version)
+                labels[label] = version
+            elif labels.pop(label, None) is None:
+                ep.label_of(label)  # raises NotFound listing the labels
+            return ep.with_(labels=labels)
+
+        return self._change(
+            Intent(actor, "label", endpoint, reason, dry_run, {"label": label, "version": version}), change
+        )
+
+    def promote(self, actor: str, endpoint: str, *, reason: str, dry_run: bool = False) -> ChangeResult:
+        """The canary becomes stable and takes 100%; the canary label is cleared."""
+
+        def change(ep: EndpointState) -> EndpointState:
+            canary = ep.label_of(CANARY)
+            labels = {k: v for k, v in ep.labels.items() if k != CANARY}
+            labels[STABLE] = canary
+            return ep.with_(weights={canary: 100}, labels=labels)
+
+        return self._change(Intent(actor, "promote", endpoint, reason, dry_run), change)
+
+    def switch(
+        self, actor: str, endpoint: str, version: str, *, reason: str, dry_run: bool = False
+    ) -> ChangeResult:
+        """Blue-green: 100% to `version` in one revision, after a readiness check and a warm-up run.
+
+        The version is labelled `canary` so `promote` makes it stable and `rollback` returns
+        to stable in one revision.
+        """
+        self._state.endpoint(endpoint).require_version(version)
+        self._require_ready(endpoint, version)
+        if not dry_run:
+            self.registry.runnable(endpoint, version).warm_up()
+
+        def change(ep: EndpointState) -> EndpointState:
+            return ep.with_(weights={version: 100}, labels={**ep.labels, CANARY: version})
+
+        return self._change(Intent(actor, "switch", endpoint, reason, dry_run, {"version": version}), change)
+
+    def rollback(
+        self,
+        actor: str,
+        endpoint: str,
+        *,
+        reason: str,
+        to_version: str = "",
+        to_revision: int = 0,
+        dry_run: bool = False,
+    ) -> ChangeResult:
+        """All traffic to `stable` (default), to a named version, or the endpoint as it was at a revision."""
+        if to_version and to_revision:
+            raise InvalidInput("give either a version or a revision to roll back to, not both")
+        if to_revision:
+            if to_revision >= self._revision:
+                raise InvalidInput(
+                    f"revision {to_revision} is not earlier than the current revision {self._revision}"
+                )
+            past = DesiredState.from_json(self.store.get_revision(to_revision).document)
+            target = past.endpoints.get(endpoint)
+            if target is None:
+                raise NotFound(f"{endpoint} did not exist at revision {to_revision}")
+
+            def restore(ep: EndpointState) -> EndpointState:
+                for version in target.weights:
+                    if version not in ep.artifacts:
+                        raise FailedPrecondition(
+                            f"revision {to_revision} sends traffic to {endpoint} {version}, "
+                            "which is no longer "
+                            "loaded; load it again first"
+                        )
+                labels = {k: v for k, v in target.labels.items() if v in ep.artifacts}
+                return ep.with_(weights=dict(target.weights), labels=labels)
+
+            return self._change(
+                Intent(actor, "rollback", endpoint, reason, dry_run, {"to_revision": to_revision}), restore
+            )
+
+        def to_one(ep: EndpointState) -> EndpointState:
+            version = to_version or ep.label_of(STABLE)
+            ep.require_version(version)
+            return ep.with_(weights={version: 100})
+
+        return self._change(
+            Intent(actor, "rollback", endpoint, reason, dry_run, {"to_version": to_version}), to_one
+        )
+
+    def load_version(
+        self,
+        actor: str,
+        endpoint: str,
+        version: str,
+        path: str,
+        sha256: str,
+        *,
+        reason: str,
+        dry_run: bool = False,
+    ) -> ChangeResult:
+        """Register, verify, load and warm a new artifact at run time; it takes no traffic yet."""
+        current = self._state.endpoint(endpoint)
+        if not VERSION_NAME.match(version):
+            raise InvalidInput(f"version {version!r} is invalid: letters, digits, '.', '_' or '-'")
+        if version in current.artifacts:
+            raise FailedPrecondition(
+                f"{endpoint} already has version {version} "
+                f"(sha256 {current.artifacts[version].sha256[:12]}); "
+                "versions are immutable, choose a new version name"
+            )
+        artifact = self.registry.repository.at_path(endpoint, version, path, sha256)
+        if not dry_run:
+            self.registry.load(artifact, intra_op_threads=current.intra_op_threads)
+
+        def add(ep: EndpointState) -> EndpointState:
+            if version in ep.artifacts:
+                raise FailedPrecondition(f"{endpoint} {version} was registered meanwhile")
+            return ep.with_(artifacts={**ep.artifacts, version: artifact})
+
+        try:
+            return self._change(
+                Intent(actor, "load", endpoint, reason, dry_run, {"version": version, "path": artifact.path}),
+                add,
+            )
+        except GatewayError:
+            if not dry_run:
+                self.registry.unload(endpoint, version)
+            raise
+
+    def unload_version(
+        self, actor: str, endpoint: str, version: str, *, reason: str, dry_run: bool = False
+    ) -> ChangeResult:
+        """Forget a version that takes no traffic and no label points at."""
+
+        def remove(ep: EndpointState) -> EndpointState:
+            ep.require_version(version)
+            if ep.weights.get(version, 0):
+                raise FailedPrecondition(
+                    f"{endpoint} {version} takes {ep.weights[version]}% of traffic; move its traffic first"
+                )
+            labels = sorted(k for k, v in ep.labels.items() if v == version)
+            if labels:
+                raise FailedPrecondition(
+                    f"{endpoint} {version} is the target of label {', '.join(labels)}; "
+                    "point the label elsewhere first"
+                )
+            return ep.with_(artifacts={v: a for v, a in ep.artifacts.items() if v != version})
+
+        result = self._change(
+            Intent(actor, "unload", endpoint, reason, dry_run, {"version": version}), remove
+        )
+        if not dry_run and result.changes:
+            self.registry.unload(endpoint, version)
+        return result
+
+    def apply(
+        self, actor: str, document: str, *, reason: str, dry_run: bool = False, source: str = ""
+    ) -> ChangeResult:
+        """Make the endpoints of a route file exactly as it says (declarative, like `kubectl apply`).
+
+        Endpoints the file does not mention are left alone. New versions are loaded from
+        their manifests before the switch; versions the file drops are unloaded after it.
+        """
+        config = parse_config(document, source=source or "applied route file")
+        self._check_reason(reason)
+        with self._lock:
+            current = self._state
+            loaded: list[Artifact] = []
+            updated = current
+            try:
+                for name, endpoint_config in config.endpoints.items():
+                    existing = current.endpoints.get(name)
+                    artifacts = {}
+                    for version in endpoint_config.versions:
+                        known = existing.artifacts.get(version) if existing else None
+                        fresh = self.registry.repository.from_manifest(name, version)
+                        if known and known.sha256 != fresh.sha256:
+                            raise FailedPrecondition(
+                                f"{name} {version} is loaded with sha256 {known.sha256[:12]}, "
+                                "but its manifest now "
+                                f"records {fresh.sha256[:12]}; versions are immutable, use a new version name"
+                            )
+                        artifacts[version] = known or fresh
+                        if not known and not dry_run and not self.registry.is_ready(name, version):
+                            self.registry.load(fresh, intra_op_threads=endpoint_config.intra_op_threads)
+                            loaded.append(fresh)
+                    updated = updated.replace_endpoint(endpoint_from_config(name, endpoint_config, artifacts))
+                intent = Intent(actor, "apply", ",".join(sorted(config.endpoints)), reason, dry_run)
+                result = self._commit(intent, current, updated)
+            except GatewayError:
+                for artifact in loaded:
+                    self.registry.unload(artifact.endpoint, artifact.version)
+                raise
+            if not dry_run:
+                for name in config.endpoints:
+                    before = current.endpoints.get(name)
+                    for version in before.versions if before else ():
+                        if version not in updated.endpoints[name].artifacts:
+                            self.registry.unload(name, version)
+        return result
+
+    # --- the one way a change happens -------------------------------------------------------
+
+    @staticmethod
+    def _check_reason(reason: str) -> None:
+        if not reason.strip():
+            raise InvalidInput("reason is required: say why (it goes into the audit log)", field="reason")
+
+    def _require_ready(self, endpoint: str, version: str) -> None:
+        try:
+            snapshot = self.registry.get(endpoint, version)
+        except NotFound:
+            raise FailedPrecondition(f"{endpoint} {version} is not loaded in this gateway") from None
+        if snapshot.state is not VersionState.READY:
+            detail = f" ({snapshot.error})" if snapshot.error else ""
+            raise FailedPrecondition(
+                f"{endpoint} {version} is {snapshot.state.value}, not ready; it cannot take traffic{detail}"
+            )
+
+    def _change(self, intent: Intent, change: Callable[[EndpointState], EndpointState]) -> ChangeResult:
+        self._check_reason(intent.reason)
+        with self._lock:
+            current = self._state
+            return self._commit(intent, current, current.update(intent.endpoint, change))
+
+    def _commit(self, intent: Intent, current: DesiredState, updated: DesiredState) -> ChangeResult:
+        updated.route_table(self._revision + 1)  # validates: raises InvalidInput naming the field
+        for name, ep in updated.endpoints.items():
+            before = current.endpoints.get(name)
+            for version, weight in ep.weights.items():
+                if weight > (before.weights.get(version, 0) if before else 0):
+                    self._require_ready(name, version)
+        changes = diff(current, updated)
+        draft = self._draft(intent, self._revision, changes)
+        if intent.dry_run:
+            entry = self.store.append_audit(draft)
+            return ChangeResult(self._revision, True, changes, entry.id, "dry run: nothing changed")
+        if not changes:
+            return ChangeResult(self._revision, False, [], 0, "no change: the routes are already like that")
+        revision, entry = self.store.commit(self._revision, updated.to_json(), draft)
+        self._install(revision.revision, updated)
+        log.info(
+            "revision %d: %s %s by %s (%s): %s",
+            revision.revision,
+            intent.action,
+            intent.endpoint,
+            intent.actor,
+            intent.reason,
+            "; ".join(c.render() for c in changes),
+        )
+        return ChangeResult(revision.revision, False, changes, entry.id)
+
+    def _draft(self, intent: Intent, revision: int, changes: list[Change]) -> AuditDraft:
+        return AuditDraft(
+            at=self._clock(),
+            actor=intent.actor,
+            action=intent.action,
+            endpoint=intent.endpoint,
+            reason=intent.reason,
+            dry_run=intent.dry_run,
+            revision_before=revision,
+            changes=[c.to_dict() for c in changes],
+            detail=intent.detail,
+        )

@@ -1,0 +1,95 @@
+"""pb2 <-> domain conversion for the Admin service."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from gateway.control import ChangeResult, VersionInfo
+from gateway.desired import DesiredState
+from gateway.pb.gateway.v1 import admin_pb2 as pb
+from gateway.state import AuditEntry
+
+
+def _json(value: Any) -> str:
+    return "" if value is None else json.dumps(value)
+
+
+def change_response(result: ChangeResult) -> pb.ChangeResponse:
+    """A change (or dry run) result."""
+    return pb.ChangeResponse(
+        revision=result.revision,
+        dry_run=result.dry_run,
+        changes=[
+            pb.Change(path=c.path, before=_json(c.before), after=_json(c.after)) for c in result.changes
+        ],
+        audit_id=result.audit_id,
+        message=result.message,
+    )
+
+
+def routes(revision: int, committed_at: float, state: DesiredState, endpoint: str = "") -> pb.Routes:
+    """Routes of every endpoint (or one) at a revision."""
+    names = [state.endpoint(endpoint).name] if endpoint else sorted(state.endpoints)
+    return pb.Routes(
+        revision=revision,
+        committed_at=committed_at,
+        endpoints=[
+            pb.EndpointRoutes(
+                name=name,
+                versions=list(state.endpoints[name].versions),
+                traffic=dict(state.endpoints[name].weights),
+                labels=dict(state.endpoints[name].labels),
+                max_batch_size=state.endpoints[name].max_batch_size,
+                nan_policy=state.endpoints[name].nan_policy,
+            )
+            for name in names
+        ],
+    )
+
+
+def versions(infos: Iterable[VersionInfo]) -> pb.ListVersionsResponse:
+    """Loaded versions."""
+    return pb.ListVersionsResponse(
+        versions=[
+            pb.VersionInfo(
+                endpoint=i.endpoint,
+                version=i.version,
+                state=i.state,
+                sha256=i.sha256,
+                path=i.path,
+                loaded_at=i.loaded_at,
+                load_seconds=i.load_seconds,
+                traffic=i.traffic,
+                labels=i.labels,
+                error=i.error,
+            )
+            for i in infos
+        ]
+    )
+
+
+def audit(entries: Iterable[AuditEntry]) -> pb.GetAuditResponse:
+    """Audit entries."""
+    return pb.GetAuditResponse(
+        entries=[
+            pb.AuditEntry(
+                id=e.id,
+                at=e.at,
+                actor=e.actor,
+                action=e.action,
+                endpoint=e.endpoint,
+                reason=e.reason,
+                dry_run=e.dry_run,
+                revision_before=e.revision_before,
+                revision_after=e.revision_after,
+                changes=[
+                    pb.Change(path=c["path"], before=_json(c["before"]), after=_json(c["after"]))
+                    for c in e.changes
+                ],
+                detail=json.dumps(e.detail),
+            )
+            for e in entries
+        ]
+    )

@@ -1,0 +1,185 @@
+"""`SqliteStore`: the embedded default store (WAL mode, synchronous=FULL).
+
+Revisions and the audit log are tables in one database file. Commits run in a `BEGIN
+IMMEDIATE` transaction that checks the newest revision (compare-and-swap), inserts the new
+revision and its audit entry, and commits once; triggers make the audit log append-only.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import Conflict, NotFound
+from gateway.state import AuditDraft, AuditEntry, Revision
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS revisions (
+    revision INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    document TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    dry_run INTEGER NOT NULL,
+    revision_before INTEGER NOT NULL,
+    revision_after INTEGER NOT NULL,
+    changes TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_endpoint ON audit (endpoint, id);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS revisions_no_update BEFORE UPDATE ON revisions
+BEGIN SELECT RAISE(ABORT, 'revisions are immutable'); END;
+"""
+
+_AUDIT_COLUMNS = (
+    "id, at, actor, action, endpoint, reason, dry_run, revision_before, revision_after, changes, detail"
+)
+
+
+def _entry(row: tuple[Any, ...]) -> AuditEntry:
+    return AuditEntry(
+        id=row[0],
+        at=row[1],
+        actor=row[2],
+        action=row[3],
+        endpoint=row[4],
+        reason=row[5],
+        dry_run=bool(row[6]),
+        revision_before=row[7],
+        revision_after=row[8],
+        changes=json.loads(row[9]),
+        detail=json.loads(row[10]),
+    )
+
+
+class SqliteStore:
+    """Desired-state revisions and the audit log in one SQLite file."""
+
+    def __init__(self, path: Path, *, url: str | None = None, synchronous: str = "FULL") -> None:
+        self.url = url or f"sqlite:///{path}"
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.executescript(_SCHEMA)
+
+    def latest(self) -> Revision | None:
+        """The newest revision, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT revision, at, document FROM revisions ORDER BY revision DESC LIMIT 1"
+            ).fetchone()
+        return Revision(*row) if row else None
+
+    def get_revision(self, revision: int) -> Revision:
+        """One revision."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT revision, at, document FROM revisions WHERE revision = ?", (revision,)
+            ).fetchone()
+        if row is None:
+            newest = self.latest()
+            raise NotFound(
+                f"no revision {revision}; revisions run from 1 to {newest.revision if newest else 0}"
+            )
+        return Revision(*row)
+
+    def revisions(self, limit: int = 50) -> list[Revision]:
+        """Newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT revision, at, document FROM revisions ORDER BY revision DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [Revision(*row) for row in rows]
+
+    def _insert_audit(self, audit: AuditDraft, revision_after: int) -> AuditEntry:
+        cursor = self._db.execute(
+            "INSERT INTO audit (at, actor, action, endpoint, reason, dry_run, revision_before, "
+            "revision_after, changes, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                audit.at,
+                audit.actor,
+                audit.action,
+                audit.endpoint,
+                audit.reason,
+                int(audit.dry_run),
+                audit.revision_before,
+                revision_after,
+                json.dumps(list(audit.changes)),
+                json.dumps(audit.detail),
+            ),
+        )
+        return AuditEntry(
+            id=int(cursor.lastrowid or 0),
+            at=audit.at,
+            actor=audit.actor,
+            action=audit.action,
+            endpoint=audit.endpoint,
+            reason=audit.reason,
+            dry_run=audit.dry_run,
+            revision_before=audit.revision_before,
+            revision_after=revision_after,
+            changes=list(audit.changes),
+            detail=dict(audit.detail),
+        )
+
+    def commit(self, expected_revision: int, document: str, audit: AuditDraft) -> tuple[Revision, AuditEntry]:
+        """Compare-and-swap the next revision and its audit entry in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                (newest,) = self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions").fetchone()
+                if newest != expected_revision:
+                    raise Conflict(
+                        f"the routes changed meanwhile (revision {newest}, expected {expected_revision}); "
+                        "look at the new routes and retry"
+                    )
+                revision = Revision(newest + 1, audit.at, document)
+                self._db.execute(
+                    "INSERT INTO revisions (revision, at, document) VALUES (?, ?, ?)",
+                    (revision.revision, revision.at, revision.document),
+                )
+                entry = self._insert_audit(audit, revision.revision)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return revision, entry
+
+    def append_audit(self, audit: AuditDraft) -> AuditEntry:
+        """An entry that changes no state."""
+        with self._lock:
+            return self._insert_audit(audit, audit.revision_before)
+
+    def audit(self, endpoint: str | None = None, limit: int = 100) -> list[AuditEntry]:
+        """Newest first."""
+        query = f"SELECT {_AUDIT_COLUMNS} FROM audit"
+        params: tuple[Any, ...] = ()
+        if endpoint:
+            query += " WHERE endpoint = ?"
+            params = (endpoint,)
+        query += " ORDER BY id DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(query, (*params, limit)).fetchall()
+        return [_entry(row) for row in rows]
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
