@@ -337,7 +337,11 @@ class ControlPlane:
             )
         artifact = self.registry.repository.at_path(endpoint, version, path, sha256)
         if not dry_run:
-            self.registry.load(artifact, intra_op_threads=current.intra_op_threads)
+            try:
+                self.registry.load(artifact, intra_op_threads=current.intra_op_threads)
+            except GatewayError:
+                self.registry.unload(endpoint, version)  # a refused artifact is not registered
+                raise
 
         def add(ep: EndpointState) -> EndpointState:
             if version in ep.artifacts:
@@ -393,6 +397,7 @@ class ControlPlane:
         with self._lock:
             current = self._state
             loaded: list[Artifact] = []
+            to_load: set[tuple[str, str]] = set()  # on a dry run: versions the real apply would load
             updated = current
             try:
                 for name, endpoint_config in config.endpoints.items():
@@ -408,12 +413,15 @@ class ControlPlane:
                                 f"records {fresh.sha256[:12]}; versions are immutable, use a new version name"
                             )
                         artifacts[version] = known or fresh
-                        if not known and not dry_run and not self.registry.is_ready(name, version):
-                            self.registry.load(fresh, intra_op_threads=endpoint_config.intra_op_threads)
-                            loaded.append(fresh)
+                        if not known and not self.registry.is_ready(name, version):
+                            if dry_run:
+                                to_load.add((name, version))
+                            else:
+                                self.registry.load(fresh, intra_op_threads=endpoint_config.intra_op_threads)
+                                loaded.append(fresh)
                     updated = updated.replace_endpoint(endpoint_from_config(name, endpoint_config, artifacts))
                 intent = Intent(actor, "apply", ",".join(sorted(config.endpoints)), reason, dry_run)
-                result = self._commit(intent, current, updated)
+                result = self._commit(intent, current, updated, assume_ready=to_load)
             except GatewayError:
                 for artifact in loaded:
                     self.registry.unload(artifact.endpoint, artifact.version)
@@ -450,12 +458,20 @@ class ControlPlane:
             current = self._state
             return self._commit(intent, current, current.update(intent.endpoint, change))
 
-    def _commit(self, intent: Intent, current: DesiredState, updated: DesiredState) -> ChangeResult:
+    def _commit(
+        self,
+        intent: Intent,
+        current: DesiredState,
+        updated: DesiredState,
+        *,
+        assume_ready: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset(),
+    ) -> ChangeResult:
         updated.route_table(self._revision + 1)  # validates: raises InvalidInput naming the field
         for name, ep in updated.endpoints.items():
             before = current.endpoints.get(name)
             for version, weight in ep.weights.items():
-                if weight > (before.weights.get(version, 0) if before else 0):
+                gains = weight > (before.weights.get(version, 0) if before else 0)
+                if gains and (name, version) not in assume_ready:
                     self._require_ready(name, version)
         changes = diff(current, updated)
         draft = self._draft(intent, self._revision, changes)

@@ -236,7 +236,10 @@ def _audit(client: AdminClient, args: argparse.Namespace) -> None:
             if e.revision_after != e.revision_before
             else str(e.revision_before)
         )
-        changes = "; ".join(f"{c.path}: {c.before or '(none)'} -> {c.after or '(none)'}" for c in e.changes)
+        shown = e.changes[:3]
+        changes = "; ".join(f"{c.path}: {c.before or '(none)'} -> {c.after or '(none)'}" for c in shown)
+        if len(e.changes) > 3:
+            changes += f"; ... {len(e.changes) - 3} more (--json shows all)"
         rows.append(
             [
                 e.id,
