@@ -1,0 +1,159 @@
+"""`gateway admin ...` against a real gateway process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import DEMO_CONFIG, ONCALL_TOKEN, ROOT
+
+GATEWAY = [sys.executable, "-m", "gateway.cli"]
+ROW = json.dumps([0.1] * 32)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    store = tmp_path_factory.mktemp("admin-cli") / "gateway.db"
+    process = subprocess.Popen(
+        [
+            *GATEWAY,
+            "serve",
+            "--config",
+            str(DEMO_CONFIG),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--store",
+            f"sqlite:///{store}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "GATEWAY_ADMIN_TOKENS": f"oncall={ONCALL_TOKEN}"},
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = re.search(r"inference on (\S+), admin on (\S+) ", line)
+    assert match, line
+    yield {
+        "GATEWAY_ADMIN_TARGET": match.group(2),
+        "GATEWAY_ADMIN_TOKEN": ONCALL_TOKEN,
+        "INFERENCE": match.group(1),
+    }
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=15) == 0
+
+
+def gateway(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*GATEWAY, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+        env={**os.environ, **env},
+    )
+
+
+def test_routes_and_versions_tables(served: dict[str, str]) -> None:
+    routes = gateway(served, "admin", "routes")
+    assert routes.returncode == 0, routes.stderr
+    assert re.search(r"ctr-ranker\s+1\.12\s+90%\s+stable", routes.stdout)
+    assert re.search(r"ctr-ranker\s+1\.14\s+0%", routes.stdout)
+    versions = gateway(served, "admin", "versions", "ctr-ranker", "--json")
+    body = json.loads(versions.stdout)
+    assert {v["version"]: v["state"] for v in body} == {"1.12": "ready", "1.13": "ready", "1.14": "ready"}
+
+
+def test_the_2am_rollback(served: dict[str, str]) -> None:
+    ramp = gateway(served, "admin", "set-traffic", "ctr-ranker", "1.12=75", "1.13=25", "--reason", "ramp")
+    assert ramp.returncode == 0, ramp.stderr
+    assert "ctr-ranker traffic 1.13: 10 -> 25" in ramp.stdout
+    rollback = gateway(served, "admin", "rollback", "ctr-ranker", "--reason", "CTR drop", "--json")
+    assert rollback.returncode == 0, rollback.stderr
+    change = json.loads(rollback.stdout)
+    assert change["dry_run"] is False and change["revision"] >= 3
+    assert {"path": "ctr-ranker traffic 1.12", "before": 75, "after": 100} in change["changes"]
+    # The very next request is served by stable, whatever its key.
+    for key in ("a", "b", "c", "d", "e"):
+        served_by = gateway(
+            served,
+            "predict",
+            "ctr-ranker",
+            "--features",
+            ROW,
+            "--routing-key",
+            key,
+            "--target",
+            served["INFERENCE"],
+            "--json",
+        )
+        assert json.loads(served_by.stdout)["version"] == "1.12"
+    audit = gateway(served, "admin", "audit", "ctr-ranker", "--json")
+    newest = json.loads(audit.stdout)[0]
+    assert (newest["actor"], newest["action"], newest["reason"]) == ("oncall", "rollback", "CTR drop")
+
+
+def test_dry_run_and_label(served: dict[str, str]) -> None:
+    dry = gateway(served, "admin", "switch", "ctr-ranker", "1.14", "--reason", "try", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.startswith("dry run against revision")
+    label = gateway(served, "admin", "label", "ctr-ranker", "shadowy", "1.14", "--reason", "tag")
+    assert label.returncode == 0 and 'label shadowy: (none) -> "1.14"' in label.stdout
+    missing = gateway(served, "admin", "label", "ctr-ranker", "shadowy", "--reason", "x")
+    assert missing.returncode == 2 and "--remove" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("set-traffic", "ctr-ranker", "1.12=80", "--reason", "x"),
+            "INVALID_ARGUMENT: endpoints.ctr-ranker.traffic: weights sum to 80",
+        ),
+        (("set-traffic", "ctr-ranker", "1.12:80", "--reason", "x"), "'1.12:80' is not VERSION=WEIGHT"),
+        (("unload", "ctr-ranker", "1.12", "--reason", "x"), "FAILED_PRECONDITION: ctr-ranker 1.12 takes"),
+        (("rollback", "nope", "--reason", "x"), "NOT_FOUND: no endpoint 'nope'"),
+    ],
+)
+def test_errors_are_one_line_and_nonzero(served: dict[str, str], args: tuple[str, ...], message: str) -> None:
+    result = gateway(served, "admin", *args)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_bad_token(served: dict[str, str]) -> None:
+    result = gateway({**served, "GATEWAY_ADMIN_TOKEN": "wrong-wrong-wrong"}, "admin", "routes")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: PERMISSION_DENIED: the admin token is not valid"
+    flag = gateway({**served, "GATEWAY_ADMIN_TOKEN": ""}, "admin", "--token", ONCALL_TOKEN, "routes")
+    assert flag.returncode == 0
+
+
+def test_reason_is_required_by_the_cli(served: dict[str, str]) -> None:
+    result = gateway(served, "admin", "rollback", "ctr-ranker")
+    assert result.returncode == 2 and "--reason" in result.stderr
+
+
+def test_apply_file(served: dict[str, str], tmp_path: Path) -> None:
+    document = (
+        (ROOT / "models" / "gateway.yaml")
+        .read_text()
+        .replace('{"1.12": 90, "1.13": 10}', '{"1.12": 60, "1.13": 40}')
+    )
+    path = tmp_path / "routes.yaml"
+    path.write_text(document)
+    result = gateway(served, "admin", "apply", "-f", str(path), "--reason", "declarative 60/40")
+    assert result.returncode == 0, result.stderr
+    assert "ctr-ranker traffic 1.13: " in result.stdout and "-> 40" in result.stdout
