@@ -11,9 +11,9 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks import serving
+from benchmarks import control, serving
 
-SUITES = {"serving": serving}
+SUITES = {"serving": serving, "control": control}
 
 
 def main() -> None:

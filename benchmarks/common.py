@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ class Server:
     name: str
     process: subprocess.Popen[str]
     target: str
+    ready_line: str = ""
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -49,7 +51,7 @@ def start(name: str, command: list[str], ready: str, env: dict[str, str] | None 
     for line in process.stdout:
         match = re.search(ready, line)
         if match:
-            return Server(name, process, f"127.0.0.1:{match.group(1)}")
+            return Server(name, process, f"127.0.0.1:{match.group(1)}", line)
     raise RuntimeError(f"{name} exited before it was ready (code {process.wait()})")
 
 
@@ -67,7 +69,10 @@ def start_gateway(
             "serve",
             "--listen",
             "127.0.0.1:0",
-            *(extra or []),
+            *(
+                extra
+                or ["--admin-listen", "127.0.0.1:0", "--store", f"sqlite:///{tempfile.mkdtemp()}/state.db"]
+            ),
         ],
         r"inference on 127\.0\.0\.1:(\d+)",
         env,

@@ -25,7 +25,7 @@ from gateway.desired import Change, DesiredState, EndpointState, diff, endpoint_
 from gateway.errors import FailedPrecondition, GatewayError, InvalidInput, NotFound
 from gateway.registry import ModelRegistry, VersionState
 from gateway.repository import Artifact
-from gateway.routing import CANARY, STABLE, VERSION_NAME, Router
+from gateway.routing import CANARY, STABLE, VERSION_NAME, Router, RouteTable
 from gateway.state import AuditDraft, AuditEntry, Revision, StateStore
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,9 @@ class ControlPlane:
                     "%s %s failed to load and takes no traffic: %s", endpoint.name, artifact.version, err
                 )
 
-    def _install(self, revision: int, state: DesiredState) -> None:
-        table = state.route_table(revision)
+    def _install(self, revision: int, state: DesiredState, table: RouteTable | None = None) -> None:
+        if table is None or table.revision != revision:
+            table = state.route_table(revision)
         self._state, self._revision = state, revision
         self.router.swap(table)
         for listener in self._listeners:
@@ -466,7 +467,7 @@ class ControlPlane:
         *,
         assume_ready: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset(),
     ) -> ChangeResult:
-        updated.route_table(self._revision + 1)  # validates: raises InvalidInput naming the field
+        table = updated.route_table(self._revision + 1)  # validates: raises InvalidInput naming the field
         for name, ep in updated.endpoints.items():
             before = current.endpoints.get(name)
             for version, weight in ep.weights.items():
@@ -481,7 +482,7 @@ class ControlPlane:
         if not changes:
             return ChangeResult(self._revision, False, [], 0, "no change: the routes are already like that")
         revision, entry = self.store.commit(self._revision, updated.to_json(), draft)
-        self._install(revision.revision, updated)
+        self._install(revision.revision, updated, table)
         log.info(
             "revision %d: %s %s by %s (%s): %s",
             revision.revision,

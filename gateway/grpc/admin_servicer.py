@@ -1,8 +1,12 @@
-"""`gateway.v1.Admin`: authenticated (by the guard), converts, calls the control plane off the loop."""
+"""`gateway.v1.Admin`: authenticated (by the guard), converts, calls the control plane.
+
+The admin listener is a thread-pool gRPC server, apart from the inference event loop: store
+I/O (fsync) and model loading block only an admin worker thread, never the loop that serves
+predictions, and no call pays an executor hand-off.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, TypeAlias
 
 import grpc
@@ -14,49 +18,43 @@ from gateway.grpc.errors import ACTOR
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
 
-Context: TypeAlias = grpc.aio.ServicerContext
+Context: TypeAlias = grpc.ServicerContext
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    """Admin RPCs; each runs its control-plane call in a worker thread.
-
-    Store I/O and model loading must not hold up the event loop that also serves predictions.
-    """
+    """Admin RPCs, run in the admin server's worker threads."""
 
     def __init__(self, control: ControlPlane) -> None:
         self._control = control
 
-    async def _call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(function, *args, **kwargs)
+    @staticmethod
+    def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
 
-    async def GetRoutes(self, request: pb.GetRoutesRequest, context: Context) -> pb.Routes:
+    def GetRoutes(self, request: pb.GetRoutesRequest, context: Context) -> pb.Routes:
         control = self._control
         if request.revision and request.revision != control.revision:
-            stored = await self._call(control.store.get_revision, request.revision)
+            stored = self._call(control.store.get_revision, request.revision)
             return convert.routes(
                 stored.revision, stored.at, DesiredState.from_json(stored.document), request.endpoint
             )
         revision, state = control.revision, control.state
-        stored = await self._call(control.store.get_revision, revision)
+        stored = self._call(control.store.get_revision, revision)
         return convert.routes(revision, stored.at, state, request.endpoint)
 
-    async def ListRevisions(
-        self, request: pb.ListRevisionsRequest, context: Context
-    ) -> pb.ListRevisionsResponse:
-        revisions = await self._call(self._control.revisions, request.limit or 20)
+    def ListRevisions(self, request: pb.ListRevisionsRequest, context: Context) -> pb.ListRevisionsResponse:
+        revisions = self._call(self._control.revisions, request.limit or 20)
         return pb.ListRevisionsResponse(
             revisions=[
                 convert.routes(r.revision, r.at, DesiredState.from_json(r.document)) for r in revisions
             ]
         )
 
-    async def ListVersions(
-        self, request: pb.ListVersionsRequest, context: Context
-    ) -> pb.ListVersionsResponse:
+    def ListVersions(self, request: pb.ListVersionsRequest, context: Context) -> pb.ListVersionsResponse:
         return convert.versions(self._control.versions(request.endpoint))
 
-    async def LoadVersion(self, request: pb.LoadVersionRequest, context: Context) -> pb.ChangeResponse:
-        result = await self._call(
+    def LoadVersion(self, request: pb.LoadVersionRequest, context: Context) -> pb.ChangeResponse:
+        result = self._call(
             self._control.load_version,
             ACTOR.get(),
             request.endpoint,
@@ -68,8 +66,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         )
         return convert.change_response(result)
 
-    async def UnloadVersion(self, request: pb.UnloadVersionRequest, context: Context) -> pb.ChangeResponse:
-        result = await self._call(
+    def UnloadVersion(self, request: pb.UnloadVersionRequest, context: Context) -> pb.ChangeResponse:
+        result = self._call(
             self._control.unload_version,
             ACTOR.get(),
             request.endpoint,
@@ -79,8 +77,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         )
         return convert.change_response(result)
 
-    async def SetTraffic(self, request: pb.SetTrafficRequest, context: Context) -> pb.ChangeResponse:
-        result = await self._call(
+    def SetTraffic(self, request: pb.SetTrafficRequest, context: Context) -> pb.ChangeResponse:
+        result = self._call(
             self._control.set_traffic,
             ACTOR.get(),
             request.endpoint,
@@ -90,8 +88,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         )
         return convert.change_response(result)
 
-    async def SetLabel(self, request: pb.SetLabelRequest, context: Context) -> pb.ChangeResponse:
-        result = await self._call(
+    def SetLabel(self, request: pb.SetLabelRequest, context: Context) -> pb.ChangeResponse:
+        result = self._call(
             self._control.set_label,
             ACTOR.get(),
             request.endpoint,
@@ -102,8 +100,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         )
         return convert.change_response(result)
 
-    async def Promote(self, request: pb.PromoteRequest, context: Context) -> pb.ChangeResponse:
-        result = await self._call(
+    def Promote(self, request: pb.PromoteRequest, context: Context) -> pb.ChangeResponse:
+        result = self._call(
             self._control.promote,
             ACTOR.get(),
             request.endpoint,
@@ -112,8 +110,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         )
         return convert.change_response(result)
 
-    async def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.ChangeResponse:
-        result = await self._call(
+    def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.ChangeResponse:
+        result = self._call(
             self._control.rollback,
             ACTOR.get(),
             request.endpoint,
@@ -124,8 +122,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         )
         return convert.change_response(result)
 
-    async def Switch(self, request: pb.SwitchRequest, context: Context) -> pb.ChangeResponse:
-        result = await self._call(
+    def Switch(self, request: pb.SwitchRequest, context: Context) -> pb.ChangeResponse:
+        result = self._call(
             self._control.switch,
             ACTOR.get(),
             request.endpoint,
@@ -135,8 +133,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         )
         return convert.change_response(result)
 
-    async def Apply(self, request: pb.ApplyRequest, context: Context) -> pb.ChangeResponse:
-        result = await self._call(
+    def Apply(self, request: pb.ApplyRequest, context: Context) -> pb.ChangeResponse:
+        result = self._call(
             self._control.apply,
             ACTOR.get(),
             request.document,
@@ -146,6 +144,6 @@ class AdminServicer(pb_grpc.AdminServicer):
         )
         return convert.change_response(result)
 
-    async def GetAudit(self, request: pb.GetAuditRequest, context: Context) -> pb.GetAuditResponse:
-        entries = await self._call(self._control.audit, request.endpoint, request.limit or 100)
+    def GetAudit(self, request: pb.GetAuditRequest, context: Context) -> pb.GetAuditResponse:
+        entries = self._call(self._control.audit, request.endpoint, request.limit or 100)
         return convert.audit(entries)

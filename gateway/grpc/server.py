@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
@@ -87,10 +88,10 @@ async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServ
     return InferenceServer(server, port, health)
 
 
-def bearer_authenticator(tokens: AdminTokens) -> Callable[[grpc.aio.ServicerContext], str]:
+def bearer_authenticator(tokens: AdminTokens) -> Callable[[grpc.ServicerContext], str]:
     """Reads `authorization` metadata and returns the caller's name (raises on bad credentials)."""
 
-    def authenticate(context: grpc.aio.ServicerContext) -> str:
+    def authenticate(context: grpc.ServicerContext) -> str:
         authorization = None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
@@ -102,23 +103,34 @@ def bearer_authenticator(tokens: AdminTokens) -> Callable[[grpc.aio.ServicerCont
 
 @dataclass
 class AdminServer:
-    """A started admin listener."""
+    """A started admin listener (a thread-pool server, apart from the inference event loop)."""
 
-    server: grpc.aio.Server
+    server: grpc.Server
     port: int
 
     async def stop(self, grace: float = 5.0) -> None:
         """Finish in-flight admin calls for up to `grace` seconds."""
-        await self.server.stop(grace)
+        await asyncio.to_thread(lambda: self.server.stop(grace).wait())
+
+
+ADMIN_WORKERS = 4
 
 
 async def start_admin_server(gateway: Gateway, listen: str, tokens: AdminTokens) -> AdminServer:
-    """Build and start the admin listener; every RPC is authenticated with a bearer token."""
-    server = grpc.aio.server(options=server_options(gateway.limits.max_message_bytes))
+    """Build and start the admin listener; every RPC is authenticated with a bearer token.
+
+    Admin calls run in their own worker threads: a commit's fsync or a model load never
+    blocks the event loop that serves predictions.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="admin"),
+        options=server_options(gateway.limits.max_message_bytes),
+    )
+    servicer = AdminServicer(gateway.control)
     admin_pb2_grpc.add_AdminServicer_to_server(
-        guard_servicer(AdminServicer(gateway.control), ADMIN, bearer_authenticator(tokens)), server
+        guard_servicer(servicer, ADMIN, bearer_authenticator(tokens), threaded=True), server
     )
     reflection.enable_server_reflection([ADMIN.full_name, reflection.SERVICE_NAME], server)
     port = bind(server, listen)
-    await server.start()
+    server.start()
     return AdminServer(server, port)
