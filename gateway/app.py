@@ -8,12 +8,13 @@ from pathlib import Path
 
 from gateway.config import GatewayConfig, load_config
 from gateway.control import ControlPlane
-from gateway.desired import desired_from_config
+from gateway.desired import DesiredState, desired_from_config
 from gateway.inference import InferenceService
-from gateway.registry import ModelRegistry
+from gateway.registry import ModelRegistry, ModelVersion, VersionState
 from gateway.repository import ModelRepository
 from gateway.routing import Router, RouteTable
 from gateway.state import StateStore
+from gateway.telemetry.metrics import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +40,52 @@ class Gateway:
         *,
         limits: ServerLimits | None = None,
         config_source: str = "route file",
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
         self.config_source = config_source
         self.store = store
         self.limits = limits or ServerLimits()
+        self._owns_telemetry = telemetry is None
+        self.telemetry = telemetry or Telemetry()
         self.repository = ModelRepository(config.model_root)
         self.registry = ModelRegistry(self.repository)
         self.router = Router(RouteTable(0, {}))
-        self.inference = InferenceService(self.registry, self.router)
+        self.inference = InferenceService(self.registry, self.router, self.telemetry)
         self.control = ControlPlane(store, self.registry, self.router)
+        self._observe()
+
+    def _observe(self) -> None:
+        """Feed lifecycle events to telemetry: loads, route revisions, admin changes."""
+        telemetry = self.telemetry
+
+        def loaded(snapshot: ModelVersion) -> None:
+            if snapshot.state is VersionState.READY:
+                telemetry.model_loaded(snapshot.endpoint, snapshot.version, snapshot.load_seconds)
+
+        def routed(revision: int, state: DesiredState) -> None:
+            table = self.router.table
+            telemetry.routes_changed(
+                revision,
+                [
+                    (name, version, table.endpoint(name).arm_of(version), endpoint.weights.get(version, 0))
+                    for name, endpoint in state.endpoints.items()
+                    for version in endpoint.versions
+                ],
+            )
+
+        self.registry.on_change(loaded)
+        self.control.on_change(routed)
+        self.control.on_commit(
+            lambda intent, _revision: telemetry.admin_change(intent.endpoint, intent.action, intent.trigger)
+        )
 
     @classmethod
-    def from_file(cls, path: Path, store: StateStore, *, limits: ServerLimits | None = None) -> Gateway:
+    def from_file(
+        cls, path: Path, store: StateStore, *, limits: ServerLimits | None = None, telemetry: Telemetry | None = None
+    ) -> Gateway:
         """Build from a route file (validated; raises ConfigError naming the field)."""
-        return cls(load_config(path), store, limits=limits, config_source=str(path))
+        return cls(load_config(path), store, limits=limits, config_source=str(path), telemetry=telemetry)
 
     def start(self) -> int:
         """Restore (or seed) the desired state and load every version. Blocking; returns the revision."""
@@ -63,5 +95,7 @@ class Gateway:
         return revision.revision
 
     def close(self) -> None:
-        """Release the store."""
+        """Release the store (and the telemetry, when this gateway made it)."""
         self.store.close()
+        if self._owns_telemetry:
+            self.telemetry.shutdown()

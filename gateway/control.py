@@ -70,9 +70,12 @@ class Intent:
     reason: str
     dry_run: bool = False
     detail: dict[str, Any] = field(default_factory=dict)
+    #: What asked: `manual` (an operator or pipeline), `guardrail`, `rollout`, `system`.
+    trigger: str = "manual"
 
 
 Listener = Callable[[int, DesiredState], None]
+CommitListener = Callable[[Intent, int], None]
 
 
 class ControlPlane:
@@ -94,12 +97,17 @@ class ControlPlane:
         self._state = DesiredState({})
         self._revision = 0
         self._listeners: list[Listener] = []
+        self._commit_listeners: list[CommitListener] = []
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def on_change(self, listener: Listener) -> None:
         """Call `listener(revision, state)` after every committed change (and at start)."""
         self._listeners.append(listener)
+
+    def on_commit(self, listener: CommitListener) -> None:
+        """Call `listener(intent, revision)` after every committed change (not dry runs, not no-ops)."""
+        self._commit_listeners.append(listener)
 
     def start(self, seed: Callable[[], DesiredState], *, seed_source: str) -> Revision:
         """Restore the newest committed revision, or seed an empty store; then load every version.
@@ -483,6 +491,8 @@ class ControlPlane:
             return ChangeResult(self._revision, False, [], 0, "no change: the routes are already like that")
         revision, entry = self.store.commit(self._revision, updated.to_json(), draft)
         self._install(revision.revision, updated, table)
+        for listener in self._commit_listeners:
+            listener(intent, revision.revision)
         log.info(
             "revision %d: %s %s by %s (%s): %s",
             revision.revision,

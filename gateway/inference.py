@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -17,9 +18,13 @@ from typing import NamedTuple
 import numpy as np
 
 from gateway import __version__
-from gateway.errors import InvalidInput, NotFound, TooLarge
+from gateway.errors import GatewayError, InvalidInput, NotFound, TooLarge
 from gateway.registry import ModelRegistry
 from gateway.routing import EndpointRoutes, ModelRef, RouteDecision, Router, RouteTable, RoutingReason
+from gateway.runtime import OnnxModel
+from gateway.telemetry.metrics import Telemetry
+from gateway.telemetry.tracing import SpanRecord
+from gateway.telemetry.windows import SeriesKey
 from gateway.tensors import DataType, TensorSpec
 
 PLATFORM = "onnxruntime_onnx"
@@ -128,6 +133,28 @@ def _explain_mismatch(
     raise InvalidInput(f"{where} has shape {list(array.shape)}; expected {spec.wire_shape} (-1 is any size)")
 
 
+def _rows_and_nans(model: OnnxModel, inputs: Mapping[str, np.ndarray]) -> tuple[int, list[int] | None, int]:
+    """Batch rows, and NaN counts per feature when any float input holds a NaN (else None)."""
+    rows = 0
+    nan: list[int] | None = None
+    offset = 0
+    for name, width in model.float_inputs:
+        array = inputs[name]
+        rows = rows or (array.shape[0] if array.ndim else 1)
+        mask = np.isnan(array)
+        if mask.any():
+            if nan is None:
+                nan = [0] * model.feature_count
+            per_feature = mask.reshape(mask.shape[0], -1).sum(axis=0) if mask.ndim > 1 else [int(mask.sum())]
+            for i, count in enumerate(per_feature):
+                nan[offset + i] += int(count)
+        offset += width
+    if not rows and inputs:
+        first = next(iter(inputs.values()))
+        rows = first.shape[0] if first.ndim else 1
+    return rows, nan, model.feature_count
+
+
 def _datatype_name(array: np.ndarray) -> str:
     try:
         return DataType.of(array.dtype).value
@@ -153,33 +180,58 @@ def _route(table: RouteTable, request: InferRequest) -> tuple[EndpointRoutes, Ro
 class InferenceService:
     """Serves predictions: routing, input checks, model run. Shared by every transport."""
 
-    def __init__(self, registry: ModelRegistry, router: Router) -> None:
+    def __init__(self, registry: ModelRegistry, router: Router, telemetry: Telemetry | None = None) -> None:
         self._registry = registry
         self._router = router
+        self._telemetry = telemetry or Telemetry()
         # Request ids: 16 hex digits random per process + a 16-digit counter. No syscall per
         # request (os.urandom after a GIL-releasing model run costs several microseconds).
+        self._series_keys: dict[tuple[str, str, bool], SeriesKey] = {}
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = itertools.count()
 
-    def infer(self, request: InferRequest) -> InferResult:
-        """Route and run one request."""
+    def infer(self, request: InferRequest, span: SpanRecord | None = None) -> InferResult:
+        """Route and run one request; every routed request is measured, failed or not."""
+        started = time.perf_counter()
         table = self._router.table
         routes, decision = _route(table, request)
-        model = self._registry.runnable(routes.name, decision.version)
-        _check_inputs(routes, decision, model.inputs, request.inputs)
-        wanted = request.output_names
-        if wanted:
-            for name in wanted:
-                if name not in model.output_names:
-                    raise InvalidInput(
-                        f"{routes.name} {decision.version} has no output {name!r}; "
-                        f"outputs: {', '.join(model.output_names)}"
-                    )
-        else:
-            wanted = model.output_names
-        arrays = model.run(request.inputs, wanted)
+        request_id = request.request_id or self._new_request_id()
+        if span is not None:
+            span.attributes.update(
+                {
+                    "gateway.endpoint": routes.name,
+                    "gateway.version": decision.version,
+                    "gateway.arm": decision.arm,
+                    "gateway.routing": decision.reason.value,
+                    "gateway.route_revision": table.revision,
+                    "gateway.request_id": request_id,
+                }
+            )
+        rows, nan, features = 0, None, 0
+        try:
+            model = self._registry.runnable(routes.name, decision.version)
+            _check_inputs(routes, decision, model.inputs, request.inputs)
+            rows, nan, features = _rows_and_nans(model, request.inputs)
+            wanted = request.output_names
+            if wanted:
+                for name in wanted:
+                    if name not in model.output_names:
+                        raise InvalidInput(
+                            f"{routes.name} {decision.version} has no output {name!r}; "
+                            f"outputs: {', '.join(model.output_names)}"
+                        )
+            else:
+                wanted = model.output_names
+            arrays = model.run(request.inputs, wanted)
+        except GatewayError as err:
+            self._measure(routes, decision, err.code.name, started, rows, nan, features, span)
+            raise
+        except Exception:
+            self._measure(routes, decision, "INTERNAL", started, rows, nan, features, span)
+            raise
+        self._measure(routes, decision, "OK", started, rows, nan, features, span)
         return InferResult(
-            request_id=request.request_id or self._new_request_id(),
+            request_id=request_id,
             endpoint=routes.name,
             version=decision.version,
             arm=decision.arm,
@@ -187,6 +239,37 @@ class InferenceService:
             route_revision=table.revision,
             outputs=dict(zip(wanted, arrays, strict=True)),
         )
+
+    def _measure(  # noqa: PLR0917 - per request: positional is cheaper
+        self,
+        routes: EndpointRoutes,
+        decision: RouteDecision,
+        code: str,
+        started: float,
+        rows: int,
+        nan: list[int] | None,
+        features: int,
+        span: SpanRecord | None,
+    ) -> None:
+        pinned = decision.reason is RoutingReason.PINNED or decision.reason is RoutingReason.LABEL
+        self._telemetry.record(
+            self._series(routes.name, decision.version, pinned),
+            decision.arm,
+            code,
+            time.perf_counter() - started,
+            rows,
+            nan,
+            features,
+        )
+        if span is not None:
+            span.attributes["gateway.batch_size"] = rows
+
+    def _series(self, endpoint: str, version: str, pinned: bool) -> SeriesKey:
+        key = (endpoint, version, pinned)
+        series = self._series_keys.get(key)
+        if series is None:
+            series = self._series_keys.setdefault(key, SeriesKey(endpoint, version, pinned))
+        return series
 
     def _new_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._id_counter):016x}"

@@ -227,6 +227,10 @@ class EndpointRoutes:
             return self.by_label(ref.label)
         return self.choose(routing_key)
 
+    def arm_of(self, version: str) -> str:
+        """The arm name a version's weighted traffic is counted under."""
+        return _arm_name(version, self.labels)
+
     def traffic_share(self, version: str) -> int:
         """Percent of weighted traffic a version takes."""
         return self.weights.get(version, 0)

@@ -43,6 +43,13 @@ def _spec(arg: ort.NodeArg, *, source: str) -> TensorSpec:
     return TensorSpec(arg.name, datatype, shape)
 
 
+def _row_width(shape: tuple[int | None, ...]) -> int:
+    width = 1
+    for dim in shape[1:]:
+        width *= dim or 1
+    return width
+
+
 class OnnxModel:
     """An onnxruntime session over one immutable model (its verified bytes), plus its IO signature.
 
@@ -71,6 +78,11 @@ class OnnxModel:
             _spec(a, source=source) for a in self._session.get_outputs()
         )
         self.output_names: tuple[str, ...] = tuple(o.name for o in self.outputs)
+        # Float inputs and how many features each row carries (for NaN counts per feature).
+        self.float_inputs: tuple[tuple[str, int], ...] = tuple(
+            (spec.name, _row_width(spec.shape)) for spec in self.inputs if spec.datatype.numpy.kind == "f"
+        )
+        self.feature_count = sum(width for _, width in self.float_inputs)
         self._run = self._session.run
 
     def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] = ()) -> list[np.ndarray]:

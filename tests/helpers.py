@@ -20,6 +20,7 @@ from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
 from gateway.state.sqlite import SqliteStore
+from gateway.telemetry.metrics import Telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -96,6 +97,7 @@ def running_gateway(
     max_message_bytes: int = 4 * 1024 * 1024,
     store_path: Path | None = None,
     model_root: Path | None = None,
+    telemetry: Telemetry | None = None,
 ) -> Iterator[RunningGateway]:
     """Start a real gateway (SQLite store, models loaded, gRPC on 127.0.0.1:0) and stop it afterwards."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -103,7 +105,7 @@ def running_gateway(
         if model_root is not None:
             config = config.model_copy(update={"model_root": model_root})
         store = SqliteStore(store_path or Path(scratch) / "gateway.db")
-        gateway = Gateway(config, store, limits=ServerLimits(max_message_bytes))
+        gateway = Gateway(config, store, limits=ServerLimits(max_message_bytes), telemetry=telemetry)
         gateway.start()
         loop = LoopThread()
         server = loop.run(start_inference_server(gateway, "127.0.0.1:0"))

@@ -14,6 +14,8 @@ from gateway.auth import ENV_TOKENS, AdminTokens
 from gateway.cli.output import fail
 from gateway.errors import GatewayError
 from gateway.state import open_store
+from gateway.telemetry.setup import TelemetrySettings, build_telemetry
+from gateway.telemetry.tracing import Sampler
 
 log = logging.getLogger("gateway")
 
@@ -41,6 +43,22 @@ def register(commands: Any) -> None:
         default=DEFAULT_STORE,
         help="state store: sqlite:///relative/path.db or sqlite:////absolute/path.db (default %(default)s)",
     )
+    serve.add_argument(
+        "--metrics-listen",
+        default="",
+        help="HOST:PORT for the Prometheus /metrics endpoint (off when not set)",
+    )
+    serve.add_argument(
+        "--otlp-endpoint",
+        default="",
+        help="OTLP/gRPC collector for traces and metrics (default $OTEL_EXPORTER_OTLP_ENDPOINT; else off)",
+    )
+    serve.add_argument(
+        "--trace-sample",
+        type=float,
+        default=None,
+        help="share of requests traced, 0..1 (default: $OTEL_TRACES_SAMPLER[_ARG], else 1.0)",
+    )
     serve.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
     serve.add_argument("--grace", type=float, default=5.0, help="seconds to finish in-flight calls on stop")
     serve.set_defaults(handler=run)
@@ -50,14 +68,23 @@ async def _serve(args: argparse.Namespace) -> int:
     from gateway.grpc.server import start_admin_server, start_inference_server
 
     tokens = AdminTokens.load(args.admin_tokens_file)
+    sampler = Sampler(ratio=args.trace_sample) if args.trace_sample is not None else None
+    runtime = build_telemetry(
+        TelemetrySettings(
+            metrics_listen=args.metrics_listen, otlp_endpoint=args.otlp_endpoint, sampler=sampler
+        )
+    )
     store = open_store(args.store)
     try:
-        gateway = Gateway.from_file(Path(args.config), store, limits=ServerLimits(args.max_message_bytes))
+        gateway = Gateway.from_file(
+            Path(args.config), store, limits=ServerLimits(args.max_message_bytes), telemetry=runtime.telemetry
+        )
         revision = await asyncio.to_thread(gateway.start)
         inference = await start_inference_server(gateway, args.listen)
         admin = await start_admin_server(gateway, args.admin_listen, tokens)
     except BaseException:
         store.close()
+        runtime.shutdown()
         raise
     if not tokens.names:
         log.warning(
@@ -69,8 +96,13 @@ async def _serve(args: argparse.Namespace) -> int:
         f"{name} " + ", ".join(f"{v} {w}%" for v, w in routes.weights.items())
         for name, routes in gateway.router.table.endpoints.items()
     )
+    metrics = (
+        f", metrics on {args.metrics_listen.rsplit(':', 1)[0]}:{runtime.metrics_port}"
+        if runtime.prometheus
+        else ""
+    )
     print(
-        f"gateway ready: inference on {host}:{inference.port}, admin on {admin_host}:{admin.port} "
+        f"gateway ready: inference on {host}:{inference.port}, admin on {admin_host}:{admin.port}{metrics} "
         f"(revision {revision}; {summary})",
         flush=True,
     )
@@ -82,6 +114,7 @@ async def _serve(args: argparse.Namespace) -> int:
     log.info("shutting down")
     await asyncio.gather(inference.stop(grace=args.grace), admin.stop(grace=args.grace))
     gateway.close()
+    runtime.shutdown()
     return 0
 
 

@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from gateway.errors import ErrorCode, GatewayError
+from gateway.telemetry.tracing import SpanRecord, SpanRecorder
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,54 @@ STATUS: dict[ErrorCode, grpc.StatusCode] = {
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
-def _abort_internal(method: str) -> tuple[grpc.StatusCode, str]:
+def _abort_internal(method: str, trace_id: str = "") -> tuple[grpc.StatusCode, str]:
+    if trace_id:
+        log.exception("unexpected error in %s (trace id %s)", method, trace_id)
+        return grpc.StatusCode.INTERNAL, f"internal error; trace id {trace_id}"
     error_id = uuid.uuid4().hex
     log.exception("unexpected error in %s (error id %s)", method, error_id)
     return grpc.StatusCode.INTERNAL, f"internal error; quote error id {error_id} when reporting it"
+
+
+#: The span of the current RPC, for servicers to hand to the domain (None when not traced).
+CURRENT_SPAN: ContextVar[SpanRecord | None] = ContextVar("span", default=None)
+TRACE_ID_KEY = "trace-id"
+
+
+def _traced(
+    method: str, behavior: Behavior, spans: SpanRecorder
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """`guard` for a sync behavior with a span per call and the trace id in trailing metadata."""
+    service, _, name = method.rpartition("/")
+    static = {"rpc.system": "grpc", "rpc.service": service.lstrip("/"), "rpc.method": name}
+
+    untraced = guard(method, behavior)
+
+    async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        span = spans.start(name, context.invocation_metadata())
+        if span is None:  # not sampled
+            return await untraced(request, context)
+        span.attributes.update(static)
+        CURRENT_SPAN.set(span)  # each RPC runs in its own task, so this stays within the call
+        trailer = ((TRACE_ID_KEY, span.trace_id_hex),)
+        try:
+            response = behavior(request, context)
+        except GatewayError as err:
+            status = STATUS[err.code]
+            span.fail(status.value[0], status.name, err.message)
+            spans.end(span)
+            await context.abort(status, err.message, trailing_metadata=trailer)
+        except Exception:
+            status, message = _abort_internal(method, span.trace_id_hex)
+            span.fail(status.value[0], status.name, "unexpected error")
+            spans.end(span)
+            await context.abort(status, message, trailing_metadata=trailer)
+        span.attributes["rpc.grpc.status_code"] = 0
+        spans.end(span)
+        context.set_trailing_metadata(trailer)
+        return response
+
+    return traced
 
 
 #: The authenticated caller of the current RPC (set when a servicer is guarded with `authenticate`).
@@ -52,13 +97,18 @@ Authenticate = Callable[[Any], str]
 
 
 def guard(
-    method: str, behavior: Behavior, authenticate: Authenticate | None = None
+    method: str,
+    behavior: Behavior,
+    authenticate: Authenticate | None = None,
+    spans: SpanRecorder | None = None,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-    """Wrap one unary behavior (sync or async) with the error mapping (and authentication).
+    """Wrap one unary behavior (sync or async) with the error mapping (and authentication, or a span).
 
     A sync behavior (pure CPU work, like Predict) runs inside the one coroutine gRPC needs
     anyway, so the mapping costs no extra frame per call.
     """
+    if spans is not None and not inspect.iscoroutinefunction(behavior) and authenticate is None:
+        return _traced(method, behavior, spans)
     if inspect.iscoroutinefunction(behavior) or authenticate is not None:
 
         async def guarded_async(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -109,15 +159,32 @@ def guard_servicer(
     authenticate: Authenticate | None = None,
     *,
     threaded: bool = False,
+    spans: SpanRecorder | None = None,
+    traced: frozenset[str] = frozenset(),
 ) -> Any:
     """A stand-in for `servicer` whose every RPC of `service` is wrapped by `guard`.
 
     Applied once at registration instead of as a server interceptor: an aio interceptor
     costs an extra coroutine per call on the hot path, for the same mapping. With
     `authenticate`, every RPC checks credentials first, so no RPC can forget to. `threaded`
-    selects the wrapper for a thread-pool server.
+    selects the wrapper for a thread-pool server. With `spans`, the RPCs named in `traced`
+    get a span each.
     """
-    wrap = guard_sync if threaded else guard
+    if threaded:
+        return SimpleNamespace(
+            **{
+                m.name: guard_sync(m.full_name, getattr(servicer, m.name), authenticate)
+                for m in service.methods
+            }
+        )
     return SimpleNamespace(
-        **{m.name: wrap(m.full_name, getattr(servicer, m.name), authenticate) for m in service.methods}
+        **{
+            m.name: guard(
+                f"/{m.full_name.rpartition('.')[0]}/{m.name}",
+                getattr(servicer, m.name),
+                authenticate,
+                spans if m.name in traced else None,
+            )
+            for m in service.methods
+        }
     )

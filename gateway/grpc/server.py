@@ -63,11 +63,21 @@ def bind(server: grpc.aio.Server, listen: str) -> int:
 async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServer:
     """Build and start the inference listener (Predict, Open Inference Protocol, health, reflection)."""
     server = grpc.aio.server(options=server_options(gateway.limits.max_message_bytes))
+    spans = gateway.telemetry.spans
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        guard_servicer(PredictServicer(gateway.inference), INFERENCE), server
+        guard_servicer(
+            PredictServicer(gateway.inference), INFERENCE, spans=spans, traced=frozenset({"Predict"})
+        ),
+        server,
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        guard_servicer(OpenInferenceServicer(gateway.inference), OPEN_INFERENCE), server
+        guard_servicer(
+            OpenInferenceServicer(gateway.inference),
+            OPEN_INFERENCE,
+            spans=spans,
+            traced=frozenset({"ModelInfer"}),
+        ),
+        server,
     )
     health = HealthReporter(gateway.inference, asyncio.get_running_loop())
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)

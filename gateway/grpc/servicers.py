@@ -7,6 +7,7 @@ coroutine gRPC needs, with the error mapping around them.
 from __future__ import annotations
 
 from gateway.grpc import converters
+from gateway.grpc.errors import CURRENT_SPAN
 from gateway.inference import InferenceService
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
@@ -21,7 +22,9 @@ class PredictServicer(gw_grpc.InferenceServicer):
         self._infer = service.infer
 
     def Predict(self, request: gw.PredictRequest, context: object) -> gw.PredictResponse:
-        return converters.predict_response(self._infer(converters.predict_request(request)))
+        return converters.predict_response(
+            self._infer(converters.predict_request(request), CURRENT_SPAN.get())
+        )
 
 
 class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
@@ -32,7 +35,9 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self._infer = service.infer
 
     def ModelInfer(self, request: oip.ModelInferRequest, context: object) -> oip.ModelInferResponse:
-        return converters.model_infer_response(self._infer(converters.model_infer_request(request)))
+        return converters.model_infer_response(
+            self._infer(converters.model_infer_request(request), CURRENT_SPAN.get())
+        )
 
     def ServerLive(self, request: oip.ServerLiveRequest, context: object) -> oip.ServerLiveResponse:
         return oip.ServerLiveResponse(live=True)

@@ -1,0 +1,188 @@
+"""`Telemetry`: the one measurement call per request, feeding windows and OpenTelemetry metrics.
+
+Instruments (Prometheus names in brackets):
+- `gateway.request.duration` histogram, seconds, by endpoint, version, arm, code
+  [`gateway_request_duration_seconds_bucket|_sum|_count`];
+- `gateway.requests` counter by endpoint, version, arm, code [`gateway_requests_total`];
+- `gateway.request.errors` counter by endpoint, version, arm, code, with every error code of
+  every loaded version present at 0 before the first error [`gateway_request_errors_total`];
+- `gateway.route.revision` gauge [`gateway_route_revision`];
+- `gateway.version.traffic` gauge, percent by endpoint and version [`gateway_version_traffic_percent`];
+- `gateway.admin.changes` counter by endpoint, action, trigger [`gateway_admin_changes_total`];
+- `gateway.rollbacks` counter by endpoint and trigger [`gateway_rollbacks_total`];
+- `gateway.model.load.duration` histogram by endpoint and version [`gateway_model_load_duration_seconds`].
+
+The request count and error counters are observed from the gateway's own cumulative counts
+at collection time, so the hot path makes one instrument call (the histogram).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+
+from gateway import __version__
+from gateway.telemetry.tracing import SpanRecorder
+from gateway.telemetry.windows import SeriesKey, WindowStore
+
+#: Explicit latency buckets, 100 us to 10 s.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+#: Codes pre-created at 0 for every loaded version, so error ratios exist before the first error.
+ERROR_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL")
+
+
+class Telemetry:
+    """Owns the windows, the OpenTelemetry instruments and the span recorder of one gateway."""
+
+    def __init__(
+        self,
+        windows: WindowStore | None = None,
+        *,
+        meter_provider: MeterProvider | None = None,
+        spans: SpanRecorder | None = None,
+    ) -> None:
+        self.windows = windows or WindowStore()
+        self.meter_provider = meter_provider
+        self.spans = spans
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str, str, str], int] = {}
+        self._attributes: dict[tuple[str, str, str, str], dict[str, str]] = {}
+        self._revision = 0
+        self._traffic: dict[tuple[str, str], int] = {}
+        self._duration: Any = None
+        if meter_provider is not None:
+            self._instruments(meter_provider)
+
+    def _instruments(self, provider: MeterProvider) -> None:
+        meter = provider.get_meter("gateway", __version__)
+        self._duration = meter.create_histogram(
+            "gateway.request.duration",
+            unit="s",
+            description="Time to serve a request in the gateway, by endpoint, version, arm and status code",
+            explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS),
+        )
+        meter.create_observable_counter(
+            "gateway.requests",
+            [self._observe_requests],
+            description="Requests by endpoint, version, arm and code",
+        )
+        meter.create_observable_counter(
+            "gateway.request.errors",
+            [self._observe_errors],
+            description="Failed requests by endpoint, version, arm and code (0 for every loaded version)",
+        )
+        meter.create_observable_gauge(
+            "gateway.route.revision", [self._observe_revision], description="Route revision being served"
+        )
+        meter.create_observable_gauge(
+            "gateway.version.traffic",
+            [self._observe_traffic],
+            unit="%",
+            description="Weighted traffic share per version",
+        )
+        self._admin_changes = meter.create_counter(
+            "gateway.admin.changes", description="Route changes by endpoint, action and trigger"
+        )
+        self._rollbacks = meter.create_counter(
+            "gateway.rollbacks", description="Rollbacks by endpoint and trigger"
+        )
+        self._load_duration = meter.create_histogram(
+            "gateway.model.load.duration",
+            unit="s",
+            description="Time to verify, load and warm a version",
+            explicit_bucket_boundaries_advisory=[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0],
+        )
+
+    # --- the hot path ---------------------------------------------------------------------
+
+    def record(  # noqa: PLR0917 - per request: positional is cheaper
+        self,
+        series: SeriesKey,
+        arm: str,
+        code: str,
+        seconds: float,
+        rows: int = 0,
+        nan_per_feature: Sequence[int] | None = None,
+        features: int = 0,
+    ) -> None:
+        """One request: feeds the series' window, the counters and the latency histogram."""
+        key = (series.endpoint, series.version, arm, code)
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+        self.windows.window(series, features).record(seconds, code, rows, nan_per_feature)
+        if self._duration is not None:
+            attributes = self._attributes.get(key)
+            if attributes is None:
+                attributes = self._attributes.setdefault(
+                    key, {"endpoint": key[0], "version": key[1], "arm": arm, "code": code}
+                )
+            self._duration.record(seconds, attributes)
+
+    # --- changes and lifecycle --------------------------------------------------------------
+
+    def routes_changed(self, revision: int, versions: Iterable[tuple[str, str, str, int]]) -> None:
+        """A new route revision: (endpoint, version, arm, traffic percent) of every version."""
+        traffic = {}
+        with self._lock:
+            self._revision = revision
+            for endpoint, version, arm, share in versions:
+                traffic[(endpoint, version)] = share
+                for series_arm in (arm, "pinned"):
+                    for code in ERROR_CODES:
+                        self._counts.setdefault((endpoint, version, series_arm, code), 0)
+            self._traffic = traffic
+
+    def model_loaded(self, endpoint: str, version: str, seconds: float) -> None:
+        """A version finished loading."""
+        if self.meter_provider is not None:
+            self._load_duration.record(seconds, {"endpoint": endpoint, "version": version})
+
+    def admin_change(self, endpoint: str, action: str, trigger: str) -> None:
+        """A committed route change (trigger: manual, guardrail, rollout, ...)."""
+        if self.meter_provider is not None:
+            for name in endpoint.split(","):
+                self._admin_changes.add(1, {"endpoint": name, "action": action, "trigger": trigger})
+                if action == "rollback":
+                    self._rollbacks.add(1, {"endpoint": name, "trigger": trigger})
+
+    # --- observation callbacks --------------------------------------------------------------
+
+    def _observations(self, *, errors: bool) -> list[Observation]:
+        """Error series include the pre-created zeros; request series only what happened."""
+        with self._lock:
+            items = list(self._counts.items())
+        return [
+            Observation(count, {"endpoint": e, "version": v, "arm": a, "code": c})
+            for (e, v, a, c), count in items
+            if (c != "OK" if errors else count > 0)
+        ]
+
+    def _observe_requests(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._observations(errors=False)
+
+    def _observe_errors(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._observations(errors=True)
+
+    def _observe_revision(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self._revision)]
+
+    def _observe_traffic(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(share, {"endpoint": e, "version": v}) for (e, v), share in self._traffic.items()]
+
+    def counts(self) -> dict[tuple[str, str, str, str], int]:
+        """Cumulative request counts by (endpoint, version, arm, code)."""
+        with self._lock:
+            return dict(self._counts)
+
+    def shutdown(self) -> None:
+        """Flush spans and metrics."""
+        if self.spans is not None:
+            self.spans.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()

@@ -1,0 +1,113 @@
+"""Build the telemetry of a gateway process from settings and the standard OTEL_* variables.
+
+- Prometheus: `--metrics-listen HOST:PORT` serves `/metrics` (off when not set).
+- OTLP over gRPC: `--otlp-endpoint URL`, or `OTEL_EXPORTER_OTLP_ENDPOINT`; traces and metrics
+  go there (`OTEL_TRACES_EXPORTER=none` / `OTEL_METRICS_EXPORTER=none` turn one off).
+- `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` name the service; `OTEL_TRACES_SAMPLER`
+  and `OTEL_TRACES_SAMPLER_ARG` choose the sampling (default: parent-based, always on).
+- With no trace exporter, no spans are made at all; with no metric reader, no instruments.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace.export import SpanExporter
+
+from gateway.errors import ConfigError
+from gateway.telemetry.metrics import Telemetry
+from gateway.telemetry.tracing import Sampler, SpanRecorder
+from gateway.telemetry.windows import WindowStore
+
+DEFAULT_SERVICE_NAME = "model-gateway"
+
+
+@dataclass
+class TelemetrySettings:
+    """What to export where. Tests pass in-memory readers and exporters."""
+
+    metrics_listen: str = ""
+    otlp_endpoint: str = ""
+    window_horizon_seconds: int = 1800
+    metric_readers: list[MetricReader] = field(default_factory=list)
+    span_exporter: SpanExporter | None = None
+    sampler: Sampler | None = None
+
+
+@dataclass
+class TelemetryRuntime:
+    """A built telemetry and the servers it runs."""
+
+    telemetry: Telemetry
+    prometheus: ThreadingHTTPServer | None = None
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound Prometheus port (0 when off)."""
+        return self.prometheus.server_port if self.prometheus else 0
+
+    def shutdown(self) -> None:
+        """Stop the scrape endpoint and flush exporters."""
+        if self.prometheus is not None:
+            self.prometheus.shutdown()
+            self.prometheus.server_close()
+        self.telemetry.shutdown()
+
+
+def _resource() -> Resource:
+    resource = Resource.create()
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource.create({"service.name": DEFAULT_SERVICE_NAME}))
+    return resource
+
+
+def _prometheus(listen: str, readers: list[MetricReader]) -> ThreadingHTTPServer:
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit():
+        raise ConfigError(f"--metrics-listen {listen!r}: use HOST:PORT (port 0 picks one)")
+    registry = CollectorRegistry()
+    readers.append(PrometheusMetricReader(registry=registry))
+    try:
+        server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {listen} for metrics: {err.strerror}") from None
+    server_: Any = server
+    return server_  # type: ignore[no-any-return]
+
+
+def build_telemetry(settings: TelemetrySettings) -> TelemetryRuntime:
+    """Telemetry as the settings and environment ask for."""
+    readers = list(settings.metric_readers)
+    prometheus = _prometheus(settings.metrics_listen, readers) if settings.metrics_listen else None
+    endpoint = settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    span_exporter = settings.span_exporter
+    if endpoint:
+        insecure = not endpoint.startswith("https://")
+        if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").lower() != "none":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+            readers.append(
+                PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint, insecure=insecure))
+            )
+        if span_exporter is None and os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() != "none":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            span_exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure)
+    resource = _resource()
+    meter_provider = MeterProvider(metric_readers=readers, resource=resource) if readers else None
+    spans = None
+    if span_exporter is not None:
+        spans = SpanRecorder(span_exporter, sampler=settings.sampler or Sampler.from_env(), resource=resource)
+    telemetry = Telemetry(
+        WindowStore(settings.window_horizon_seconds), meter_provider=meter_provider, spans=spans
+    )
+    return TelemetryRuntime(telemetry, prometheus)

@@ -1,0 +1,239 @@
+"""Request spans with almost nothing on the hot path.
+
+A request's span is a small record (ids, start and end times, attributes, status) kept by
+the servicer; when the request ends the record is queued, and a background thread turns
+queued records into OpenTelemetry SDK spans (`ReadableSpan`) and hands them to the
+configured `SpanExporter` (OTLP, or the in-memory exporter in tests) in batches. The spans
+are the SDK's own data model, exported by the SDK's exporters; only their construction is
+moved off the request path, where creating an SDK span costs more than the rest of the
+gateway's own work on a request.
+
+Incoming W3C `traceparent` metadata makes the request span a child of the caller's span.
+Sampling follows the standard `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from gateway import __version__
+
+log = logging.getLogger(__name__)
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_SCOPE = InstrumentationScope("gateway", __version__)
+_RATIO_MASK = (1 << 64) - 1
+
+
+def _parse_traceparent(value: str) -> tuple[int, int, bool] | None:
+    parts = value.strip().split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3][:2], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, bool(flags & 1)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Head sampling: a trace-id ratio, optionally following a remote parent's decision."""
+
+    ratio: float = 1.0
+    parent_based: bool = True
+
+    @classmethod
+    def from_env(cls, default_ratio: float = 1.0) -> Sampler:
+        """From OTEL_TRACES_SAMPLER (always_on, always_off, traceidratio, parentbased_*) and _ARG."""
+        name = os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+        try:
+            arg = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", default_ratio))
+        except ValueError:
+            arg = default_ratio
+        base = name.removeprefix("parentbased_")
+        ratio = {"always_on": 1.0, "always_off": 0.0}.get(base, min(max(arg, 0.0), 1.0))
+        return cls(ratio=ratio, parent_based=name.startswith("parentbased_"))
+
+    def sampled(self, trace_id: int, parent_sampled: bool | None) -> bool:
+        """Whether to record a trace."""
+        if self.parent_based and parent_sampled is not None:
+            return parent_sampled
+        return (trace_id & _RATIO_MASK) < round(self.ratio * (1 << 64))
+
+
+class SpanRecord:
+    """One span in flight: filled by the request path, turned into an SDK span later."""
+
+    __slots__ = (
+        "attributes",
+        "end_ns",
+        "kind",
+        "links",
+        "message",
+        "name",
+        "ok",
+        "parent",
+        "span_id",
+        "start_ns",
+        "trace_id",
+    )
+
+    def __init__(self, name: str, trace_id: int, span_id: int, parent: int, kind: SpanKind) -> None:
+        self.name = name
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent = parent
+        self.kind = kind
+        self.start_ns = time.time_ns()
+        self.end_ns = 0
+        self.attributes: dict[str, Any] = {}
+        self.links: tuple[tuple[int, int], ...] = ()
+        self.ok = True
+        self.message = ""
+
+    @property
+    def trace_id_hex(self) -> str:
+        """The trace id as 32 hex digits (what trace UIs search for)."""
+        return f"{self.trace_id:032x}"
+
+    def fail(self, code: int, name: str, message: str) -> None:
+        """Mark the span as failed with a gRPC status (numeric code and its name)."""
+        self.ok = False
+        self.message = f"{name}: {message}"
+        self.attributes["rpc.grpc.status_code"] = code
+
+
+class SpanRecorder:
+    """Starts span records cheaply and exports them from a background thread in batches."""
+
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        *,
+        sampler: Sampler | None = None,
+        resource: Resource | None = None,
+        max_queue: int = 20_000,
+        batch_size: int = 512,
+        interval: float = 0.5,
+    ) -> None:
+        self.exporter = exporter
+        self.sampler = sampler or Sampler()
+        self.resource = resource or Resource.create()
+        self._queue: deque[SpanRecord] = deque(maxlen=max_queue)
+        self._batch_size = batch_size
+        self._interval = interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._flush_lock = threading.Lock()
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
+        self._thread.start()
+
+    def start(
+        self,
+        name: str,
+        metadata: Iterable[tuple[str, Any]] | None = None,
+        *,
+        kind: SpanKind = SpanKind.SERVER,
+    ) -> SpanRecord | None:
+        """A new span record, child of an incoming `traceparent`; None when not sampled."""
+        parent_trace, parent_span, parent_sampled = 0, 0, None
+        if metadata:
+            for key, value in metadata:
+                if key == "traceparent":
+                    parsed = _parse_traceparent(value if isinstance(value, str) else value.decode())
+                    if parsed:
+                        parent_trace, parent_span, parent_sampled = parsed
+                    break
+        trace_id = parent_trace or random.getrandbits(128)
+        if not self.sampler.sampled(trace_id, parent_sampled):
+            return None
+        return SpanRecord(name, trace_id, random.getrandbits(64), parent_span, kind)
+
+    def child(self, parent: SpanRecord, name: str, *, kind: SpanKind = SpanKind.INTERNAL) -> SpanRecord:
+        """A span in the same trace as `parent` (for work done on its behalf)."""
+        return SpanRecord(name, parent.trace_id, random.getrandbits(64), parent.span_id, kind)
+
+    def linked(self, to: SpanRecord, name: str, *, kind: SpanKind = SpanKind.INTERNAL) -> SpanRecord:
+        """A span in a new trace, linked to `to` (for work off the request's critical path)."""
+        record = SpanRecord(name, random.getrandbits(128), random.getrandbits(64), 0, kind)
+        record.links = ((to.trace_id, to.span_id),)
+        return record
+
+    def end(self, record: SpanRecord) -> None:
+        """Finish a span; it is exported later. Never blocks: a full queue drops the oldest."""
+        record.end_ns = time.time_ns()
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1
+        self._queue.append(record)
+        if len(self._queue) >= self._batch_size:
+            self._wake.set()
+
+    def _convert(self, record: SpanRecord) -> ReadableSpan:
+        context = SpanContext(record.trace_id, record.span_id, is_remote=False, trace_flags=_SAMPLED)
+        parent = (
+            SpanContext(record.trace_id, record.parent, is_remote=True, trace_flags=_SAMPLED)
+            if record.parent
+            else None
+        )
+        links = [
+            Link(SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED))
+            for trace_id, span_id in record.links
+        ]
+        status = Status(StatusCode.UNSET) if record.ok else Status(StatusCode.ERROR, record.message)
+        return ReadableSpan(
+            name=record.name,
+            context=context,
+            parent=parent,
+            resource=self.resource,
+            attributes=record.attributes,
+            links=links,
+            kind=record.kind,
+            status=status,
+            start_time=record.start_ns,
+            end_time=record.end_ns,
+            instrumentation_scope=_SCOPE,
+        )
+
+    def flush(self) -> None:
+        """Export everything queued now (tests, shutdown)."""
+        with self._flush_lock:
+            while self._queue:
+                batch: list[SpanRecord] = []
+                while self._queue and len(batch) < self._batch_size:
+                    batch.append(self._queue.popleft())
+                try:
+                    self.exporter.export([self._convert(r) for r in batch])
+                except Exception:  # an exporter failure must not stop the thread
+                    log.exception("span export failed; %d spans lost", len(batch))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            self.flush()
+
+    def shutdown(self) -> None:
+        """Export what is left and stop."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(5)
+        self.flush()
+        self.exporter.shutdown()
