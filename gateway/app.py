@@ -82,7 +82,12 @@ class Gateway:
 
     @classmethod
     def from_file(
-        cls, path: Path, store: StateStore, *, limits: ServerLimits | None = None, telemetry: Telemetry | None = None
+        cls,
+        path: Path,
+        store: StateStore,
+        *,
+        limits: ServerLimits | None = None,
+        telemetry: Telemetry | None = None,
     ) -> Gateway:
         """Build from a route file (validated; raises ConfigError naming the field)."""
         return cls(load_config(path), store, limits=limits, config_source=str(path), telemetry=telemetry)
