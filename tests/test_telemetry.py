@@ -219,7 +219,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2
         self.metric_names: set[str] = set()
         self.received = threading.Event()
 
-    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
+    def Export(self, request: Any, context: Any) -> Any:
         if isinstance(request, trace_service_pb2.ExportTraceServiceRequest):
             for resource in request.resource_spans:
                 for scope in resource.scope_spans:
