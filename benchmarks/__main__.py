@@ -11,9 +11,9 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks import control, serving
+from benchmarks import control, serving, telemetry
 
-SUITES = {"serving": serving, "control": control}
+SUITES = {"serving": serving, "control": control, "telemetry": telemetry}
 
 
 def main() -> None:

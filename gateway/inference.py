@@ -9,6 +9,7 @@ maps them to statuses in one place.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -133,7 +134,9 @@ def _explain_mismatch(
     raise InvalidInput(f"{where} has shape {list(array.shape)}; expected {spec.wire_shape} (-1 is any size)")
 
 
-def _rows_and_nans(model: OnnxModel, inputs: Mapping[str, np.ndarray]) -> tuple[int, list[int] | None, int]:
+def _rows_and_nans(
+    model: OnnxModel, inputs: Mapping[str, np.ndarray]
+) -> tuple[int, list[int] | None, tuple[str, ...]]:
     """Batch rows, and NaN counts per feature when any float input holds a NaN (else None)."""
     rows = 0
     nan: list[int] | None = None
@@ -141,6 +144,9 @@ def _rows_and_nans(model: OnnxModel, inputs: Mapping[str, np.ndarray]) -> tuple[
     for name, width in model.float_inputs:
         array = inputs[name]
         rows = rows or (array.shape[0] if array.ndim else 1)
+        if not math.isnan(array.sum()):  # one reduction; a NaN anywhere makes the sum NaN
+            offset += width
+            continue
         mask = np.isnan(array)
         if mask.any():
             if nan is None:
@@ -152,7 +158,7 @@ def _rows_and_nans(model: OnnxModel, inputs: Mapping[str, np.ndarray]) -> tuple[
     if not rows and inputs:
         first = next(iter(inputs.values()))
         rows = first.shape[0] if first.ndim else 1
-    return rows, nan, model.feature_count
+    return rows, nan, model.feature_names
 
 
 def _datatype_name(array: np.ndarray) -> str:
@@ -207,7 +213,9 @@ class InferenceService:
                     "gateway.request_id": request_id,
                 }
             )
-        rows, nan, features = 0, None, 0
+        rows: int = 0
+        nan: list[int] | None = None
+        features: tuple[str, ...] = ()
         try:
             model = self._registry.runnable(routes.name, decision.version)
             _check_inputs(routes, decision, model.inputs, request.inputs)
@@ -248,7 +256,7 @@ class InferenceService:
         started: float,
         rows: int,
         nan: list[int] | None,
-        features: int,
+        features: tuple[str, ...],
         span: SpanRecord | None,
     ) -> None:
         pinned = decision.reason is RoutingReason.PINNED or decision.reason is RoutingReason.LABEL

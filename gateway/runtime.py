@@ -83,6 +83,9 @@ class OnnxModel:
             (spec.name, _row_width(spec.shape)) for spec in self.inputs if spec.datatype.numpy.kind == "f"
         )
         self.feature_count = sum(width for _, width in self.float_inputs)
+        self.feature_names: tuple[str, ...] = tuple(
+            name if width == 1 else f"{name}[{i}]" for name, width in self.float_inputs for i in range(width)
+        )
         self._run = self._session.run
 
     def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] = ()) -> list[np.ndarray]:

@@ -10,6 +10,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -23,6 +24,7 @@ from gateway.pb.inference import grpc_service_pb2 as oip
 from gateway.pb.inference import grpc_service_pb2_grpc as oip_grpc
 from gateway.telemetry.setup import TelemetryRuntime, TelemetrySettings, build_telemetry
 from gateway.telemetry.tracing import Sampler
+from gateway.telemetry.windows import SeriesKey
 from tests.helpers import RunningGateway, features, predict_request, running_gateway, tensor
 
 
@@ -60,15 +62,12 @@ def points(reader: InMemoryMetricReader, name: str) -> list[Any]:
     ]
 
 
-def test_predict_span_has_routing_attributes_and_trace_id_trailer(observed) -> None:  # type: ignore[no-untyped-def]
+def test_predict_span_has_routing_attributes_and_its_trace_id_in_the_response(observed) -> None:  # type: ignore[no-untyped-def]
     gw, exporter, _, _ = observed
     exporter.clear()
-    response, call = gw.predict_stub.Predict.with_call(
-        predict_request(routing_key="user-5", rows=3), timeout=10
-    )
-    trailer = dict(call.trailing_metadata())
+    response = gw.predict_stub.Predict(predict_request(routing_key="user-5", rows=3), timeout=10)
     (span,) = [s for s in finished(gw, exporter) if s.name == "Predict"]
-    assert trailer["trace-id"] == f"{span.context.trace_id:032x}"
+    assert response.trace_id == f"{span.context.trace_id:032x}"
     assert span.kind is SpanKind.SERVER
     attrs = dict(span.attributes)
     assert attrs["gateway.endpoint"] == "ctr-ranker"
@@ -118,9 +117,10 @@ def test_incoming_traceparent_makes_a_child_span(observed) -> None:  # type: ign
     request = oip.ModelInferRequest(model_name="ctr-ranker", model_version="1.13")
     request.inputs.add(name="features", datatype="FP32", shape=[1, 32])
     request.raw_input_contents.append(features(1).tobytes())
-    oip_grpc.GRPCInferenceServiceStub(gw.channel).ModelInfer(
+    response = oip_grpc.GRPCInferenceServiceStub(gw.channel).ModelInfer(
         request, metadata=(("traceparent", f"00-{parent_trace}-{parent_span}-01"),), timeout=10
     )
+    assert response.parameters["trace_id"].string_param == parent_trace
     (span,) = finished(gw, exporter)
     assert span.name == "ModelInfer"
     assert f"{span.context.trace_id:032x}" == parent_trace
@@ -132,8 +132,8 @@ def test_unsampled_requests_make_no_span_and_no_trailer() -> None:
     exporter = InMemorySpanExporter()
     runtime = build_telemetry(TelemetrySettings(span_exporter=exporter, sampler=Sampler(0.0)))
     with running_gateway(telemetry=runtime.telemetry) as gw:
-        _, call = gw.predict_stub.Predict.with_call(predict_request(), timeout=10)
-        assert "trace-id" not in dict(call.trailing_metadata())
+        response, call = gw.predict_stub.Predict.with_call(predict_request(), timeout=10)
+        assert "trace-id" not in dict(call.trailing_metadata()) and response.trace_id == ""
         runtime.telemetry.spans.flush()  # type: ignore[union-attr]
         assert exporter.get_finished_spans() == ()
     runtime.shutdown()
@@ -264,3 +264,34 @@ def test_otlp_export_to_a_collector() -> None:
         "gateway.requests",
         "gateway.request.errors",
     } <= collector.metric_names
+
+
+def test_nan_inputs_feed_null_counters_and_windows(observed) -> None:  # type: ignore[no-untyped-def]
+    gw, _, reader, runtime = observed
+    x = features(4)
+    x[0, 5] = np.nan
+    x[2, 5] = np.nan
+    x[3, 31] = np.nan
+    gw.predict("ctr-ranker@1.14", inputs=[tensor("features", x)])
+    nulls = {
+        p.attributes["feature"]: p.value
+        for p in points(reader, "gateway.input.nulls")
+        if p.attributes["version"] == "1.14"
+    }
+    assert nulls == {"features[5]": 2, "features[31]": 1}
+    rows = {
+        (p.attributes["version"], p.attributes["arm"]): p.value for p in points(reader, "gateway.input.rows")
+    }
+    assert rows[("1.14", "pinned")] >= 4
+    window = gw.gateway.telemetry.windows.window(SeriesKey("ctr-ranker", "1.14", pinned=True)).stats(60)
+    assert window.nan_counts[5] == 2 and window.nan_counts[31] == 1
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{runtime.metrics_port}/metrics", timeout=10).read().decode()
+    )
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {
+        "gateway_input_nulls",
+        "gateway_input_rows",
+        "gateway_version_traffic_percent",
+        "gateway_rollbacks",
+    } <= names

@@ -17,7 +17,7 @@ from gateway.errors import InvalidInput
 from gateway.grpc.admin_servicer import AdminServicer
 from gateway.grpc.errors import guard_servicer
 from gateway.grpc.health import HealthReporter
-from gateway.grpc.servicers import OpenInferenceServicer, PredictServicer
+from gateway.grpc.servicers import OpenInferenceServicer, PredictServicer, stamp_model_infer, stamp_predict
 from gateway.pb.gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from gateway.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 
@@ -66,7 +66,7 @@ async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServ
     spans = gateway.telemetry.spans
     inference_pb2_grpc.add_InferenceServicer_to_server(
         guard_servicer(
-            PredictServicer(gateway.inference), INFERENCE, spans=spans, traced=frozenset({"Predict"})
+            PredictServicer(gateway.inference), INFERENCE, spans=spans, traced={"Predict": stamp_predict}
         ),
         server,
     )
@@ -75,7 +75,7 @@ async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServ
             OpenInferenceServicer(gateway.inference),
             OPEN_INFERENCE,
             spans=spans,
-            traced=frozenset({"ModelInfer"}),
+            traced={"ModelInfer": stamp_model_infer},
         ),
         server,
     )

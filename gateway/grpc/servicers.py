@@ -14,6 +14,8 @@ from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
 from gateway.pb.inference import grpc_service_pb2 as oip
 from gateway.pb.inference import grpc_service_pb2_grpc as oip_grpc
 
+TRACE_ID_PARAMETER = "trace_id"
+
 
 class PredictServicer(gw_grpc.InferenceServicer):
     """`gateway.v1.Inference`."""
@@ -58,3 +60,13 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return converters.model_metadata_response(
             self._service.endpoint_metadata(request.name, request.version)
         )
+
+
+def stamp_predict(response: gw.PredictResponse, trace_id: str) -> None:
+    """Put the trace id of a traced Predict into its response."""
+    response.trace_id = trace_id
+
+
+def stamp_model_infer(response: oip.ModelInferResponse, trace_id: str) -> None:
+    """Put the trace id of a traced ModelInfer into its response parameters (`trace_id`)."""
+    response.parameters[TRACE_ID_PARAMETER].string_param = trace_id

@@ -10,7 +10,9 @@ Instruments (Prometheus names in brackets):
 - `gateway.version.traffic` gauge, percent by endpoint and version [`gateway_version_traffic_percent`];
 - `gateway.admin.changes` counter by endpoint, action, trigger [`gateway_admin_changes_total`];
 - `gateway.rollbacks` counter by endpoint and trigger [`gateway_rollbacks_total`];
-- `gateway.model.load.duration` histogram by endpoint and version [`gateway_model_load_duration_seconds`].
+- `gateway.model.load.duration` histogram by endpoint and version [`gateway_model_load_duration_seconds`];
+- `gateway.input.rows` and `gateway.input.nulls` (by feature) counters, for null rates
+  [`gateway_input_rows_total`, `gateway_input_nulls_total`].
 
 The request count and error counters are observed from the gateway's own cumulative counts
 at collection time, so the hot path makes one instrument call (the histogram).
@@ -52,6 +54,8 @@ class Telemetry:
         self.spans = spans
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str, str, str], int] = {}
+        self._rows: dict[tuple[str, str, str], int] = {}
+        self._nulls: dict[tuple[str, str, str, str], int] = {}
         self._attributes: dict[tuple[str, str, str, str], dict[str, str]] = {}
         self._revision = 0
         self._traffic: dict[tuple[str, str], int] = {}
@@ -86,6 +90,16 @@ class Telemetry:
             unit="%",
             description="Weighted traffic share per version",
         )
+        meter.create_observable_counter(
+            "gateway.input.rows",
+            [self._observe_rows],
+            description="Input rows (batch items) by version and arm",
+        )
+        meter.create_observable_counter(
+            "gateway.input.nulls",
+            [self._observe_nulls],
+            description="NaN (missing) input values by version, arm and feature",
+        )
         self._admin_changes = meter.create_counter(
             "gateway.admin.changes", description="Route changes by endpoint, action and trigger"
         )
@@ -109,13 +123,24 @@ class Telemetry:
         seconds: float,
         rows: int = 0,
         nan_per_feature: Sequence[int] | None = None,
-        features: int = 0,
+        features: Sequence[str] = (),
     ) -> None:
-        """One request: feeds the series' window, the counters and the latency histogram."""
+        """One request: feeds the series' window, the counters and the latency histogram.
+
+        `features` names the model's float input features; `nan_per_feature` (None when the
+        request had no NaN) counts NaNs per feature.
+        """
         key = (series.endpoint, series.version, arm, code)
+        rows_key = (series.endpoint, series.version, arm)
         with self._lock:
             self._counts[key] = self._counts.get(key, 0) + 1
-        self.windows.window(series, features).record(seconds, code, rows, nan_per_feature)
+            self._rows[rows_key] = self._rows.get(rows_key, 0) + rows
+            if nan_per_feature is not None:
+                for name, count in zip(features, nan_per_feature, strict=False):
+                    if count:
+                        null_key = (*rows_key, name)
+                        self._nulls[null_key] = self._nulls.get(null_key, 0) + count
+        self.windows.window(series, len(features)).record(seconds, code, rows, nan_per_feature)
         if self._duration is not None:
             attributes = self._attributes.get(key)
             if attributes is None:
@@ -168,6 +193,18 @@ class Telemetry:
 
     def _observe_errors(self, options: CallbackOptions) -> Iterable[Observation]:
         return self._observations(errors=True)
+
+    def _observe_rows(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            items = list(self._rows.items())
+        return [Observation(n, {"endpoint": e, "version": v, "arm": a}) for (e, v, a), n in items]
+
+    def _observe_nulls(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            items = list(self._nulls.items())
+        return [
+            Observation(n, {"endpoint": e, "version": v, "arm": a, "feature": f}) for (e, v, a, f), n in items
+        ]
 
     def _observe_revision(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self._revision)]

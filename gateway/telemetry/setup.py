@@ -22,7 +22,8 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from gateway.errors import ConfigError
 from gateway.telemetry.metrics import Telemetry
-from gateway.telemetry.tracing import Sampler, SpanRecorder
+from gateway.telemetry.otlp import OtlpSpanSink
+from gateway.telemetry.tracing import Sampler, SdkSpanSink, SpanRecorder, SpanSink
 from gateway.telemetry.windows import WindowStore
 
 DEFAULT_SERVICE_NAME = "model-gateway"
@@ -89,24 +90,18 @@ def build_telemetry(settings: TelemetrySettings) -> TelemetryRuntime:
     readers = list(settings.metric_readers)
     prometheus = _prometheus(settings.metrics_listen, readers) if settings.metrics_listen else None
     endpoint = settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
-    span_exporter = settings.span_exporter
+    resource = _resource()
+    sink: SpanSink | None = SdkSpanSink(settings.span_exporter, resource) if settings.span_exporter else None
     if endpoint:
-        insecure = not endpoint.startswith("https://")
         if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").lower() != "none":
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
-            readers.append(
-                PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint, insecure=insecure))
-            )
-        if span_exporter is None and os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() != "none":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            span_exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure)
-    resource = _resource()
+            exporter = OTLPMetricExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"))
+            readers.append(PeriodicExportingMetricReader(exporter))
+        if sink is None and os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() != "none":
+            sink = OtlpSpanSink(endpoint, resource)
     meter_provider = MeterProvider(metric_readers=readers, resource=resource) if readers else None
-    spans = None
-    if span_exporter is not None:
-        spans = SpanRecorder(span_exporter, sampler=settings.sampler or Sampler.from_env(), resource=resource)
+    spans = SpanRecorder(sink, sampler=settings.sampler or Sampler.from_env()) if sink else None
     telemetry = Telemetry(
         WindowStore(settings.window_horizon_seconds), meter_provider=meter_provider, spans=spans
     )

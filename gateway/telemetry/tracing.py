@@ -1,12 +1,12 @@
 """Request spans with almost nothing on the hot path.
 
 A request's span is a small record (ids, start and end times, attributes, status) kept by
-the servicer; when the request ends the record is queued, and a background thread turns
-queued records into OpenTelemetry SDK spans (`ReadableSpan`) and hands them to the
-configured `SpanExporter` (OTLP, or the in-memory exporter in tests) in batches. The spans
-are the SDK's own data model, exported by the SDK's exporters; only their construction is
-moved off the request path, where creating an SDK span costs more than the rest of the
-gateway's own work on a request.
+the servicer; when the request ends the record is queued, and a background thread exports
+queued records in batches: over OTLP/gRPC with an encoder written for these records
+(`gateway.telemetry.otlp`), or as OpenTelemetry SDK `ReadableSpan`s to any SDK
+`SpanExporter` (the in-memory exporter in tests). Creating an SDK span per request, or
+encoding with the SDK's OTLP exporter, costs more than the rest of the gateway's own work on
+a request (measured in benchmarks/RESULTS.md), so neither happens on the request path.
 
 Incoming W3C `traceparent` metadata makes the request span a child of the caller's span.
 Sampling follows the standard `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` settings.
@@ -20,9 +20,9 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -120,22 +120,73 @@ class SpanRecord:
         self.attributes["rpc.grpc.status_code"] = code
 
 
+class SpanSink(Protocol):
+    """Where finished span records go, a batch at a time (called from the export thread)."""
+
+    def __call__(self, records: Sequence[SpanRecord]) -> None:
+        """Export one batch."""
+
+    def shutdown(self) -> None:
+        """Release resources."""
+
+
+class SdkSpanSink:
+    """Hands records to any OpenTelemetry SDK `SpanExporter` as `ReadableSpan`s (in-memory, console...)."""
+
+    def __init__(self, exporter: SpanExporter, resource: Resource) -> None:
+        self.exporter = exporter
+        self.resource = resource
+
+    def convert(self, record: SpanRecord) -> ReadableSpan:
+        """The SDK span of a record."""
+        context = SpanContext(record.trace_id, record.span_id, is_remote=False, trace_flags=_SAMPLED)
+        parent = (
+            SpanContext(record.trace_id, record.parent, is_remote=True, trace_flags=_SAMPLED)
+            if record.parent
+            else None
+        )
+        links = [
+            Link(SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED))
+            for trace_id, span_id in record.links
+        ]
+        status = Status(StatusCode.UNSET) if record.ok else Status(StatusCode.ERROR, record.message)
+        return ReadableSpan(
+            name=record.name,
+            context=context,
+            parent=parent,
+            resource=self.resource,
+            attributes=record.attributes,
+            links=links,
+            kind=record.kind,
+            status=status,
+            start_time=record.start_ns,
+            end_time=record.end_ns,
+            instrumentation_scope=_SCOPE,
+        )
+
+    def __call__(self, records: Sequence[SpanRecord]) -> None:
+        """Export one batch through the SDK exporter."""
+        self.exporter.export([self.convert(r) for r in records])
+
+    def shutdown(self) -> None:
+        """Shut the SDK exporter down."""
+        self.exporter.shutdown()
+
+
 class SpanRecorder:
     """Starts span records cheaply and exports them from a background thread in batches."""
 
     def __init__(
         self,
-        exporter: SpanExporter,
+        sink: SpanSink,
         *,
         sampler: Sampler | None = None,
-        resource: Resource | None = None,
         max_queue: int = 20_000,
-        batch_size: int = 512,
+        batch_size: int = 256,
         interval: float = 0.5,
     ) -> None:
-        self.exporter = exporter
+        self.sink = sink
         self.sampler = sampler or Sampler()
-        self.resource = resource or Resource.create()
         self._queue: deque[SpanRecord] = deque(maxlen=max_queue)
         self._batch_size = batch_size
         self._interval = interval
@@ -183,34 +234,8 @@ class SpanRecorder:
         if len(self._queue) == self._queue.maxlen:
             self.dropped += 1
         self._queue.append(record)
-        if len(self._queue) >= self._batch_size:
+        if len(self._queue) == self._batch_size:  # wake the exporter once per batch, not per span
             self._wake.set()
-
-    def _convert(self, record: SpanRecord) -> ReadableSpan:
-        context = SpanContext(record.trace_id, record.span_id, is_remote=False, trace_flags=_SAMPLED)
-        parent = (
-            SpanContext(record.trace_id, record.parent, is_remote=True, trace_flags=_SAMPLED)
-            if record.parent
-            else None
-        )
-        links = [
-            Link(SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED))
-            for trace_id, span_id in record.links
-        ]
-        status = Status(StatusCode.UNSET) if record.ok else Status(StatusCode.ERROR, record.message)
-        return ReadableSpan(
-            name=record.name,
-            context=context,
-            parent=parent,
-            resource=self.resource,
-            attributes=record.attributes,
-            links=links,
-            kind=record.kind,
-            status=status,
-            start_time=record.start_ns,
-            end_time=record.end_ns,
-            instrumentation_scope=_SCOPE,
-        )
 
     def flush(self) -> None:
         """Export everything queued now (tests, shutdown)."""
@@ -220,7 +245,7 @@ class SpanRecorder:
                 while self._queue and len(batch) < self._batch_size:
                     batch.append(self._queue.popleft())
                 try:
-                    self.exporter.export([self._convert(r) for r in batch])
+                    self.sink(batch)
                 except Exception:  # an exporter failure must not stop the thread
                     log.exception("span export failed; %d spans lost", len(batch))
 
@@ -236,4 +261,4 @@ class SpanRecorder:
         self._wake.set()
         self._thread.join(5)
         self.flush()
-        self.exporter.shutdown()
+        self.sink.shutdown()

@@ -145,6 +145,7 @@ class PredictResponse(_message.Message):
     ARM_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     ROUTE_REVISION_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     """The endpoint that answered."""
@@ -156,6 +157,10 @@ class PredictResponse(_message.Message):
     """
     route_revision: _builtins.int
     """The route revision that routed the request."""
+    trace_id: _builtins.str
+    """The trace of this request, when it was traced (failed calls carry it in the
+    `trace-id` trailing metadata instead).
+    """
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
     def __init__(
@@ -167,10 +172,11 @@ class PredictResponse(_message.Message):
         arm: _builtins.str = ...,
         outputs: _abc.Iterable[Global___Tensor] | None = ...,
         route_revision: _builtins.int = ...,
+        trace_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "model", b"model", "outputs", b"outputs", "request_id", b"request_id", "route_revision", b"route_revision", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "model", b"model", "outputs", b"outputs", "request_id", b"request_id", "route_revision", b"route_revision", "trace_id", b"trace_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
