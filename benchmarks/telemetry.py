@@ -50,9 +50,9 @@ def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
                     else ""
                 )
                 latency = f"{m['p50_ms']:.3f} | {m['p99_ms']:.3f}"
-                rows.append(
-                    f"| {concurrency} | {name} | {m['rps']:.0f} | {ratio} | {latency} | {m['cpu_us_per_req']:.0f} | {cpu} |"
-                )
+                rate = f"{m['rps']:.0f} | {ratio}"
+                usage = f"{m['cpu_us_per_req']:.0f} | {cpu}"
+                rows.append(f"| {concurrency} | {name} | {rate} | {latency} | {usage} |")
     finally:
         for server in [*servers, sink]:
             server.stop()
