@@ -9,10 +9,13 @@ from pathlib import Path
 from gateway.config import GatewayConfig, load_config
 from gateway.control import ControlPlane
 from gateway.desired import DesiredState, desired_from_config
+from gateway.faults import FaultInjector
 from gateway.inference import InferenceService
 from gateway.registry import ModelRegistry, ModelVersion, VersionState
 from gateway.repository import ModelRepository
 from gateway.routing import Router, RouteTable
+from gateway.shadow.compare import CompareSettings
+from gateway.shadow.runner import ShadowRunner, ShadowSettings
 from gateway.state import StateStore
 from gateway.telemetry.metrics import Telemetry
 
@@ -41,6 +44,7 @@ class Gateway:
         limits: ServerLimits | None = None,
         config_source: str = "route file",
         telemetry: Telemetry | None = None,
+        shadow_settings: ShadowSettings | None = None,
     ) -> None:
         self.config = config
         self.config_source = config_source
@@ -51,8 +55,12 @@ class Gateway:
         self.repository = ModelRepository(config.model_root)
         self.registry = ModelRegistry(self.repository)
         self.router = Router(RouteTable(0, {}))
-        self.inference = InferenceService(self.registry, self.router, self.telemetry)
+        self.faults = FaultInjector()
+        self.shadow = ShadowRunner(self.registry, self.telemetry, self.faults, shadow_settings)
         self.control = ControlPlane(store, self.registry, self.router)
+        self.inference = InferenceService(
+            self.registry, self.router, self.telemetry, self.shadow, self._compare_settings
+        )
         self._observe()
 
     def _observe(self) -> None:
@@ -88,9 +96,17 @@ class Gateway:
         *,
         limits: ServerLimits | None = None,
         telemetry: Telemetry | None = None,
+        shadow_settings: ShadowSettings | None = None,
     ) -> Gateway:
         """Build from a route file (validated; raises ConfigError naming the field)."""
-        return cls(load_config(path), store, limits=limits, config_source=str(path), telemetry=telemetry)
+        return cls(
+            load_config(path),
+            store,
+            limits=limits,
+            config_source=str(path),
+            telemetry=telemetry,
+            shadow_settings=shadow_settings,
+        )
 
     def start(self) -> int:
         """Restore (or seed) the desired state and load every version. Blocking; returns the revision."""
@@ -99,8 +115,13 @@ class Gateway:
         )
         return revision.revision
 
+    def _compare_settings(self, endpoint: str) -> CompareSettings:
+        state = self.control.state.endpoints.get(endpoint)
+        return state.compare if state else CompareSettings()
+
     def close(self) -> None:
-        """Release the store (and the telemetry, when this gateway made it)."""
+        """Stop the shadow workers, release the store (and the telemetry, when this gateway made it)."""
+        self.shadow.shutdown()
         self.store.close()
         if self._owns_telemetry:
             self.telemetry.shutdown()

@@ -35,6 +35,15 @@ _TextDecimalLoader.yaml_implicit_resolvers = {
 }
 
 
+class ShadowCompareConfig(BaseModel):
+    """How shadow outputs are compared: the score threshold for decisions, top-k for classes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = 0.5
+    top_k: int = Field(default=0, ge=0, le=1000)
+
+
 class EndpointConfig(BaseModel):
     """One endpoint in the route file."""
 
@@ -47,6 +56,7 @@ class EndpointConfig(BaseModel):
     nan_policy: Literal["allow", "reject"] = "allow"
     intra_op_threads: int = Field(default=1, ge=1, le=64)
     shadows: dict[str, int] = Field(default_factory=dict)
+    shadow_compare: ShadowCompareConfig = Field(default_factory=ShadowCompareConfig)
     guardrails: list[str] = Field(default_factory=list)
 
     @field_validator("versions")
@@ -57,11 +67,11 @@ class EndpointConfig(BaseModel):
             raise ValueError(f"versions are listed twice: {', '.join(duplicates)}")
         return versions
 
-    @field_validator("shadows", "guardrails")
+    @field_validator("guardrails")
     @classmethod
     def _not_yet(cls, value: Any) -> Any:
         if value:
-            raise ValueError("shadows and guardrails are not supported by this release yet; leave them empty")
+            raise ValueError("guardrails are not supported by this release yet; leave them empty")
         return value
 
 
@@ -126,6 +136,7 @@ def endpoint_routes(name: str, endpoint: EndpointConfig) -> EndpointRoutes:
         labels=dict(endpoint.labels),
         max_batch_size=endpoint.max_batch_size,
         reject_nan=endpoint.nan_policy == "reject",
+        shadows=dict(endpoint.shadows),
     )
 
 

@@ -247,6 +247,27 @@ class ControlPlane:
             Intent(actor, "label", endpoint, reason, dry_run, {"label": label, "version": version}), change
         )
 
+    def set_shadow(
+        self, actor: str, endpoint: str, version: str, percent: int, *, reason: str, dry_run: bool = False
+    ) -> ChangeResult:
+        """Mirror `percent` of the endpoint's live requests to `version` (0 turns the shadow off)."""
+
+        def change(ep: EndpointState) -> EndpointState:
+            ep.require_version(version)
+            shadows = dict(ep.shadows)
+            if percent:
+                shadows[version] = percent
+            elif shadows.pop(version, None) is None:
+                raise NotFound(
+                    f"{endpoint} {version} is not a shadow; shadows: {', '.join(ep.shadows) or '(none)'}"
+                )
+            return ep.with_(shadows=shadows)
+
+        return self._change(
+            Intent(actor, "shadow", endpoint, reason, dry_run, {"version": version, "percent": percent}),
+            change,
+        )
+
     def promote(self, actor: str, endpoint: str, *, reason: str, dry_run: bool = False) -> ChangeResult:
         """The canary becomes stable and takes 100%; the canary label is cleared."""
 
@@ -378,6 +399,11 @@ class ControlPlane:
                 raise FailedPrecondition(
                     f"{endpoint} {version} takes {ep.weights[version]}% of traffic; move its traffic first"
                 )
+            if ep.shadows.get(version, 0):
+                raise FailedPrecondition(
+                    f"{endpoint} {version} is a shadow ({ep.shadows[version]}% of requests); "
+                    "turn the shadow off first"
+                )
             labels = sorted(k for k, v in ep.labels.items() if v == version)
             if labels:
                 raise FailedPrecondition(
@@ -478,9 +504,9 @@ class ControlPlane:
         table = updated.route_table(self._revision + 1)  # validates: raises InvalidInput naming the field
         for name, ep in updated.endpoints.items():
             before = current.endpoints.get(name)
-            for version, weight in ep.weights.items():
-                gains = weight > (before.weights.get(version, 0) if before else 0)
-                if gains and (name, version) not in assume_ready:
+            for version, weight in [*ep.weights.items(), *ep.shadows.items()]:
+                had = max(before.weights.get(version, 0), before.shadows.get(version, 0)) if before else 0
+                if weight > had and (name, version) not in assume_ready:
                     self._require_ready(name, version)
         changes = diff(current, updated)
         draft = self._draft(intent, self._revision, changes)

@@ -17,6 +17,7 @@ from gateway.config import EndpointConfig, GatewayConfig
 from gateway.errors import InvalidInput, NotFound
 from gateway.repository import Artifact, ModelRepository
 from gateway.routing import EndpointRoutes, RouteTable, version_sort_key
+from gateway.shadow.compare import CompareSettings
 
 FORMAT = 1
 
@@ -36,11 +37,14 @@ class EndpointState:
     max_batch_size: int = 256
     nan_policy: str = "allow"
     intra_op_threads: int = 1
+    shadows: Mapping[str, int] = field(default_factory=dict)
+    compare: CompareSettings = field(default_factory=CompareSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "artifacts", _frozen(self.artifacts))
         object.__setattr__(self, "weights", _frozen({v: w for v, w in self.weights.items() if w}))
         object.__setattr__(self, "labels", _frozen(self.labels))
+        object.__setattr__(self, "shadows", _frozen({v: p for v, p in self.shadows.items() if p}))
 
     @property
     def versions(self) -> tuple[str, ...]:
@@ -56,6 +60,7 @@ class EndpointState:
             labels=dict(self.labels),
             max_batch_size=self.max_batch_size,
             reject_nan=self.nan_policy == "reject",
+            shadows=dict(self.shadows),
         )
 
     def require_version(self, version: str) -> None:
@@ -86,6 +91,8 @@ class EndpointState:
             "max_batch_size": self.max_batch_size,
             "nan_policy": self.nan_policy,
             "intra_op_threads": self.intra_op_threads,
+            "shadows": dict(sorted(self.shadows.items())),
+            "shadow_compare": {"threshold": self.compare.threshold, "top_k": self.compare.top_k},
         }
 
     @classmethod
@@ -101,6 +108,8 @@ class EndpointState:
             max_batch_size=int(data.get("max_batch_size", 256)),
             nan_policy=str(data.get("nan_policy", "allow")),
             intra_op_threads=int(data.get("intra_op_threads", 1)),
+            shadows={str(k): int(p) for k, p in data.get("shadows", {}).items()},
+            compare=CompareSettings(**data.get("shadow_compare", {})),
         )
 
 
@@ -185,6 +194,11 @@ def _flatten(state: DesiredState) -> dict[str, Any]:
             flat[f"{name} traffic {version}"] = endpoint.weights.get(version, 0)
         for label, version in body.pop("labels").items():
             flat[f"{name} label {label}"] = version
+        for version, percent in body.pop("shadows").items():
+            flat[f"{name} shadow {version}"] = percent
+        compare = body.pop("shadow_compare")
+        flat[f"{name} shadow_compare threshold"] = compare["threshold"]
+        flat[f"{name} shadow_compare top_k"] = compare["top_k"]
         for key, value in body.items():
             flat[f"{name} {key}"] = value
     return flat
@@ -217,6 +231,8 @@ def endpoint_from_config(
         max_batch_size=config.max_batch_size,
         nan_policy=config.nan_policy,
         intra_op_threads=config.intra_op_threads,
+        shadows=dict(config.shadows),
+        compare=CompareSettings(threshold=config.shadow_compare.threshold, top_k=config.shadow_compare.top_k),
     )
 
 

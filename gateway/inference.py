@@ -11,8 +11,9 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -23,12 +24,16 @@ from gateway.errors import GatewayError, InvalidInput, NotFound, TooLarge
 from gateway.registry import ModelRegistry
 from gateway.routing import EndpointRoutes, ModelRef, RouteDecision, Router, RouteTable, RoutingReason
 from gateway.runtime import OnnxModel
+from gateway.shadow.compare import CompareSettings
+from gateway.shadow.runner import ShadowJob, ShadowRunner
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.tracing import SpanRecord
 from gateway.telemetry.windows import SeriesKey
 from gateway.tensors import DataType, TensorSpec
 
 PLATFORM = "onnxruntime_onnx"
+#: Live (weighted) traffic is mirrored to shadows; explicitly pinned requests are not.
+_MIRRORED = frozenset({RoutingReason.WEIGHT, RoutingReason.STICKY})
 SERVER_NAME = "model-gateway"
 
 
@@ -186,10 +191,19 @@ def _route(table: RouteTable, request: InferRequest) -> tuple[EndpointRoutes, Ro
 class InferenceService:
     """Serves predictions: routing, input checks, model run. Shared by every transport."""
 
-    def __init__(self, registry: ModelRegistry, router: Router, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        router: Router,
+        telemetry: Telemetry | None = None,
+        shadow: ShadowRunner | None = None,
+        compare: Callable[[str], CompareSettings] | None = None,
+    ) -> None:
         self._registry = registry
         self._router = router
         self._telemetry = telemetry or Telemetry()
+        self._shadow = shadow
+        self._compare = compare or (lambda _endpoint: CompareSettings())
         # Request ids: 16 hex digits random per process + a 16-digit counter. No syscall per
         # request (os.urandom after a GIL-releasing model run costs several microseconds).
         self._series_keys: dict[tuple[str, str, bool], SeriesKey] = {}
@@ -237,7 +251,10 @@ class InferenceService:
         except Exception:
             self._measure(routes, decision, "INTERNAL", started, rows, nan, features, span)
             raise
-        self._measure(routes, decision, "OK", started, rows, nan, features, span)
+        seconds = self._measure(routes, decision, "OK", started, rows, nan, features, span)
+        outputs = dict(zip(wanted, arrays, strict=True))
+        if routes.mirror and self._shadow is not None and decision.reason in _MIRRORED:
+            self._mirror(routes, decision, request, request_id, outputs, seconds, span)
         return InferResult(
             request_id=request_id,
             endpoint=routes.name,
@@ -245,8 +262,37 @@ class InferenceService:
             arm=decision.arm,
             reason=decision.reason,
             route_revision=table.revision,
-            outputs=dict(zip(wanted, arrays, strict=True)),
+            outputs=outputs,
         )
+
+    def _mirror(  # noqa: PLR0917 - per request: positional is cheaper
+        self,
+        routes: EndpointRoutes,
+        decision: RouteDecision,
+        request: InferRequest,
+        request_id: str,
+        outputs: dict[str, np.ndarray],
+        seconds: float,
+        span: SpanRecord | None,
+    ) -> None:
+        """Hand a copy to the shadow runner for each shadow sampled (never blocks)."""
+        assert self._shadow is not None
+        for version, fraction in routes.mirror:
+            if version != decision.version and random.random() < fraction:
+                self._shadow.offer(
+                    ShadowJob(
+                        endpoint=routes.name,
+                        shadow_version=version,
+                        primary_version=decision.version,
+                        request_id=request_id,
+                        routing_key=request.routing_key,
+                        inputs=request.inputs,
+                        primary_outputs=outputs,
+                        primary_seconds=seconds,
+                        compare=self._compare(routes.name),
+                        span=span,
+                    )
+                )
 
     def _measure(  # noqa: PLR0917 - per request: positional is cheaper
         self,
@@ -258,19 +304,21 @@ class InferenceService:
         nan: list[int] | None,
         features: tuple[str, ...],
         span: SpanRecord | None,
-    ) -> None:
+    ) -> float:
         pinned = decision.reason is RoutingReason.PINNED or decision.reason is RoutingReason.LABEL
+        seconds = time.perf_counter() - started
         self._telemetry.record(
             self._series(routes.name, decision.version, pinned),
             decision.arm,
             code,
-            time.perf_counter() - started,
+            seconds,
             rows,
             nan,
             features,
         )
         if span is not None:
             span.attributes["gateway.batch_size"] = rows
+        return seconds
 
     def _series(self, endpoint: str, version: str, pinned: bool) -> SeriesKey:
         key = (endpoint, version, pinned)

@@ -102,6 +102,10 @@ class EndpointRoutes:
     labels: Mapping[str, str] = field(default_factory=dict)
     max_batch_size: int = 256
     reject_nan: bool = False
+    #: version -> percent of (non-pinned) requests mirrored to it.
+    shadows: Mapping[str, int] = field(default_factory=dict)
+    #: (version, fraction) for the request path's draw.
+    mirror: tuple[tuple[str, float], ...] = field(init=False, repr=False, compare=False)
     _bounds: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _sticky: tuple[RouteDecision, ...] = field(init=False, repr=False, compare=False)
     _random: tuple[RouteDecision, ...] = field(init=False, repr=False, compare=False)
@@ -126,6 +130,8 @@ class EndpointRoutes:
         set_(self, "versions", tuple(self.versions))
         set_(self, "weights", MappingProxyType(dict(self.weights)))
         set_(self, "labels", MappingProxyType(dict(self.labels)))
+        set_(self, "shadows", MappingProxyType(dict(self.shadows)))
+        set_(self, "mirror", tuple((v, p / 100) for v, p in sorted(self.shadows.items()) if p > 0))
         set_(self, "_bounds", tuple(bounds[:-1]))
         set_(self, "_sticky", tuple(sticky))
         set_(self, "_random", tuple(drawn))
@@ -137,6 +143,21 @@ class EndpointRoutes:
         )
         set_(self, "_salt", self.name.encode() + b"\x00")
 
+    def _require_known(self, version: str, field_name: str) -> None:
+        if version not in self.versions:
+            raise InvalidInput(
+                f"endpoints.{self.name}.{field_name}: version {version!r} is not a version of {self.name}; "
+                f"versions: {', '.join(self.versions) or '(none)'}",
+                field=f"endpoints.{self.name}.{field_name.split('.', maxsplit=1)[0]}",
+            )
+
+    @staticmethod
+    def _percent(value: object, what: str, field_name: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= TOTAL_WEIGHT:
+            raise InvalidInput(
+                f"{what}: {value!r} must be an integer percent from 0 to 100", field=field_name
+            )
+
     def _validate(self) -> None:
         where = f"endpoints.{self.name}"
         if not ENDPOINT_NAME.match(self.name):
@@ -145,7 +166,6 @@ class EndpointRoutes:
                 "(no '@' or ':', which select versions and labels)",
                 field="endpoints",
             )
-        known = set(self.versions)
         for version in self.versions:
             if not VERSION_NAME.match(version):
                 raise InvalidInput(
@@ -154,17 +174,8 @@ class EndpointRoutes:
                     field=f"{where}.versions",
                 )
         for version, weight in self.weights.items():
-            if version not in known:
-                raise InvalidInput(
-                    f"{where}.traffic: version {version!r} is not a version of {self.name}; "
-                    f"versions: {', '.join(self.versions) or '(none)'}",
-                    field=f"{where}.traffic",
-                )
-            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
-                raise InvalidInput(
-                    f"{where}.traffic.{version}: weight {weight!r} must be an integer from 0 to 100",
-                    field=f"{where}.traffic",
-                )
+            self._require_known(version, "traffic")
+            self._percent(weight, f"{where}.traffic.{version}: weight", f"{where}.traffic")
         total = sum(self.weights.values())
         if total != TOTAL_WEIGHT:
             raise InvalidInput(
@@ -177,12 +188,10 @@ class EndpointRoutes:
                     f"{where}.labels: {label!r} is not a valid label (lower-case letters, digits and '-')",
                     field=f"{where}.labels",
                 )
-            if version not in known:
-                raise InvalidInput(
-                    f"{where}.labels.{label}: version {version!r} is not a version of {self.name}; "
-                    f"versions: {', '.join(self.versions) or '(none)'}",
-                    field=f"{where}.labels",
-                )
+            self._require_known(version, f"labels.{label}")
+        for version, percent in self.shadows.items():
+            self._require_known(version, "shadows")
+            self._percent(percent, f"{where}.shadows.{version}: share of requests", f"{where}.shadows")
         if not 1 <= self.max_batch_size <= 1 << 20:
             raise InvalidInput(
                 f"{where}.max_batch_size: {self.max_batch_size} must be between 1 and {1 << 20}",

@@ -128,7 +128,7 @@ def test_model_ref_rejects_empty_parts(model: str) -> None:
     [
         ({"1.12": 90, "1.13": 5}, LABELS, "weights sum to 95; they must sum to 100"),
         ({"1.12": 90, "2.0": 10}, LABELS, "version '2.0' is not a version of ctr-ranker"),
-        ({"1.12": 110, "1.13": -10}, LABELS, "must be an integer from 0 to 100"),
+        ({"1.12": 110, "1.13": -10}, LABELS, "must be an integer percent from 0 to 100"),
         ({"1.12": 100}, {"stable": "9.9"}, "labels.stable: version '9.9' is not a version"),
         ({"1.12": 100}, {"Stable!": "1.12"}, "is not a valid label"),
     ],

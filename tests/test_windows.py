@@ -114,10 +114,11 @@ def test_nan_rates_per_feature() -> None:
 def test_shadow_agreement() -> None:
     clock = FakeClock()
     window = SlidingWindow(60, clock=clock)
-    for agree in (True, True, True, False):
+    for agree in (1, 1, 1, 0):
         window.record_comparison(agree)
+    window.record_comparison(3, decisions=4)
     stats = window.stats(60)
-    assert (stats.compared, stats.agree, stats.agreement_rate) == (4, 3, 0.75)
+    assert (stats.compared, stats.agree, stats.agreement_rate) == (8, 6, 0.75)
 
 
 def test_store_keeps_weighted_and_pinned_series_apart() -> None:

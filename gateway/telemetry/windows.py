@@ -164,12 +164,12 @@ class SlidingWindow:
                 for i, count in enumerate(nan_per_feature[: len(counts)]):
                     counts[i] += count
 
-    def record_comparison(self, agree: bool) -> None:
-        """One shadow comparison: did the shadow's decision agree with the primary's."""
+    def record_comparison(self, agree: int, decisions: int = 1) -> None:
+        """One shadow comparison: of its `decisions` (rows), how many agreed with the primary's."""
         with self._lock:
             slot = self._slot(self._clock())
-            slot.compared += 1
-            slot.agree += int(agree)
+            slot.compared += decisions
+            slot.agree += agree
 
     def stats(self, seconds: int) -> WindowStats:
         """Totals over the last `seconds` (at most the horizon), this second included."""

@@ -1,0 +1,1 @@
+"""Shadow traffic: mirrored runs off the critical path, output comparison, diff logs, reports."""
