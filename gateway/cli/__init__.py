@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.cli import admin, predict, serve
+from gateway.cli import admin, predict, report, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(commands)
     predict.register(commands)
     admin.register(commands)
+    report.register(commands)
     return parser
 
 

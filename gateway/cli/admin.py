@@ -290,6 +290,15 @@ def _mutation(args: argparse.Namespace) -> tuple[str, Any]:
             "UnloadVersion",
             pb.UnloadVersionRequest(endpoint=args.endpoint, version=args.version, **common),
         ),
+        "shadow": lambda: (
+            "SetShadow",
+            pb.SetShadowRequest(
+                endpoint=args.endpoint,
+                version=args.version,
+                percent=0 if args.off else args.percent,
+                **common,
+            ),
+        ),
         "apply": lambda: (
             "Apply",
             pb.ApplyRequest(document=Path(args.file).read_text(), source=str(args.file), **common),
@@ -301,6 +310,8 @@ def _mutation(args: argparse.Namespace) -> tuple[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Dispatch one admin subcommand."""
     args.json = getattr(args, "json", False)
+    if args.admin_command == "shadow" and args.percent is None and not args.off:
+        return fail("give --percent P (1..100) or --off", 2)
     if args.admin_command == "label" and not args.version and not args.remove:
         return fail("give the VERSION the label should point at, or --remove to delete the label", 2)
     try:
@@ -384,5 +395,13 @@ def register(commands: Any) -> None:
     )
     unload.add_argument("endpoint")
     unload.add_argument("version")
+    shadow = sub.add_parser(
+        "shadow", parents=[common, mutating], help="mirror a share of live requests to a version (or --off)"
+    )
+    shadow.add_argument("endpoint")
+    shadow.add_argument("version")
+    amount = shadow.add_mutually_exclusive_group()
+    amount.add_argument("--percent", type=int, help="percent of live requests mirrored, 1..100")
+    amount.add_argument("--off", action="store_true", help="stop mirroring")
     apply = sub.add_parser("apply", parents=[common, mutating], help="apply a whole route file")
     apply.add_argument("-f", "--file", required=True)

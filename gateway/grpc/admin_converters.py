@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gateway.control import ChangeResult, VersionInfo
 from gateway.desired import DesiredState
 from gateway.pb.gateway.v1 import admin_pb2 as pb
+from gateway.shadow.stats import ShadowReport
 from gateway.state import AuditEntry
 
 
@@ -67,6 +68,37 @@ def versions(infos: Iterable[VersionInfo]) -> pb.ListVersionsResponse:
             )
             for i in infos
         ]
+    )
+
+
+def _quantiles(values: Mapping[str, float]) -> pb.Quantiles:
+    return pb.Quantiles(**{k: float(v) for k, v in values.items()})
+
+
+def shadow_report(report: ShadowReport, percent: int) -> pb.ShadowReport:
+    """A shadow comparison report."""
+    return pb.ShadowReport(
+        endpoint=report.endpoint,
+        shadow_version=report.shadow_version,
+        window_seconds=report.window_seconds,
+        percent=percent,
+        mirrored=report.mirrored,
+        compared=report.compared,
+        dropped=report.dropped,
+        errors=report.errors,
+        decisions=report.decisions,
+        agree=report.agree,
+        agreement_rate=report.agreement_rate,
+        agreement_ci_low=report.agreement_ci[0],
+        agreement_ci_high=report.agreement_ci[1],
+        diff=_quantiles(report.diff_quantiles),
+        primary_latency_ms=_quantiles(report.primary_latency_ms),
+        shadow_latency_ms=_quantiles(report.shadow_latency_ms),
+        top_divergent=[pb.DivergentRequest(request_id=r, max_abs_diff=d) for r, d in report.top_divergent],
+        primary_versions=report.primary_versions,
+        diff_histogram=[
+            pb.HistogramBucket(upper=upper, count=count) for upper, count in report.diff_histogram
+        ],
     )
 
 

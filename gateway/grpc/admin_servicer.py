@@ -17,6 +17,7 @@ from gateway.grpc import admin_converters as convert
 from gateway.grpc.errors import ACTOR
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
+from gateway.shadow.runner import ShadowRunner
 
 Context: TypeAlias = grpc.ServicerContext
 
@@ -24,8 +25,9 @@ Context: TypeAlias = grpc.ServicerContext
 class AdminServicer(pb_grpc.AdminServicer):
     """Admin RPCs, run in the admin server's worker threads."""
 
-    def __init__(self, control: ControlPlane) -> None:
+    def __init__(self, control: ControlPlane, shadow: ShadowRunner) -> None:
         self._control = control
+        self._shadow = shadow
 
     @staticmethod
     def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
@@ -143,6 +145,26 @@ class AdminServicer(pb_grpc.AdminServicer):
             source=request.source,
         )
         return convert.change_response(result)
+
+    def SetShadow(self, request: pb.SetShadowRequest, context: Context) -> pb.ChangeResponse:
+        result = self._control.set_shadow(
+            ACTOR.get(),
+            request.endpoint,
+            request.version,
+            request.percent,
+            reason=request.reason,
+            dry_run=request.dry_run,
+        )
+        return convert.change_response(result)
+
+    def GetShadowReport(self, request: pb.GetShadowReportRequest, context: Context) -> pb.ShadowReport:
+        report, percent = self._shadow.report(
+            self._control.state.endpoint(request.endpoint),
+            request.shadow_version,
+            request.window_seconds or 3600,
+            request.top or 10,
+        )
+        return convert.shadow_report(report, percent)
 
     def GetAudit(self, request: pb.GetAuditRequest, context: Context) -> pb.GetAuditResponse:
         entries = self._call(self._control.audit, request.endpoint, request.limit or 100)

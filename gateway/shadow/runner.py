@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 from opentelemetry.trace import SpanKind
 
-from gateway.errors import GatewayError
+from gateway.desired import EndpointState
+from gateway.errors import GatewayError, InvalidInput, NotFound
 from gateway.faults import FaultInjector
 from gateway.registry import ModelRegistry
 from gateway.shadow.compare import CompareSettings, compare_outputs
 from gateway.shadow.difflog import DiffLog, DivergentInputs
-from gateway.shadow.stats import ComparisonRecord, ShadowStats
+from gateway.shadow.stats import ComparisonRecord, ShadowReport, ShadowStats
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.tracing import SpanRecord
 from gateway.telemetry.windows import SeriesKey
@@ -220,6 +221,28 @@ class ShadowRunner:
                 {"gateway.shadow.max_abs_diff": record.max_abs, "gateway.shadow.agree": agree == rows}
             )
             spans.end(span)
+
+    # --- reports -------------------------------------------------------------------------------
+
+    def report(
+        self, endpoint: EndpointState, version: str = "", window_seconds: int = 3600, top: int = 10
+    ) -> tuple[ShadowReport, int]:
+        """A shadow's report and its configured percent; `version` may be empty when there is one shadow."""
+        if not version:
+            configured = sorted(endpoint.shadows)
+            seen = sorted(v for e, v in self.stats.shadows() if e == endpoint.name)
+            candidates = configured or seen
+            if len(candidates) != 1:
+                listed = ", ".join(candidates) or "(none)"
+                raise InvalidInput(f"{endpoint.name} has shadows {listed}; name the version to report on")
+            version = candidates[0]
+        elif version not in endpoint.shadows and (endpoint.name, version) not in self.stats.shadows():
+            shadows = ", ".join(endpoint.shadows) or "(none)"
+            raise NotFound(f"{endpoint.name} {version} has never been a shadow; shadows: {shadows}")
+        if window_seconds <= 0:
+            raise InvalidInput(f"window {window_seconds} s must be positive")
+        report = self.stats.report(endpoint.name, version, window_seconds, top)
+        return report, endpoint.shadows.get(version, 0)
 
     # --- lifecycle -------------------------------------------------------------------------------
 

@@ -77,6 +77,7 @@ class ShadowReport:
     top_divergent: list[tuple[str, float]]
     primary_versions: list[str]
     records_in_window: int
+    diff_histogram: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def shadow_errors(self) -> int:
@@ -93,6 +94,21 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     center = (p + z * z / (2 * trials)) / denominator
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
     return max(0.0, center - half), min(1.0, center + half)
+
+
+#: Upper edges of the diff histogram: 0 (identical), then one bucket per decade.
+DIFF_EDGES = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, math.inf)
+
+
+def diff_histogram(values: list[float]) -> list[tuple[float, int]]:
+    """Counts of values per bucket of DIFF_EDGES (a value goes to the first edge >= it)."""
+    counts = [0] * len(DIFF_EDGES)
+    for value in values:
+        for i, edge in enumerate(DIFF_EDGES):
+            if value <= edge:
+                counts[i] += 1
+                break
+    return list(zip(DIFF_EDGES, counts, strict=True))
 
 
 def _quantiles(values: list[float], scale: float = 1.0) -> dict[str, float]:
@@ -196,4 +212,5 @@ class ShadowStats:
             top_divergent=[(r.request_id, r.max_abs) for r in divergent],
             primary_versions=sorted({r.primary_version for r in records}),
             records_in_window=len(records),
+            diff_histogram=diff_histogram([r.max_abs for r in records]),
         )

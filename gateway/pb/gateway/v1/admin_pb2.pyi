@@ -596,6 +596,252 @@ class ApplyRequest(_message.Message):
 Global___ApplyRequest: _TypeAlias = ApplyRequest  # noqa: Y015
 
 @_typing.final
+class SetShadowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    version: _builtins.str
+    percent: _builtins.int
+    """Percent of live (not pinned) requests mirrored; 0 turns the shadow off."""
+    reason: _builtins.str
+    dry_run: _builtins.bool
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        version: _builtins.str = ...,
+        percent: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "endpoint", b"endpoint", "percent", b"percent", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetShadowRequest: _TypeAlias = SetShadowRequest  # noqa: Y015
+
+@_typing.final
+class GetShadowReportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    SHADOW_VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    TOP_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    shadow_version: _builtins.str
+    """Empty: the endpoint's only shadow (an error lists them when there are several)."""
+    window_seconds: _builtins.int
+    """0: the last hour."""
+    top: _builtins.int
+    """How many of the most divergent requests to list (0: 10)."""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        shadow_version: _builtins.str = ...,
+        window_seconds: _builtins.int = ...,
+        top: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "shadow_version", b"shadow_version", "top", b"top", "window_seconds", b"window_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetShadowReportRequest: _TypeAlias = GetShadowReportRequest  # noqa: Y015
+
+@_typing.final
+class Quantiles(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    P50_FIELD_NUMBER: _builtins.int
+    P95_FIELD_NUMBER: _builtins.int
+    P99_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    p50: _builtins.float
+    p95: _builtins.float
+    p99: _builtins.float
+    max: _builtins.float
+    def __init__(
+        self,
+        *,
+        p50: _builtins.float = ...,
+        p95: _builtins.float = ...,
+        p99: _builtins.float = ...,
+        max: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max", b"max", "p50", b"p50", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Quantiles: _TypeAlias = Quantiles  # noqa: Y015
+
+@_typing.final
+class DivergentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MAX_ABS_DIFF_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    max_abs_diff: _builtins.float
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        max_abs_diff: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_abs_diff", b"max_abs_diff", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DivergentRequest: _TypeAlias = DivergentRequest  # noqa: Y015
+
+@_typing.final
+class ShadowReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ErrorsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    SHADOW_VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    MIRRORED_FIELD_NUMBER: _builtins.int
+    COMPARED_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    AGREE_FIELD_NUMBER: _builtins.int
+    AGREEMENT_RATE_FIELD_NUMBER: _builtins.int
+    AGREEMENT_CI_LOW_FIELD_NUMBER: _builtins.int
+    AGREEMENT_CI_HIGH_FIELD_NUMBER: _builtins.int
+    DIFF_FIELD_NUMBER: _builtins.int
+    PRIMARY_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    SHADOW_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    TOP_DIVERGENT_FIELD_NUMBER: _builtins.int
+    PRIMARY_VERSIONS_FIELD_NUMBER: _builtins.int
+    DIFF_HISTOGRAM_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    shadow_version: _builtins.str
+    window_seconds: _builtins.int
+    percent: _builtins.int
+    """Configured share of requests mirrored (percent)."""
+    mirrored: _builtins.int
+    """Copies sampled for the shadow; each ends up compared, dropped or failed."""
+    compared: _builtins.int
+    dropped: _builtins.int
+    decisions: _builtins.int
+    """Decisions (rows) compared and how many agreed."""
+    agree: _builtins.int
+    agreement_rate: _builtins.float
+    agreement_ci_low: _builtins.float
+    """95% Wilson interval of the agreement rate."""
+    agreement_ci_high: _builtins.float
+    @_builtins.property
+    def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Failed shadow runs by status code."""
+
+    @_builtins.property
+    def diff(self) -> Global___Quantiles:
+        """Per request, the largest absolute difference over its outputs."""
+
+    @_builtins.property
+    def primary_latency_ms(self) -> Global___Quantiles: ...
+    @_builtins.property
+    def shadow_latency_ms(self) -> Global___Quantiles: ...
+    @_builtins.property
+    def top_divergent(self) -> _containers.RepeatedCompositeFieldContainer[Global___DivergentRequest]: ...
+    @_builtins.property
+    def primary_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def diff_histogram(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistogramBucket]:
+        """Distribution of the per-request largest absolute difference, by decade."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        shadow_version: _builtins.str = ...,
+        window_seconds: _builtins.int = ...,
+        percent: _builtins.int = ...,
+        mirrored: _builtins.int = ...,
+        compared: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+        errors: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        decisions: _builtins.int = ...,
+        agree: _builtins.int = ...,
+        agreement_rate: _builtins.float = ...,
+        agreement_ci_low: _builtins.float = ...,
+        agreement_ci_high: _builtins.float = ...,
+        diff: Global___Quantiles | None = ...,
+        primary_latency_ms: Global___Quantiles | None = ...,
+        shadow_latency_ms: Global___Quantiles | None = ...,
+        top_divergent: _abc.Iterable[Global___DivergentRequest] | None = ...,
+        primary_versions: _abc.Iterable[_builtins.str] | None = ...,
+        diff_histogram: _abc.Iterable[Global___HistogramBucket] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["diff", b"diff", "primary_latency_ms", b"primary_latency_ms", "shadow_latency_ms", b"shadow_latency_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agree", b"agree", "agreement_ci_high", b"agreement_ci_high", "agreement_ci_low", b"agreement_ci_low", "agreement_rate", b"agreement_rate", "compared", b"compared", "decisions", b"decisions", "diff", b"diff", "diff_histogram", b"diff_histogram", "dropped", b"dropped", "endpoint", b"endpoint", "errors", b"errors", "mirrored", b"mirrored", "percent", b"percent", "primary_latency_ms", b"primary_latency_ms", "primary_versions", b"primary_versions", "shadow_latency_ms", b"shadow_latency_ms", "shadow_version", b"shadow_version", "top_divergent", b"top_divergent", "window_seconds", b"window_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowReport: _TypeAlias = ShadowReport  # noqa: Y015
+
+@_typing.final
+class HistogramBucket(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPPER_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    upper: _builtins.float
+    """Upper edge (inclusive) of the bucket; +Inf for the last."""
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        upper: _builtins.float = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "upper", b"upper"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistogramBucket: _TypeAlias = HistogramBucket  # noqa: Y015
+
+@_typing.final
 class GetAuditRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -94,6 +94,16 @@ class AdminStub:
                 request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetAuditRequest.SerializeToString,
                 response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetAuditResponse.FromString,
                 _registered_method=True)
+        self.SetShadow = channel.unary_unary(
+                '/gateway.v1.Admin/SetShadow',
+                request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetShadowRequest.SerializeToString,
+                response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
+                _registered_method=True)
+        self.GetShadowReport = channel.unary_unary(
+                '/gateway.v1.Admin/GetShadowReport',
+                request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetShadowReportRequest.SerializeToString,
+                response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ShadowReport.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -183,6 +193,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetShadow(self, request, context):
+        """Mirror a share of live requests to a version (percent 0 turns it off).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShadowReport(self, request, context):
+        """How a shadow compares with the primaries it mirrored, over a window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +269,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetAudit,
                     request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetAuditRequest.FromString,
                     response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetAuditResponse.SerializeToString,
+            ),
+            'SetShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetShadow,
+                    request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetShadowRequest.FromString,
+                    response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.SerializeToString,
+            ),
+            'GetShadowReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShadowReport,
+                    request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetShadowReportRequest.FromString,
+                    response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ShadowReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -571,6 +605,60 @@ class Admin:
             '/gateway.v1.Admin/GetAudit',
             gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetAuditRequest.SerializeToString,
             gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Admin/SetShadow',
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetShadowRequest.SerializeToString,
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShadowReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Admin/GetShadowReport',
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetShadowReportRequest.SerializeToString,
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ShadowReport.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,10 @@ class AdminStub:
     """Make the endpoints of a whole route file exactly as it says (declarative)."""
     GetAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetAuditRequest, _admin_pb2.GetAuditResponse]
     """The append-only audit log, newest first."""
+    SetShadow: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetShadowRequest, _admin_pb2.ChangeResponse]
+    """Mirror a share of live requests to a version (percent 0 turns it off)."""
+    GetShadowReport: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetShadowReportRequest, _admin_pb2.ShadowReport]
+    """How a shadow compares with the primaries it mirrored, over a window."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -89,6 +93,10 @@ class AdminAsyncStub(AdminStub):
     """Make the endpoints of a whole route file exactly as it says (declarative)."""
     GetAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetAuditRequest, _admin_pb2.GetAuditResponse]  # type: ignore[assignment]
     """The append-only audit log, newest first."""
+    SetShadow: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetShadowRequest, _admin_pb2.ChangeResponse]  # type: ignore[assignment]
+    """Mirror a share of live requests to a version (percent 0 turns it off)."""
+    GetShadowReport: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetShadowReportRequest, _admin_pb2.ShadowReport]  # type: ignore[assignment]
+    """How a shadow compares with the primaries it mirrored, over a window."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -186,5 +194,21 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetAuditResponse, _abc.Awaitable[_admin_pb2.GetAuditResponse]]:
         """The append-only audit log, newest first."""
+
+    @_abc_1.abstractmethod
+    def SetShadow(
+        self,
+        request: _admin_pb2.SetShadowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ChangeResponse, _abc.Awaitable[_admin_pb2.ChangeResponse]]:
+        """Mirror a share of live requests to a version (percent 0 turns it off)."""
+
+    @_abc_1.abstractmethod
+    def GetShadowReport(
+        self,
+        request: _admin_pb2.GetShadowReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ShadowReport, _abc.Awaitable[_admin_pb2.ShadowReport]]:
+        """How a shadow compares with the primaries it mirrored, over a window."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
