@@ -19,6 +19,7 @@ from gateway.grpc.server import AdminServer, InferenceServer, start_admin_server
 from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
+from gateway.shadow.runner import ShadowSettings
 from gateway.state.sqlite import SqliteStore
 from gateway.telemetry.metrics import Telemetry
 
@@ -98,6 +99,7 @@ def running_gateway(
     store_path: Path | None = None,
     model_root: Path | None = None,
     telemetry: Telemetry | None = None,
+    shadow_settings: ShadowSettings | None = None,
 ) -> Iterator[RunningGateway]:
     """Start a real gateway (SQLite store, models loaded, gRPC on 127.0.0.1:0) and stop it afterwards."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -105,7 +107,13 @@ def running_gateway(
         if model_root is not None:
             config = config.model_copy(update={"model_root": model_root})
         store = SqliteStore(store_path or Path(scratch) / "gateway.db")
-        gateway = Gateway(config, store, limits=ServerLimits(max_message_bytes), telemetry=telemetry)
+        gateway = Gateway(
+            config,
+            store,
+            limits=ServerLimits(max_message_bytes),
+            telemetry=telemetry,
+            shadow_settings=shadow_settings,
+        )
         gateway.start()
         loop = LoopThread()
         server = loop.run(start_inference_server(gateway, "127.0.0.1:0"))

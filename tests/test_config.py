@@ -41,7 +41,10 @@ def test_unquoted_versions_keep_their_text() -> None:
         ({"colour": "blue"}, r"endpoints.ctr-ranker.colour: unknown field"),
         ({"versions": '["1.12", "1.12"]'}, r"versions are listed twice: 1.12"),
         ({"shadows": '{"2.0": 10}'}, r"endpoints.ctr-ranker.shadows: version '2.0' is not a version"),
-        ({"shadows": '{"1.14": 120}'}, r"shadows.1.14: share of requests: 120 must be an integer percent from 0 to 100"),
+        (
+            {"shadows": '{"1.14": 120}'},
+            r"shadows.1.14: share of requests: 120 must be an integer percent from 0 to 100",
+        ),
         ({"shadow_compare": "{threshold: 0.5, k: 3}"}, r"shadow_compare.k: unknown field"),
         ({"guardrails": '["error_rate > 2%"]'}, r"guardrails.*not supported by this release yet"),
     ],

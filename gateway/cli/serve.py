@@ -13,6 +13,7 @@ from gateway.app import Gateway, ServerLimits
 from gateway.auth import ENV_TOKENS, AdminTokens
 from gateway.cli.output import fail
 from gateway.errors import GatewayError
+from gateway.shadow.runner import ShadowSettings
 from gateway.state import open_store
 from gateway.telemetry.setup import TelemetrySettings, build_telemetry
 from gateway.telemetry.tracing import Sampler
@@ -59,6 +60,29 @@ def register(commands: Any) -> None:
         default=None,
         help="share of requests traced, 0..1 (default: $OTEL_TRACES_SAMPLER[_ARG], else 1.0)",
     )
+    serve.add_argument(
+        "--shadow-workers", type=int, default=1, help="threads that run shadow copies (default 1)"
+    )
+    serve.add_argument(
+        "--shadow-queue",
+        type=int,
+        default=1024,
+        help="shadow copies waiting at most; more are dropped and counted",
+    )
+    serve.add_argument(
+        "--shadow-log-dir",
+        default="var/shadow",
+        help="shadow diff log directory (JSON lines, rotated); empty turns it off (default %(default)s)",
+    )
+    serve.add_argument(
+        "--shadow-log-max-bytes", type=int, default=10 * 1024 * 1024, help="rotate the diff log here"
+    )
+    serve.add_argument(
+        "--shadow-keep-divergent",
+        type=int,
+        default=0,
+        help="keep the inputs of the N most divergent shadowed requests (.npz, for replay; default off)",
+    )
     serve.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
     serve.add_argument("--grace", type=float, default=5.0, help="seconds to finish in-flight calls on stop")
     serve.set_defaults(handler=run)
@@ -77,7 +101,17 @@ async def _serve(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     try:
         gateway = Gateway.from_file(
-            Path(args.config), store, limits=ServerLimits(args.max_message_bytes), telemetry=runtime.telemetry
+            Path(args.config),
+            store,
+            limits=ServerLimits(args.max_message_bytes),
+            telemetry=runtime.telemetry,
+            shadow_settings=ShadowSettings(
+                queue_size=args.shadow_queue,
+                workers=args.shadow_workers,
+                log_dir=Path(args.shadow_log_dir) if args.shadow_log_dir else None,
+                log_max_bytes=args.shadow_log_max_bytes,
+                keep_divergent=args.shadow_keep_divergent,
+            ),
         )
         revision = await asyncio.to_thread(gateway.start)
         inference = await start_inference_server(gateway, args.listen)

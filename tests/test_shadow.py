@@ -1,0 +1,237 @@
+"""Shadow traffic through a real gateway: off the critical path, exact accounting, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from gateway.faults import Fault
+from gateway.pb.gateway.v1 import admin_pb2 as pb
+from gateway.shadow.runner import ShadowSettings
+from gateway.telemetry.setup import TelemetrySettings, build_telemetry
+from gateway.telemetry.tracing import Sampler
+from gateway.telemetry.windows import SeriesKey
+from tests.helpers import ONCALL_TOKEN, ROOT, RunningGateway, config_text, features, running_gateway, tensor
+
+SHADOWED = config_text(shadows='{"1.14": 100}')
+
+
+def drive(gw: RunningGateway, n: int, prefix: str = "user") -> list[float]:
+    latencies = []
+    for i in range(n):
+        started = time.perf_counter()
+        gw.predict(routing_key=f"{prefix}-{i}")
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def test_every_copy_is_accounted_for_and_logged(tmp_path: Path) -> None:
+    with running_gateway(SHADOWED, shadow_settings=ShadowSettings(log_dir=tmp_path)) as gw:
+        drive(gw, 60)
+        gw.predict("ctr-ranker@1.12")  # pinned: not mirrored
+        assert gw.gateway.shadow.drain(10)
+        mirrored, compared, dropped, errors = gw.gateway.shadow.stats.totals("ctr-ranker", "1.14")
+        assert mirrored == 60 == compared + dropped + sum(errors.values())
+        assert compared == 60 and dropped == 0 and errors == {}
+        window = gw.gateway.telemetry.windows.window(SeriesKey("ctr-ranker", "1.14")).stats(600)
+        assert window.compared == 60 and 0.0 <= window.agreement_rate <= 1.0
+        report = gw.admin("GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker"))
+        assert (report.shadow_version, report.percent, report.mirrored, report.compared) == (
+            "1.14",
+            100,
+            60,
+            60,
+        )
+        assert report.decisions == 60 and report.agree <= 60
+        assert report.agreement_ci_low <= report.agreement_rate <= report.agreement_ci_high
+        assert set(report.primary_versions) <= {"1.12", "1.13"}
+        assert report.diff.max > 0  # 1.14 differs slightly from both primaries
+    lines = [json.loads(line) for line in (tmp_path / "shadow-diffs.jsonl").read_text().splitlines()]
+    assert len(lines) == 60
+    first = lines[0]
+    assert first["shadow_version"] == "1.14" and first["primary_version"] in {"1.12", "1.13"}
+    assert len(first["routing_key_hash"]) == 16 and "user-" not in json.dumps(first)
+    assert first["outputs"][0]["name"] == "score" and first["outputs"][0]["max_abs"] >= 0
+    assert first["primary_ms"] > 0 and first["shadow_ms"] > 0 and first["request_id"]
+
+
+def test_an_erroring_shadow_never_fails_the_primary() -> None:
+    with running_gateway(SHADOWED) as gw:
+        gw.gateway.faults.replace({("ctr-ranker", "1.14"): Fault(error_rate=1.0)})
+        drive(gw, 40)  # every primary succeeds (an error would raise)
+        assert gw.gateway.shadow.drain(10)
+        mirrored, compared, dropped, errors = gw.gateway.shadow.stats.totals("ctr-ranker", "1.14")
+        assert errors == {"UNAVAILABLE": 40} and compared == 0
+        assert mirrored == compared + dropped + sum(errors.values())
+
+
+@pytest.mark.slow
+def test_a_slow_shadow_sheds_copies_and_leaves_primary_latency_alone() -> None:
+    settings = ShadowSettings(queue_size=4, workers=1, log_dir=None)
+    with running_gateway(SHADOWED, shadow_settings=settings) as gw:
+        drive(gw, 30, "warm")
+        gw.admin(
+            "SetShadow",
+            pb.SetShadowRequest(endpoint="ctr-ranker", version="1.14", percent=0, reason="baseline"),
+        )
+        baseline = drive(gw, 150, "base")
+        gw.admin(
+            "SetShadow",
+            pb.SetShadowRequest(endpoint="ctr-ranker", version="1.14", percent=100, reason="slow"),
+        )
+        gw.gateway.faults.replace({("ctr-ranker", "1.14"): Fault(latency_ms=50)})
+        with_shadow = drive(gw, 150, "slow")
+        _, _, dropped, _ = gw.gateway.shadow.stats.totals("ctr-ranker", "1.14")
+        assert gw.gateway.shadow.drain(10)
+        mirrored, compared, dropped_after, errors = gw.gateway.shadow.stats.totals("ctr-ranker", "1.14")
+    assert dropped > 100  # shedding, not queueing
+    assert mirrored == compared + dropped_after + sum(errors.values())
+    base, slow = statistics.median(baseline), statistics.median(with_shadow)
+    assert slow < base * 1.5 + 0.001, (base, slow)  # the primary never waits for the 50 ms shadow
+    assert max(with_shadow) < 0.05 * 4  # no request waited out several shadow runs
+
+
+def test_shadow_span_is_linked_to_the_primary() -> None:
+    exporter = InMemorySpanExporter()
+    runtime = build_telemetry(TelemetrySettings(span_exporter=exporter, sampler=Sampler(1.0)))
+    with running_gateway(SHADOWED, telemetry=runtime.telemetry) as gw:
+        response = gw.predict(routing_key="linked")
+        assert gw.gateway.shadow.drain(10)
+        runtime.telemetry.spans.flush()  # type: ignore[union-attr]
+        spans = {s.name: s for s in exporter.get_finished_spans()}
+        shadow, primary = spans["shadow"], spans["Predict"]
+        assert f"{primary.context.trace_id:032x}" == response.trace_id
+        (link,) = shadow.links
+        assert (link.context.trace_id, link.context.span_id) == (
+            primary.context.trace_id,
+            primary.context.span_id,
+        )
+        assert shadow.attributes["gateway.shadow_version"] == "1.14"
+        assert shadow.attributes["gateway.request_id"] == response.request_id
+    runtime.shutdown()
+
+
+def test_set_shadow_is_audited_validated_and_blocks_unload() -> None:
+    with running_gateway() as gw:
+        change = gw.admin(
+            "SetShadow",
+            pb.SetShadowRequest(endpoint="ctr-ranker", version="1.14", percent=25, reason="try 1.14"),
+        )
+        assert change.revision == 2
+        assert [(c.path, c.before, c.after) for c in change.changes] == [("ctr-ranker shadow 1.14", "", "25")]
+        assert gw.gateway.router.table.endpoint("ctr-ranker").shadows == {"1.14": 25}
+        with pytest.raises(grpc.RpcError) as busy:
+            gw.admin(
+                "UnloadVersion", pb.UnloadVersionRequest(endpoint="ctr-ranker", version="1.14", reason="x")
+            )
+        assert (
+            busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is a shadow" in busy.value.details()
+        )
+        with pytest.raises(grpc.RpcError) as bad:
+            gw.admin(
+                "SetShadow",
+                pb.SetShadowRequest(endpoint="ctr-ranker", version="1.14", percent=150, reason="x"),
+            )
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "0 to 100" in bad.value.details()
+        off = gw.admin(
+            "SetShadow", pb.SetShadowRequest(endpoint="ctr-ranker", version="1.14", percent=0, reason="done")
+        )
+        assert off.revision == 3 and gw.gateway.router.table.endpoint("ctr-ranker").shadows == {}
+        audit = gw.admin("GetAudit", pb.GetAuditRequest(endpoint="ctr-ranker")).entries
+        assert [e.action for e in audit[:2]] == ["shadow", "shadow"]
+        with pytest.raises(grpc.RpcError) as none:
+            gw.admin(
+                "GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker", shadow_version="1.13")
+            )
+        assert none.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_divergent_inputs_are_kept_for_replay(tmp_path: Path) -> None:
+    with running_gateway(SHADOWED, shadow_settings=ShadowSettings(log_dir=tmp_path, keep_divergent=3)) as gw:
+        for i in range(20):
+            gw.predict(inputs=[tensor("features", features(1, seed=i))], routing_key=f"k{i}")
+        assert gw.gateway.shadow.drain(10)
+        report = gw.admin("GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker", top=3))
+    kept = sorted((tmp_path / "divergent").glob("*.npz"))
+    assert len(kept) == 3
+    assert {p.stem for p in kept} == {d.request_id for d in report.top_divergent}
+    assert np.load(kept[0])["features"].shape == (1, 32)
+
+
+def test_diff_log_is_rotated_and_bounded(tmp_path: Path) -> None:
+    settings = ShadowSettings(log_dir=tmp_path, log_max_bytes=3000, log_backups=1)
+    with running_gateway(SHADOWED, shadow_settings=settings) as gw:
+        drive(gw, 80)
+        assert gw.gateway.shadow.drain(10)
+    files = sorted(tmp_path.glob("shadow-diffs.jsonl*"))
+    assert [f.name for f in files] == ["shadow-diffs.jsonl", "shadow-diffs.jsonl.1"]
+    assert sum(f.stat().st_size for f in files) <= 2 * 3000 + 1000
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+@pytest.mark.slow
+def test_report_cli_table_json_and_html_in_chromium(tmp_path: Path) -> None:
+    with running_gateway(SHADOWED) as gw:
+        drive(gw, 30)
+        assert gw.gateway.shadow.drain(10)
+        env = {**os.environ, "GATEWAY_ADMIN_TARGET": gw.admin_target, "GATEWAY_ADMIN_TOKEN": ONCALL_TOKEN}
+        command = [sys.executable, "-m", "gateway.cli", "report", "shadow", "ctr-ranker", "--since", "15m"]
+        text = subprocess.run(
+            command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False
+        )
+        page = tmp_path / "report.html"
+        as_json = subprocess.run(
+            [*command, "--json", "--html", str(page)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+    assert text.returncode == 0, text.stderr
+    assert "shadow ctr-ranker 1.14 (100% mirrored), last 900 s" in text.stdout
+    assert "mirrored 30, compared 30, dropped 0, shadow errors 0" in text.stdout
+    body = json.loads(as_json.stdout)
+    assert body["compared"] == 30 and body["window_seconds"] == 900
+    document = page.read_text()
+    assert "<svg" in document and "http://" not in document.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium); the HTML was checked as text only")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count("<svg") == 2 and 'class="bar"' in dom.stdout
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [chromium, *flags, f"--screenshot={shot}", "--window-size=1000,1400", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert shot.exists() and shot.stat().st_size > 10_000

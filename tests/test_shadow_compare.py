@@ -1,0 +1,111 @@
+"""Output comparison and report statistics, computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from gateway.shadow.compare import CompareSettings, compare_outputs, compare_tensor
+from gateway.shadow.stats import ComparisonRecord, ShadowStats, diff_histogram, wilson_interval
+
+
+def test_scores_threshold_agreement_and_differences() -> None:
+    primary = np.array([[0.2], [0.6], [0.49], [0.9]], dtype=np.float32)
+    shadow = np.array([[0.25], [0.4], [0.51], [0.9]], dtype=np.float32)
+    diff = compare_tensor("score", primary, shadow, CompareSettings(threshold=0.5))
+    assert diff.rows == 4
+    assert diff.agree == 2  # rows 0 and 3; row 1 and row 2 cross the threshold
+    assert diff.max_abs == pytest.approx(0.2, abs=1e-6)
+    assert diff.mean_abs == pytest.approx((0.05 + 0.2 + 0.02 + 0.0) / 4, abs=1e-6)
+    assert diff.max_rel == pytest.approx(0.2 / 0.6, rel=1e-5)
+
+
+def test_classes_argmax_and_top_k() -> None:
+    primary = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
+    shadow = np.array([[0.15, 0.6, 0.25], [0.3, 0.5, 0.2]])
+    diff = compare_tensor("probs", primary, shadow, CompareSettings(top_k=2))
+    assert diff.agree == 1
+    assert diff.top_k_overlap == pytest.approx(1.0)  # top-2 sets are {1, 2}/{1, 2} and {0, 1}/{1, 0}
+
+
+def test_shape_mismatch_and_missing_outputs() -> None:
+    diffs = compare_outputs(
+        {"a": np.zeros((2, 1)), "b": np.zeros((2, 1))}, {"a": np.zeros((3, 1))}, CompareSettings()
+    )
+    assert [d.shape_mismatch for d in diffs] == [True, True]
+    assert all(d.agree == 0 and math.isinf(d.max_abs) for d in diffs)
+
+
+def test_wilson_interval_known_values() -> None:
+    low, high = wilson_interval(81, 100)
+    assert (round(low, 4), round(high, 4)) == (0.7222, 0.8749)
+    assert wilson_interval(0, 0)[0] != wilson_interval(0, 0)[0]  # NaN
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+class Clock:
+    now = 10_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_report_numbers_match_a_hand_computed_case() -> None:
+    clock = Clock()
+    stats = ShadowStats(clock=clock)
+    # Ten requests: diffs 0.00, 0.01, ..., 0.09; one row each; rows 7, 8, 9 disagree.
+    for i in range(10):
+        stats.mirrored("ranker", "2.0")
+        stats.compared(
+            "ranker",
+            "2.0",
+            ComparisonRecord(
+                at=clock.now,
+                request_id=f"r{i}",
+                primary_version="1.0",
+                max_abs=i / 100,
+                mean_abs=i / 200,
+                max_rel=0.0,
+                rows=1,
+                agree=0 if i >= 7 else 1,
+                primary_seconds=0.001 * (i + 1),
+                shadow_seconds=0.002 * (i + 1),
+            ),
+        )
+    for _ in range(3):
+        stats.mirrored("ranker", "2.0")
+        stats.dropped("ranker", "2.0")
+    stats.mirrored("ranker", "2.0")
+    stats.failed("ranker", "2.0", "UNAVAILABLE")
+    clock.now += 30
+    report = stats.report("ranker", "2.0", window_seconds=600, top=3)
+    assert (report.mirrored, report.compared, report.dropped, report.errors) == (
+        14,
+        10,
+        3,
+        {"UNAVAILABLE": 1},
+    )
+    assert report.mirrored == report.compared + report.dropped + report.shadow_errors
+    assert (report.decisions, report.agree, report.agreement_rate) == (10, 7, 0.7)
+    assert report.agreement_ci == pytest.approx(wilson_interval(7, 10))
+    diffs = [i / 100 for i in range(10)]
+    assert report.diff_quantiles["p50"] == pytest.approx(float(np.quantile(diffs, 0.5)))  # 0.045
+    assert report.diff_quantiles["p95"] == pytest.approx(0.0855)
+    assert report.diff_quantiles["max"] == pytest.approx(0.09)
+    assert report.primary_latency_ms["p50"] == pytest.approx(5.5)
+    assert report.shadow_latency_ms["p50"] == pytest.approx(11.0)
+    assert report.top_divergent == [("r9", 0.09), ("r8", 0.08), ("r7", 0.07)]
+    assert report.primary_versions == ["1.0"]
+    histogram = dict(report.diff_histogram)
+    assert (histogram[0.0], histogram[0.01], histogram[0.1]) == (1, 1, 8)
+    # Outside the window nothing counts.
+    clock.now += 7200
+    empty = stats.report("ranker", "2.0", window_seconds=600)
+    assert (empty.mirrored, empty.compared) == (0, 0) and math.isnan(empty.agreement_rate)
+
+
+def test_diff_histogram_edges() -> None:
+    counts = dict(diff_histogram([0.0, 5e-7, 1e-6, 0.5, 3.0]))
+    assert counts[0.0] == 1 and counts[1e-6] == 2 and counts[1.0] == 1 and counts[math.inf] == 1
