@@ -11,9 +11,9 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks import control, serving, telemetry
+from benchmarks import control, serving, shadow, telemetry
 
-SUITES = {"serving": serving, "control": control, "telemetry": telemetry}
+SUITES = {"serving": serving, "control": control, "telemetry": telemetry, "shadow": shadow}
 
 
 def main() -> None:

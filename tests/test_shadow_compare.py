@@ -7,14 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from gateway.shadow.compare import CompareSettings, compare_outputs, compare_tensor
+from gateway.shadow.compare import CompareSettings, compare_batch, compare_outputs
 from gateway.shadow.stats import ComparisonRecord, ShadowStats, diff_histogram, wilson_interval
 
 
 def test_scores_threshold_agreement_and_differences() -> None:
     primary = np.array([[0.2], [0.6], [0.49], [0.9]], dtype=np.float32)
     shadow = np.array([[0.25], [0.4], [0.51], [0.9]], dtype=np.float32)
-    diff = compare_tensor("score", primary, shadow, CompareSettings(threshold=0.5))
+    diff = compare_outputs({"score": primary}, {"score": shadow}, CompareSettings(threshold=0.5))
     assert diff.rows == 4
     assert diff.agree == 2  # rows 0 and 3; row 1 and row 2 cross the threshold
     assert diff.max_abs == pytest.approx(0.2, abs=1e-6)
@@ -22,20 +22,31 @@ def test_scores_threshold_agreement_and_differences() -> None:
     assert diff.max_rel == pytest.approx(0.2 / 0.6, rel=1e-5)
 
 
+def test_batch_splits_per_request() -> None:
+    primary = np.array([[0.2], [0.6], [0.49], [0.9]], dtype=np.float32)
+    shadow = np.array([[0.25], [0.4], [0.51], [0.9]], dtype=np.float32)
+    first, second = compare_batch({"score": primary}, {"score": shadow}, [1, 3], CompareSettings())
+    assert (first.rows, first.agree, round(first.max_abs, 6)) == (1, 1, 0.05)
+    assert (second.rows, second.agree, round(second.max_abs, 6)) == (3, 1, 0.2)
+    assert second.outputs[0]["mean_abs"] == pytest.approx((0.2 + 0.02 + 0.0) / 3, abs=1e-6)
+
+
 def test_classes_argmax_and_top_k() -> None:
     primary = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
     shadow = np.array([[0.15, 0.6, 0.25], [0.3, 0.5, 0.2]])
-    diff = compare_tensor("probs", primary, shadow, CompareSettings(top_k=2))
+    diff = compare_outputs({"probs": primary}, {"probs": shadow}, CompareSettings(top_k=2))
     assert diff.agree == 1
-    assert diff.top_k_overlap == pytest.approx(1.0)  # top-2 sets are {1, 2}/{1, 2} and {0, 1}/{1, 0}
+    assert diff.outputs[0]["top_k_overlap"] == pytest.approx(
+        1.0
+    )  # top-2 sets are {1, 2}/{1, 2} and {0, 1}/{1, 0}
 
 
 def test_shape_mismatch_and_missing_outputs() -> None:
-    diffs = compare_outputs(
+    diff = compare_outputs(
         {"a": np.zeros((2, 1)), "b": np.zeros((2, 1))}, {"a": np.zeros((3, 1))}, CompareSettings()
     )
-    assert [d.shape_mismatch for d in diffs] == [True, True]
-    assert all(d.agree == 0 and math.isinf(d.max_abs) for d in diffs)
+    assert [o.get("shape_mismatch") for o in diff.outputs] == [True, True]
+    assert diff.agree == 0 and math.isinf(diff.max_abs)
 
 
 def test_wilson_interval_known_values() -> None:

@@ -1,15 +1,17 @@
-"""Compare a shadow's outputs with the primary's, tensor by tensor.
+"""Compare a shadow's outputs with the primary's, output by output, for a batch of requests.
 
-For every output: max and mean absolute difference, the largest relative difference, and
-decision agreement per row: for scores (one value per row) whether both sides fall on the
-same side of a threshold; for class scores (several per row) whether the argmax is the
-same; with `top_k`, the mean overlap of the top-k classes.
+For every output of every request: max and mean absolute difference, the largest relative
+difference, and decision agreement per row: for scores (one value per row) whether both
+sides fall on the same side of a threshold; for class scores (several per row) whether the
+argmax is the same; with `top_k`, the mean overlap of the top-k classes. The work is
+vectorised over the whole batch and split per request with `reduceat`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -25,33 +27,15 @@ class CompareSettings:
 
 
 @dataclass(frozen=True)
-class TensorDiff:
-    """The difference between the primary's and the shadow's value of one output."""
+class RequestDiff:
+    """One request's comparison: the largest figures over its outputs, and each output's."""
 
-    name: str
     max_abs: float
     mean_abs: float
     max_rel: float
     rows: int
     agree: int
-    top_k_overlap: float | None = None
-    shape_mismatch: bool = False
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        body: dict[str, object] = {
-            "name": self.name,
-            "max_abs": self.max_abs,
-            "mean_abs": self.mean_abs,
-            "max_rel": self.max_rel,
-            "rows": self.rows,
-            "agree": self.agree,
-        }
-        if self.top_k_overlap is not None:
-            body["top_k_overlap"] = self.top_k_overlap
-        if self.shape_mismatch:
-            body["shape_mismatch"] = True
-        return body
+    outputs: list[dict[str, Any]]
 
 
 def _rows(array: np.ndarray) -> np.ndarray:
@@ -63,52 +47,85 @@ def _rows(array: np.ndarray) -> np.ndarray:
     return array.reshape(array.shape[0], -1)
 
 
-def compare_tensor(
-    name: str, primary: np.ndarray, shadow: np.ndarray, settings: CompareSettings
-) -> TensorDiff:
-    """Differences and decision agreement for one output."""
-    if primary.shape != shadow.shape:
-        rows = _rows(primary).shape[0]
-        return TensorDiff(name, float("inf"), float("inf"), float("inf"), rows, 0, None, shape_mismatch=True)
-    p = _rows(primary.astype(np.float64, copy=False))
-    s = _rows(shadow.astype(np.float64, copy=False))
-    if p.size == 0:
-        return TensorDiff(name, 0.0, 0.0, 0.0, p.shape[0], p.shape[0])
+def _top_k_overlap(p: np.ndarray, s: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the share of the primary's top-k classes that are also in the shadow's."""
+    k = min(k, p.shape[1])
+    top_p = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    top_s = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.array([len(set(a) & set(b)) / k for a, b in zip(top_p, top_s, strict=True)])
+
+
+def _compare_output(
+    value: np.ndarray,
+    other: np.ndarray | None,
+    starts: np.ndarray,
+    rows: np.ndarray,
+    settings: CompareSettings,
+) -> dict[str, np.ndarray] | None:
+    """Per-request arrays for one output (None when the shapes do not match)."""
+    p = _rows(value.astype(np.float64, copy=False))
+    if other is None or other.shape != value.shape or p.shape[0] != int(rows.sum()) or p.size == 0:
+        return None
+    s = _rows(other.astype(np.float64, copy=False))
     diff = np.abs(p - s)
     relative = diff / np.maximum(np.abs(p), _EPSILON)
     if p.shape[1] == 1:
-        agree = int(np.count_nonzero((p[:, 0] >= settings.threshold) == (s[:, 0] >= settings.threshold)))
+        agree_rows = (p[:, 0] >= settings.threshold) == (s[:, 0] >= settings.threshold)
     else:
-        agree = int(np.count_nonzero(np.argmax(p, axis=1) == np.argmax(s, axis=1)))
-    overlap = None
+        agree_rows = np.argmax(p, axis=1) == np.argmax(s, axis=1)
+    result = {
+        "max_abs": np.maximum.reduceat(diff.max(axis=1), starts),
+        "mean_abs": np.add.reduceat(diff.sum(axis=1), starts) / (rows * p.shape[1]),
+        "max_rel": np.maximum.reduceat(relative.max(axis=1), starts),
+        "agree": np.add.reduceat(agree_rows.astype(np.int64), starts),
+    }
     if settings.top_k and p.shape[1] > 1:
-        k = min(settings.top_k, p.shape[1])
-        top_p = np.argsort(-p, axis=1)[:, :k]
-        top_s = np.argsort(-s, axis=1)[:, :k]
-        overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top_p, top_s, strict=True)]))
-    return TensorDiff(
-        name=name,
-        max_abs=float(diff.max()),
-        mean_abs=float(diff.mean()),
-        max_rel=float(relative.max()),
-        rows=p.shape[0],
-        agree=agree,
-        top_k_overlap=overlap,
-    )
+        result["top_k_overlap"] = np.add.reduceat(_top_k_overlap(p, s, settings.top_k), starts) / rows
+    return result
+
+
+def compare_batch(
+    primary: Mapping[str, np.ndarray],
+    shadow: Mapping[str, np.ndarray],
+    row_counts: Sequence[int],
+    settings: CompareSettings,
+) -> list[RequestDiff]:
+    """Compare several requests run as one batch (their rows concatenated in order)."""
+    rows = np.asarray(row_counts, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.intp)
+    per_output = {
+        name: _compare_output(value, shadow.get(name), starts, rows, settings)
+        for name, value in primary.items()
+    }
+    results = []
+    for j, count in enumerate(row_counts):
+        outputs: list[dict[str, Any]] = []
+        for name, figures in per_output.items():
+            if figures is None:
+                outputs.append(
+                    {"name": name, "max_abs": np.inf, "mean_abs": np.inf, "max_rel": np.inf, "rows": count,
+                     "agree": 0, "shape_mismatch": True}
+                )  # fmt: skip
+                continue
+            entry: dict[str, Any] = {"name": name, "rows": count}
+            entry.update({key: (int(v[j]) if key == "agree" else float(v[j])) for key, v in figures.items()})
+            outputs.append(entry)
+        results.append(
+            RequestDiff(
+                max_abs=max((o["max_abs"] for o in outputs), default=0.0),
+                mean_abs=max((o["mean_abs"] for o in outputs), default=0.0),
+                max_rel=max((o["max_rel"] for o in outputs), default=0.0),
+                rows=count * len(outputs),
+                agree=sum(o["agree"] for o in outputs),
+                outputs=outputs,
+            )
+        )
+    return results
 
 
 def compare_outputs(
     primary: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarray], settings: CompareSettings
-) -> list[TensorDiff]:
-    """Every output the primary returned, compared with the shadow's (missing = shape mismatch)."""
-    diffs = []
-    for name, value in primary.items():
-        other = shadow.get(name)
-        if other is None:
-            rows = _rows(value).shape[0]
-            diffs.append(
-                TensorDiff(name, float("inf"), float("inf"), float("inf"), rows, 0, None, shape_mismatch=True)
-            )
-        else:
-            diffs.append(compare_tensor(name, value, other, settings))
-    return diffs
+) -> RequestDiff:
+    """One request's comparison."""
+    first = next(iter(primary.values()), np.zeros((0,)))
+    return compare_batch(primary, shadow, [int(_rows(first).shape[0])], settings)[0]

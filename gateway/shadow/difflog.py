@@ -5,8 +5,6 @@ from __future__ import annotations
 import heapq
 import io
 import json
-import logging
-import logging.handlers
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,29 +18,47 @@ DIFF_LOG = "shadow-diffs.jsonl"
 class DiffLog:
     """One JSON line per compared request; rotates at `max_bytes`, keeps `backups` old files.
 
-    At most `max_bytes x (backups + 1)` bytes on disk.
+    At most `max_bytes x (backups + 1)` bytes on disk (plus one line). Lines are buffered and
+    flushed once per batch of comparisons.
     """
 
     def __init__(self, directory: Path, max_bytes: int, backups: int) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / DIFF_LOG
-        self._handler = logging.handlers.RotatingFileHandler(
-            self.path, maxBytes=max_bytes, backupCount=backups
-        )
-        self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._max_bytes = max_bytes
+        self._backups = backups
         self._lock = threading.Lock()
+        self._file = self.path.open("a", buffering=1 << 16)
+        self._size = self.path.stat().st_size
 
-    def write(self, line: dict[str, Any]) -> None:
-        """Append one record."""
-        record = logging.LogRecord(
-            "shadow", logging.INFO, "", 0, json.dumps(line, allow_nan=True), None, None
-        )
+    def _rotate(self) -> None:
+        self._file.close()
+        for index in range(self._backups - 1, 0, -1):
+            older = self.path.with_name(f"{DIFF_LOG}.{index}")
+            if older.exists():
+                older.replace(self.path.with_name(f"{DIFF_LOG}.{index + 1}"))
+        if self._backups:
+            self.path.replace(self.path.with_name(f"{DIFF_LOG}.1"))
+        else:
+            self.path.unlink(missing_ok=True)
+        self._file = self.path.open("a", buffering=1 << 16)
+        self._size = 0
+
+    def write_many(self, lines: list[dict[str, Any]]) -> None:
+        """Append records and flush."""
         with self._lock:
-            self._handler.emit(record)
+            for line in lines:
+                text = json.dumps(line) + "\n"
+                if self._size + len(text) > self._max_bytes and self._size:
+                    self._rotate()
+                self._file.write(text)
+                self._size += len(text)
+            self._file.flush()
 
     def close(self) -> None:
         """Flush and close the file."""
-        self._handler.close()
+        with self._lock:
+            self._file.close()
 
 
 class DivergentInputs:

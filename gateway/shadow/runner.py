@@ -30,7 +30,7 @@ from gateway.desired import EndpointState
 from gateway.errors import GatewayError, InvalidInput, NotFound
 from gateway.faults import FaultInjector
 from gateway.registry import ModelRegistry
-from gateway.shadow.compare import CompareSettings, compare_outputs
+from gateway.shadow.compare import CompareSettings, RequestDiff, compare_batch
 from gateway.shadow.difflog import DiffLog, DivergentInputs
 from gateway.shadow.stats import ComparisonRecord, ShadowReport, ShadowStats
 from gateway.telemetry.metrics import Telemetry
@@ -52,6 +52,81 @@ class ShadowSettings:
     keep_divergent: int = 0
     keep_divergent_max_bytes: int = 50 * 1024 * 1024
     records: int = 100_000
+    #: Copies run as one onnxruntime batch when they queue up together.
+    batch_size: int = 64
+    #: Most CPU the shadow workers may use, as a share of one core each (0: no limit).
+    max_cpu_share: float = 0.25
+
+
+class CpuBudget:
+    """Keeps a worker thread's CPU time under a share of one core, measured over ~1 s.
+
+    When the shadow runs over its share, the worker pauses; the queue fills and further
+    copies are dropped and counted, so an overloaded gateway sheds shadow work instead of
+    slowing its primaries.
+    """
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self._wall = time.monotonic()
+        self._cpu = time.thread_time()
+
+    def spend(self) -> None:
+        """Call after each batch; sleeps when the thread is over budget."""
+        if self.share <= 0:
+            return
+        wall, cpu = time.monotonic(), time.thread_time()
+        elapsed, used = wall - self._wall, cpu - self._cpu
+        over = used / self.share - elapsed
+        if over > 0:
+            time.sleep(min(over, 1.0))
+        if elapsed > 1.0:  # start a new accounting period, carrying any debt
+            self._wall, self._cpu = time.monotonic(), time.thread_time()
+
+
+def _rows(job: ShadowJob) -> int:
+    first = next(iter(job.inputs.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def _groups(batch: list[ShadowJob]) -> list[list[ShadowJob]]:
+    """Jobs that can run as one batch: same shadow, same outputs, same per-row input shapes."""
+    groups: dict[tuple[object, ...], list[ShadowJob]] = {}
+    for job in batch:
+        key = (
+            job.endpoint,
+            job.shadow_version,
+            tuple(job.primary_outputs),
+            tuple((name, a.dtype.str, a.shape[1:]) for name, a in job.inputs.items()),
+        )
+        groups.setdefault(key, []).append(job)
+    return list(groups.values())
+
+
+def _span_attributes(job: ShadowJob) -> dict[str, str]:
+    return {
+        "gateway.endpoint": job.endpoint,
+        "gateway.shadow_version": job.shadow_version,
+        "gateway.primary_version": job.primary_version,
+        "gateway.request_id": job.request_id,
+    }
+
+
+def _log_line(job: ShadowJob, record: ComparisonRecord, diff: RequestDiff) -> dict[str, object]:
+    key_hash = hashlib.blake2b(job.routing_key.encode(), digest_size=8).hexdigest() if job.routing_key else ""
+    return {
+        "ts": record.at,
+        "request_id": job.request_id,
+        "routing_key_hash": key_hash,
+        "endpoint": job.endpoint,
+        "primary_version": job.primary_version,
+        "shadow_version": job.shadow_version,
+        "primary_ms": round(job.primary_seconds * 1000, 4),
+        "shadow_ms": round(record.shadow_seconds * 1000, 4),
+        "rows": record.rows,
+        "agree": record.agree,
+        "outputs": diff.outputs,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,99 +202,125 @@ class ShadowRunner:
 
     # --- the workers -----------------------------------------------------------------------------
 
+    def _take(self) -> list[ShadowJob] | None:
+        """The next batch: one job (waiting for it), plus whatever else is queued, up to batch_size."""
+        job = self._queue.get()
+        if job is None:
+            return None
+        batch = [job]
+        while len(batch) < self.settings.batch_size:
+            try:
+                more = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if more is None:
+                self._queue.put_nowait(None)  # leave the stop signal for this worker's next turn
+                break
+            batch.append(more)
+        return batch
+
     def _work(self) -> None:
+        budget = CpuBudget(self.settings.max_cpu_share)
         while True:
-            job = self._queue.get()
-            if job is None:
+            batch = self._take()
+            if batch is None:
                 return
             try:
-                self._run(job)
+                for group in _groups(batch):
+                    self._run_group(group)
             except Exception:  # a bug in comparison must not kill the worker
-                log.exception("shadow comparison of %s %s failed", job.endpoint, job.shadow_version)
-                self.stats.failed(job.endpoint, job.shadow_version, "INTERNAL")
+                log.exception("shadow comparison failed for %d copies", len(batch))
+                for job in batch:
+                    self.stats.failed(job.endpoint, job.shadow_version, "INTERNAL")
             finally:
                 with self._idle:
-                    self._pending -= 1
+                    self._pending -= len(batch)
                     self._idle.notify_all()
+            budget.spend()
 
-    def _run(self, job: ShadowJob) -> None:
-        spans = self._telemetry.spans
-        span = spans.linked(job.span, "shadow", kind=SpanKind.INTERNAL) if spans and job.span else None
-        if span is not None:
-            span.attributes.update(
-                {
-                    "gateway.endpoint": job.endpoint,
-                    "gateway.shadow_version": job.shadow_version,
-                    "gateway.primary_version": job.primary_version,
-                    "gateway.request_id": job.request_id,
-                }
-            )
+    def _run_group(self, jobs: list[ShadowJob]) -> None:
+        """Run copies of one shadow version as one batch, compare, record."""
+        ran = self._execute(jobs)
+        if ran is not None:
+            self._record(*ran)
+
+    def _execute(self, jobs: list[ShadowJob]) -> tuple[list[ShadowJob], dict[str, np.ndarray], float] | None:
+        """The shadow's outputs for the copies that did not fail (None when none is left)."""
+        first = jobs[0]
+        endpoint, version = first.endpoint, first.shadow_version
         started = time.perf_counter()
+        live = jobs
         try:
-            model = self._registry.runnable(job.endpoint, job.shadow_version)
-            fault = self._faults.get(job.endpoint, job.shadow_version)
+            model = self._registry.runnable(endpoint, version)
+            fault = self._faults.get(endpoint, version)
             if fault is not None:
                 if fault.latency_ms:
                     time.sleep(fault.latency_ms / 1000)
-                injected = fault.error(job.endpoint, job.shadow_version)
-                if injected is not None:
-                    raise injected
-            names = tuple(job.primary_outputs)
-            outputs = dict(zip(names, model.run(job.inputs, names), strict=True))
+                live = []
+                for job in jobs:
+                    injected = fault.error(endpoint, version)
+                    if injected is None:
+                        live.append(job)
+                    else:
+                        self._fail(job, injected.code.name, injected.message)
+                if not live:
+                    return None
+            names = tuple(first.primary_outputs)
+            inputs = {name: np.concatenate([job.inputs[name] for job in live]) for name in first.inputs}
+            outputs = dict(zip(names, model.run(inputs, names), strict=True))
         except Exception as err:
             code = err.code.name if isinstance(err, GatewayError) else "INTERNAL"
-            self.stats.failed(job.endpoint, job.shadow_version, code)
-            if span is not None and spans is not None:
-                span.fail(2, code, str(err))
+            for job in live:
+                self._fail(job, code, str(err))
+            return None
+        return live, outputs, (time.perf_counter() - started) / len(live)
+
+    def _record(self, live: list[ShadowJob], outputs: dict[str, np.ndarray], shadow_seconds: float) -> None:
+        first = live[0]
+        endpoint, version = first.endpoint, first.shadow_version
+        primary = {name: np.concatenate([job.primary_outputs[name] for job in live]) for name in outputs}
+        diffs = compare_batch(primary, outputs, [_rows(job) for job in live], first.compare)
+        now = self._clock()
+        spans = self._telemetry.spans
+        records, lines = [], []
+        for job, diff in zip(live, diffs, strict=True):
+            record = ComparisonRecord(
+                at=now,
+                request_id=job.request_id,
+                primary_version=job.primary_version,
+                max_abs=diff.max_abs,
+                mean_abs=diff.mean_abs,
+                max_rel=diff.max_rel,
+                rows=diff.rows,
+                agree=diff.agree,
+                primary_seconds=job.primary_seconds,
+                shadow_seconds=shadow_seconds,
+            )
+            records.append(record)
+            if self._difflog is not None:
+                lines.append(_log_line(job, record, diff))
+            if self._divergent is not None:
+                self._divergent.offer(job.request_id, record.max_abs, job.inputs)
+            if spans is not None and job.span is not None:
+                span = spans.linked(job.span, "shadow", kind=SpanKind.INTERNAL)
+                span.attributes.update(_span_attributes(job))
+                span.attributes["gateway.shadow.max_abs_diff"] = diff.max_abs
+                span.attributes["gateway.shadow.agree"] = diff.agree == diff.rows
                 spans.end(span)
-            return
-        shadow_seconds = time.perf_counter() - started
-        diffs = compare_outputs(job.primary_outputs, outputs, job.compare)
-        rows = sum(d.rows for d in diffs)
-        agree = sum(d.agree for d in diffs)
-        record = ComparisonRecord(
-            at=self._clock(),
-            request_id=job.request_id,
-            primary_version=job.primary_version,
-            max_abs=max((d.max_abs for d in diffs), default=0.0),
-            mean_abs=max((d.mean_abs for d in diffs), default=0.0),
-            max_rel=max((d.max_rel for d in diffs), default=0.0),
-            rows=rows,
-            agree=agree,
-            primary_seconds=job.primary_seconds,
-            shadow_seconds=shadow_seconds,
-        )
-        self.stats.compared(job.endpoint, job.shadow_version, record)
-        self._telemetry.windows.window(SeriesKey(job.endpoint, job.shadow_version)).record_comparison(
-            agree, rows
+        self.stats.compared_many(endpoint, version, records)
+        self._telemetry.windows.window(SeriesKey(endpoint, version)).record_comparison(
+            sum(r.agree for r in records), sum(r.rows for r in records)
         )
         if self._difflog is not None:
-            key_hash = (
-                hashlib.blake2b(job.routing_key.encode(), digest_size=8).hexdigest()
-                if job.routing_key
-                else ""
-            )
-            self._difflog.write(
-                {
-                    "ts": record.at,
-                    "request_id": job.request_id,
-                    "routing_key_hash": key_hash,
-                    "endpoint": job.endpoint,
-                    "primary_version": job.primary_version,
-                    "shadow_version": job.shadow_version,
-                    "primary_ms": round(job.primary_seconds * 1000, 4),
-                    "shadow_ms": round(shadow_seconds * 1000, 4),
-                    "rows": rows,
-                    "agree": agree,
-                    "outputs": [d.to_dict() for d in diffs],
-                }
-            )
-        if self._divergent is not None:
-            self._divergent.offer(job.request_id, record.max_abs, job.inputs)
-        if span is not None and spans is not None:
-            span.attributes.update(
-                {"gateway.shadow.max_abs_diff": record.max_abs, "gateway.shadow.agree": agree == rows}
-            )
+            self._difflog.write_many(lines)
+
+    def _fail(self, job: ShadowJob, code: str, message: str) -> None:
+        self.stats.failed(job.endpoint, job.shadow_version, code)
+        spans = self._telemetry.spans
+        if spans is not None and job.span is not None:
+            span = spans.linked(job.span, "shadow", kind=SpanKind.INTERNAL)
+            span.attributes.update(_span_attributes(job))
+            span.fail(2, code, message)
             spans.end(span)
 
     # --- reports -------------------------------------------------------------------------------

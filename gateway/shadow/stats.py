@@ -163,6 +163,15 @@ class ShadowStats:
             series.bucket(record.at).compared += 1
             series.records.append(record)
 
+    def compared_many(self, endpoint: str, version: str, records: list[ComparisonRecord]) -> None:
+        """Several comparisons at once (one lock)."""
+        with self._lock:
+            series = self._get(endpoint, version)
+            series.total.compared += len(records)
+            for record in records:
+                series.bucket(record.at).compared += 1
+            series.records.extend(records)
+
     def totals(self, endpoint: str, version: str) -> tuple[int, int, int, dict[str, int]]:
         """Cumulative (mirrored, compared, dropped, errors by code)."""
         with self._lock:
