@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,8 @@ class ShadowSettings:
     batch_size: int = 64
     #: Most CPU the shadow workers may use, as a share of one core each (0: no limit).
     max_cpu_share: float = 0.25
+    #: How often idle workers look for queued copies (the longest a copy waits when idle).
+    poll_seconds: float = 0.005
 
 
 class CpuBudget:
@@ -163,9 +165,12 @@ class ShadowRunner:
         self._faults = faults or FaultInjector()
         self._clock = clock
         self.stats = ShadowStats(records=self.settings.records, clock=clock)
-        self._queue: queue.Queue[ShadowJob | None] = queue.Queue(maxsize=self.settings.queue_size)
-        self._pending = 0  # queued or running
-        self._idle = threading.Condition()
+        # A plain deque: the request path appends (one producer, the serving loop) without a lock
+        # or a wake-up; workers collect what has queued every `poll_seconds`, as one batch.
+        self._queue: deque[ShadowJob] = deque()
+        self._running = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
         log_dir = self.settings.log_dir
         self._difflog = (
             DiffLog(log_dir, self.settings.log_max_bytes, self.settings.log_backups) if log_dir else None
@@ -187,44 +192,37 @@ class ShadowRunner:
     # --- the request path ----------------------------------------------------------------------
 
     def offer(self, job: ShadowJob) -> bool:
-        """Queue a mirrored copy without blocking; False (and counted) when the queue is full."""
-        self.stats.mirrored(job.endpoint, job.shadow_version)
-        with self._idle:
-            self._pending += 1
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            with self._idle:
-                self._pending -= 1
+        """Queue a mirrored copy without blocking; False (and counted) when the queue is full.
+
+        Copies that are queued are counted as mirrored when a worker takes them.
+        """
+        if len(self._queue) >= self.settings.queue_size:
+            self.stats.mirrored(job.endpoint, job.shadow_version)
             self.stats.dropped(job.endpoint, job.shadow_version)
             return False
+        self._queue.append(job)
         return True
 
     # --- the workers -----------------------------------------------------------------------------
 
-    def _take(self) -> list[ShadowJob] | None:
-        """The next batch: one job (waiting for it), plus whatever else is queued, up to batch_size."""
-        job = self._queue.get()
-        if job is None:
-            return None
-        batch = [job]
-        while len(batch) < self.settings.batch_size:
-            try:
-                more = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if more is None:
-                self._queue.put_nowait(None)  # leave the stop signal for this worker's next turn
-                break
-            batch.append(more)
+    def _take(self) -> list[ShadowJob]:
+        """Up to batch_size queued copies (counted as mirrored), oldest first."""
+        batch: list[ShadowJob] = []
+        with self._lock:
+            while self._queue and len(batch) < self.settings.batch_size:
+                batch.append(self._queue.popleft())
+            self._running += len(batch)
+        for job in batch:
+            self.stats.mirrored(job.endpoint, job.shadow_version)
         return batch
 
     def _work(self) -> None:
         budget = CpuBudget(self.settings.max_cpu_share)
-        while True:
+        while not self._stop.is_set() or self._queue:
             batch = self._take()
-            if batch is None:
-                return
+            if not batch:
+                self._stop.wait(self.settings.poll_seconds)
+                continue
             try:
                 for group in _groups(batch):
                     self._run_group(group)
@@ -233,9 +231,8 @@ class ShadowRunner:
                 for job in batch:
                     self.stats.failed(job.endpoint, job.shadow_version, "INTERNAL")
             finally:
-                with self._idle:
-                    self._pending -= len(batch)
-                    self._idle.notify_all()
+                with self._lock:
+                    self._running -= len(batch)
             budget.spend()
 
     def _run_group(self, jobs: list[ShadowJob]) -> None:
@@ -350,22 +347,16 @@ class ShadowRunner:
     def drain(self, timeout: float = 30.0) -> bool:
         """Wait until every queued copy has been handled (tests, shutdown)."""
         deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._idle.wait(min(remaining, 0.05))
+        while self._queue or self._running:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
         return True
 
     def shutdown(self) -> None:
         """Stop the workers after the queued work."""
         self.drain(10)
-        for _ in self._threads:
-            try:
-                self._queue.put(None, timeout=1)
-            except queue.Full:
-                break
+        self._stop.set()
         for thread in self._threads:
             thread.join(2)
         if self._difflog is not None:
