@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import heapq
 import io
-import json
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -44,11 +42,11 @@ class DiffLog:
         self._file = self.path.open("a", buffering=1 << 16)
         self._size = 0
 
-    def write_many(self, lines: list[dict[str, Any]]) -> None:
-        """Append records and flush."""
+    def write_many(self, lines: list[str]) -> None:
+        """Append JSON lines (without their newline) and flush."""
         with self._lock:
             for line in lines:
-                text = json.dumps(line) + "\n"
+                text = line + "\n"
                 if self._size + len(text) > self._max_bytes and self._size:
                     self._rotate()
                 self._file.write(text)

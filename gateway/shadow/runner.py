@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring as _string
 from pathlib import Path
 
 import numpy as np
@@ -114,21 +116,29 @@ def _span_attributes(job: ShadowJob) -> dict[str, str]:
     }
 
 
-def _log_line(job: ShadowJob, record: ComparisonRecord, diff: RequestDiff) -> dict[str, object]:
+def _number(value: float) -> str:
+    return f"{value:.6g}" if math.isfinite(value) else "null"
+
+
+def _log_line(job: ShadowJob, record: ComparisonRecord, diff: RequestDiff) -> str:
+    """One JSON line, formatted directly (json.dumps per line was most of a comparison's cost)."""
     key_hash = hashlib.blake2b(job.routing_key.encode(), digest_size=8).hexdigest() if job.routing_key else ""
-    return {
-        "ts": record.at,
-        "request_id": job.request_id,
-        "routing_key_hash": key_hash,
-        "endpoint": job.endpoint,
-        "primary_version": job.primary_version,
-        "shadow_version": job.shadow_version,
-        "primary_ms": round(job.primary_seconds * 1000, 4),
-        "shadow_ms": round(record.shadow_seconds * 1000, 4),
-        "rows": record.rows,
-        "agree": record.agree,
-        "outputs": diff.outputs,
-    }
+    outputs = ",".join(
+        "{"
+        f'"name":{_string(o["name"])},"max_abs":{_number(o["max_abs"])},"mean_abs":{_number(o["mean_abs"])},'
+        f'"max_rel":{_number(o["max_rel"])},"rows":{o["rows"]},"agree":{o["agree"]}'
+        + (f',"top_k_overlap":{_number(o["top_k_overlap"])}' if "top_k_overlap" in o else "")
+        + (',"shape_mismatch":true' if o.get("shape_mismatch") else "")
+        + "}"
+        for o in diff.outputs
+    )
+    return (
+        f'{{"ts":{record.at:.6f},"request_id":{_string(job.request_id)},"routing_key_hash":"{key_hash}",'
+        f'"endpoint":{_string(job.endpoint)},"primary_version":{_string(job.primary_version)},'
+        f'"shadow_version":{_string(job.shadow_version)},"primary_ms":{job.primary_seconds * 1000:.4f},'
+        f'"shadow_ms":{record.shadow_seconds * 1000:.4f},"rows":{record.rows},"agree":{record.agree},'
+        f'"outputs":[{outputs}]}}'
+    )
 
 
 @dataclass(frozen=True, slots=True)
