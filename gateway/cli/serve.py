@@ -75,6 +75,12 @@ def register(commands: Any) -> None:
         help="shadow diff log directory (JSON lines, rotated); empty turns it off (default %(default)s)",
     )
     serve.add_argument(
+        "--shadow-cpu-share",
+        type=float,
+        default=0.1,
+        help="most CPU per shadow worker, as a share of one core; past it copies queue or are shed (default 0.1)",
+    )
+    serve.add_argument(
         "--shadow-log-max-bytes", type=int, default=10 * 1024 * 1024, help="rotate the diff log here"
     )
     serve.add_argument(
@@ -111,6 +117,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 log_dir=Path(args.shadow_log_dir) if args.shadow_log_dir else None,
                 log_max_bytes=args.shadow_log_max_bytes,
                 keep_divergent=args.shadow_keep_divergent,
+                max_cpu_share=args.shadow_cpu_share,
             ),
         )
         revision = await asyncio.to_thread(gateway.start)

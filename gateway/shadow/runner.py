@@ -57,7 +57,7 @@ class ShadowSettings:
     #: Copies run as one onnxruntime batch when they queue up together.
     batch_size: int = 64
     #: Most CPU the shadow workers may use, as a share of one core each (0: no limit).
-    max_cpu_share: float = 0.25
+    max_cpu_share: float = 0.1
     #: How often idle workers look for queued copies (the longest a copy waits when idle).
     poll_seconds: float = 0.005
 
