@@ -1,9 +1,9 @@
 """Issue 5's benchmark: the primary's latency and throughput with a 100% shadow vs none.
 
-Two gateways side by side (same models and weights; one mirrors every live request to 1.14),
-closed loop, batch 1, at concurrency 1, 8 and 32, alternating over rounds. After each run
-the shadow's report gives mirrored / compared / dropped copies, to show that overload sheds
-shadow copies instead of growing the primary's latency.
+Three gateways side by side (same models and weights): no shadow; every live request
+mirrored to 1.14; and the same with a shadow queue of 16, so the CPU budget's pauses show
+up as shed copies. Closed loop, batch 1, concurrency 1, 8 and 32, alternating over rounds.
+After each concurrency the shadows' reports give mirrored / compared / dropped copies.
 """
 
 from __future__ import annotations
@@ -19,17 +19,20 @@ from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
 
 TOKEN = "bench-admin-token-0123456789"
+NONE = "no shadow"
 
 
-def _gateway(name: str, config: Path, scratch: str) -> Server:
-    return start_gateway(
-        name,
-        extra=[
-            "--config", str(config), "--admin-listen", "127.0.0.1:0", "--store", f"sqlite:///{scratch}/{name}.db",
-            "--shadow-log-dir", f"{scratch}/{name}-shadow",
-        ],
-        env={"GATEWAY_ADMIN_TOKENS": f"bench={TOKEN}"},
-    )  # fmt: skip
+def _gateway(name: str, config: Path, scratch: str, *extra: str) -> Server:
+    slug = name.replace(" ", "-").replace(",", "")
+    arguments = ["--config", str(config), "--admin-listen", "127.0.0.1:0"]
+    arguments += [
+        "--store",
+        f"sqlite:///{scratch}/{slug}.db",
+        "--shadow-log-dir",
+        f"{scratch}/{slug}",
+        *extra,
+    ]
+    return start_gateway(name, extra=arguments, env={"GATEWAY_ADMIN_TOKENS": f"bench={TOKEN}"})
 
 
 def _totals(server: Server) -> tuple[int, int, int]:
@@ -41,6 +44,15 @@ def _totals(server: Server) -> tuple[int, int, int]:
             timeout=10,
         )
     return report.mirrored, report.compared, report.dropped
+
+
+def _row(concurrency: int, name: str, m: dict[str, float], off: dict[str, float]) -> str:
+    versus = ""
+    if name != NONE:
+        ratios = (m["rps"] / off["rps"], m["p50_ms"] / off["p50_ms"], m["p99_ms"] / off["p99_ms"])
+        versus = " / ".join(f"**{r:.2f}x**" for r in ratios)
+    figures = f"{m['rps']:.0f} | {m['p50_ms']:.3f} | {m['p99_ms']:.3f} | {m['cpu_us_per_req']:.0f}"
+    return f"| {concurrency} | {name} | {figures} | {versus} |"
 
 
 def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
@@ -55,42 +67,38 @@ def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
         shadowed.write_text(
             base.replace("    nan_policy: allow", '    nan_policy: allow\n    shadows: {"1.14": 100}')
         )
-        servers = [_gateway("no-shadow", plain, scratch), _gateway("shadow-100", shadowed, scratch)]
+        servers = [
+            _gateway(NONE, plain, scratch),
+            _gateway("shadow 100%", shadowed, scratch),
+            _gateway("shadow 100%, queue 16", shadowed, scratch, "--shadow-queue", "16"),
+        ]
         rows, shedding = [], []
         try:
             for concurrency in concurrencies:
                 results: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
-                before = _totals(servers[1])
+                before = [_totals(s) for s in servers[1:]]
                 for _ in range(rounds):
                     for server in servers:
                         results[server.name].append(load(server, concurrency, seconds))
-                after = _totals(servers[1])
-                mirrored, compared, dropped = (a - b for a, b in zip(after, before, strict=True))
-                shedding.append(
-                    f"| {concurrency} | {mirrored} | {compared} | {dropped} | {dropped / max(mirrored, 1):.0%} |"
-                )
-                medians = {
-                    n: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                    for n, runs in results.items()
-                }
-                off, on = medians["no-shadow"], medians["shadow-100"]
-                for name, m in medians.items():
-                    rows.append(
-                        f"| {concurrency} | {name} | {m['rps']:.0f} | {m['p50_ms']:.3f} | {m['p99_ms']:.3f} | "
-                        f"{m['cpu_us_per_req']:.0f} |"
+                for server, earlier in zip(servers[1:], before, strict=True):
+                    mirrored, compared, dropped = (
+                        a - b for a, b in zip(_totals(server), earlier, strict=True)
                     )
-                rows.append(
-                    f"| {concurrency} | **shadow / none** | **{on['rps'] / off['rps']:.2f}x** | "
-                    f"**{on['p50_ms'] / off['p50_ms']:.2f}x** | **{on['p99_ms'] / off['p99_ms']:.2f}x** | |"
-                )
+                    shed = f"{dropped / max(mirrored, 1):.0%}"
+                    shedding.append(
+                        f"| {concurrency} | {server.name} | {mirrored} | {compared} | {dropped} | {shed} |"
+                    )
+                medians = {
+                    name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+                    for name, runs in results.items()
+                }
+                rows.extend(_row(concurrency, name, m, medians[NONE]) for name, m in medians.items())
         finally:
             for server in servers:
                 server.stop()
     return (
-        "| concurrency | gateway | requests/s | p50 ms | p99 ms | server CPU us/req |\n"
-        "|---:|---|---:|---:|---:|---:|\n"
-        + "\n".join(rows)
-        + "\n\nShadow copies during the shadow-100 runs:\n\n"
-        "| concurrency | mirrored | compared | dropped | shed |\n|---:|---:|---:|---:|---:|\n"
+        "| concurrency | gateway | requests/s | p50 ms | p99 ms | server CPU us/req | rps/p50/p99 vs none |\n"
+        "|---:|---|---:|---:|---:|---:|---|\n" + "\n".join(rows) + "\n\nShadow copies during the runs:\n\n"
+        "| concurrency | gateway | mirrored | compared | dropped | shed |\n|---:|---|---:|---:|---:|---:|\n"
         + "\n".join(shedding)
     )

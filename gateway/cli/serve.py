@@ -78,7 +78,7 @@ def register(commands: Any) -> None:
         "--shadow-cpu-share",
         type=float,
         default=0.1,
-        help="most CPU per shadow worker, as a share of one core; past it copies queue or are shed (default 0.1)",
+        help="most CPU per shadow worker (share of a core); past it copies wait or are shed (default 0.1)",
     )
     serve.add_argument(
         "--shadow-log-max-bytes", type=int, default=10 * 1024 * 1024, help="rotate the diff log here"
