@@ -26,16 +26,12 @@ class Bare(gw_grpc.InferenceServicer):
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
 
-    async def Predict(
-        self, request: gw.PredictRequest, context: grpc.aio.ServicerContext
-    ) -> gw.PredictResponse:
+    async def Predict(self, request: gw.PredictRequest, context: grpc.aio.ServicerContext) -> gw.PredictResponse:
         tensor = request.inputs[0]
         x = np.frombuffer(tensor.data, dtype=np.float32).reshape(tensor.shape)
         (score,) = self.session.run(["score"], {"features": x})
         response = gw.PredictResponse(request_id=request.request_id, model=request.model, version="bare")
-        response.outputs.add(
-            name="score", datatype=gw.DATA_TYPE_FP32, shape=score.shape, data=score.tobytes()
-        )
+        response.outputs.add(name="score", datatype=gw.DATA_TYPE_FP32, shape=score.shape, data=score.tobytes())
         return response
 
 

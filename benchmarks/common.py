@@ -55,9 +55,7 @@ def start(name: str, command: list[str], ready: str, env: dict[str, str] | None 
     raise RuntimeError(f"{name} exited before it was ready (code {process.wait()})")
 
 
-def start_gateway(
-    name: str = "gateway", extra: list[str] | None = None, env: dict[str, str] | None = None
-) -> Server:
+def start_gateway(name: str = "gateway", extra: list[str] | None = None, env: dict[str, str] | None = None) -> Server:
     return start(
         name,
         [
@@ -69,10 +67,7 @@ def start_gateway(
             "serve",
             "--listen",
             "127.0.0.1:0",
-            *(
-                extra
-                or ["--admin-listen", "127.0.0.1:0", "--store", f"sqlite:///{tempfile.mkdtemp()}/state.db"]
-            ),
+            *(extra or ["--admin-listen", "127.0.0.1:0", "--store", f"sqlite:///{tempfile.mkdtemp()}/state.db"]),
         ],
         r"inference on 127\.0\.0\.1:(\d+)",
         env,

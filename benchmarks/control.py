@@ -172,9 +172,7 @@ def _switch(admin: str, duration: float) -> tuple[list[tuple[float, float]], lis
                 returned = None
             if i % 2 == 0:
                 stub.SetTraffic(
-                    pb.SetTrafficRequest(
-                        endpoint="ctr-ranker", weights={"1.12": 50, "1.13": 50}, reason="bench"
-                    ),
+                    pb.SetTrafficRequest(endpoint="ctr-ranker", weights={"1.12": 50, "1.13": 50}, reason="bench"),
                     metadata=metadata,
                 )
             else:

@@ -52,9 +52,7 @@ async def run(target: str, concurrency: int, seconds: float, out: str) -> None:
         await asyncio.gather(*tasks)
         np.save(out, np.asarray(records, dtype=np.float64))
         print(
-            json.dumps(
-                {"requests": len(records), "errors": errors, "rps": len(records) / (time.monotonic() - begin)}
-            ),
+            json.dumps({"requests": len(records), "errors": errors, "rps": len(records) / (time.monotonic() - begin)}),
             flush=True,
         )
 

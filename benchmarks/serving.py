@@ -47,8 +47,7 @@ def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
                 for server in servers:
                     results[server.name].append(load(server, concurrency, seconds))
             medians = {
-                name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                for name, runs in results.items()
+                name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()
             }
             bare, gateway = medians["bare"], medians["gateway"]
             for name, m in medians.items():

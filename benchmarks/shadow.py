@@ -57,16 +57,10 @@ def _row(concurrency: int, name: str, m: dict[str, float], off: dict[str, float]
 
 def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
     with tempfile.TemporaryDirectory() as scratch:
-        base = (
-            (ROOT / "models" / "gateway.yaml")
-            .read_text()
-            .replace("model_root: .", f"model_root: {ROOT / 'models'}")
-        )
+        base = (ROOT / "models" / "gateway.yaml").read_text().replace("model_root: .", f"model_root: {ROOT / 'models'}")
         plain, shadowed = Path(scratch) / "plain.yaml", Path(scratch) / "shadowed.yaml"
         plain.write_text(base)
-        shadowed.write_text(
-            base.replace("    nan_policy: allow", '    nan_policy: allow\n    shadows: {"1.14": 100}')
-        )
+        shadowed.write_text(base.replace("    nan_policy: allow", '    nan_policy: allow\n    shadows: {"1.14": 100}'))
         servers = [
             _gateway(NONE, plain, scratch),
             _gateway("shadow 100%", shadowed, scratch),
@@ -81,13 +75,9 @@ def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
                     for server in servers:
                         results[server.name].append(load(server, concurrency, seconds))
                 for server, earlier in zip(servers[1:], before, strict=True):
-                    mirrored, compared, dropped = (
-                        a - b for a, b in zip(_totals(server), earlier, strict=True)
-                    )
+                    mirrored, compared, dropped = (a - b for a, b in zip(_totals(server), earlier, strict=True))
                     shed = f"{dropped / max(mirrored, 1):.0%}"
-                    shedding.append(
-                        f"| {concurrency} | {server.name} | {mirrored} | {compared} | {dropped} | {shed} |"
-                    )
+                    shedding.append(f"| {concurrency} | {server.name} | {mirrored} | {compared} | {dropped} | {shed} |")
                 medians = {
                     name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
                     for name, runs in results.items()

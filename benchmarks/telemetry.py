@@ -38,17 +38,11 @@ def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
             for _ in range(rounds):
                 for server in servers:
                     results[server.name].append(load(server, concurrency, seconds))
-            medians = {
-                n: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for n, runs in results.items()
-            }
+            medians = {n: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for n, runs in results.items()}
             off = medians["telemetry off"]
             for name, m in medians.items():
                 ratio = f"**{m['rps'] / off['rps']:.2f}x**" if name != "telemetry off" else ""
-                cpu = (
-                    f"**{m['cpu_us_per_req'] / off['cpu_us_per_req']:.2f}x**"
-                    if name != "telemetry off"
-                    else ""
-                )
+                cpu = f"**{m['cpu_us_per_req'] / off['cpu_us_per_req']:.2f}x**" if name != "telemetry off" else ""
                 latency = f"{m['p50_ms']:.3f} | {m['p99_ms']:.3f}"
                 rate = f"{m['rps']:.0f} | {ratio}"
                 usage = f"{m['cpu_us_per_req']:.0f} | {cpu}"

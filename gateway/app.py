@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from gateway.config import GatewayConfig, load_config
 from gateway.control import ControlPlane
 from gateway.desired import DesiredState, desired_from_config
 from gateway.faults import FaultInjector
+from gateway.guardrails.feedback import FeedbackJoin
 from gateway.inference import InferenceService
 from gateway.registry import ModelRegistry, ModelVersion, VersionState
 from gateway.repository import ModelRepository
@@ -45,6 +48,7 @@ class Gateway:
         config_source: str = "route file",
         telemetry: Telemetry | None = None,
         shadow_settings: ShadowSettings | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.config_source = config_source
@@ -58,8 +62,15 @@ class Gateway:
         self.faults = FaultInjector()
         self.shadow = ShadowRunner(self.registry, self.telemetry, self.faults, shadow_settings)
         self.control = ControlPlane(store, self.registry, self.router)
+        self.feedback = FeedbackJoin(self.telemetry.windows, clock=clock)
         self.inference = InferenceService(
-            self.registry, self.router, self.telemetry, self.shadow, self._compare_settings
+            self.registry,
+            self.router,
+            self.telemetry,
+            shadow=self.shadow,
+            compare=self._compare_settings,
+            faults=self.faults,
+            feedback=self.feedback,
         )
         self._observe()
 
@@ -82,8 +93,14 @@ class Gateway:
                 ],
             )
 
+        def faults(_revision: int, state: DesiredState) -> None:
+            self.faults.replace(
+                {(name, version): fault for name, ep in state.endpoints.items() for version, fault in ep.faults.items()}
+            )
+
         self.registry.on_change(loaded)
         self.control.on_change(routed)
+        self.control.on_change(faults)
         self.control.on_commit(
             lambda intent, _revision: telemetry.admin_change(intent.endpoint, intent.action, intent.trigger)
         )

@@ -29,9 +29,7 @@ class AdminTokens:
             name, sep, token = entry.partition("=")
             name, token = name.strip(), token.strip()
             if not sep or not name or not token:
-                raise ConfigError(
-                    f"{source}: each entry must be NAME=TOKEN (got an entry without '=' or a value)"
-                )
+                raise ConfigError(f"{source}: each entry must be NAME=TOKEN (got an entry without '=' or a value)")
             if len(token) < 16:
                 raise ConfigError(f"{source}: the token for {name!r} is shorter than 16 characters")
             if name in tokens:

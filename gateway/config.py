@@ -16,12 +16,13 @@ unquoted decimal as the text that was written (`1.10` stays "1.10").
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.errors import ConfigError, InvalidInput
+from gateway.guardrails.rules import RuleSet, parse_rule
 from gateway.routing import EndpointRoutes, RouteTable
 
 
@@ -44,6 +45,16 @@ class ShadowCompareConfig(BaseModel):
     top_k: int = Field(default=0, ge=0, le=1000)
 
 
+class GuardrailsConfig(BaseModel):
+    """Guardrail rules and how they combine (a plain list means: any one rule)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rules: list[str] = Field(default_factory=list)
+    at_least: int = Field(default=1, ge=1)
+    observe_only: bool = False
+
+
 class EndpointConfig(BaseModel):
     """One endpoint in the route file."""
 
@@ -57,7 +68,7 @@ class EndpointConfig(BaseModel):
     intra_op_threads: int = Field(default=1, ge=1, le=64)
     shadows: dict[str, int] = Field(default_factory=dict)
     shadow_compare: ShadowCompareConfig = Field(default_factory=ShadowCompareConfig)
-    guardrails: list[str] = Field(default_factory=list)
+    guardrails: GuardrailsConfig | list[str] = Field(default_factory=list)
 
     @field_validator("versions")
     @classmethod
@@ -67,11 +78,24 @@ class EndpointConfig(BaseModel):
             raise ValueError(f"versions are listed twice: {', '.join(duplicates)}")
         return versions
 
+    def rule_set(self) -> RuleSet:
+        """The endpoint's guardrails, parsed."""
+        guardrails = self.guardrails
+        if isinstance(guardrails, list):
+            return RuleSet.parse(guardrails)
+        return RuleSet.parse(guardrails.rules, guardrails.at_least, guardrails.observe_only)
+
     @field_validator("guardrails")
     @classmethod
-    def _not_yet(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("guardrails are not supported by this release yet; leave them empty")
+    def _rules_parse(cls, value: GuardrailsConfig | list[str]) -> GuardrailsConfig | list[str]:
+        lines = value if isinstance(value, list) else value.rules
+        for index, line in enumerate(lines):
+            try:
+                parse_rule(line)
+            except InvalidInput as err:
+                raise ValueError(f"rule {index + 1}: {err.message}") from None
+        if isinstance(value, GuardrailsConfig) and value.rules and not 1 <= value.at_least <= len(value.rules):
+            raise ValueError(f"at_least {value.at_least} must be between 1 and {len(value.rules)} (the rules)")
         return value
 
 

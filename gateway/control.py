@@ -23,6 +23,8 @@ from typing import Any
 from gateway.config import parse_config
 from gateway.desired import Change, DesiredState, EndpointState, diff, endpoint_from_config
 from gateway.errors import FailedPrecondition, GatewayError, InvalidInput, NotFound
+from gateway.faults import Fault
+from gateway.guardrails.rules import RuleSet
 from gateway.registry import ModelRegistry, VersionState
 from gateway.repository import Artifact
 from gateway.routing import CANARY, STABLE, VERSION_NAME, Router, RouteTable
@@ -122,9 +124,7 @@ class ControlPlane:
                 0,
                 state.to_json(),
                 self._draft(
-                    Intent(
-                        SYSTEM_ACTOR, "seed", ",".join(sorted(state.endpoints)), f"seeded from {seed_source}"
-                    ),
+                    Intent(SYSTEM_ACTOR, "seed", ",".join(sorted(state.endpoints)), f"seeded from {seed_source}"),
                     0,
                     diff(DesiredState({}), state),
                 ),
@@ -147,9 +147,7 @@ class ControlPlane:
             except GatewayError as err:
                 if endpoint.weights.get(artifact.version, 0) > 0:
                     raise  # a version that takes traffic must load, or the start fails
-                log.error(
-                    "%s %s failed to load and takes no traffic: %s", endpoint.name, artifact.version, err
-                )
+                log.error("%s %s failed to load and takes no traffic: %s", endpoint.name, artifact.version, err)
 
     def _install(self, revision: int, state: DesiredState, table: RouteTable | None = None) -> None:
         if table is None or table.revision != revision:
@@ -216,18 +214,33 @@ class ControlPlane:
     # --- changes --------------------------------------------------------------------------
 
     def set_traffic(
-        self, actor: str, endpoint: str, weights: Mapping[str, int], *, reason: str, dry_run: bool = False
+        self,
+        actor: str,
+        endpoint: str,
+        weights: Mapping[str, int],
+        *,
+        reason: str,
+        dry_run: bool = False,
+        labels: Mapping[str, str] | None = None,
+        trigger: str = "manual",
     ) -> ChangeResult:
-        """Replace an endpoint's weights (integer percent summing to 100; unnamed versions get 0)."""
+        """Replace an endpoint's weights (integer percent summing to 100; unnamed versions get 0).
+
+        `labels`, when given, are set in the same revision (a rollout's step names its canary).
+        """
 
         def change(ep: EndpointState) -> EndpointState:
             for version in weights:
                 ep.require_version(version)
-            return ep.with_(weights=dict(weights))
+            return ep.with_(weights=dict(weights), labels={**ep.labels, **(labels or {})})
 
-        return self._change(
-            Intent(actor, "set-traffic", endpoint, reason, dry_run, {"weights": dict(weights)}), change
-        )
+        detail = {"weights": dict(weights)}
+        return self._change(Intent(actor, "set-traffic", endpoint, reason, dry_run, detail, trigger), change)
+
+    def note(self, intent: Intent) -> AuditEntry:
+        """Record an event that changes no route (a rollout started, paused, aborted) in the audit log."""
+        self._check_reason(intent.reason)
+        return self.store.append_audit(self._draft(intent, self._revision, []))
 
     def set_label(
         self, actor: str, endpoint: str, label: str, version: str, *, reason: str, dry_run: bool = False
@@ -258,9 +271,7 @@ class ControlPlane:
             if percent:
                 shadows[version] = percent
             elif shadows.pop(version, None) is None:
-                raise NotFound(
-                    f"{endpoint} {version} is not a shadow; shadows: {', '.join(ep.shadows) or '(none)'}"
-                )
+                raise NotFound(f"{endpoint} {version} is not a shadow; shadows: {', '.join(ep.shadows) or '(none)'}")
             return ep.with_(shadows=shadows)
 
         return self._change(
@@ -268,7 +279,52 @@ class ControlPlane:
             change,
         )
 
-    def promote(self, actor: str, endpoint: str, *, reason: str, dry_run: bool = False) -> ChangeResult:
+    def set_guardrails(
+        self,
+        actor: str,
+        endpoint: str,
+        rules: list[str],
+        *,
+        at_least: int = 1,
+        observe_only: bool = False,
+        reason: str,
+        dry_run: bool = False,
+    ) -> ChangeResult:
+        """Replace an endpoint's guardrail rules (an empty list removes them)."""
+        rule_set = RuleSet.parse(rules, at_least if rules else 1, observe_only)
+        detail = {"rules": rules, "at_least": at_least, "observe_only": observe_only}
+        return self._change(
+            Intent(actor, "guardrails", endpoint, reason, dry_run, detail),
+            lambda ep: ep.with_(guardrails=rule_set),
+        )
+
+    def set_fault(
+        self,
+        actor: str,
+        endpoint: str,
+        version: str,
+        fault: Fault | None,
+        *,
+        reason: str,
+        dry_run: bool = False,
+    ) -> ChangeResult:
+        """Inject (or with None, clear) errors and latency on a version, for drills."""
+
+        def change(ep: EndpointState) -> EndpointState:
+            ep.require_version(version)
+            faults = dict(ep.faults)
+            if fault is None or (not fault.error_rate and not fault.latency_ms):
+                faults.pop(version, None)
+            else:
+                faults[version] = fault
+            return ep.with_(faults=faults)
+
+        detail = {"version": version, **(fault.to_dict() if fault else {"cleared": True})}
+        return self._change(Intent(actor, "fault", endpoint, reason, dry_run, detail), change)
+
+    def promote(
+        self, actor: str, endpoint: str, *, reason: str, dry_run: bool = False, trigger: str = "manual"
+    ) -> ChangeResult:
         """The canary becomes stable and takes 100%; the canary label is cleared."""
 
         def change(ep: EndpointState) -> EndpointState:
@@ -277,11 +333,9 @@ class ControlPlane:
             labels[STABLE] = canary
             return ep.with_(weights={canary: 100}, labels=labels)
 
-        return self._change(Intent(actor, "promote", endpoint, reason, dry_run), change)
+        return self._change(Intent(actor, "promote", endpoint, reason, dry_run, trigger=trigger), change)
 
-    def switch(
-        self, actor: str, endpoint: str, version: str, *, reason: str, dry_run: bool = False
-    ) -> ChangeResult:
+    def switch(self, actor: str, endpoint: str, version: str, *, reason: str, dry_run: bool = False) -> ChangeResult:
         """Blue-green: 100% to `version` in one revision, after a readiness check and a warm-up run.
 
         The version is labelled `canary` so `promote` makes it stable and `rollback` returns
@@ -306,15 +360,14 @@ class ControlPlane:
         to_version: str = "",
         to_revision: int = 0,
         dry_run: bool = False,
+        trigger: str = "manual",
     ) -> ChangeResult:
         """All traffic to `stable` (default), to a named version, or the endpoint as it was at a revision."""
         if to_version and to_revision:
             raise InvalidInput("give either a version or a revision to roll back to, not both")
         if to_revision:
             if to_revision >= self._revision:
-                raise InvalidInput(
-                    f"revision {to_revision} is not earlier than the current revision {self._revision}"
-                )
+                raise InvalidInput(f"revision {to_revision} is not earlier than the current revision {self._revision}")
             past = DesiredState.from_json(self.store.get_revision(to_revision).document)
             target = past.endpoints.get(endpoint)
             if target is None:
@@ -332,7 +385,8 @@ class ControlPlane:
                 return ep.with_(weights=dict(target.weights), labels=labels)
 
             return self._change(
-                Intent(actor, "rollback", endpoint, reason, dry_run, {"to_revision": to_revision}), restore
+                Intent(actor, "rollback", endpoint, reason, dry_run, {"to_revision": to_revision}, trigger),
+                restore,
             )
 
         def to_one(ep: EndpointState) -> EndpointState:
@@ -341,7 +395,7 @@ class ControlPlane:
             return ep.with_(weights={version: 100})
 
         return self._change(
-            Intent(actor, "rollback", endpoint, reason, dry_run, {"to_version": to_version}), to_one
+            Intent(actor, "rollback", endpoint, reason, dry_run, {"to_version": to_version}, trigger), to_one
         )
 
     def load_version(
@@ -401,27 +455,21 @@ class ControlPlane:
                 )
             if ep.shadows.get(version, 0):
                 raise FailedPrecondition(
-                    f"{endpoint} {version} is a shadow ({ep.shadows[version]}% of requests); "
-                    "turn the shadow off first"
+                    f"{endpoint} {version} is a shadow ({ep.shadows[version]}% of requests); turn the shadow off first"
                 )
             labels = sorted(k for k, v in ep.labels.items() if v == version)
             if labels:
                 raise FailedPrecondition(
-                    f"{endpoint} {version} is the target of label {', '.join(labels)}; "
-                    "point the label elsewhere first"
+                    f"{endpoint} {version} is the target of label {', '.join(labels)}; point the label elsewhere first"
                 )
             return ep.with_(artifacts={v: a for v, a in ep.artifacts.items() if v != version})
 
-        result = self._change(
-            Intent(actor, "unload", endpoint, reason, dry_run, {"version": version}), remove
-        )
+        result = self._change(Intent(actor, "unload", endpoint, reason, dry_run, {"version": version}), remove)
         if not dry_run and result.changes:
             self.registry.unload(endpoint, version)
         return result
 
-    def apply(
-        self, actor: str, document: str, *, reason: str, dry_run: bool = False, source: str = ""
-    ) -> ChangeResult:
+    def apply(self, actor: str, document: str, *, reason: str, dry_run: bool = False, source: str = "") -> ChangeResult:
         """Make the endpoints of a route file exactly as it says (declarative, like `kubectl apply`).
 
         Endpoints the file does not mention are left alone. New versions are loaded from

@@ -15,6 +15,8 @@ from typing import Any
 
 from gateway.config import EndpointConfig, GatewayConfig
 from gateway.errors import InvalidInput, NotFound
+from gateway.faults import Fault
+from gateway.guardrails.rules import RuleSet
 from gateway.repository import Artifact, ModelRepository
 from gateway.routing import EndpointRoutes, RouteTable, version_sort_key
 from gateway.shadow.compare import CompareSettings
@@ -39,12 +41,15 @@ class EndpointState:
     intra_op_threads: int = 1
     shadows: Mapping[str, int] = field(default_factory=dict)
     compare: CompareSettings = field(default_factory=CompareSettings)
+    guardrails: RuleSet = field(default_factory=RuleSet)
+    faults: Mapping[str, Fault] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "artifacts", _frozen(self.artifacts))
         object.__setattr__(self, "weights", _frozen({v: w for v, w in self.weights.items() if w}))
         object.__setattr__(self, "labels", _frozen(self.labels))
         object.__setattr__(self, "shadows", _frozen({v: p for v, p in self.shadows.items() if p}))
+        object.__setattr__(self, "faults", _frozen(self.faults))
 
     @property
     def versions(self) -> tuple[str, ...]:
@@ -66,9 +71,7 @@ class EndpointState:
     def require_version(self, version: str) -> None:
         """NotFound listing the versions when `version` is not one of them."""
         if version not in self.artifacts:
-            raise NotFound(
-                f"{self.name} has no version {version!r}; versions: {', '.join(self.versions) or '(none)'}"
-            )
+            raise NotFound(f"{self.name} has no version {version!r}; versions: {', '.join(self.versions) or '(none)'}")
 
     def label_of(self, label: str) -> str:
         """The version a label points at, or NotFound listing the labels."""
@@ -93,6 +96,8 @@ class EndpointState:
             "intra_op_threads": self.intra_op_threads,
             "shadows": dict(sorted(self.shadows.items())),
             "shadow_compare": {"threshold": self.compare.threshold, "top_k": self.compare.top_k},
+            "guardrails": self.guardrails.to_dict(),
+            "faults": {v: f.to_dict() for v, f in sorted(self.faults.items())},
         }
 
     @classmethod
@@ -100,9 +105,7 @@ class EndpointState:
         """Inverse of `to_dict`."""
         return cls(
             name=name,
-            artifacts={
-                v: Artifact(name, v, str(a["path"]), str(a["sha256"])) for v, a in data["versions"].items()
-            },
+            artifacts={v: Artifact(name, v, str(a["path"]), str(a["sha256"])) for v, a in data["versions"].items()},
             weights={str(k): int(w) for k, w in data.get("traffic", {}).items()},
             labels={str(k): str(v) for k, v in data.get("labels", {}).items()},
             max_batch_size=int(data.get("max_batch_size", 256)),
@@ -110,6 +113,12 @@ class EndpointState:
             intra_op_threads=int(data.get("intra_op_threads", 1)),
             shadows={str(k): int(p) for k, p in data.get("shadows", {}).items()},
             compare=CompareSettings(**data.get("shadow_compare", {})),
+            guardrails=RuleSet.parse(
+                list(data.get("guardrails", {}).get("rules", [])),
+                int(data.get("guardrails", {}).get("at_least", 1)),
+                bool(data.get("guardrails", {}).get("dry_run", False)),
+            ),
+            faults={str(v): Fault(**f) for v, f in data.get("faults", {}).items()},
         )
 
 
@@ -126,9 +135,7 @@ class DesiredState:
         """One endpoint, or NotFound listing the endpoints."""
         state = self.endpoints.get(name)
         if state is None:
-            raise NotFound(
-                f"no endpoint {name!r}; endpoints: {', '.join(sorted(self.endpoints)) or '(none)'}"
-            )
+            raise NotFound(f"no endpoint {name!r}; endpoints: {', '.join(sorted(self.endpoints)) or '(none)'}")
         return state
 
     def replace_endpoint(self, state: EndpointState) -> DesiredState:
@@ -199,6 +206,14 @@ def _flatten(state: DesiredState) -> dict[str, Any]:
         compare = body.pop("shadow_compare")
         flat[f"{name} shadow_compare threshold"] = compare["threshold"]
         flat[f"{name} shadow_compare top_k"] = compare["top_k"]
+        guardrails = body.pop("guardrails")
+        for index, rule in enumerate(guardrails["rules"]):
+            flat[f"{name} guardrail {index + 1}"] = rule
+        if guardrails["rules"]:
+            flat[f"{name} guardrails at_least"] = guardrails["at_least"]
+            flat[f"{name} guardrails observe_only"] = guardrails["dry_run"]
+        for version, fault in body.pop("faults").items():
+            flat[f"{name} fault {version}"] = fault
         for key, value in body.items():
             flat[f"{name} {key}"] = value
     return flat
@@ -219,9 +234,7 @@ def diff(before: DesiredState, after: DesiredState) -> list[Change]:
     ]
 
 
-def endpoint_from_config(
-    name: str, config: EndpointConfig, artifacts: Mapping[str, Artifact]
-) -> EndpointState:
+def endpoint_from_config(name: str, config: EndpointConfig, artifacts: Mapping[str, Artifact]) -> EndpointState:
     """The desired state of one route-file endpoint, given its versions' artifacts."""
     return EndpointState(
         name=name,
@@ -233,6 +246,7 @@ def endpoint_from_config(
         intra_op_threads=config.intra_op_threads,
         shadows=dict(config.shadows),
         compare=CompareSettings(threshold=config.shadow_compare.threshold, top_k=config.shadow_compare.top_k),
+        guardrails=config.rule_set(),
     )
 
 

@@ -30,9 +30,7 @@ class Fault:
         if not 0.0 <= self.error_rate <= 1.0:
             raise InvalidInput(f"error_rate {self.error_rate} must be between 0 and 1", field="error_rate")
         if not 0.0 <= self.latency_ms <= 60_000:
-            raise InvalidInput(
-                f"latency_ms {self.latency_ms} must be between 0 and 60000", field="latency_ms"
-            )
+            raise InvalidInput(f"latency_ms {self.latency_ms} must be between 0 and 60000", field="latency_ms")
 
     def to_dict(self) -> dict[str, float]:
         """JSON-ready form."""

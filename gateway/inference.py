@@ -21,6 +21,8 @@ import numpy as np
 
 from gateway import __version__
 from gateway.errors import GatewayError, InvalidInput, NotFound, TooLarge
+from gateway.faults import FaultInjector
+from gateway.guardrails.feedback import FeedbackJoin
 from gateway.registry import ModelRegistry
 from gateway.routing import EndpointRoutes, ModelRef, RouteDecision, Router, RouteTable, RoutingReason
 from gateway.runtime import OnnxModel
@@ -63,6 +65,8 @@ class InferResult(NamedTuple):
     reason: RoutingReason
     route_revision: int
     outputs: dict[str, np.ndarray]
+    #: Injected latency (a fault drill) the transport waits before answering, without blocking.
+    delay_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,26 +126,19 @@ def _explain_names(
         problems.append(f"missing input {', '.join(map(repr, missing))}")
     if unexpected:
         problems.append(f"unexpected input {', '.join(map(repr, unexpected))}")
-    raise InvalidInput(
-        f"{routes.name} {decision.version}: {'; '.join(problems)}; expected inputs: {expected}"
-    )
+    raise InvalidInput(f"{routes.name} {decision.version}: {'; '.join(problems)}; expected inputs: {expected}")
 
 
-def _explain_mismatch(
-    routes: EndpointRoutes, decision: RouteDecision, spec: TensorSpec, array: np.ndarray
-) -> None:
+def _explain_mismatch(routes: EndpointRoutes, decision: RouteDecision, spec: TensorSpec, array: np.ndarray) -> None:
     where = f"{routes.name} {decision.version}: input {spec.name!r}"
     if array.dtype != spec.dtype:
         raise InvalidInput(
-            f"{where} has datatype {_datatype_name(array)}; "
-            f"expected {spec.datatype.value} (shape {spec.wire_shape})"
+            f"{where} has datatype {_datatype_name(array)}; expected {spec.datatype.value} (shape {spec.wire_shape})"
         )
     raise InvalidInput(f"{where} has shape {list(array.shape)}; expected {spec.wire_shape} (-1 is any size)")
 
 
-def _rows_and_nans(
-    model: OnnxModel, inputs: Mapping[str, np.ndarray]
-) -> tuple[int, list[int] | None, tuple[str, ...]]:
+def _rows_and_nans(model: OnnxModel, inputs: Mapping[str, np.ndarray]) -> tuple[int, list[int] | None, tuple[str, ...]]:
     """Batch rows, and NaN counts per feature when any float input holds a NaN (else None)."""
     rows = 0
     nan: list[int] | None = None
@@ -196,14 +193,19 @@ class InferenceService:
         registry: ModelRegistry,
         router: Router,
         telemetry: Telemetry | None = None,
+        *,
         shadow: ShadowRunner | None = None,
         compare: Callable[[str], CompareSettings] | None = None,
+        faults: FaultInjector | None = None,
+        feedback: FeedbackJoin | None = None,
     ) -> None:
         self._registry = registry
         self._router = router
         self._telemetry = telemetry or Telemetry()
         self._shadow = shadow
         self._compare = compare or (lambda _endpoint: CompareSettings())
+        self._faults = faults or FaultInjector()
+        self._feedback = feedback
         # Request ids: 16 hex digits random per process + a 16-digit counter. No syscall per
         # request (os.urandom after a GIL-releasing model run costs several microseconds).
         self._series_keys: dict[tuple[str, str, bool], SeriesKey] = {}
@@ -230,7 +232,17 @@ class InferenceService:
         rows: int = 0
         nan: list[int] | None = None
         features: tuple[str, ...] = ()
+        fault = self._faults.get(routes.name, decision.version) if self._faults.faults else None
         try:
+            if fault is not None:
+                if span is not None:
+                    span.attributes["gateway.fault"] = (
+                        f"error_rate={fault.error_rate:g},latency_ms={fault.latency_ms:g}"
+                    )
+                started -= fault.latency_ms / 1000  # the injected delay counts as this version's latency
+                injected = fault.error(routes.name, decision.version)
+                if injected is not None:
+                    raise injected
             model = self._registry.runnable(routes.name, decision.version)
             _check_inputs(routes, decision, model.inputs, request.inputs)
             rows, nan, features = _rows_and_nans(model, request.inputs)
@@ -252,6 +264,9 @@ class InferenceService:
             self._measure(routes, decision, "INTERNAL", started, rows, nan, features, span)
             raise
         seconds = self._measure(routes, decision, "OK", started, rows, nan, features, span)
+        if self._feedback is not None:
+            pinned = decision.reason is RoutingReason.PINNED or decision.reason is RoutingReason.LABEL
+            self._feedback.served(request_id, self._series(routes.name, decision.version, pinned), decision.arm)
         outputs = dict(zip(wanted, arrays, strict=True))
         if routes.mirror and self._shadow is not None and decision.reason in _MIRRORED:
             self._mirror(routes, decision, request, request_id, outputs, seconds, span)
@@ -263,6 +278,7 @@ class InferenceService:
             reason=decision.reason,
             route_revision=table.revision,
             outputs=outputs,
+            delay_seconds=fault.latency_ms / 1000 if fault is not None else 0.0,
         )
 
     def _mirror(  # noqa: PLR0917 - per request: positional is cheaper

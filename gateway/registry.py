@@ -99,9 +99,7 @@ class ModelRegistry:
             if current is not None and current.state in (VersionState.LOADING, VersionState.READY):
                 raise AlreadyExists(f"{endpoint} {version} is already {current.state.value}")
         started = time.perf_counter()
-        self._publish(
-            ModelVersion(endpoint, version, VersionState.LOADING, sha256=artifact.sha256, path=artifact.path)
-        )
+        self._publish(ModelVersion(endpoint, version, VersionState.LOADING, sha256=artifact.sha256, path=artifact.path))
         try:
             data = self.repository.read_verified(artifact)
             model = OnnxModel(data, source=artifact.path, intra_op_threads=intra_op_threads)

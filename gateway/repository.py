@@ -79,13 +79,10 @@ class ModelRepository:
         directory = self.root / endpoint / version
         if not directory.is_dir():
             raise ArtifactError(
-                f"no directory for {endpoint} {version}: expected {directory} "
-                f"under the model root {self.root}"
+                f"no directory for {endpoint} {version}: expected {directory} under the model root {self.root}"
             )
         manifest = _read_manifest(directory)
-        path = self._inside(
-            directory / str(manifest.get("file", DEFAULT_FILE)), what=f"{directory / MANIFEST}: file"
-        )
+        path = self._inside(directory / str(manifest.get("file", DEFAULT_FILE)), what=f"{directory / MANIFEST}: file")
         recorded = manifest.get("sha256")
         if not isinstance(recorded, str) or not _SHA256.match(recorded.lower()):
             raise ArtifactError(f"{directory / MANIFEST}: 'sha256' must be 64 hex characters")

@@ -154,9 +154,7 @@ class EndpointRoutes:
     @staticmethod
     def _percent(value: object, what: str, field_name: str) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= TOTAL_WEIGHT:
-            raise InvalidInput(
-                f"{what}: {value!r} must be an integer percent from 0 to 100", field=field_name
-            )
+            raise InvalidInput(f"{what}: {value!r} must be an integer percent from 0 to 100", field=field_name)
 
     def _validate(self) -> None:
         where = f"endpoints.{self.name}"
@@ -213,9 +211,7 @@ class EndpointRoutes:
         """An explicit version; NotFound lists the endpoint's versions."""
         decision = self._pins.get(version)
         if decision is None:
-            raise NotFound(
-                f"{self.name} has no version {version!r}; versions: {', '.join(self.versions) or '(none)'}"
-            )
+            raise NotFound(f"{self.name} has no version {version!r}; versions: {', '.join(self.versions) or '(none)'}")
         return decision
 
     def by_label(self, label: str) -> RouteDecision:
@@ -259,9 +255,7 @@ class RouteTable:
         """One endpoint's routes, or NotFound listing the served endpoints."""
         routes = self.endpoints.get(name)
         if routes is None:
-            raise NotFound(
-                f"no endpoint {name!r}; served endpoints: {', '.join(sorted(self.endpoints)) or '(none)'}"
-            )
+            raise NotFound(f"no endpoint {name!r}; served endpoints: {', '.join(sorted(self.endpoints)) or '(none)'}")
         return routes
 
 

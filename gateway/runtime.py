@@ -66,17 +66,11 @@ class OnnxModel:
         options.log_severity_level = 3
         self.source = source
         try:
-            self._session = ort.InferenceSession(
-                model, sess_options=options, providers=["CPUExecutionProvider"]
-            )
+            self._session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises several unrelated types for bad files
             raise ArtifactError(f"{source}: onnxruntime cannot load this model: {err}") from err
-        self.inputs: tuple[TensorSpec, ...] = tuple(
-            _spec(a, source=source) for a in self._session.get_inputs()
-        )
-        self.outputs: tuple[TensorSpec, ...] = tuple(
-            _spec(a, source=source) for a in self._session.get_outputs()
-        )
+        self.inputs: tuple[TensorSpec, ...] = tuple(_spec(a, source=source) for a in self._session.get_inputs())
+        self.outputs: tuple[TensorSpec, ...] = tuple(_spec(a, source=source) for a in self._session.get_outputs())
         self.output_names: tuple[str, ...] = tuple(o.name for o in self.outputs)
         # Float inputs and how many features each row carries (for NaN counts per feature).
         self.float_inputs: tuple[tuple[str, int], ...] = tuple(
@@ -96,9 +90,7 @@ class OnnxModel:
     def warm_up(self, *, batch_size: int = 1, rounds: int = 3) -> float:
         """Run zero inputs a few times so the first real request pays no lazy setup; returns seconds."""
         feeds = {
-            spec.name: np.zeros(
-                [batch_size if d is None else d for d in spec.shape], dtype=spec.datatype.numpy
-            )
+            spec.name: np.zeros([batch_size if d is None else d for d in spec.shape], dtype=spec.datatype.numpy)
             for spec in self.inputs
         }
         started = time.perf_counter()

@@ -86,9 +86,7 @@ def check_shape(shape: Sequence[int], *, what: str) -> tuple[int, ...]:
     return dims
 
 
-def array_from_bytes(
-    data: bytes, dtype: np.dtype[np.generic], shape: Sequence[int], *, name: str
-) -> np.ndarray:
+def array_from_bytes(data: bytes, dtype: np.dtype[np.generic], shape: Sequence[int], *, name: str) -> np.ndarray:
     """A read-only array over `data` (little-endian, row-major) after checking its length.
 
     Takes the numpy dtype (`DataType.numpy`) rather than the DataType: this runs per request,
@@ -106,9 +104,7 @@ def array_from_bytes(
     return np.frombuffer(data, dtype=dtype).reshape(dims)
 
 
-def array_from_values(
-    values: Sequence[object], datatype: DataType, shape: Sequence[int], *, what: str
-) -> np.ndarray:
+def array_from_values(values: Sequence[object], datatype: DataType, shape: Sequence[int], *, what: str) -> np.ndarray:
     """An array from typed values (the Open Inference Protocol's `contents`)."""
     dims = check_shape(shape, what=what)
     count = math.prod(dims)
@@ -136,9 +132,7 @@ class TensorSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _NUMPY[self.datatype])
-        object.__setattr__(
-            self, "fixed_dims", tuple((axis, d) for axis, d in enumerate(self.shape) if d is not None)
-        )
+        object.__setattr__(self, "fixed_dims", tuple((axis, d) for axis, d in enumerate(self.shape) if d is not None))
         object.__setattr__(self, "batched", bool(self.shape) and self.shape[0] is None)
 
     def matches(self, array: np.ndarray) -> bool:

@@ -56,9 +56,7 @@ def bearer(token: str = ONCALL_TOKEN) -> tuple[tuple[str, str], ...]:
 class RunningGateway:
     """A started in-process gateway (inference and admin listeners) with channels to it."""
 
-    def __init__(
-        self, gateway: Gateway, server: InferenceServer, admin: AdminServer, loop: LoopThread
-    ) -> None:
+    def __init__(self, gateway: Gateway, server: InferenceServer, admin: AdminServer, loop: LoopThread) -> None:
         self.gateway = gateway
         self.server = server
         self.admin_server = admin

@@ -39,16 +39,12 @@ def test_authentication(gw: RunningGateway, caplog: pytest.LogCaptureFixture) ->
     wrong = rpc_error(lambda: gw.admin("GetRoutes", request, token="not-a-valid-token-at-all"))
     assert wrong.code() == grpc.StatusCode.PERMISSION_DENIED
     basic = rpc_error(
-        lambda: gw.admin_stub.GetRoutes(
-            request, metadata=(("authorization", f"Basic {ONCALL_TOKEN}"),), timeout=10
-        )
+        lambda: gw.admin_stub.GetRoutes(request, metadata=(("authorization", f"Basic {ONCALL_TOKEN}"),), timeout=10)
     )
     assert basic.code() == grpc.StatusCode.UNAUTHENTICATED
     # Mutations are refused the same way and change nothing.
     refused = rpc_error(
-        lambda: gw.admin(
-            "Rollback", pb.RollbackRequest(endpoint="ctr-ranker", reason="x"), token="nope-nope-nope-nope"
-        )
+        lambda: gw.admin("Rollback", pb.RollbackRequest(endpoint="ctr-ranker", reason="x"), token="nope-nope-nope-nope")
     )
     assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
     assert gw.gateway.router.table.revision == 1
@@ -79,9 +75,7 @@ def test_changes_are_attributed_to_the_token_name(gw: RunningGateway) -> None:
 
 
 def test_dry_run_and_routes_history(gw: RunningGateway) -> None:
-    dry = gw.admin(
-        "Switch", pb.SwitchRequest(endpoint="ctr-ranker", version="1.14", reason="try", dry_run=True)
-    )
+    dry = gw.admin("Switch", pb.SwitchRequest(endpoint="ctr-ranker", version="1.14", reason="try", dry_run=True))
     assert dry.dry_run and dry.revision == 1 and dry.changes
     assert gw.admin("GetRoutes", pb.GetRoutesRequest()).revision == 1
     gw.admin("Switch", pb.SwitchRequest(endpoint="ctr-ranker", version="1.14", reason="blue-green"))
@@ -107,9 +101,7 @@ def test_versions_load_and_unload(gw: RunningGateway, tmp_path: Path) -> None:
         ),
     )
     assert loaded.revision == 2
-    versions = {
-        v.version: v for v in gw.admin("ListVersions", pb.ListVersionsRequest(endpoint="ctr-ranker")).versions
-    }
+    versions = {v.version: v for v in gw.admin("ListVersions", pb.ListVersionsRequest(endpoint="ctr-ranker")).versions}
     assert versions["1.15"].state == "ready" and versions["1.15"].sha256 == digest
     assert versions["1.12"].traffic == 90 and list(versions["1.12"].labels) == ["stable"]
     assert versions["1.12"].loaded_at > 0
@@ -124,9 +116,7 @@ def test_versions_load_and_unload(gw: RunningGateway, tmp_path: Path) -> None:
     )
     assert bad.code() == grpc.StatusCode.FAILED_PRECONDITION and "was expected" in bad.details()
     busy = rpc_error(
-        lambda: gw.admin(
-            "UnloadVersion", pb.UnloadVersionRequest(endpoint="ctr-ranker", version="1.12", reason="x")
-        )
+        lambda: gw.admin("UnloadVersion", pb.UnloadVersionRequest(endpoint="ctr-ranker", version="1.12", reason="x"))
     )
     assert busy.code() == grpc.StatusCode.FAILED_PRECONDITION
     gw.admin("UnloadVersion", pb.UnloadVersionRequest(endpoint="ctr-ranker", version="1.15", reason="done"))
@@ -179,9 +169,7 @@ def test_admin_errors(gw: RunningGateway, method: str, request_: object, code: s
 
 
 def test_apply_over_grpc(gw: RunningGateway) -> None:
-    document = config_text(traffic='{"1.12": 50, "1.13": 50}').replace(
-        f"model_root: {MODELS}", "model_root: ."
-    )
+    document = config_text(traffic='{"1.12": 50, "1.13": 50}').replace(f"model_root: {MODELS}", "model_root: .")
     response = gw.admin("Apply", pb.ApplyRequest(document=document, reason="50/50", source="routes.yaml"))
     assert response.revision == 2
     assert dict(gw.gateway.router.table.endpoint("ctr-ranker").weights) == {"1.12": 50, "1.13": 50}

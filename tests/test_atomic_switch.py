@@ -86,9 +86,7 @@ def test_200_changes_under_load_fail_nothing_and_rollbacks_take_effect_at_once()
     # A request counts for a window when it started after the rollback returned and finished
     # before the next change was issued: nothing but the rollback can have routed it.
     for start, end in windows:
-        served = [
-            version for started, finished, version in load.records if start < started and finished < end
-        ]
+        served = [version for started, finished, version in load.records if start < started and finished < end]
         checked += len(served)
         assert set(served) <= {"1.12"}, f"a request after a rollback was served by {set(served)}"
     assert checked > 100  # the windows did contain requests

@@ -48,9 +48,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*GATEWAY, *args], capture_output=True, text=True, timeout=60, cwd=ROOT, check=False
-    )
+    return subprocess.run([*GATEWAY, *args], capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
 
 
 def test_serve_prints_ready_line_and_predict_shows_version_and_arm(served: str) -> None:
@@ -63,9 +61,7 @@ def test_serve_prints_ready_line_and_predict_shows_version_and_arm(served: str) 
 
 
 def test_predict_json_pin_and_batch(served: str) -> None:
-    result = run(
-        "predict", "ctr-ranker@1.14", "--features", json.dumps([[0.1] * 32] * 2), "--target", served, "--json"
-    )
+    result = run("predict", "ctr-ranker@1.14", "--features", json.dumps([[0.1] * 32] * 2), "--target", served, "--json")
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
     assert (body["version"], body["arm"], body["route_revision"]) == ("1.14", "pinned", 1)
@@ -83,9 +79,7 @@ def test_predict_features_from_file(served: str, tmp_path: Path) -> None:
 def test_predict_error_is_one_line_and_nonzero(served: str) -> None:
     result = run("predict", "ctr-ranker@7", "--features", ROW, "--target", served)
     assert result.returncode != 0
-    assert (
-        result.stderr.strip() == "error: NOT_FOUND: ctr-ranker has no version '7'; versions: 1.12, 1.13, 1.14"
-    )
+    assert result.stderr.strip() == "error: NOT_FOUND: ctr-ranker has no version '7'; versions: 1.12, 1.13, 1.14"
 
 
 def test_invalid_route_file_stops_the_start(tmp_path: Path) -> None:

@@ -148,9 +148,7 @@ def test_reason_is_required_by_the_cli(served: dict[str, str]) -> None:
 
 def test_apply_file(served: dict[str, str], tmp_path: Path) -> None:
     document = (
-        (ROOT / "models" / "gateway.yaml")
-        .read_text()
-        .replace('{"1.12": 90, "1.13": 10}', '{"1.12": 60, "1.13": 40}')
+        (ROOT / "models" / "gateway.yaml").read_text().replace('{"1.12": 90, "1.13": 10}', '{"1.12": 60, "1.13": 40}')
     )
     path = tmp_path / "routes.yaml"
     path.write_text(document)

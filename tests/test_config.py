@@ -46,7 +46,12 @@ def test_unquoted_versions_keep_their_text() -> None:
             r"shadows.1.14: share of requests: 120 must be an integer percent from 0 to 100",
         ),
         ({"shadow_compare": "{threshold: 0.5, k: 3}"}, r"shadow_compare.k: unknown field"),
-        ({"guardrails": '["error_rate > 2%"]'}, r"guardrails.*not supported by this release yet"),
+        (
+            {"guardrails": '["error_rate > two for 5m"]'},
+            r"endpoints.ctr-ranker.guardrails: .*rule 1: .*threshold 'two' is not a number",
+        ),
+        ({"guardrails": '["error_rate > 2%"]'}, r"rule 1: .*write METRIC > THRESHOLD for DURATION"),
+        ({"guardrails": '{rules: ["error_rate > 2% for 5m"], at_least: 3}'}, r"at_least 3 must be between 1 and 1"),
     ],
 )
 def test_invalid_route_files_name_the_field(overrides: dict[str, str], message: str) -> None:

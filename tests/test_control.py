@@ -64,9 +64,7 @@ def test_seed_then_store_is_the_truth(model_root: Path, tmp_path: Path) -> None:
 
 
 def test_set_traffic_commits_revision_diff_and_audit(gateway: Gateway) -> None:
-    result = gateway.control.set_traffic(
-        "oncall", "ctr-ranker", {"1.12": 75, "1.13": 25}, reason="ramp to 25"
-    )
+    result = gateway.control.set_traffic("oncall", "ctr-ranker", {"1.12": 75, "1.13": 25}, reason="ramp to 25")
     assert result.revision == 2 and not result.dry_run
     assert [c.render() for c in result.changes] == [
         "ctr-ranker traffic 1.12: 90 -> 75",
@@ -87,9 +85,7 @@ def test_set_traffic_commits_revision_diff_and_audit(gateway: Gateway) -> None:
 
 def test_dry_run_changes_nothing_and_is_recorded(gateway: Gateway) -> None:
     before = gateway.router.table
-    result = gateway.control.set_traffic(
-        "ci", "ctr-ranker", {"1.12": 0, "1.14": 100}, reason="try", dry_run=True
-    )
+    result = gateway.control.set_traffic("ci", "ctr-ranker", {"1.12": 0, "1.14": 100}, reason="try", dry_run=True)
     assert result.dry_run and result.revision == 1
     assert result.changes[0].render() == "ctr-ranker traffic 1.12: 90 -> 0"
     assert gateway.router.table is before
@@ -105,9 +101,7 @@ def test_dry_run_changes_nothing_and_is_recorded(gateway: Gateway) -> None:
         ({"1.12": 90, "2.0": 10}, NotFound, "has no version '2.0'; versions: 1.12, 1.13, 1.14"),
     ],
 )
-def test_invalid_weights_are_refused(
-    gateway: Gateway, weights_: dict[str, int], error: type, message: str
-) -> None:
+def test_invalid_weights_are_refused(gateway: Gateway, weights_: dict[str, int], error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         gateway.control.set_traffic("oncall", "ctr-ranker", weights_, reason="x")
     assert gateway.router.table.revision == 1
@@ -123,9 +117,7 @@ def test_traffic_only_to_ready_versions(gateway: Gateway, model_root: Path) -> N
     (model_root / "ctr-ranker/1.14/model.onnx").write_bytes(b"tampered")
     with pytest.raises(Exception, match="the file changed"):
         gateway.registry.load(gateway.control.state.endpoint("ctr-ranker").artifacts["1.14"])
-    with pytest.raises(
-        FailedPrecondition, match=r"ctr-ranker 1\.14 is failed, not ready; it cannot take traffic"
-    ):
+    with pytest.raises(FailedPrecondition, match=r"ctr-ranker 1\.14 is failed, not ready; it cannot take traffic"):
         gateway.control.set_traffic("oncall", "ctr-ranker", {"1.12": 90, "1.14": 10}, reason="x")
     with pytest.raises(FailedPrecondition, match="is failed, not ready"):
         gateway.control.switch("oncall", "ctr-ranker", "1.14", reason="x")
@@ -181,9 +173,7 @@ def test_load_and_unload_at_run_time(gateway: Gateway, model_root: Path) -> None
         control.load_version("ci", "ctr-ranker", "1.15", "ctr-ranker/1.15/model.onnx", "a" * 64, reason="x")
     with pytest.raises(NotFound):
         gateway.registry.get("ctr-ranker", "1.15")  # a refused artifact leaves nothing behind
-    result = control.load_version(
-        "ci", "ctr-ranker", "1.15", "ctr-ranker/1.15/model.onnx", digest, reason="new model"
-    )
+    result = control.load_version("ci", "ctr-ranker", "1.15", "ctr-ranker/1.15/model.onnx", digest, reason="new model")
     assert result.revision == 2
     assert gateway.registry.is_ready("ctr-ranker", "1.15")
     assert "1.15" in gateway.router.table.endpoint("ctr-ranker").versions
@@ -241,14 +231,11 @@ def test_apply_is_declarative(gateway: Gateway, model_root: Path) -> None:
 def test_apply_refuses_a_changed_artifact_under_the_same_version(gateway: Gateway, model_root: Path) -> None:
     manifest = model_root / "ctr-ranker/1.13/manifest.yaml"
     lines = [
-        ("sha256: " + "b" * 64) if line.startswith("sha256:") else line
-        for line in manifest.read_text().splitlines()
+        ("sha256: " + "b" * 64) if line.startswith("sha256:") else line for line in manifest.read_text().splitlines()
     ]
     manifest.write_text("\n".join(lines) + "\n")
     with pytest.raises(FailedPrecondition, match="versions are immutable"):
-        gateway.control.apply(
-            "ci", config_text().replace(f"model_root: {MODELS}", "model_root: ."), reason="x"
-        )
+        gateway.control.apply("ci", config_text().replace(f"model_root: {MODELS}", "model_root: ."), reason="x")
 
 
 def test_compare_and_swap_between_two_writers(model_root: Path, tmp_path: Path) -> None:

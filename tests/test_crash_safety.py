@@ -86,9 +86,7 @@ def test_sigkill_mid_changes_keeps_whole_revisions_with_their_audit(tmp_path: Pa
     process, admin = start(db)
     try:
         with grpc.insecure_channel(admin) as channel:
-            routes = pb_grpc.AdminStub(channel).GetRoutes(
-                pb.GetRoutesRequest(), metadata=bearer(), timeout=10
-            )
+            routes = pb_grpc.AdminStub(channel).GetRoutes(pb.GetRoutesRequest(), metadata=bearer(), timeout=10)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(15)

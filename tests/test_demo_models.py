@@ -21,9 +21,7 @@ def test_generator_reproduces_the_bundled_files(tmp_path: Path) -> None:
     digests = _generator().write(tmp_path)
     for version, digest in digests.items():
         bundled = MODELS / "ctr-ranker" / version
-        assert (tmp_path / "ctr-ranker" / version / "model.onnx").read_bytes() == (
-            bundled / "model.onnx"
-        ).read_bytes()
+        assert (tmp_path / "ctr-ranker" / version / "model.onnx").read_bytes() == (bundled / "model.onnx").read_bytes()
         assert f"sha256: {digest}" in (bundled / "manifest.yaml").read_text()
 
 

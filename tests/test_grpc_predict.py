@@ -112,11 +112,7 @@ ROW = features(1)
             "input 'features' has shape [32]; expected [-1, 32]",
         ),
         (
-            {
-                "inputs": [
-                    gw.Tensor(name="features", datatype=gw.DATA_TYPE_FP32, shape=[1, 32], data=b"\0" * 100)
-                ]
-            },
+            {"inputs": [gw.Tensor(name="features", datatype=gw.DATA_TYPE_FP32, shape=[1, 32], data=b"\0" * 100)]},
             "INVALID_ARGUMENT",
             "input 'features' has 100 bytes of data, but shape [1, 32] of FP32 needs 128 bytes",
         ),
@@ -168,10 +164,7 @@ def test_nan_inputs_pass_by_default_and_reject_when_configured(demo: RunningGate
     with running_gateway(config_text(nan_policy="reject")) as strict:
         err = _error(strict, inputs=[tensor("features", x)])
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert (
-            "input 'features' has NaN at index [1, 5]; this endpoint's nan_policy is 'reject'"
-            in err.details()
-        )
+        assert "input 'features' has NaN at index [1, 5]; this endpoint's nan_policy is 'reject'" in err.details()
 
 
 def test_unexpected_error_is_internal_without_details(

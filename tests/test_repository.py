@@ -30,9 +30,7 @@ def test_changed_file_is_refused(model_root: Path) -> None:
     artifact = repository.from_manifest("ctr-ranker", "1.13")
     path = model_root / artifact.path
     path.write_bytes(path.read_bytes() + b"\x00")
-    with pytest.raises(
-        ArtifactError, match=r"has sha256 .* but ctr-ranker 1\.13 was registered with .* immutable"
-    ):
+    with pytest.raises(ArtifactError, match=r"has sha256 .* but ctr-ranker 1\.13 was registered with .* immutable"):
         repository.read_verified(artifact)
 
 

@@ -132,12 +132,8 @@ def test_set_shadow_is_audited_validated_and_blocks_unload() -> None:
         assert [(c.path, c.before, c.after) for c in change.changes] == [("ctr-ranker shadow 1.14", "", "25")]
         assert gw.gateway.router.table.endpoint("ctr-ranker").shadows == {"1.14": 25}
         with pytest.raises(grpc.RpcError) as busy:
-            gw.admin(
-                "UnloadVersion", pb.UnloadVersionRequest(endpoint="ctr-ranker", version="1.14", reason="x")
-            )
-        assert (
-            busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is a shadow" in busy.value.details()
-        )
+            gw.admin("UnloadVersion", pb.UnloadVersionRequest(endpoint="ctr-ranker", version="1.14", reason="x"))
+        assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is a shadow" in busy.value.details()
         with pytest.raises(grpc.RpcError) as bad:
             gw.admin(
                 "SetShadow",
@@ -151,9 +147,7 @@ def test_set_shadow_is_audited_validated_and_blocks_unload() -> None:
         audit = gw.admin("GetAudit", pb.GetAuditRequest(endpoint="ctr-ranker")).entries
         assert [e.action for e in audit[:2]] == ["shadow", "shadow"]
         with pytest.raises(grpc.RpcError) as none:
-            gw.admin(
-                "GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker", shadow_version="1.13")
-            )
+            gw.admin("GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker", shadow_version="1.13"))
         assert none.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -193,9 +187,7 @@ def test_report_cli_table_json_and_html_in_chromium(tmp_path: Path) -> None:
         assert gw.gateway.shadow.drain(10)
         env = {**os.environ, "GATEWAY_ADMIN_TARGET": gw.admin_target, "GATEWAY_ADMIN_TOKEN": ONCALL_TOKEN}
         command = [sys.executable, "-m", "gateway.cli", "report", "shadow", "ctr-ranker", "--since", "15m"]
-        text = subprocess.run(
-            command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False
-        )
+        text = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False)
         page = tmp_path / "report.html"
         as_json = subprocess.run(
             [*command, "--json", "--html", str(page)],

@@ -36,15 +36,11 @@ def test_classes_argmax_and_top_k() -> None:
     shadow = np.array([[0.15, 0.6, 0.25], [0.3, 0.5, 0.2]])
     diff = compare_outputs({"probs": primary}, {"probs": shadow}, CompareSettings(top_k=2))
     assert diff.agree == 1
-    assert diff.outputs[0]["top_k_overlap"] == pytest.approx(
-        1.0
-    )  # top-2 sets are {1, 2}/{1, 2} and {0, 1}/{1, 0}
+    assert diff.outputs[0]["top_k_overlap"] == pytest.approx(1.0)  # top-2 sets are {1, 2}/{1, 2} and {0, 1}/{1, 0}
 
 
 def test_shape_mismatch_and_missing_outputs() -> None:
-    diff = compare_outputs(
-        {"a": np.zeros((2, 1)), "b": np.zeros((2, 1))}, {"a": np.zeros((3, 1))}, CompareSettings()
-    )
+    diff = compare_outputs({"a": np.zeros((2, 1)), "b": np.zeros((2, 1))}, {"a": np.zeros((3, 1))}, CompareSettings())
     assert [o.get("shape_mismatch") for o in diff.outputs] == [True, True]
     assert diff.agree == 0 and math.isinf(diff.max_abs)
 

@@ -29,9 +29,7 @@ from tests.helpers import RunningGateway, features, predict_request, running_gat
 
 
 @pytest.fixture(scope="module")
-def observed() -> Iterator[
-    tuple[RunningGateway, InMemorySpanExporter, InMemoryMetricReader, TelemetryRuntime]
-]:
+def observed() -> Iterator[tuple[RunningGateway, InMemorySpanExporter, InMemoryMetricReader, TelemetryRuntime]]:
     spans = InMemorySpanExporter()
     reader = InMemoryMetricReader()
     runtime = build_telemetry(
@@ -176,8 +174,7 @@ def test_admin_changes_and_rollbacks_are_counted(observed) -> None:  # type: ign
     )
     gw.admin("Rollback", admin.RollbackRequest(endpoint="ctr-ranker", reason="CTR drop"))
     changes = {
-        (p.attributes["action"], p.attributes["trigger"]): p.value
-        for p in points(reader, "gateway.admin.changes")
+        (p.attributes["action"], p.attributes["trigger"]): p.value for p in points(reader, "gateway.admin.changes")
     }
     assert changes[("set-traffic", "manual")] >= 1 and changes[("rollback", "manual")] >= 1
     rollbacks = {p.attributes["endpoint"]: p.value for p in points(reader, "gateway.rollbacks")}
@@ -191,17 +188,13 @@ def test_admin_changes_and_rollbacks_are_counted(observed) -> None:  # type: ign
 def test_prometheus_endpoint_scraped_and_parsed(observed) -> None:  # type: ignore[no-untyped-def]
     gw, _, _, runtime = observed
     gw.predict("ctr-ranker@1.13")
-    text = (
-        urllib.request.urlopen(f"http://127.0.0.1:{runtime.metrics_port}/metrics", timeout=10).read().decode()
-    )
+    text = urllib.request.urlopen(f"http://127.0.0.1:{runtime.metrics_port}/metrics", timeout=10).read().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     requests = families["gateway_requests"]
     pinned = [
         s
         for s in requests.samples
-        if s.labels.get("version") == "1.13"
-        and s.labels.get("arm") == "pinned"
-        and s.labels.get("code") == "OK"
+        if s.labels.get("version") == "1.13" and s.labels.get("arm") == "pinned" and s.labels.get("code") == "OK"
     ]
     assert pinned and pinned[0].value >= 1
     errors = families["gateway_request_errors"]
@@ -240,9 +233,7 @@ def test_otlp_export_to_a_collector() -> None:
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    runtime = build_telemetry(
-        TelemetrySettings(otlp_endpoint=f"http://127.0.0.1:{port}", sampler=Sampler(1.0))
-    )
+    runtime = build_telemetry(TelemetrySettings(otlp_endpoint=f"http://127.0.0.1:{port}", sampler=Sampler(1.0)))
     try:
         with running_gateway(telemetry=runtime.telemetry) as gw:
             for i in range(5):
@@ -279,15 +270,11 @@ def test_nan_inputs_feed_null_counters_and_windows(observed) -> None:  # type: i
         if p.attributes["version"] == "1.14"
     }
     assert nulls == {"features[5]": 2, "features[31]": 1}
-    rows = {
-        (p.attributes["version"], p.attributes["arm"]): p.value for p in points(reader, "gateway.input.rows")
-    }
+    rows = {(p.attributes["version"], p.attributes["arm"]): p.value for p in points(reader, "gateway.input.rows")}
     assert rows[("1.14", "pinned")] >= 4
     window = gw.gateway.telemetry.windows.window(SeriesKey("ctr-ranker", "1.14", pinned=True)).stats(60)
     assert window.nan_counts[5] == 2 and window.nan_counts[31] == 1
-    text = (
-        urllib.request.urlopen(f"http://127.0.0.1:{runtime.metrics_port}/metrics", timeout=10).read().decode()
-    )
+    text = urllib.request.urlopen(f"http://127.0.0.1:{runtime.metrics_port}/metrics", timeout=10).read().decode()
     names = {f.name for f in text_string_to_metric_families(text)}
     assert {
         "gateway_input_nulls",

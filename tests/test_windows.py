@@ -61,9 +61,7 @@ def test_quantiles_are_within_the_relative_error_bound(distribution: str) -> Non
     values = {
         "lognormal": rng.lognormal(mean=-7, sigma=1.0, size=50_000),
         "uniform": rng.uniform(0.0005, 0.05, size=50_000),
-        "bimodal": np.concatenate([rng.normal(0.002, 0.0002, 40_000), rng.normal(0.2, 0.02, 10_000)]).clip(
-            1e-5
-        ),
+        "bimodal": np.concatenate([rng.normal(0.002, 0.0002, 40_000), rng.normal(0.2, 0.02, 10_000)]).clip(1e-5),
     }[distribution]
     clock = FakeClock()
     window = SlidingWindow(600, clock=clock)

@@ -151,10 +151,7 @@ def _revisions(client: AdminClient, args: argparse.Namespace) -> None:
         [
             r.revision,
             when(r.committed_at),
-            "; ".join(
-                f"{e.name} " + ", ".join(f"{v} {w}%" for v, w in sorted(e.traffic.items()))
-                for e in r.endpoints
-            ),
+            "; ".join(f"{e.name} " + ", ".join(f"{v} {w}%" for v, w in sorted(e.traffic.items())) for e in r.endpoints),
         ]
         for r in response.revisions
     ]
@@ -265,9 +262,7 @@ def _mutation(args: argparse.Namespace) -> tuple[str, Any]:
         ),
         "label": lambda: (
             "SetLabel",
-            pb.SetLabelRequest(
-                endpoint=args.endpoint, label=args.label, version=args.version or "", **common
-            ),
+            pb.SetLabelRequest(endpoint=args.endpoint, label=args.label, version=args.version or "", **common),
         ),
         "promote": lambda: ("Promote", pb.PromoteRequest(endpoint=args.endpoint, **common)),
         "rollback": lambda: (
@@ -357,9 +352,7 @@ def register(commands: Any) -> None:
     audit.add_argument("endpoint", nargs="?")
     audit.add_argument("--limit", type=int, default=50)
 
-    traffic = sub.add_parser(
-        "set-traffic", parents=[common, mutating], help="set weights: VERSION=PERCENT ..."
-    )
+    traffic = sub.add_parser("set-traffic", parents=[common, mutating], help="set weights: VERSION=PERCENT ...")
     traffic.add_argument("endpoint")
     traffic.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT")
     label = sub.add_parser("label", parents=[common, mutating], help="point a label at a version")
@@ -378,21 +371,15 @@ def register(commands: Any) -> None:
     target = rollback.add_mutually_exclusive_group()
     target.add_argument("--to", metavar="VERSION")
     target.add_argument("--to-revision", type=int, metavar="N")
-    switch = sub.add_parser(
-        "switch", parents=[common, mutating], help="blue-green: 100%% to VERSION in one step"
-    )
+    switch = sub.add_parser("switch", parents=[common, mutating], help="blue-green: 100%% to VERSION in one step")
     switch.add_argument("endpoint")
     switch.add_argument("version")
-    load = sub.add_parser(
-        "load", parents=[common, mutating], help="load a new version from under the model root"
-    )
+    load = sub.add_parser("load", parents=[common, mutating], help="load a new version from under the model root")
     load.add_argument("endpoint")
     load.add_argument("version")
     load.add_argument("path", help="model file or version directory, relative to the model root")
     load.add_argument("--sha256", required=True)
-    unload = sub.add_parser(
-        "unload", parents=[common, mutating], help="unload a version that takes no traffic"
-    )
+    unload = sub.add_parser("unload", parents=[common, mutating], help="unload a version that takes no traffic")
     unload.add_argument("endpoint")
     unload.add_argument("version")
     shadow = sub.add_parser(

@@ -79,9 +79,7 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as err:
             return fail(f"--features: {err}")
     outputs = {
-        t.name: np.frombuffer(
-            t.data, dtype=DataType(gw.DataType.Name(t.datatype).removeprefix("DATA_TYPE_")).numpy
-        )
+        t.name: np.frombuffer(t.data, dtype=DataType(gw.DataType.Name(t.datatype).removeprefix("DATA_TYPE_")).numpy)
         .reshape(t.shape)
         .tolist()
         for t in response.outputs

@@ -49,9 +49,7 @@ def report_dict(report: pb.ShadowReport) -> dict[str, Any]:
         "diff": _quantiles(report.diff),
         "primary_latency_ms": {k: v for k, v in _quantiles(report.primary_latency_ms).items() if k != "max"},
         "shadow_latency_ms": {k: v for k, v in _quantiles(report.shadow_latency_ms).items() if k != "max"},
-        "top_divergent": [
-            {"request_id": d.request_id, "max_abs_diff": d.max_abs_diff} for d in report.top_divergent
-        ],
+        "top_divergent": [{"request_id": d.request_id, "max_abs_diff": d.max_abs_diff} for d in report.top_divergent],
         "primary_versions": list(report.primary_versions),
         "diff_histogram": [{"upper": b.upper, "count": b.count} for b in report.diff_histogram],
     }
@@ -85,10 +83,7 @@ def _print(body: dict[str, Any]) -> None:
         f"  largest |diff| per request: p50 {diff['p50']:.3g}  p95 {diff['p95']:.3g}  "
         f"p99 {diff['p99']:.3g}  max {diff['max']:.3g}"
     )
-    rows = [
-        [q, _ms(body["primary_latency_ms"][q]), _ms(body["shadow_latency_ms"][q])]
-        for q in ("p50", "p95", "p99")
-    ]
+    rows = [[q, _ms(body["primary_latency_ms"][q]), _ms(body["shadow_latency_ms"][q])] for q in ("p50", "p95", "p99")]
     print(table(["LATENCY MS", "PRIMARY", "SHADOW"], rows))
     if body["top_divergent"]:
         print(
@@ -134,9 +129,7 @@ def register(commands: Any) -> None:
     common = connection_options()
     report = commands.add_parser("report", parents=[common], help="reports: shadow comparisons")
     kinds = report.add_subparsers(dest="report_kind", required=True, metavar="REPORT")
-    shadow = kinds.add_parser(
-        "shadow", parents=[common], help="how a shadow version compares with the primary"
-    )
+    shadow = kinds.add_parser("shadow", parents=[common], help="how a shadow version compares with the primary")
     shadow.add_argument("endpoint")
     shadow.add_argument("--version", help="the shadow version (default: the endpoint's only shadow)")
     shadow.add_argument("--since", default="1h", help="window: 90s, 15m, 2h, 1d (default 1h)")

@@ -73,13 +73,10 @@ def render(report: dict[str, Any]) -> str:
     """The report as a complete HTML document."""
     rate, low, high = report["agreement_rate"], report["agreement_ci"][0], report["agreement_ci"][1]
     verdict = (
-        "ok"
-        if not math.isnan(rate) and low >= 0.97
-        else ("warn" if not math.isnan(rate) and rate >= 0.97 else "bad")
+        "ok" if not math.isnan(rate) and low >= 0.97 else ("warn" if not math.isnan(rate) and rate >= 0.97 else "bad")
     )
     counts = "".join(
-        f"<tr><td>{k}</td><td>{report[k]}</td></tr>"
-        for k in ("mirrored", "compared", "dropped", "shadow_errors")
+        f"<tr><td>{k}</td><td>{report[k]}</td></tr>" for k in ("mirrored", "compared", "dropped", "shadow_errors")
     )
     errors = ", ".join(f"{code}: {n}" for code, n in sorted(report["errors"].items())) or "none"
     latency_rows = "".join(

@@ -60,9 +60,7 @@ def register(commands: Any) -> None:
         default=None,
         help="share of requests traced, 0..1 (default: $OTEL_TRACES_SAMPLER[_ARG], else 1.0)",
     )
-    serve.add_argument(
-        "--shadow-workers", type=int, default=1, help="threads that run shadow copies (default 1)"
-    )
+    serve.add_argument("--shadow-workers", type=int, default=1, help="threads that run shadow copies (default 1)")
     serve.add_argument(
         "--shadow-queue",
         type=int,
@@ -80,9 +78,7 @@ def register(commands: Any) -> None:
         default=0.1,
         help="most CPU per shadow worker (share of a core); past it copies wait or are shed (default 0.1)",
     )
-    serve.add_argument(
-        "--shadow-log-max-bytes", type=int, default=10 * 1024 * 1024, help="rotate the diff log here"
-    )
+    serve.add_argument("--shadow-log-max-bytes", type=int, default=10 * 1024 * 1024, help="rotate the diff log here")
     serve.add_argument(
         "--shadow-keep-divergent",
         type=int,
@@ -100,9 +96,7 @@ async def _serve(args: argparse.Namespace) -> int:
     tokens = AdminTokens.load(args.admin_tokens_file)
     sampler = Sampler(ratio=args.trace_sample) if args.trace_sample is not None else None
     runtime = build_telemetry(
-        TelemetrySettings(
-            metrics_listen=args.metrics_listen, otlp_endpoint=args.otlp_endpoint, sampler=sampler
-        )
+        TelemetrySettings(metrics_listen=args.metrics_listen, otlp_endpoint=args.otlp_endpoint, sampler=sampler)
     )
     store = open_store(args.store)
     try:
@@ -128,9 +122,7 @@ async def _serve(args: argparse.Namespace) -> int:
         runtime.shutdown()
         raise
     if not tokens.names:
-        log.warning(
-            "no admin tokens configured (%s or --admin-tokens-file): admin calls will be refused", ENV_TOKENS
-        )
+        log.warning("no admin tokens configured (%s or --admin-tokens-file): admin calls will be refused", ENV_TOKENS)
     host = args.listen.rsplit(":", 1)[0]
     admin_host = args.admin_listen.rsplit(":", 1)[0]
     summary = "; ".join(
@@ -138,9 +130,7 @@ async def _serve(args: argparse.Namespace) -> int:
         for name, routes in gateway.router.table.endpoints.items()
     )
     metrics = (
-        f", metrics on {args.metrics_listen.rsplit(':', 1)[0]}:{runtime.metrics_port}"
-        if runtime.prometheus
-        else ""
+        f", metrics on {args.metrics_listen.rsplit(':', 1)[0]}:{runtime.metrics_port}" if runtime.prometheus else ""
     )
     print(
         f"gateway ready: inference on {host}:{inference.port}, admin on {admin_host}:{admin.port}{metrics} "

@@ -22,9 +22,7 @@ def change_response(result: ChangeResult) -> pb.ChangeResponse:
     return pb.ChangeResponse(
         revision=result.revision,
         dry_run=result.dry_run,
-        changes=[
-            pb.Change(path=c.path, before=_json(c.before), after=_json(c.after)) for c in result.changes
-        ],
+        changes=[pb.Change(path=c.path, before=_json(c.before), after=_json(c.after)) for c in result.changes],
         audit_id=result.audit_id,
         message=result.message,
     )
@@ -96,9 +94,7 @@ def shadow_report(report: ShadowReport, percent: int) -> pb.ShadowReport:
         shadow_latency_ms=_quantiles(report.shadow_latency_ms),
         top_divergent=[pb.DivergentRequest(request_id=r, max_abs_diff=d) for r, d in report.top_divergent],
         primary_versions=report.primary_versions,
-        diff_histogram=[
-            pb.HistogramBucket(upper=upper, count=count) for upper, count in report.diff_histogram
-        ],
+        diff_histogram=[pb.HistogramBucket(upper=upper, count=count) for upper, count in report.diff_histogram],
     )
 
 
@@ -117,8 +113,7 @@ def audit(entries: Iterable[AuditEntry]) -> pb.GetAuditResponse:
                 revision_before=e.revision_before,
                 revision_after=e.revision_after,
                 changes=[
-                    pb.Change(path=c["path"], before=_json(c["before"]), after=_json(c["after"]))
-                    for c in e.changes
+                    pb.Change(path=c["path"], before=_json(c["before"]), after=_json(c["after"])) for c in e.changes
                 ],
                 detail=json.dumps(e.detail),
             )

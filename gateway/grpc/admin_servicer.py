@@ -37,9 +37,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         control = self._control
         if request.revision and request.revision != control.revision:
             stored = self._call(control.store.get_revision, request.revision)
-            return convert.routes(
-                stored.revision, stored.at, DesiredState.from_json(stored.document), request.endpoint
-            )
+            return convert.routes(stored.revision, stored.at, DesiredState.from_json(stored.document), request.endpoint)
         revision, state = control.revision, control.state
         stored = self._call(control.store.get_revision, revision)
         return convert.routes(revision, stored.at, state, request.endpoint)
@@ -47,9 +45,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     def ListRevisions(self, request: pb.ListRevisionsRequest, context: Context) -> pb.ListRevisionsResponse:
         revisions = self._call(self._control.revisions, request.limit or 20)
         return pb.ListRevisionsResponse(
-            revisions=[
-                convert.routes(r.revision, r.at, DesiredState.from_json(r.document)) for r in revisions
-            ]
+            revisions=[convert.routes(r.revision, r.at, DesiredState.from_json(r.document)) for r in revisions]
         )
 
     def ListVersions(self, request: pb.ListVersionsRequest, context: Context) -> pb.ListVersionsResponse:

@@ -143,9 +143,7 @@ def _typed_contents(contents: oip.InferTensorContents, datatype: DataType, what:
 
 def model_infer_response(result: InferResult) -> oip.ModelInferResponse:
     """Encode a result with raw_output_contents."""
-    response = oip.ModelInferResponse(
-        model_name=result.endpoint, model_version=result.version, id=result.request_id
-    )
+    response = oip.ModelInferResponse(model_name=result.endpoint, model_version=result.version, id=result.request_id)
     add_output = response.outputs.add
     raw = response.raw_output_contents
     for name, array in result.outputs.items():

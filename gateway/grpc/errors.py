@@ -7,6 +7,7 @@ with a generic message and an id that points at the logged traceback.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import uuid
@@ -51,6 +52,8 @@ def _abort_internal(method: str, trace_id: str = "") -> tuple[grpc.StatusCode, s
 
 #: The span of the current RPC, for servicers to hand to the domain (None when not traced).
 CURRENT_SPAN: ContextVar[SpanRecord | None] = ContextVar("span", default=None)
+#: Seconds the current RPC must wait before answering (an injected latency fault); 0 almost always.
+PENDING_DELAY: ContextVar[float] = ContextVar("pending_delay", default=0.0)
 TRACE_ID_KEY = "trace-id"
 
 
@@ -88,6 +91,8 @@ def _traced(
             span.fail(status.value[0], status.name, "unexpected error")
             spans.end(span)
             await context.abort(status, message, trailing_metadata=((TRACE_ID_KEY, span.trace_id_hex),))
+        if PENDING_DELAY.get():
+            await asyncio.sleep(PENDING_DELAY.get())
         span.attributes["rpc.grpc.status_code"] = 0
         spans.end(span)
         stamp(response, span.trace_id_hex)
@@ -135,7 +140,10 @@ def guard(
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return behavior(request, context)
+            response = behavior(request, context)
+            if PENDING_DELAY.get():
+                await asyncio.sleep(PENDING_DELAY.get())
+            return response
         except GatewayError as err:
             await context.abort(STATUS[err.code], err.message)
         except Exception:
@@ -179,10 +187,7 @@ def guard_servicer(
     """
     if threaded:
         return SimpleNamespace(
-            **{
-                m.name: guard_sync(m.full_name, getattr(servicer, m.name), authenticate)
-                for m in service.methods
-            }
+            **{m.name: guard_sync(m.full_name, getattr(servicer, m.name), authenticate) for m in service.methods}
         )
     return SimpleNamespace(
         **{

@@ -66,7 +66,10 @@ async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServ
     spans = gateway.telemetry.spans
     inference_pb2_grpc.add_InferenceServicer_to_server(
         guard_servicer(
-            PredictServicer(gateway.inference), INFERENCE, spans=spans, traced={"Predict": stamp_predict}
+            PredictServicer(gateway.inference, gateway.feedback),
+            INFERENCE,
+            spans=spans,
+            traced={"Predict": stamp_predict},
         ),
         server,
     )

@@ -94,8 +94,7 @@ def compare_batch(
     rows = np.asarray(row_counts, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.intp)
     per_output = {
-        name: _compare_output(value, shadow.get(name), starts, rows, settings)
-        for name, value in primary.items()
+        name: _compare_output(value, shadow.get(name), starts, rows, settings) for name, value in primary.items()
     }
     results = []
     for j, count in enumerate(row_counts):

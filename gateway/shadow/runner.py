@@ -182,19 +182,14 @@ class ShadowRunner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         log_dir = self.settings.log_dir
-        self._difflog = (
-            DiffLog(log_dir, self.settings.log_max_bytes, self.settings.log_backups) if log_dir else None
-        )
+        self._difflog = DiffLog(log_dir, self.settings.log_max_bytes, self.settings.log_backups) if log_dir else None
         self._divergent = (
-            DivergentInputs(
-                log_dir / "divergent", self.settings.keep_divergent, self.settings.keep_divergent_max_bytes
-            )
+            DivergentInputs(log_dir / "divergent", self.settings.keep_divergent, self.settings.keep_divergent_max_bytes)
             if log_dir and self.settings.keep_divergent
             else None
         )
         self._threads = [
-            threading.Thread(target=self._work, name=f"shadow-{i}", daemon=True)
-            for i in range(self.settings.workers)
+            threading.Thread(target=self._work, name=f"shadow-{i}", daemon=True) for i in range(self.settings.workers)
         ]
         for thread in self._threads:
             thread.start()

@@ -83,6 +83,15 @@ class StateStore(Protocol):
     def audit(self, endpoint: str | None = None, limit: int = 100) -> list[AuditEntry]:
         """Audit entries, newest first, optionally for one endpoint."""
 
+    def put_record(self, kind: str, key: str, body: str, at: float) -> None:
+        """Store (or replace) a JSON record: a rollout's state, an incident."""
+
+    def get_record(self, kind: str, key: str) -> str | None:
+        """One record's JSON body, or None."""
+
+    def list_records(self, kind: str, limit: int = 100) -> list[tuple[str, float, str]]:
+        """(key, at, body) of a kind, newest first."""
+
     def close(self) -> None:
         """Release connections."""
 
@@ -96,6 +105,4 @@ def open_store(url: str) -> StateStore:
         if not path:
             raise InvalidInput(f"store URL {url!r} has no path; use sqlite:///var/gateway.db")
         return SqliteStore(Path(path), url=url)
-    raise InvalidInput(
-        f"store URL {url!r} is not supported; use sqlite:///PATH (relative) or sqlite:////PATH"
-    )
+    raise InvalidInput(f"store URL {url!r} is not supported; use sqlite:///PATH (relative) or sqlite:////PATH")

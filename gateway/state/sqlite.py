@@ -36,6 +36,13 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_endpoint ON audit (endpoint, id);
+CREATE TABLE IF NOT EXISTS records (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    at REAL NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (kind, key)
+);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
@@ -44,9 +51,7 @@ CREATE TRIGGER IF NOT EXISTS revisions_no_update BEFORE UPDATE ON revisions
 BEGIN SELECT RAISE(ABORT, 'revisions are immutable'); END;
 """
 
-_AUDIT_COLUMNS = (
-    "id, at, actor, action, endpoint, reason, dry_run, revision_before, revision_after, changes, detail"
-)
+_AUDIT_COLUMNS = "id, at, actor, action, endpoint, reason, dry_run, revision_before, revision_after, changes, detail"
 
 
 def _entry(row: tuple[Any, ...]) -> AuditEntry:
@@ -95,9 +100,7 @@ class SqliteStore:
             ).fetchone()
         if row is None:
             newest = self.latest()
-            raise NotFound(
-                f"no revision {revision}; revisions run from 1 to {newest.revision if newest else 0}"
-            )
+            raise NotFound(f"no revision {revision}; revisions run from 1 to {newest.revision if newest else 0}")
         return Revision(*row)
 
     def revisions(self, limit: int = 50) -> list[Revision]:
@@ -178,6 +181,29 @@ class SqliteStore:
         with self._lock:
             rows = self._db.execute(query, (*params, limit)).fetchall()
         return [_entry(row) for row in rows]
+
+    def put_record(self, kind: str, key: str, body: str, at: float) -> None:
+        """Insert or replace one record."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO records (kind, key, at, body) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (kind, key) DO UPDATE SET at = excluded.at, body = excluded.body",
+                (kind, key, at, body),
+            )
+
+    def get_record(self, kind: str, key: str) -> str | None:
+        """One record's body."""
+        with self._lock:
+            row = self._db.execute("SELECT body FROM records WHERE kind = ? AND key = ?", (kind, key)).fetchone()
+        return row[0] if row else None
+
+    def list_records(self, kind: str, limit: int = 100) -> list[tuple[str, float, str]]:
+        """Newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, at, body FROM records WHERE kind = ? ORDER BY at DESC LIMIT ?", (kind, limit)
+            ).fetchall()
+        return [(row[0], row[1], row[2]) for row in rows]
 
     def close(self) -> None:
         """Close the connection."""

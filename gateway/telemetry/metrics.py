@@ -103,9 +103,7 @@ class Telemetry:
         self._admin_changes = meter.create_counter(
             "gateway.admin.changes", description="Route changes by endpoint, action and trigger"
         )
-        self._rollbacks = meter.create_counter(
-            "gateway.rollbacks", description="Rollbacks by endpoint and trigger"
-        )
+        self._rollbacks = meter.create_counter("gateway.rollbacks", description="Rollbacks by endpoint and trigger")
         self._load_duration = meter.create_histogram(
             "gateway.model.load.duration",
             unit="s",
@@ -202,9 +200,7 @@ class Telemetry:
     def _observe_nulls(self, options: CallbackOptions) -> Iterable[Observation]:
         with self._lock:
             items = list(self._nulls.items())
-        return [
-            Observation(n, {"endpoint": e, "version": v, "arm": a, "feature": f}) for (e, v, a, f), n in items
-        ]
+        return [Observation(n, {"endpoint": e, "version": v, "arm": a, "feature": f}) for (e, v, a, f), n in items]
 
     def _observe_revision(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self._revision)]

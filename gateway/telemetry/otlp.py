@@ -108,9 +108,7 @@ class SpanEncoder:
         parts.extend(attribute(k, v) for k, v in record.attributes.items())
         for trace_id, span_id in record.links:
             parts.append(
-                _field(
-                    13, b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08" + span_id.to_bytes(8, "big")
-                )
+                _field(13, b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08" + span_id.to_bytes(8, "big"))
             )
         if not record.ok:
             parts.append(_field(15, _field(2, record.message.encode()) + b"\x18\x02"))
@@ -124,9 +122,7 @@ class SpanEncoder:
 
 
 def _setting(name: str, default: str = "") -> str:
-    return os.environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or os.environ.get(
-        f"OTEL_EXPORTER_OTLP_{name}", default
-    )
+    return os.environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or os.environ.get(f"OTEL_EXPORTER_OTLP_{name}", default)
 
 
 class OtlpSpanSink:

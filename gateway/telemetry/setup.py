@@ -102,7 +102,5 @@ def build_telemetry(settings: TelemetrySettings) -> TelemetryRuntime:
             sink = OtlpSpanSink(endpoint, resource)
     meter_provider = MeterProvider(metric_readers=readers, resource=resource) if readers else None
     spans = SpanRecorder(sink, sampler=settings.sampler or Sampler.from_env()) if sink else None
-    telemetry = Telemetry(
-        WindowStore(settings.window_horizon_seconds), meter_provider=meter_provider, spans=spans
-    )
+    telemetry = Telemetry(WindowStore(settings.window_horizon_seconds), meter_provider=meter_provider, spans=spans)
     return TelemetryRuntime(telemetry, prometheus)

@@ -141,9 +141,7 @@ class SdkSpanSink:
         """The SDK span of a record."""
         context = SpanContext(record.trace_id, record.span_id, is_remote=False, trace_flags=_SAMPLED)
         parent = (
-            SpanContext(record.trace_id, record.parent, is_remote=True, trace_flags=_SAMPLED)
-            if record.parent
-            else None
+            SpanContext(record.trace_id, record.parent, is_remote=True, trace_flags=_SAMPLED) if record.parent else None
         )
         links = [
             Link(SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED))

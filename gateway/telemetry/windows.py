@@ -61,6 +61,8 @@ class _Slot:
         "errors",
         "latency",
         "nan",
+        "outcome_sum",
+        "outcomes",
         "requests",
         "rows",
         "second",
@@ -74,12 +76,16 @@ class _Slot:
         self.rows = 0
         self.compared = 0
         self.agree = 0
+        self.outcomes = 0
+        self.outcome_sum = 0.0
         self.latency: array[int] | None = None
         self.nan = [0] * features
 
     def reset(self, second: int) -> None:
         self.second = second
         self.requests = self.errors = self.client_errors = self.rows = self.compared = self.agree = 0
+        self.outcomes = 0
+        self.outcome_sum = 0.0
         if self.latency is not None:
             self.latency = _EMPTY_BINS[:]
         for i in range(len(self.nan)):
@@ -99,6 +105,8 @@ class WindowStats:
     compared: int
     agree: int
     latency_bins: np.ndarray = field(repr=False)
+    outcomes: int = 0
+    outcome_sum: float = 0.0
 
     @property
     def error_rate(self) -> float:
@@ -119,6 +127,11 @@ class WindowStats:
         return self.nan_counts[feature] / self.rows if self.rows else 0.0
 
     @property
+    def outcome_rate(self) -> float:
+        """Mean outcome (CTR for clicks; NaN without outcomes)."""
+        return self.outcome_sum / self.outcomes if self.outcomes else math.nan
+
+    @property
     def agreement_rate(self) -> float:
         """Shadow decisions agreeing with the primary (NaN when nothing was compared)."""
         return self.agree / self.compared if self.compared else math.nan
@@ -127,9 +140,7 @@ class WindowStats:
 class SlidingWindow:
     """A ring of one-second slots for one series. Thread-safe; O(1) per record."""
 
-    def __init__(
-        self, horizon_seconds: int, *, features: int = 0, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, horizon_seconds: int, *, features: int = 0, clock: Callable[[], float] = time.time) -> None:
         self.horizon = horizon_seconds
         self.features = features
         self._clock = clock
@@ -143,9 +154,7 @@ class SlidingWindow:
             slot.reset(second)
         return slot
 
-    def record(
-        self, seconds: float, code: str, rows: int = 0, nan_per_feature: Sequence[int] | None = None
-    ) -> None:
+    def record(self, seconds: float, code: str, rows: int = 0, nan_per_feature: Sequence[int] | None = None) -> None:
         """One request: its latency, status code name, batch rows and NaN count per feature."""
         with self._lock:
             slot = self._slot(self._clock())
@@ -171,6 +180,13 @@ class SlidingWindow:
             slot.compared += decisions
             slot.agree += agree
 
+    def record_outcome(self, value: float) -> None:
+        """One business outcome (a click is 1, no click 0) joined to a request this series served."""
+        with self._lock:
+            slot = self._slot(self._clock())
+            slot.outcomes += 1
+            slot.outcome_sum += value
+
     def stats(self, seconds: int) -> WindowStats:
         """Totals over the last `seconds` (at most the horizon), this second included."""
         span = min(seconds, self.horizon)
@@ -192,6 +208,8 @@ class SlidingWindow:
                 compared=sum(s.compared for s in live),
                 agree=sum(s.agree for s in live),
                 latency_bins=latency,
+                outcomes=sum(s.outcomes for s in live),
+                outcome_sum=sum(s.outcome_sum for s in live),
             )
 
 

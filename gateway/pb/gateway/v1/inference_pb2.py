@@ -24,21 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%gateway/pb/gateway/v1/inference.proto\x12\ngateway.v1\"[\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08\x64\x61tatype\x18\x02 \x01(\x0e\x32\x14.gateway.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x82\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06inputs\x18\x02 \x03(\x0b\x32\x12.gateway.v1.Tensor\x12\x13\n\x0brouting_key\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0coutput_names\x18\x05 \x03(\t\"\xa1\x01\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0b\n\x03\x61rm\x18\x04 \x01(\t\x12#\n\x07outputs\x18\x05 \x03(\x0b\x32\x12.gateway.v1.Tensor\x12\x16\n\x0eroute_revision\x18\x06 \x01(\x04\x12\x10\n\x08trace_id\x18\x07 \x01(\t*\x9f\x02\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x02\x12\x14\n\x10\x44\x41TA_TYPE_UINT16\x10\x03\x12\x14\n\x10\x44\x41TA_TYPE_UINT32\x10\x04\x12\x14\n\x10\x44\x41TA_TYPE_UINT64\x10\x05\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x07\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_FP16\x10\n\x12\x12\n\x0e\x44\x41TA_TYPE_FP32\x10\x0b\x12\x12\n\x0e\x44\x41TA_TYPE_FP64\x10\x0c\x32O\n\tInference\x12\x42\n\x07Predict\x12\x1a.gateway.v1.PredictRequest\x1a\x1b.gateway.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%gateway/pb/gateway/v1/inference.proto\x12\ngateway.v1\"6\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\x01\"O\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x0e\n\x06joined\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0b\n\x03\x61rm\x18\x04 \x01(\t\"[\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08\x64\x61tatype\x18\x02 \x01(\x0e\x32\x14.gateway.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x82\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06inputs\x18\x02 \x03(\x0b\x32\x12.gateway.v1.Tensor\x12\x13\n\x0brouting_key\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0coutput_names\x18\x05 \x03(\t\"\xa1\x01\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0b\n\x03\x61rm\x18\x04 \x01(\t\x12#\n\x07outputs\x18\x05 \x03(\x0b\x32\x12.gateway.v1.Tensor\x12\x16\n\x0eroute_revision\x18\x06 \x01(\x04\x12\x10\n\x08trace_id\x18\x07 \x01(\t*\x9f\x02\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x02\x12\x14\n\x10\x44\x41TA_TYPE_UINT16\x10\x03\x12\x14\n\x10\x44\x41TA_TYPE_UINT32\x10\x04\x12\x14\n\x10\x44\x41TA_TYPE_UINT64\x10\x05\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x07\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_FP16\x10\n\x12\x12\n\x0e\x44\x41TA_TYPE_FP32\x10\x0b\x12\x12\n\x0e\x44\x41TA_TYPE_FP64\x10\x0c\x32\x96\x01\n\tInference\x12\x42\n\x07Predict\x12\x1a.gateway.v1.PredictRequest\x1a\x1b.gateway.v1.PredictResponse\x12\x45\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1b.gateway.v1.FeedbackRequest\x1a\x1c.gateway.v1.FeedbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gateway.pb.gateway.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=444
-  _globals['_DATATYPE']._serialized_end=731
-  _globals['_TENSOR']._serialized_start=53
-  _globals['_TENSOR']._serialized_end=144
-  _globals['_PREDICTREQUEST']._serialized_start=147
-  _globals['_PREDICTREQUEST']._serialized_end=277
-  _globals['_PREDICTRESPONSE']._serialized_start=280
-  _globals['_PREDICTRESPONSE']._serialized_end=441
-  _globals['_INFERENCE']._serialized_start=733
-  _globals['_INFERENCE']._serialized_end=812
+  _globals['_DATATYPE']._serialized_start=581
+  _globals['_DATATYPE']._serialized_end=868
+  _globals['_FEEDBACKREQUEST']._serialized_start=53
+  _globals['_FEEDBACKREQUEST']._serialized_end=107
+  _globals['_FEEDBACKRESPONSE']._serialized_start=109
+  _globals['_FEEDBACKRESPONSE']._serialized_end=188
+  _globals['_TENSOR']._serialized_start=190
+  _globals['_TENSOR']._serialized_end=281
+  _globals['_PREDICTREQUEST']._serialized_start=284
+  _globals['_PREDICTREQUEST']._serialized_end=414
+  _globals['_PREDICTRESPONSE']._serialized_start=417
+  _globals['_PREDICTRESPONSE']._serialized_end=578
+  _globals['_INFERENCE']._serialized_start=871
+  _globals['_INFERENCE']._serialized_end=1021
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,11 @@ class InferenceStub:
                 request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
                 response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_inference__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/gateway.v1.Inference/Feedback',
+                request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_inference__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_inference__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -51,6 +56,15 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """Report a business outcome for a served request (1 for a click, 0 for none). Outcomes are
+        joined to the version and arm that served the request; CTR guardrails read them. Late or
+        unknown request ids are counted, not errors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +72,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_inference__pb2.PredictRequest.FromString,
                     response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_inference__pb2.PredictResponse.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_inference__pb2.FeedbackRequest.FromString,
+                    response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_inference__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +106,33 @@ class Inference:
             '/gateway.v1.Inference/Predict',
             gateway_dot_pb_dot_gateway_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
             gateway_dot_pb_dot_gateway_dot_v1_dot_inference__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Inference/Feedback',
+            gateway_dot_pb_dot_gateway_dot_v1_dot_inference__pb2.FeedbackRequest.SerializeToString,
+            gateway_dot_pb_dot_gateway_dot_v1_dot_inference__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

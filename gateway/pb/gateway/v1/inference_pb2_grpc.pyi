@@ -38,12 +38,22 @@ class InferenceStub:
     def __new__(cls, channel: _aio.Channel) -> InferenceAsyncStub: ...
     Predict: _grpc.UnaryUnaryMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]
     """Run one request on the version chosen by the endpoint's routes."""
+    Feedback: _grpc.UnaryUnaryMultiCallable[_inference_pb2.FeedbackRequest, _inference_pb2.FeedbackResponse]
+    """Report a business outcome for a served request (1 for a click, 0 for none). Outcomes are
+    joined to the version and arm that served the request; CTR guardrails read them. Late or
+    unknown request ids are counted, not errors.
+    """
 
 @_typing.type_check_only
 class InferenceAsyncStub(InferenceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Predict: _aio.UnaryUnaryMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]  # type: ignore[assignment]
     """Run one request on the version chosen by the endpoint's routes."""
+    Feedback: _aio.UnaryUnaryMultiCallable[_inference_pb2.FeedbackRequest, _inference_pb2.FeedbackResponse]  # type: ignore[assignment]
+    """Report a business outcome for a served request (1 for a click, 0 for none). Outcomes are
+    joined to the version and arm that served the request; CTR guardrails read them. Late or
+    unknown request ids are counted, not errors.
+    """
 
 class InferenceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -53,5 +63,16 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.PredictResponse, _abc.Awaitable[_inference_pb2.PredictResponse]]:
         """Run one request on the version chosen by the endpoint's routes."""
+
+    @_abc_1.abstractmethod
+    def Feedback(
+        self,
+        request: _inference_pb2.FeedbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.FeedbackResponse, _abc.Awaitable[_inference_pb2.FeedbackResponse]]:
+        """Report a business outcome for a served request (1 for a click, 0 for none). Outcomes are
+        joined to the version and arm that served the request; CTR guardrails read them. Late or
+        unknown request ids are counted, not errors.
+        """
 
 def add_InferenceServicer_to_server(servicer: InferenceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

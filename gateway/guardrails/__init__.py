@@ -1,0 +1,1 @@
+"""Guardrails: rules, the sequential CTR test, the guardian loop, rollouts and incidents."""

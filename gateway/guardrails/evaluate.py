@@ -1,0 +1,196 @@
+"""Rules -> verdicts. Pure: windows' statistics in, a verdict per rule out.
+
+A candidate (the canary, or a shadow) is compared with the baseline (stable) over the same
+window. A rule without enough samples in either arm is `inconclusive`, never `pass`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.guardrails.rules import Metric, Rule, RuleSet
+from gateway.guardrails.sequential import SequentialDropTest
+from gateway.telemetry.windows import WindowStats
+
+
+class Status(enum.Enum):
+    """A rule's outcome at one tick."""
+
+    PASS = "pass"
+    BREACH = "breach"
+    INCONCLUSIVE = "inconclusive"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One rule evaluated for one candidate: what was seen, against what, on what evidence."""
+
+    rule: Rule
+    candidate: str
+    baseline: str
+    status: Status
+    observed: float
+    samples: dict[str, int]
+    p_value: float | None = None
+    detail: str = ""
+    values: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (incident records)."""
+        return {
+            "rule": self.rule.text,
+            "metric": self.rule.metric.value,
+            "candidate": self.candidate,
+            "baseline": self.baseline,
+            "status": self.status.value,
+            "observed": None if math.isnan(self.observed) else self.observed,
+            "threshold": self.rule.threshold,
+            "window_seconds": self.rule.window_seconds,
+            "samples": self.samples,
+            "p_value": self.p_value,
+            "detail": self.detail,
+            "values": {k: (None if math.isnan(v) else v) for k, v in self.values.items()},
+        }
+
+
+def _verdict(rule: Rule, candidate: str, baseline: str, observed: float, samples: dict[str, int], **kw: Any) -> Verdict:
+    enough = all(n >= rule.min_samples for n in samples.values())
+    if not enough or math.isnan(observed):
+        need = ", ".join(f"{arm} {n}/{rule.min_samples}" for arm, n in samples.items())
+        return Verdict(
+            rule,
+            candidate,
+            baseline,
+            Status.INCONCLUSIVE,
+            observed,
+            samples,
+            detail=f"not enough samples ({need})",
+            **kw,
+        )
+    status = Status.BREACH if observed > rule.threshold else Status.PASS
+    p_value = kw.get("p_value")
+    if status is Status.BREACH and rule.alpha is not None and (p_value is None or p_value >= rule.alpha):
+        status = Status.PASS if p_value is not None and p_value >= rule.alpha else Status.INCONCLUSIVE
+        kw["detail"] = kw.get("detail", "") or f"drop not significant yet (p = {p_value:.3g} >= {rule.alpha})"
+    return Verdict(rule, candidate, baseline, status, observed, samples, **kw)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A candidate's and its baseline's windows, side by side, for one rule."""
+
+    rule: Rule
+    candidate: str
+    baseline: str
+    c: WindowStats
+    b: WindowStats | None
+    feature_names: Sequence[str] = ()
+    ctr_test: SequentialDropTest | None = None
+
+    def verdict(self, observed: float, samples: dict[str, int], **kw: Any) -> Verdict:
+        """A verdict on an observed value."""
+        return _verdict(self.rule, self.candidate, self.baseline, observed, samples, **kw)
+
+
+def evaluate(
+    rule: Rule,
+    candidate: str,
+    baseline: str,
+    candidate_stats: WindowStats,
+    baseline_stats: WindowStats | None,
+    *,
+    feature_names: Sequence[str] = (),
+    ctr_test: SequentialDropTest | None = None,
+) -> Verdict:
+    """Evaluate one rule on the candidate's and the baseline's windows."""
+    comparison = Comparison(rule, candidate, baseline, candidate_stats, baseline_stats, feature_names, ctr_test)
+    if rule.metric in (Metric.SHADOW_DISAGREEMENT, Metric.ERROR_RATE, Metric.LATENCY_P95_MS):
+        return _ABSOLUTE[rule.metric](comparison)
+    if baseline_stats is None:
+        return Verdict(
+            rule,
+            candidate,
+            baseline,
+            Status.INCONCLUSIVE,
+            math.nan,
+            {},
+            detail="no stable version to compare with",
+        )
+    return _RELATIVE[rule.metric](comparison, baseline_stats)
+
+
+def _shadow(x: Comparison) -> Verdict:
+    observed = 1 - x.c.agreement_rate if x.c.compared else math.nan
+    return _verdict(x.rule, x.candidate, "primary", observed, {x.candidate: x.c.compared})
+
+
+def _error_rate(x: Comparison) -> Verdict:
+    values = {"candidate_errors": float(x.c.errors), "candidate_requests": float(x.c.requests)}
+    return x.verdict(x.c.error_rate if x.c.requests else math.nan, {x.candidate: x.c.requests}, values=values)
+
+
+def _latency_ms(x: Comparison) -> Verdict:
+    return x.verdict(x.c.quantile(0.95) * 1000, {x.candidate: x.c.requests})
+
+
+def _latency_ratio(x: Comparison, b: WindowStats) -> Verdict:
+    q = 0.95 if x.rule.metric is Metric.LATENCY_P95_RATIO else 0.99
+    cq, bq = x.c.quantile(q), b.quantile(q)
+    ratio = cq / bq if bq > 0 else math.nan
+    samples = {x.candidate: x.c.requests, x.baseline: b.requests}
+    return x.verdict(ratio, samples, values={"candidate_ms": cq * 1000, "baseline_ms": bq * 1000})
+
+
+def _null_rate(x: Comparison, b: WindowStats) -> Verdict:
+    c = x.c
+    samples = {x.candidate: c.rows, x.baseline: b.rows}
+    names = list(x.feature_names) or [str(i) for i in range(len(c.nan_counts))]
+    indices = range(min(len(c.nan_counts), len(b.nan_counts)))
+    if x.rule.feature:
+        if x.rule.feature not in names:
+            listed = ", ".join(names[:8]) + ("..." if len(names) > 8 else "")
+            detail = f"no feature {x.rule.feature!r}; features: {listed}"
+            return Verdict(x.rule, x.candidate, x.baseline, Status.INCONCLUSIVE, math.nan, samples, detail=detail)
+        index = names.index(x.rule.feature)
+        indices = range(index, index + 1)
+    best, worst = 0.0 if not c.nan_counts else math.nan, -1
+    for i in indices:
+        delta = c.nan_rate(i) - b.nan_rate(i)
+        if math.isnan(best) or delta > best:
+            best, worst = delta, i
+    feature = names[worst] if 0 <= worst < len(names) else ""
+    values = {"candidate_null_rate": c.nan_rate(worst) if worst >= 0 else 0.0}
+    values["baseline_null_rate"] = b.nan_rate(worst) if worst >= 0 else 0.0
+    return x.verdict(best, samples, detail=f"feature {feature}" if feature else "", values=values)
+
+
+def _ctr(x: Comparison, b: WindowStats) -> Verdict:
+    c = x.c
+    samples = {x.candidate: c.outcomes, x.baseline: b.outcomes}
+    if not c.outcomes or not b.outcomes:
+        return x.verdict(math.nan, samples)
+    result = (x.ctr_test or SequentialDropTest()).update(c.outcome_sum, c.outcomes, b.outcome_sum, b.outcomes)
+    values = {"candidate_ctr": result.canary_rate, "baseline_ctr": result.stable_rate}
+    return x.verdict(result.relative_drop, samples, p_value=result.p_value, values=values)
+
+
+_ABSOLUTE = {
+    Metric.SHADOW_DISAGREEMENT: _shadow,
+    Metric.ERROR_RATE: _error_rate,
+    Metric.LATENCY_P95_MS: _latency_ms,
+}
+_RELATIVE = {
+    Metric.LATENCY_P95_RATIO: _latency_ratio,
+    Metric.LATENCY_P99_RATIO: _latency_ratio,
+    Metric.FEATURE_NULL_RATE_DELTA: _null_rate,
+    Metric.CTR_DROP: _ctr,
+}
+
+
+def combine(rules: RuleSet, verdicts: Sequence[Verdict]) -> bool:
+    """Whether the breaches are enough to act: at least `at_least` rules breaching."""
+    return sum(v.status is Status.BREACH for v in verdicts) >= rules.at_least

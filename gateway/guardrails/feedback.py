@@ -1,0 +1,83 @@
+"""Business outcomes joined to the requests that earned them.
+
+`Feedback(request_id, outcome)` arrives after the response (a click is 1, no click 0). The
+join keeps, for a bounded time and number of requests, which endpoint, version and arm served
+each request id; an outcome for a known id goes into that series' sliding window (CTR per
+arm comes from there). Late or unknown ids are counted, not errors.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.errors import InvalidInput
+from gateway.telemetry.windows import SeriesKey, WindowStore
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    """What became of one outcome."""
+
+    joined: bool
+    endpoint: str = ""
+    version: str = ""
+    arm: str = ""
+
+
+class FeedbackJoin:
+    """A bounded, TTL-expired map of request id -> serving series, and the outcome counters."""
+
+    def __init__(
+        self,
+        windows: WindowStore,
+        *,
+        max_entries: int = 200_000,
+        ttl_seconds: float = 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._windows = windows
+        self._max = max_entries
+        self._ttl = ttl_seconds
+        self._clock = clock
+        self._served: OrderedDict[str, tuple[SeriesKey, str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.joined = 0
+        self.unknown = 0
+
+    def served(self, request_id: str, series: SeriesKey, arm: str) -> None:
+        """Remember who served a request (hot path: one insert, amortised eviction)."""
+        now = self._clock()
+        with self._lock:
+            served = self._served
+            served[request_id] = (series, arm, now)
+            if len(served) > self._max:
+                served.popitem(last=False)
+            while served:
+                oldest = next(iter(served.values()))
+                if now - oldest[2] <= self._ttl:
+                    break
+                served.popitem(last=False)
+
+    def feedback(self, request_id: str, outcome: float) -> FeedbackResult:
+        """Join one outcome; an unknown or expired id is counted and reported, not an error."""
+        if not request_id:
+            raise InvalidInput("request_id is empty; send the id the Predict response carried")
+        if math.isnan(outcome) or math.isinf(outcome):
+            raise InvalidInput(f"outcome {outcome} must be a finite number (1 for a click, 0 for none)")
+        with self._lock:
+            entry = self._served.pop(request_id, None)
+            if entry is None or self._clock() - entry[2] > self._ttl:
+                self.unknown += 1
+                return FeedbackResult(False)
+            self.joined += 1
+        series, arm, _ = entry
+        self._windows.window(series).record_outcome(outcome)
+        return FeedbackResult(True, series.endpoint, series.version, arm)
+
+    def __len__(self) -> int:
+        return len(self._served)

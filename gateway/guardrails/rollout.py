@@ -1,0 +1,237 @@
+"""Progressive rollouts: a version ramps 5% -> 25% -> 50% -> 100% while its guardrails pass.
+
+A step advances when its duration has passed and every rule passed with enough samples
+(inconclusive holds the step). At 100% the version is promoted to stable. A breach rolls back
+and marks the rollout failed (the guardian does that). The state is a record in the store, so
+a restarted gateway resumes where it was.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gateway.control import ControlPlane, Intent
+from gateway.errors import FailedPrecondition, InvalidInput, NotFound
+from gateway.guardrails.evaluate import Status, Verdict
+from gateway.guardrails.rules import RuleSet
+from gateway.routing import CANARY, STABLE
+
+KIND = "rollout"
+DEFAULT_STEPS = (5, 25, 50, 100)
+ACTOR = "rollout"
+
+
+@dataclass
+class Rollout:
+    """One rollout's durable state."""
+
+    endpoint: str
+    version: str
+    baseline: str
+    steps: list[int]
+    step_seconds: float
+    rules: list[str]
+    at_least: int = 1
+    status: str = "running"  # running | paused | completed | failed | aborted
+    step_index: int = 0
+    step_started_at: float = 0.0
+    started_at: float = 0.0
+    started_by: str = ""
+    reason: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        """Running or paused."""
+        return self.status in ("running", "paused")
+
+    @property
+    def share(self) -> int:
+        """The candidate's current percent."""
+        return self.steps[self.step_index]
+
+    def rule_set(self) -> RuleSet:
+        """The rollout's guardrails."""
+        return RuleSet.parse(self.rules, self.at_least)
+
+    def event(self, at: float, what: str) -> None:
+        """Append to the history."""
+        self.history.append({"at": at, "event": what})
+
+
+class RolloutDriver:
+    """Starts, advances, pauses and ends rollouts through the control plane."""
+
+    def __init__(self, control: ControlPlane, *, clock: Callable[[], float] = time.time) -> None:
+        self._control = control
+        self._store = control.store
+        self._clock = clock
+
+    # --- state -----------------------------------------------------------------------------------
+
+    def get(self, endpoint: str) -> Rollout | None:
+        """The endpoint's latest rollout, if any."""
+        body = self._store.get_record(KIND, endpoint)
+        return Rollout(**json.loads(body)) if body else None
+
+    def require(self, endpoint: str) -> Rollout:
+        """The endpoint's latest rollout, or NotFound."""
+        rollout = self.get(endpoint)
+        if rollout is None:
+            raise NotFound(f"{endpoint} has no rollout; start one with `gateway rollout start {endpoint} VERSION`")
+        return rollout
+
+    def _save(self, rollout: Rollout) -> None:
+        self._store.put_record(KIND, rollout.endpoint, json.dumps(asdict(rollout)), self._clock())
+
+    def rules_for(self, endpoint: str) -> RuleSet | None:
+        """The rules of an active rollout of the endpoint (None without one)."""
+        rollout = self.get(endpoint)
+        return rollout.rule_set() if rollout and rollout.active and rollout.rules else None
+
+    # --- operator actions ------------------------------------------------------------------------
+
+    def start(
+        self,
+        actor: str,
+        endpoint: str,
+        version: str,
+        *,
+        steps: Sequence[int] = DEFAULT_STEPS,
+        step_seconds: float = 600,
+        rules: Sequence[str] = (),
+        at_least: int = 1,
+        reason: str,
+        dry_run: bool = False,
+    ) -> Rollout:
+        """Begin ramping `version` against the current stable."""
+        state = self._control.state.endpoint(endpoint)
+        state.require_version(version)
+        stable = state.labels.get(STABLE)
+        if not stable:
+            raise FailedPrecondition(f"{endpoint} has no stable label to ramp against; label one first")
+        if version == stable:
+            raise InvalidInput(f"{version} is already stable on {endpoint}")
+        steps = [int(s) for s in steps]
+        if not steps or steps[-1] != 100 or any(b <= a for a, b in itertools.pairwise(steps)):
+            raise InvalidInput(f"steps {steps} must increase and end at 100, e.g. 5,25,50,100", field="steps")
+        if steps[0] <= 0:
+            raise InvalidInput(f"steps {steps} must start above 0", field="steps")
+        if step_seconds <= 0:
+            raise InvalidInput("step duration must be positive", field="step_duration")
+        existing = self.get(endpoint)
+        if existing and existing.active:
+            raise FailedPrecondition(
+                f"{endpoint} already has a {existing.status} rollout of {existing.version}; abort it first"
+            )
+        rule_set = RuleSet.parse(list(rules), at_least if rules else 1)
+        now = self._clock()
+        rollout = Rollout(
+            endpoint, version, stable, steps, step_seconds, [r.text for r in rule_set.rules], rule_set.at_least,
+            step_started_at=now, started_at=now, started_by=actor, reason=reason,
+        )  # fmt: skip
+        self._control.set_traffic(
+            actor,
+            endpoint,
+            _weights(stable, version, steps[0]),
+            labels={CANARY: version},
+            reason=f"rollout of {version} step 1/{len(steps)} ({steps[0]}%): {reason}",
+            dry_run=dry_run,
+            trigger="rollout",
+        )
+        if dry_run:
+            return rollout
+        rollout.event(now, f"started at {steps[0]}% by {actor}: {reason}")
+        self._save(rollout)
+        return rollout
+
+    def pause(self, actor: str, endpoint: str, *, reason: str) -> Rollout:
+        """Hold the current step (traffic stays as it is)."""
+        rollout = self.require(endpoint)
+        if rollout.status != "running":
+            raise FailedPrecondition(f"the rollout of {rollout.version} is {rollout.status}, not running")
+        self._control.note(Intent(actor, "rollout-pause", endpoint, reason))
+        rollout.status = "paused"
+        rollout.event(self._clock(), f"paused by {actor}: {reason}")
+        self._save(rollout)
+        return rollout
+
+    def resume(self, actor: str, endpoint: str, *, reason: str) -> Rollout:
+        """Continue a paused rollout; the step's clock restarts."""
+        rollout = self.require(endpoint)
+        if rollout.status != "paused":
+            raise FailedPrecondition(f"the rollout of {rollout.version} is {rollout.status}, not paused")
+        self._control.note(Intent(actor, "rollout-resume", endpoint, reason))
+        rollout.status = "running"
+        rollout.step_started_at = self._clock()
+        rollout.event(rollout.step_started_at, f"resumed by {actor}: {reason}")
+        self._save(rollout)
+        return rollout
+
+    def abort(self, actor: str, endpoint: str, *, reason: str) -> Rollout:
+        """Stop the rollout and send all traffic back to the baseline."""
+        rollout = self.require(endpoint)
+        if not rollout.active:
+            raise FailedPrecondition(f"the rollout of {rollout.version} is already {rollout.status}")
+        self._control.rollback(
+            actor,
+            endpoint,
+            reason=f"rollout aborted: {reason}",
+            to_version=rollout.baseline,
+            trigger="rollout",
+        )
+        rollout.status = "aborted"
+        rollout.event(self._clock(), f"aborted by {actor}: {reason}")
+        self._save(rollout)
+        return rollout
+
+    # --- the guardian's side -------------------------------------------------------------------
+
+    def failed(self, endpoint: str, why: str) -> Rollout | None:
+        """Mark an active rollout failed (after a guardrail rolled it back)."""
+        rollout = self.get(endpoint)
+        if rollout is None or not rollout.active:
+            return None
+        rollout.status = "failed"
+        rollout.event(self._clock(), why)
+        self._save(rollout)
+        return rollout
+
+    def advance(self, endpoint: str, verdicts: Sequence[Verdict]) -> Rollout | None:
+        """Move to the next step when the step's time is up and every rule passed."""
+        rollout = self.get(endpoint)
+        if rollout is None or rollout.status != "running":
+            return None
+        now = self._clock()
+        if now - rollout.step_started_at < rollout.step_seconds:
+            return None
+        mine = [v for v in verdicts if v.candidate == rollout.version]
+        if rollout.rules and (len(mine) < len(rollout.rules) or any(v.status is not Status.PASS for v in mine)):
+            return None  # breaching or inconclusive: hold the step
+        if rollout.step_index + 1 < len(rollout.steps):
+            rollout.step_index += 1
+            share = rollout.share
+            self._control.set_traffic(
+                ACTOR,
+                endpoint,
+                _weights(rollout.baseline, rollout.version, share),
+                reason=f"rollout of {rollout.version} step {rollout.step_index + 1}/{len(rollout.steps)} ({share}%)",
+                trigger="rollout",
+            )
+            rollout.step_started_at = now
+            rollout.event(now, f"advanced to {share}%")
+        else:
+            self._control.promote(ACTOR, endpoint, reason=f"rollout of {rollout.version} completed", trigger="rollout")
+            rollout.status = "completed"
+            rollout.event(now, f"promoted {rollout.version} to stable")
+        self._save(rollout)
+        return rollout
+
+
+def _weights(stable: str, version: str, share: int) -> dict[str, int]:
+    return {version: 100} if share >= 100 else {stable: 100 - share, version: share}
