@@ -13,6 +13,9 @@ from gateway.control import ControlPlane
 from gateway.desired import DesiredState, desired_from_config
 from gateway.faults import FaultInjector
 from gateway.guardrails.feedback import FeedbackJoin
+from gateway.guardrails.guardian import Guardian
+from gateway.guardrails.incidents import IncidentLog
+from gateway.guardrails.rollout import RolloutDriver
 from gateway.inference import InferenceService
 from gateway.registry import ModelRegistry, ModelVersion, VersionState
 from gateway.repository import ModelRepository
@@ -49,6 +52,7 @@ class Gateway:
         telemetry: Telemetry | None = None,
         shadow_settings: ShadowSettings | None = None,
         clock: Callable[[], float] = time.time,
+        guardian_tick: float = 1.0,
     ) -> None:
         self.config = config
         self.config_source = config_source
@@ -63,6 +67,15 @@ class Gateway:
         self.shadow = ShadowRunner(self.registry, self.telemetry, self.faults, shadow_settings)
         self.control = ControlPlane(store, self.registry, self.router)
         self.feedback = FeedbackJoin(self.telemetry.windows, clock=clock)
+        self.guardian = Guardian(
+            self.control,
+            self.telemetry.windows,
+            self.registry,
+            RolloutDriver(self.control, clock=clock),
+            IncidentLog(store),
+            clock=clock,
+            tick_seconds=guardian_tick,
+        )
         self.inference = InferenceService(
             self.registry,
             self.router,
@@ -137,7 +150,8 @@ class Gateway:
         return state.compare if state else CompareSettings()
 
     def close(self) -> None:
-        """Stop the shadow workers, release the store (and the telemetry, when this gateway made it)."""
+        """Stop the guardian and shadow workers; release the store (and the telemetry this gateway made)."""
+        self.guardian.stop()
         self.shadow.shutdown()
         self.store.close()
         if self._owns_telemetry:

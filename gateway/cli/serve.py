@@ -85,6 +85,9 @@ def register(commands: Any) -> None:
         default=0,
         help="keep the inputs of the N most divergent shadowed requests (.npz, for replay; default off)",
     )
+    serve.add_argument(
+        "--guardian-tick", type=float, default=1.0, help="seconds between guardrail evaluations (default 1)"
+    )
     serve.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
     serve.add_argument("--grace", type=float, default=5.0, help="seconds to finish in-flight calls on stop")
     serve.set_defaults(handler=run)
@@ -115,6 +118,8 @@ async def _serve(args: argparse.Namespace) -> int:
             ),
         )
         revision = await asyncio.to_thread(gateway.start)
+        gateway.guardian.tick_seconds = args.guardian_tick
+        gateway.guardian.start()
         inference = await start_inference_server(gateway, args.listen)
         admin = await start_admin_server(gateway, args.admin_listen, tokens)
     except BaseException:

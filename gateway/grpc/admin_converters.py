@@ -8,6 +8,8 @@ from typing import Any
 
 from gateway.control import ChangeResult, VersionInfo
 from gateway.desired import DesiredState
+from gateway.guardrails.incidents import Incident
+from gateway.guardrails.rollout import Rollout
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.shadow.stats import ShadowReport
 from gateway.state import AuditEntry
@@ -42,6 +44,12 @@ def routes(revision: int, committed_at: float, state: DesiredState, endpoint: st
                 labels=dict(state.endpoints[name].labels),
                 max_batch_size=state.endpoints[name].max_batch_size,
                 nan_policy=state.endpoints[name].nan_policy,
+                shadows=dict(state.endpoints[name].shadows),
+                faults={
+                    v: f"error_rate={f.error_rate:g} latency_ms={f.latency_ms:g}"
+                    for v, f in state.endpoints[name].faults.items()
+                },
+                guardrails=[r.text for r in state.endpoints[name].guardrails.rules],
             )
             for name in names
         ],
@@ -95,6 +103,45 @@ def shadow_report(report: ShadowReport, percent: int) -> pb.ShadowReport:
         top_divergent=[pb.DivergentRequest(request_id=r, max_abs_diff=d) for r, d in report.top_divergent],
         primary_versions=report.primary_versions,
         diff_histogram=[pb.HistogramBucket(upper=upper, count=count) for upper, count in report.diff_histogram],
+    )
+
+
+def rollout(state: Rollout, *, dry_run: bool = False) -> pb.RolloutStatus:
+    """A rollout's state."""
+    return pb.RolloutStatus(
+        endpoint=state.endpoint,
+        version=state.version,
+        baseline=state.baseline,
+        status="planned" if dry_run else state.status,
+        steps=state.steps,
+        step_index=state.step_index,
+        step_seconds=state.step_seconds,
+        step_started_at=state.step_started_at,
+        started_at=state.started_at,
+        started_by=state.started_by,
+        guardrails=state.rules,
+        at_least=state.at_least,
+        history=[pb.RolloutEvent(at=e["at"], event=e["event"]) for e in state.history],
+        dry_run=dry_run,
+    )
+
+
+def incident(record: Incident) -> pb.Incident:
+    """An incident record with its note."""
+    return pb.Incident(
+        id=record.id,
+        endpoint=record.endpoint,
+        at=record.at,
+        action=record.action,
+        candidate=record.candidate,
+        baseline=record.baseline,
+        observe_only=record.observe_only,
+        outcome=record.outcome,
+        revision_before=record.revision_before,
+        revision_after=record.revision_after,
+        summary=record.summary(),
+        markdown=record.to_markdown(),
+        record=record.to_json(),
     )
 
 

@@ -13,8 +13,11 @@ import grpc
 
 from gateway.control import ControlPlane
 from gateway.desired import DesiredState
+from gateway.faults import Fault
 from gateway.grpc import admin_converters as convert
 from gateway.grpc.errors import ACTOR
+from gateway.guardrails.guardian import Guardian
+from gateway.guardrails.rollout import DEFAULT_STEPS
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
 from gateway.shadow.runner import ShadowRunner
@@ -25,9 +28,11 @@ Context: TypeAlias = grpc.ServicerContext
 class AdminServicer(pb_grpc.AdminServicer):
     """Admin RPCs, run in the admin server's worker threads."""
 
-    def __init__(self, control: ControlPlane, shadow: ShadowRunner) -> None:
+    def __init__(self, control: ControlPlane, shadow: ShadowRunner, guardian: Guardian) -> None:
         self._control = control
         self._shadow = shadow
+        self._rollouts = guardian.rollouts
+        self._incidents = guardian.incidents
 
     @staticmethod
     def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
@@ -161,6 +166,61 @@ class AdminServicer(pb_grpc.AdminServicer):
             request.top or 10,
         )
         return convert.shadow_report(report, percent)
+
+    def SetGuardrails(self, request: pb.SetGuardrailsRequest, context: Context) -> pb.ChangeResponse:
+        result = self._control.set_guardrails(
+            ACTOR.get(),
+            request.endpoint,
+            list(request.rules),
+            at_least=request.at_least or 1,
+            observe_only=request.observe_only,
+            reason=request.reason,
+            dry_run=request.dry_run,
+        )
+        return convert.change_response(result)
+
+    def SetFault(self, request: pb.SetFaultRequest, context: Context) -> pb.ChangeResponse:
+        fault = None if request.clear else Fault(error_rate=request.error_rate, latency_ms=request.latency_ms)
+        result = self._control.set_fault(
+            ACTOR.get(), request.endpoint, request.version, fault, reason=request.reason, dry_run=request.dry_run
+        )
+        return convert.change_response(result)
+
+    def StartRollout(self, request: pb.StartRolloutRequest, context: Context) -> pb.RolloutStatus:
+        endpoint = self._control.state.endpoint(request.endpoint)
+        rules = list(request.guardrails) or [r.text for r in endpoint.guardrails.rules]
+        at_least = request.at_least or (endpoint.guardrails.at_least if not request.guardrails else 1)
+        state = self._rollouts.start(
+            ACTOR.get(),
+            request.endpoint,
+            request.version,
+            steps=list(request.steps) or list(DEFAULT_STEPS),
+            step_seconds=request.step_seconds or 600,
+            rules=rules,
+            at_least=at_least,
+            reason=request.reason,
+            dry_run=request.dry_run,
+        )
+        return convert.rollout(state, dry_run=request.dry_run)
+
+    def GetRollout(self, request: pb.RolloutRequest, context: Context) -> pb.RolloutStatus:
+        return convert.rollout(self._rollouts.require(request.endpoint))
+
+    def PauseRollout(self, request: pb.RolloutRequest, context: Context) -> pb.RolloutStatus:
+        return convert.rollout(self._rollouts.pause(ACTOR.get(), request.endpoint, reason=request.reason))
+
+    def ResumeRollout(self, request: pb.RolloutRequest, context: Context) -> pb.RolloutStatus:
+        return convert.rollout(self._rollouts.resume(ACTOR.get(), request.endpoint, reason=request.reason))
+
+    def AbortRollout(self, request: pb.RolloutRequest, context: Context) -> pb.RolloutStatus:
+        return convert.rollout(self._rollouts.abort(ACTOR.get(), request.endpoint, reason=request.reason))
+
+    def ListIncidents(self, request: pb.ListIncidentsRequest, context: Context) -> pb.ListIncidentsResponse:
+        records = self._incidents.list(request.endpoint, request.limit or 50)
+        return pb.ListIncidentsResponse(incidents=[convert.incident(r) for r in records])
+
+    def GetIncident(self, request: pb.GetIncidentRequest, context: Context) -> pb.Incident:
+        return convert.incident(self._incidents.get(request.id))
 
     def GetAudit(self, request: pb.GetAuditRequest, context: Context) -> pb.GetAuditResponse:
         entries = self._call(self._control.audit, request.endpoint, request.limit or 100)

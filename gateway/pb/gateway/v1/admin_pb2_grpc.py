@@ -104,6 +104,51 @@ class AdminStub:
                 request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetShadowReportRequest.SerializeToString,
                 response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ShadowReport.FromString,
                 _registered_method=True)
+        self.SetGuardrails = channel.unary_unary(
+                '/gateway.v1.Admin/SetGuardrails',
+                request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetGuardrailsRequest.SerializeToString,
+                response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
+                _registered_method=True)
+        self.SetFault = channel.unary_unary(
+                '/gateway.v1.Admin/SetFault',
+                request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetFaultRequest.SerializeToString,
+                response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
+                _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/gateway.v1.Admin/StartRollout',
+                request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/gateway.v1.Admin/GetRollout',
+                request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.PauseRollout = channel.unary_unary(
+                '/gateway.v1.Admin/PauseRollout',
+                request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.ResumeRollout = channel.unary_unary(
+                '/gateway.v1.Admin/ResumeRollout',
+                request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/gateway.v1.Admin/AbortRollout',
+                request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.ListIncidents = channel.unary_unary(
+                '/gateway.v1.Admin/ListIncidents',
+                request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ListIncidentsRequest.SerializeToString,
+                response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ListIncidentsResponse.FromString,
+                _registered_method=True)
+        self.GetIncident = channel.unary_unary(
+                '/gateway.v1.Admin/GetIncident',
+                request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetIncidentRequest.SerializeToString,
+                response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.Incident.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -207,6 +252,64 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetGuardrails(self, request, context):
+        """Replace an endpoint's guardrail rules (the route file's `guardrails`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetFault(self, request, context):
+        """Inject errors and/or latency on a version, for drills (clear to stop).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRollout(self, request, context):
+        """Progressive rollout: ramp a version step by step while its guardrails pass.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListIncidents(self, request, context):
+        """Incident records written by the guardian.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetIncident(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -279,6 +382,51 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetShadowReport,
                     request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetShadowReportRequest.FromString,
                     response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ShadowReport.SerializeToString,
+            ),
+            'SetGuardrails': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetGuardrails,
+                    request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetGuardrailsRequest.FromString,
+                    response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.SerializeToString,
+            ),
+            'SetFault': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFault,
+                    request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetFaultRequest.FromString,
+                    response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.StartRolloutRequest.FromString,
+                    response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutRequest.FromString,
+                    response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'PauseRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollout,
+                    request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutRequest.FromString,
+                    response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'ResumeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollout,
+                    request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutRequest.FromString,
+                    response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutRequest.FromString,
+                    response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.SerializeToString,
+            ),
+            'ListIncidents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIncidents,
+                    request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ListIncidentsRequest.FromString,
+                    response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ListIncidentsResponse.SerializeToString,
+            ),
+            'GetIncident': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIncident,
+                    request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetIncidentRequest.FromString,
+                    response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.Incident.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -659,6 +807,249 @@ class Admin:
             '/gateway.v1.Admin/GetShadowReport',
             gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetShadowReportRequest.SerializeToString,
             gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ShadowReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetGuardrails(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Admin/SetGuardrails',
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetGuardrailsRequest.SerializeToString,
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Admin/SetFault',
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetFaultRequest.SerializeToString,
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Admin/StartRollout',
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.StartRolloutRequest.SerializeToString,
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Admin/GetRollout',
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutRequest.SerializeToString,
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Admin/PauseRollout',
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutRequest.SerializeToString,
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Admin/ResumeRollout',
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutRequest.SerializeToString,
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Admin/AbortRollout',
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutRequest.SerializeToString,
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIncidents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Admin/ListIncidents',
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ListIncidentsRequest.SerializeToString,
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ListIncidentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIncident(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Admin/GetIncident',
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.GetIncidentRequest.SerializeToString,
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.Incident.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,6 +65,19 @@ class AdminStub:
     """Mirror a share of live requests to a version (percent 0 turns it off)."""
     GetShadowReport: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetShadowReportRequest, _admin_pb2.ShadowReport]
     """How a shadow compares with the primaries it mirrored, over a window."""
+    SetGuardrails: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetGuardrailsRequest, _admin_pb2.ChangeResponse]
+    """Replace an endpoint's guardrail rules (the route file's `guardrails`)."""
+    SetFault: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetFaultRequest, _admin_pb2.ChangeResponse]
+    """Inject errors and/or latency on a version, for drills (clear to stop)."""
+    StartRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.StartRolloutRequest, _admin_pb2.RolloutStatus]
+    """Progressive rollout: ramp a version step by step while its guardrails pass."""
+    GetRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.RolloutStatus]
+    PauseRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.RolloutStatus]
+    ResumeRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.RolloutStatus]
+    AbortRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.RolloutStatus]
+    ListIncidents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListIncidentsRequest, _admin_pb2.ListIncidentsResponse]
+    """Incident records written by the guardian."""
+    GetIncident: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetIncidentRequest, _admin_pb2.Incident]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -97,6 +110,19 @@ class AdminAsyncStub(AdminStub):
     """Mirror a share of live requests to a version (percent 0 turns it off)."""
     GetShadowReport: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetShadowReportRequest, _admin_pb2.ShadowReport]  # type: ignore[assignment]
     """How a shadow compares with the primaries it mirrored, over a window."""
+    SetGuardrails: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetGuardrailsRequest, _admin_pb2.ChangeResponse]  # type: ignore[assignment]
+    """Replace an endpoint's guardrail rules (the route file's `guardrails`)."""
+    SetFault: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetFaultRequest, _admin_pb2.ChangeResponse]  # type: ignore[assignment]
+    """Inject errors and/or latency on a version, for drills (clear to stop)."""
+    StartRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.StartRolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
+    """Progressive rollout: ramp a version step by step while its guardrails pass."""
+    GetRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
+    PauseRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
+    ResumeRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
+    AbortRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
+    ListIncidents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListIncidentsRequest, _admin_pb2.ListIncidentsResponse]  # type: ignore[assignment]
+    """Incident records written by the guardian."""
+    GetIncident: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetIncidentRequest, _admin_pb2.Incident]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -210,5 +236,72 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ShadowReport, _abc.Awaitable[_admin_pb2.ShadowReport]]:
         """How a shadow compares with the primaries it mirrored, over a window."""
+
+    @_abc_1.abstractmethod
+    def SetGuardrails(
+        self,
+        request: _admin_pb2.SetGuardrailsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ChangeResponse, _abc.Awaitable[_admin_pb2.ChangeResponse]]:
+        """Replace an endpoint's guardrail rules (the route file's `guardrails`)."""
+
+    @_abc_1.abstractmethod
+    def SetFault(
+        self,
+        request: _admin_pb2.SetFaultRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ChangeResponse, _abc.Awaitable[_admin_pb2.ChangeResponse]]:
+        """Inject errors and/or latency on a version, for drills (clear to stop)."""
+
+    @_abc_1.abstractmethod
+    def StartRollout(
+        self,
+        request: _admin_pb2.StartRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RolloutStatus, _abc.Awaitable[_admin_pb2.RolloutStatus]]:
+        """Progressive rollout: ramp a version step by step while its guardrails pass."""
+
+    @_abc_1.abstractmethod
+    def GetRollout(
+        self,
+        request: _admin_pb2.RolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RolloutStatus, _abc.Awaitable[_admin_pb2.RolloutStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def PauseRollout(
+        self,
+        request: _admin_pb2.RolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RolloutStatus, _abc.Awaitable[_admin_pb2.RolloutStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def ResumeRollout(
+        self,
+        request: _admin_pb2.RolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RolloutStatus, _abc.Awaitable[_admin_pb2.RolloutStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def AbortRollout(
+        self,
+        request: _admin_pb2.RolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RolloutStatus, _abc.Awaitable[_admin_pb2.RolloutStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def ListIncidents(
+        self,
+        request: _admin_pb2.ListIncidentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListIncidentsResponse, _abc.Awaitable[_admin_pb2.ListIncidentsResponse]]:
+        """Incident records written by the guardian."""
+
+    @_abc_1.abstractmethod
+    def GetIncident(
+        self,
+        request: _admin_pb2.GetIncidentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Incident, _abc.Awaitable[_admin_pb2.Incident]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
