@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.cli import admin, predict, report, serve
+from gateway.cli import admin, predict, report, rollout, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.register(commands)
     admin.register(commands)
     report.register(commands)
+    rollout.register(commands)
     return parser
 
 

@@ -108,6 +108,9 @@ def _print_routes(routes: pb.Routes, as_json: bool) -> None:
             "labels": dict(e.labels),
             "max_batch_size": e.max_batch_size,
             "nan_policy": e.nan_policy,
+            "shadows": dict(e.shadows),
+            "faults": dict(e.faults),
+            "guardrails": list(e.guardrails),
         }
         for e in routes.endpoints
     ]
@@ -119,8 +122,16 @@ def _print_routes(routes: pb.Routes, as_json: bool) -> None:
     for e in endpoints:
         for version in e["versions"]:
             labels = ", ".join(sorted(k for k, v in e["labels"].items() if v == version))
-            rows.append([e["name"], version, f"{e['traffic'].get(version, 0)}%", labels])
-    print(table(["ENDPOINT", "VERSION", "TRAFFIC", "LABELS"], rows))
+            extra = []
+            if e["shadows"].get(version):
+                extra.append(f"shadow {e['shadows'][version]}%")
+            if e["faults"].get(version):
+                extra.append(f"FAULT {e['faults'][version]}")
+            rows.append([e["name"], version, f"{e['traffic'].get(version, 0)}%", labels, ", ".join(extra)])
+    print(table(["ENDPOINT", "VERSION", "TRAFFIC", "LABELS", "NOTES"], rows))
+    for e in endpoints:
+        for rule in e["guardrails"]:
+            print(f"guardrail {e['name']}: {rule}")
 
 
 # --- subcommands ---------------------------------------------------------------------------
@@ -294,6 +305,27 @@ def _mutation(args: argparse.Namespace) -> tuple[str, Any]:
                 **common,
             ),
         ),
+        "guardrails": lambda: (
+            "SetGuardrails",
+            pb.SetGuardrailsRequest(
+                endpoint=args.endpoint,
+                rules=[] if args.clear else args.guardrail,
+                at_least=args.at_least,
+                observe_only=args.observe_only,
+                **common,
+            ),
+        ),
+        "fault": lambda: (
+            "SetFault",
+            pb.SetFaultRequest(
+                endpoint=args.endpoint,
+                version=args.version,
+                error_rate=args.error_rate,
+                latency_ms=args.latency_ms,
+                clear=args.clear,
+                **common,
+            ),
+        ),
         "apply": lambda: (
             "Apply",
             pb.ApplyRequest(document=Path(args.file).read_text(), source=str(args.file), **common),
@@ -302,13 +334,26 @@ def _mutation(args: argparse.Namespace) -> tuple[str, Any]:
     return builders[args.admin_command]()
 
 
+def _usage_problem(args: argparse.Namespace) -> str:
+    """What is missing from a command line argparse cannot check (empty when nothing)."""
+    command = args.admin_command
+    if command == "guardrails" and not args.guardrail and not args.clear:
+        return "give at least one --guardrail EXPR, or --clear"
+    if command == "fault" and not (args.clear or args.error_rate or args.latency_ms):
+        return "give --error-rate and/or --latency-ms, or --clear"
+    if command == "shadow" and args.percent is None and not args.off:
+        return "give --percent P (1..100) or --off"
+    if command == "label" and not args.version and not args.remove:
+        return "give the VERSION the label should point at, or --remove to delete the label"
+    return ""
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch one admin subcommand."""
     args.json = getattr(args, "json", False)
-    if args.admin_command == "shadow" and args.percent is None and not args.off:
-        return fail("give --percent P (1..100) or --off", 2)
-    if args.admin_command == "label" and not args.version and not args.remove:
-        return fail("give the VERSION the label should point at, or --remove to delete the label", 2)
+    problem = _usage_problem(args)
+    if problem:
+        return fail(problem, 2)
     try:
         mutation = _mutation(args) if hasattr(args, "reason") else None
     except (OSError, ValueError) as err:
@@ -341,6 +386,11 @@ def register(commands: Any) -> None:
     admin.set_defaults(handler=run)
     sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ADMIN_COMMAND")
 
+    _register_reads(sub, common)
+    _register_changes(sub, common, mutating)
+
+
+def _register_reads(sub: Any, common: argparse.ArgumentParser) -> None:
     routes = sub.add_parser("routes", parents=[common], help="show routes (current or an earlier revision)")
     routes.add_argument("endpoint", nargs="?")
     routes.add_argument("--revision", type=int, default=0)
@@ -352,6 +402,8 @@ def register(commands: Any) -> None:
     audit.add_argument("endpoint", nargs="?")
     audit.add_argument("--limit", type=int, default=50)
 
+
+def _register_changes(sub: Any, common: argparse.ArgumentParser, mutating: argparse.ArgumentParser) -> None:
     traffic = sub.add_parser("set-traffic", parents=[common, mutating], help="set weights: VERSION=PERCENT ...")
     traffic.add_argument("endpoint")
     traffic.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT")
@@ -390,5 +442,21 @@ def register(commands: Any) -> None:
     amount = shadow.add_mutually_exclusive_group()
     amount.add_argument("--percent", type=int, help="percent of live requests mirrored, 1..100")
     amount.add_argument("--off", action="store_true", help="stop mirroring")
+    guardrails = sub.add_parser(
+        "guardrails", parents=[common, mutating], help="set an endpoint's guardrail rules (or --clear)"
+    )
+    guardrails.add_argument("endpoint")
+    guardrails.add_argument(
+        "--guardrail", action="append", default=[], metavar="EXPR", help="e.g. 'error_rate > 2%% for 5m' (repeat)"
+    )
+    guardrails.add_argument("--at-least", type=int, default=1, help="act when at least K rules breach (default 1)")
+    guardrails.add_argument("--observe-only", action="store_true", help="record what would fire; never act")
+    guardrails.add_argument("--clear", action="store_true", help="remove the guardrails")
+    fault = sub.add_parser("fault", parents=[common, mutating], help="inject errors/latency on a version (drills)")
+    fault.add_argument("endpoint")
+    fault.add_argument("version")
+    fault.add_argument("--error-rate", type=float, default=0.0, help="share of requests failing, 0..1")
+    fault.add_argument("--latency-ms", type=float, default=0.0, help="added latency per request")
+    fault.add_argument("--clear", action="store_true", help="remove the fault")
     apply = sub.add_parser("apply", parents=[common, mutating], help="apply a whole route file")
     apply.add_argument("-f", "--file", required=True)
