@@ -61,21 +61,15 @@ def _verdict(rule: Rule, candidate: str, baseline: str, observed: float, samples
     enough = all(n >= rule.min_samples for n in samples.values())
     if not enough or math.isnan(observed):
         need = ", ".join(f"{arm} {n}/{rule.min_samples}" for arm, n in samples.items())
-        return Verdict(
-            rule,
-            candidate,
-            baseline,
-            Status.INCONCLUSIVE,
-            observed,
-            samples,
-            detail=f"not enough samples ({need})",
-            **kw,
-        )
+        kw["detail"] = kw.get("detail") or f"not enough samples ({need})"
+        return Verdict(rule, candidate, baseline, Status.INCONCLUSIVE, observed, samples, **kw)
     status = Status.BREACH if observed > rule.threshold else Status.PASS
     p_value = kw.get("p_value")
     if status is Status.BREACH and rule.alpha is not None and (p_value is None or p_value >= rule.alpha):
-        status = Status.PASS if p_value is not None and p_value >= rule.alpha else Status.INCONCLUSIVE
-        kw["detail"] = kw.get("detail", "") or f"drop not significant yet (p = {p_value:.3g} >= {rule.alpha})"
+        # Over the threshold but not significant yet: hold (a rollout does not advance), do not act.
+        status = Status.INCONCLUSIVE
+        shown = "n/a" if p_value is None else f"{p_value:.3g}"
+        kw["detail"] = kw.get("detail") or f"drop not significant yet (p = {shown} >= {rule.alpha})"
     return Verdict(rule, candidate, baseline, status, observed, samples, **kw)
 
 

@@ -1,7 +1,7 @@
 """Progressive rollouts: a version ramps 5% -> 25% -> 50% -> 100% while its guardrails pass.
 
 A step advances when its duration has passed and every rule passed with enough samples
-(inconclusive holds the step). At 100% the version is promoted to stable. A breach rolls back
+(inconclusive holds the step). Reaching 100% promotes the version to stable in one revision. A breach rolls back
 and marks the rollout failed (the guardian does that). The state is a record in the store, so
 a restarted gateway resumes where it was.
 """
@@ -213,22 +213,25 @@ class RolloutDriver:
         mine = [v for v in verdicts if v.candidate == rollout.version]
         if rollout.rules and (len(mine) < len(rollout.rules) or any(v.status is not Status.PASS for v in mine)):
             return None  # breaching or inconclusive: hold the step
-        if rollout.step_index + 1 < len(rollout.steps):
+        next_share = rollout.steps[rollout.step_index + 1] if rollout.step_index + 1 < len(rollout.steps) else 100
+        if next_share < 100:
             rollout.step_index += 1
-            share = rollout.share
             self._control.set_traffic(
                 ACTOR,
                 endpoint,
-                _weights(rollout.baseline, rollout.version, share),
-                reason=f"rollout of {rollout.version} step {rollout.step_index + 1}/{len(rollout.steps)} ({share}%)",
+                _weights(rollout.baseline, rollout.version, next_share),
+                reason=f"rollout of {rollout.version}: step {rollout.step_index + 1} ({next_share}%)",
                 trigger="rollout",
             )
             rollout.step_started_at = now
-            rollout.event(now, f"advanced to {share}%")
+            rollout.event(now, f"advanced to {next_share}%")
         else:
+            # The last step is 100%: the version becomes stable in the same revision. (At 100% there
+            # is no baseline traffic left to compare with, so the rules were checked one step before.)
+            rollout.step_index = len(rollout.steps) - 1
             self._control.promote(ACTOR, endpoint, reason=f"rollout of {rollout.version} completed", trigger="rollout")
             rollout.status = "completed"
-            rollout.event(now, f"promoted {rollout.version} to stable")
+            rollout.event(now, f"promoted {rollout.version} to stable at 100%")
         self._save(rollout)
         return rollout
 
