@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import InvalidInput
+from gateway.guardrails.rules import Action, Metric, RuleSet, parse_rule
+
+
+@pytest.mark.parametrize(
+    ("text", "metric", "threshold", "window", "min_samples", "alpha", "action", "feature"),
+    [
+        ("error_rate > 2% for 5m min 500", Metric.ERROR_RATE, 0.02, 300, 500, None, Action.ROLLBACK, ""),
+        ("latency_p95_ratio > 1.3 for 10m", Metric.LATENCY_P95_RATIO, 1.3, 600, 100, None, Action.ROLLBACK, ""),
+        ("latency_p99_ratio > 2x for 30s", Metric.LATENCY_P99_RATIO, 2.0, 30, 100, None, Action.ROLLBACK, ""),
+        ("latency_p95_ms > 50ms for 5m", Metric.LATENCY_P95_MS, 50.0, 300, 100, None, Action.ROLLBACK, ""),
+        ("ctr_drop > 5% p < 0.05 for 30m", Metric.CTR_DROP, 0.05, 1800, 100, 0.05, Action.ROLLBACK, ""),
+        (
+            "feature_null_rate_delta > 1pt for 10m",
+            Metric.FEATURE_NULL_RATE_DELTA,
+            0.01,
+            600,
+            100,
+            None,
+            Action.ROLLBACK,
+            "",
+        ),
+        (
+            "feature_null_rate_delta[features[7]] > 1pt for 10m",
+            Metric.FEATURE_NULL_RATE_DELTA,
+            0.01,
+            600,
+            100,
+            None,
+            Action.ROLLBACK,
+            "features[7]",
+        ),
+        (
+            "shadow_disagreement > 3% for 15m action alert-only",
+            Metric.SHADOW_DISAGREEMENT,
+            0.03,
+            900,
+            100,
+            None,
+            Action.ALERT_ONLY,
+            "",
+        ),
+        ("error_rate>2% for 1h action pause", Metric.ERROR_RATE, 0.02, 3600, 100, None, Action.PAUSE, ""),
+    ],
+)
+def test_rules_read_as_written(text, metric, threshold, window, min_samples, alpha, action, feature) -> None:  # type: ignore[no-untyped-def]
+    rule = parse_rule(text)
+    assert (rule.metric, rule.window_seconds, rule.min_samples, rule.alpha, rule.action, rule.feature) == (
+        metric, window, min_samples, alpha, action, feature,
+    )  # fmt: skip
+    assert rule.threshold == pytest.approx(threshold)
+    assert rule.text == text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("error_rate > 2%", "write METRIC > THRESHOLD for DURATION"),
+        ("errors > 2% for 5m", "unknown metric 'errors'; metrics: error_rate, latency_p95_ratio"),
+        ("error_rate > 2 for 5m", "error_rate takes a share: write 2%"),
+        ("error_rate > 2% for 5 minutes", "'5' is not a duration"),
+        ("error_rate > 2% for 5m min zero", "min 'zero': give a whole number"),
+        ("error_rate > 2% for 5m action explode", "unknown action 'explode'; actions: rollback, pause, alert-only"),
+        ("error_rate > 2% p < 0.05 for 5m", "only ctr_drop takes 'p < ALPHA'"),
+        ("latency_p95_ratio > 30% for 5m", "is a ratio to stable"),
+        ("error_rate[x] > 2% for 5m", "only feature_null_rate_delta takes a [feature]"),
+        ("ctr_drop > 5% p < 2 for 30m", "alpha 2.0 must be between 0 and 1"),
+        ("error_rate > 2% for 5m sometimes", "'sometimes' needs a value"),
+    ],
+)
+def test_bad_rules_say_what_is_valid(text: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match="guardrail") as err:
+        parse_rule(text)
+    assert message in err.value.message
+
+
+def test_rule_set_at_least() -> None:
+    rules = RuleSet.parse(["error_rate > 2% for 5m", "latency_p95_ratio > 1.3 for 10m"], at_least=2)
+    assert rules.at_least == 2 and rules.longest_window == 600
+    with pytest.raises(InvalidInput, match="at_least: 3 must be between 1 and 2"):
+        RuleSet.parse(["error_rate > 2% for 5m", "latency_p95_ratio > 1.3 for 10m"], at_least=3)
