@@ -1,0 +1,253 @@
+"""The guardian with a fake clock and real parts: gateway core, onnxruntime, SQLite."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.app import Gateway
+from gateway.config import parse_config
+from gateway.errors import GatewayError
+from gateway.faults import Fault
+from gateway.gameday import SimClock
+from gateway.guardrails.evaluate import Status
+from gateway.inference import InferRequest
+from gateway.routing import EndpointRoutes
+from gateway.state.sqlite import SqliteStore
+from gateway.telemetry.metrics import Telemetry
+from gateway.telemetry.windows import WindowStore
+from tests.helpers import MODELS, config_text
+
+
+def make(tmp_path: Path, clock: SimClock, **overrides: str) -> Gateway:
+    config = parse_config(config_text(**overrides), base_dir=MODELS)
+    gateway = Gateway(
+        config, SqliteStore(tmp_path / "state.db"), telemetry=Telemetry(WindowStore(3600, clock=clock)), clock=clock
+    )
+    gateway.start()
+    return gateway
+
+
+@pytest.fixture
+def clock() -> SimClock:
+    return SimClock()
+
+
+def traffic(gateway: Gateway, clock: SimClock, seconds: int, per_second: int = 50, nan_on: str = "") -> None:
+    """Requests through the real inference path, `per_second` per simulated second."""
+    rng = np.random.default_rng(0)
+    routes: EndpointRoutes = gateway.router.table.endpoint("ctr-ranker")
+    for second in range(seconds):
+        for i in range(per_second):
+            key = f"user-{second}-{i}"
+            x = rng.normal(size=(1, 32)).astype(np.float32)
+            if nan_on and routes.choose(key).version == nan_on:
+                x[0, 3] = np.nan
+            # Injected faults fail requests; the guardian sees the failures in the windows.
+            with contextlib.suppress(GatewayError):
+                gateway.inference.infer(InferRequest("ctr-ranker", {"features": x}, routing_key=key))
+        clock.advance(1)
+
+
+def weights(gateway: Gateway) -> dict[str, int]:
+    return dict(gateway.control.state.endpoint("ctr-ranker").weights)
+
+
+def test_error_rate_breach_rolls_back_in_one_tick_and_writes_an_incident(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(tmp_path, clock, guardrails='["error_rate > 2% for 5m min 100"]', traffic='{"1.12": 50, "1.13": 50}')
+    traffic(gateway, clock, 10)
+    assert gateway.guardian.tick().incidents == []  # healthy
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.13", Fault(error_rate=0.5), reason="drill")
+    traffic(gateway, clock, 10)
+    report = gateway.guardian.tick()
+    assert weights(gateway) == {"1.12": 100}
+    (incident,) = report.incidents
+    assert (incident.candidate, incident.baseline, incident.action, incident.observe_only) == (
+        "1.13",
+        "1.12",
+        "rollback",
+        False,
+    )
+    (verdict,) = incident.verdicts
+    assert verdict["status"] == "breach" and verdict["observed"] > 0.02 and verdict["threshold"] == 0.02
+    assert verdict["samples"]["1.13"] >= 100 and verdict["window_seconds"] == 300
+    assert incident.revision_after == incident.revision_before + 1
+    assert incident.traffic_before == {"1.12": 50, "1.13": 50} and incident.traffic_after == {"1.12": 100}
+    note = gateway.guardian.incidents.get(incident.id).to_markdown()
+    for section in ("## Detect", "## Decide", "## Action", "## Verification", "## Follow-ups"):
+        assert section in note
+    assert "error_rate > 2% for 5m min 100" in note and "Route revision" in note
+    audit = gateway.control.audit("ctr-ranker")[0]
+    assert (audit.actor, audit.action, audit.reason) == (
+        "guardian",
+        "rollback",
+        "guardrail: error_rate > 2% for 5m min 100",
+    )
+    assert gateway.guardian.tick().incidents == []  # nothing left to roll back; no duplicate incident
+    gateway.close()
+
+
+def test_too_few_samples_is_inconclusive_never_pass(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(tmp_path, clock, guardrails='["error_rate > 2% for 5m min 1000"]')
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.13", Fault(error_rate=1.0), reason="drill")
+    traffic(gateway, clock, 5)
+    report = gateway.guardian.tick()
+    (verdict,) = report.verdicts["ctr-ranker/1.13"]
+    assert verdict.status is Status.INCONCLUSIVE and "not enough samples" in verdict.detail
+    assert report.incidents == [] and weights(gateway) == {"1.12": 90, "1.13": 10}
+    gateway.close()
+
+
+def test_at_least_k_of_n(tmp_path: Path, clock: SimClock) -> None:
+    rules = '{rules: ["error_rate > 2% for 5m min 50", "latency_p95_ms > 40 for 5m min 50"], at_least: 2}'
+    gateway = make(tmp_path, clock, guardrails=rules, traffic='{"1.12": 50, "1.13": 50}')
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.13", Fault(error_rate=0.5), reason="one rule")
+    traffic(gateway, clock, 5)
+    report = gateway.guardian.tick()
+    assert [v.status for v in report.verdicts["ctr-ranker/1.13"]] == [Status.BREACH, Status.PASS]
+    assert report.incidents == [] and weights(gateway)["1.13"] == 50
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.13", Fault(error_rate=0.5, latency_ms=50), reason="both")
+    traffic(gateway, clock, 5)
+    assert len(gateway.guardian.tick().incidents) == 1 and weights(gateway) == {"1.12": 100}
+    gateway.close()
+
+
+def test_observe_only_records_and_changes_nothing(tmp_path: Path, clock: SimClock) -> None:
+    rules = '{rules: ["error_rate > 2% for 5m min 20"], observe_only: true}'
+    gateway = make(tmp_path, clock, guardrails=rules)
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.13", Fault(error_rate=1.0), reason="dry run drill")
+    traffic(gateway, clock, 10)
+    (incident,) = gateway.guardian.tick().incidents
+    assert incident.observe_only and incident.outcome == "observe-only: would have done rollback"
+    assert weights(gateway) == {"1.12": 90, "1.13": 10}
+    assert "observe-only" in incident.to_markdown()
+    gateway.close()
+
+
+def test_null_rate_spike_on_the_canary(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(
+        tmp_path,
+        clock,
+        guardrails='["feature_null_rate_delta > 1pt for 10m min 100"]',
+        traffic='{"1.12": 50, "1.13": 50}',
+    )
+    traffic(gateway, clock, 5, nan_on="1.13")
+    (incident,) = gateway.guardian.tick().incidents
+    (verdict,) = incident.verdicts
+    assert verdict["detail"] == "feature features[3]" and verdict["observed"] > 0.9
+    assert weights(gateway) == {"1.12": 100}
+    gateway.close()
+
+
+def test_ctr_drop_from_feedback(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(
+        tmp_path, clock, guardrails='["ctr_drop > 5% p < 0.05 for 30m min 500"]', traffic='{"1.12": 50, "1.13": 50}'
+    )
+    rng = np.random.default_rng(3)
+    routes = gateway.router.table.endpoint("ctr-ranker")
+    for second in range(120):
+        for i in range(100):
+            key = f"u{second}-{i}"
+            result = gateway.inference.infer(
+                InferRequest("ctr-ranker", {"features": rng.normal(size=(1, 32)).astype(np.float32)}, routing_key=key)
+            )
+            ctr = 0.10 if routes.choose(key).version == "1.12" else 0.06
+            gateway.feedback.feedback(result.request_id, float(rng.random() < ctr))
+        clock.advance(1)
+        report = gateway.guardian.tick()
+        if report.incidents:
+            break
+    (incident,) = report.incidents
+    (verdict,) = incident.verdicts
+    assert verdict["p_value"] < 0.05 and verdict["observed"] > 0.05
+    assert verdict["values"]["candidate_ctr"] < verdict["values"]["baseline_ctr"]
+    assert weights(gateway) == {"1.12": 100}
+    assert gateway.feedback.feedback("never-served", 1.0).joined is False and gateway.feedback.unknown >= 1
+    gateway.close()
+
+
+def test_rollout_steps_hold_pause_abort_and_survive_restart(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
+    rollouts = gateway.guardian.rollouts
+    rollouts.start(
+        "ci",
+        "ctr-ranker",
+        "1.14",
+        steps=[10, 50, 100],
+        step_seconds=60,
+        rules=["error_rate > 2% for 1m min 50"],
+        reason="ramp",
+    )
+    assert weights(gateway) == {"1.12": 90, "1.14": 10}
+    assert gateway.control.state.endpoint("ctr-ranker").labels["canary"] == "1.14"
+    traffic(gateway, clock, 30, per_second=5)  # too few canary samples: inconclusive holds the step
+    gateway.guardian.tick()
+    traffic(gateway, clock, 40, per_second=5)
+    gateway.guardian.tick()
+    assert weights(gateway) == {"1.12": 90, "1.14": 10}
+    traffic(gateway, clock, 60, per_second=60)
+    gateway.guardian.tick()
+    assert weights(gateway) == {"1.12": 50, "1.14": 50}
+    rollouts.pause("oncall", "ctr-ranker", reason="look at dashboards")
+    traffic(gateway, clock, 90, per_second=20)
+    gateway.guardian.tick()
+    assert weights(gateway) == {"1.12": 50, "1.14": 50}  # paused: no advance
+    gateway.close()
+
+    restarted = make(tmp_path, clock, traffic='{"1.12": 100}')  # same store: the rollout resumes from it
+    state = restarted.guardian.rollouts.require("ctr-ranker")
+    assert (state.status, state.step_index, state.share) == ("paused", 1, 50)
+    assert weights(restarted) == {"1.12": 50, "1.14": 50}
+    restarted.guardian.rollouts.resume("oncall", "ctr-ranker", reason="looks fine")
+    traffic(restarted, clock, 61, per_second=20)
+    restarted.guardian.tick()
+    final = restarted.guardian.rollouts.require("ctr-ranker")
+    assert final.status == "completed"
+    ep = restarted.control.state.endpoint("ctr-ranker")
+    assert dict(ep.weights) == {"1.14": 100} and ep.labels["stable"] == "1.14"
+    restarted.close()
+
+
+def test_rollout_breach_rolls_back_and_fails_it_abort_returns_to_stable(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
+    rollouts = gateway.guardian.rollouts
+    rollouts.start(
+        "ci",
+        "ctr-ranker",
+        "1.13",
+        steps=[20, 100],
+        step_seconds=60,
+        rules=["error_rate > 2% for 1m min 20"],
+        reason="x",
+    )
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.13", Fault(error_rate=0.3), reason="bad build")
+    traffic(gateway, clock, 10)
+    (incident,) = gateway.guardian.tick().incidents
+    assert "rollout of 1.13 marked failed" in incident.outcome
+    assert rollouts.require("ctr-ranker").status == "failed" and weights(gateway) == {"1.12": 100}
+    rollouts.start("ci", "ctr-ranker", "1.14", steps=[20, 100], step_seconds=60, reason="next")
+    rollouts.abort("oncall", "ctr-ranker", reason="changed my mind")
+    assert rollouts.require("ctr-ranker").status == "aborted" and weights(gateway) == {"1.12": 100}
+    gateway.close()
+
+
+def test_pause_action_holds_a_running_rollout(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
+    gateway.guardian.rollouts.start(
+        "ci",
+        "ctr-ranker",
+        "1.13",
+        steps=[50, 100],
+        step_seconds=60,
+        rules=["error_rate > 2% for 1m min 20 action pause"],
+        reason="x",
+    )
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.13", Fault(error_rate=0.3), reason="flaky")
+    traffic(gateway, clock, 5)
+    (incident,) = gateway.guardian.tick().incidents
+    assert incident.action == "pause" and incident.outcome.startswith("paused the rollout of 1.13")
+    assert weights(gateway) == {"1.12": 50, "1.13": 50}
+    gateway.close()
