@@ -11,9 +11,15 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks import control, serving, shadow, telemetry
+from benchmarks import control, guardrails, serving, shadow, telemetry
 
-SUITES = {"serving": serving, "control": control, "telemetry": telemetry, "shadow": shadow}
+SUITES = {
+    "serving": serving,
+    "control": control,
+    "telemetry": telemetry,
+    "shadow": shadow,
+    "guardrails": guardrails,
+}
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from gateway.guardrails.rules import Action, Metric, RuleSet
 from gateway.guardrails.sequential import SequentialDropTest
 from gateway.registry import ModelRegistry
 from gateway.routing import STABLE
-from gateway.telemetry.windows import SeriesKey, WindowStore
+from gateway.telemetry.windows import SeriesKey, WindowStats, WindowStore
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +91,22 @@ class Guardian:
         """Verdicts per candidate (canaries and shadows)."""
         stable = ep.labels.get(STABLE, "")
         out: dict[str, list[Verdict]] = {}
+        cache: dict[tuple[str, int], WindowStats] = {}
+
+        def stats(version: str, window: int) -> WindowStats:
+            key = (version, window)
+            if key not in cache:
+                cache[key] = self._windows.window(SeriesKey(ep.name, version)).stats(window)
+            return cache[key]
+
         canaries = [v for v, w in ep.weights.items() if w > 0 and v != stable]
         for candidate in canaries:
             verdicts = []
             for rule in rules.rules:
                 if rule.metric is Metric.SHADOW_DISAGREEMENT:
                     continue
-                c = self._windows.window(SeriesKey(ep.name, candidate)).stats(rule.window_seconds)
-                b = self._windows.window(SeriesKey(ep.name, stable)).stats(rule.window_seconds) if stable else None
+                c = stats(candidate, rule.window_seconds)
+                b = stats(stable, rule.window_seconds) if stable else None
                 test = self._test(ep.name, candidate, rule.text, ep.weights[candidate])
                 feature_names = self._features(ep.name, candidate)
                 verdicts.append(evaluate(rule, candidate, stable, c, b, feature_names=feature_names, ctr_test=test))
@@ -107,8 +115,7 @@ class Guardian:
         for shadow in ep.shadows if shadow_rules else ():
             out.setdefault(shadow, [])
             for rule in shadow_rules:
-                stats = self._windows.window(SeriesKey(ep.name, shadow)).stats(rule.window_seconds)
-                out[shadow].append(evaluate(rule, shadow, "", stats, None))
+                out[shadow].append(evaluate(rule, shadow, "", stats(shadow, rule.window_seconds), None))
         return out
 
     def tick(self) -> TickReport:

@@ -1,13 +1,12 @@
 """Sliding windows per series: per-second slots in a ring, an injectable clock, bounded memory.
 
-Each slot holds one second of: requests, errors (server-side failures), client errors,
-a latency histogram with logarithmic bins (a quantile estimate within `RELATIVE_ERROR` of
-the true value, like DDSketch), rows seen and NaN counts per input feature, and, for shadow
-comparisons, compared/agreeing counts. Memory is a fixed number of slots of fixed size,
-whatever the traffic: a slot's latency bins are one array of `BINS` 32-bit counters
-(about 1.6 KB), allocated the first time the slot sees a request, so a series costs at most
-`horizon x 1.6 KB` (2.8 MB for the default 30 minutes) and an idle one almost nothing.
-A window query sums the slots of the last N seconds.
+A series counts requests, errors (server-side failures), client errors, a latency histogram
+with logarithmic bins (a quantile estimate within `RELATIVE_ERROR` of the true value, like
+DDSketch), rows and NaN counts per input feature, shadow comparisons (compared / agreeing)
+and business outcomes. Memory is a fixed number of slots of fixed size, whatever the
+traffic: each slot that saw traffic holds one snapshot of the running totals (about 1.8 KB,
+mostly the `BINS` 32-bit latency counters), so a series costs at most `horizon x 1.8 KB`
+(3.2 MB for the default 30 minutes) and an idle one almost nothing.
 """
 
 from __future__ import annotations
@@ -53,43 +52,39 @@ def bin_value(index: int) -> float:
     return 2 * upper / (_GAMMA + 1)
 
 
-class _Slot:
-    __slots__ = (
-        "agree",
-        "client_errors",
-        "compared",
-        "errors",
-        "latency",
-        "nan",
-        "outcome_sum",
-        "outcomes",
-        "requests",
-        "rows",
-        "second",
-    )
+_COUNTERS = ("requests", "errors", "client_errors", "rows", "compared", "agree", "outcomes", "outcome_sum")
+
+
+class _Totals:
+    """Running totals of a series since it started (a snapshot of them marks each second)."""
+
+    __slots__ = ("agree", "client_errors", "compared", "errors", "latency", "nan", "outcome_sum", "outcomes",
+                 "requests", "rows")  # fmt: skip
 
     def __init__(self, features: int) -> None:
-        self.second = -1
-        self.requests = 0
-        self.errors = 0
-        self.client_errors = 0
-        self.rows = 0
-        self.compared = 0
-        self.agree = 0
-        self.outcomes = 0
-        self.outcome_sum = 0.0
-        self.latency: array[int] | None = None
-        self.nan = [0] * features
-
-    def reset(self, second: int) -> None:
-        self.second = second
         self.requests = self.errors = self.client_errors = self.rows = self.compared = self.agree = 0
         self.outcomes = 0
         self.outcome_sum = 0.0
-        if self.latency is not None:
-            self.latency = _EMPTY_BINS[:]
-        for i in range(len(self.nan)):
-            self.nan[i] = 0
+        self.latency = _EMPTY_BINS[:]
+        self.nan = [0] * features
+
+    def copy(self) -> _Totals:
+        other = _Totals.__new__(_Totals)
+        for name in _COUNTERS:
+            setattr(other, name, getattr(self, name))
+        other.latency = self.latency[:]
+        other.nan = self.nan[:]
+        return other
+
+
+class _Slot:
+    """One second of the ring: which second it is and the running totals when it began."""
+
+    __slots__ = ("second", "start")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.start: _Totals | None = None
 
 
 @dataclass(frozen=True)
@@ -138,79 +133,83 @@ class WindowStats:
 
 
 class SlidingWindow:
-    """A ring of one-second slots for one series. Thread-safe; O(1) per record."""
+    """A ring of one-second slots for one series. Thread-safe; O(1) per record and per query.
+
+    The series keeps running totals; the first event of each second snapshots them into that
+    second's slot. A window's totals are the running totals now minus the snapshot at the
+    window's first second, so a 30-minute query costs the same as a 1-second one.
+    """
 
     def __init__(self, horizon_seconds: int, *, features: int = 0, clock: Callable[[], float] = time.time) -> None:
         self.horizon = horizon_seconds
         self.features = features
         self._clock = clock
-        self._slots = [_Slot(features) for _ in range(horizon_seconds)]
+        self._slots = [_Slot() for _ in range(horizon_seconds)]
+        self._totals = _Totals(features)
         self._lock = threading.Lock()
 
-    def _slot(self, now: float) -> _Slot:
+    def _tick(self, now: float) -> _Totals:
         second = int(now)
         slot = self._slots[second % self.horizon]
         if slot.second != second:
-            slot.reset(second)
-        return slot
+            slot.second = second
+            slot.start = self._totals.copy()
+        return self._totals
 
     def record(self, seconds: float, code: str, rows: int = 0, nan_per_feature: Sequence[int] | None = None) -> None:
         """One request: its latency, status code name, batch rows and NaN count per feature."""
         with self._lock:
-            slot = self._slot(self._clock())
-            slot.requests += 1
+            totals = self._tick(self._clock())
+            totals.requests += 1
             if code != "OK":
                 if code in SERVER_ERROR_CODES:
-                    slot.errors += 1
+                    totals.errors += 1
                 else:
-                    slot.client_errors += 1
-            if slot.latency is None:
-                slot.latency = _EMPTY_BINS[:]
-            slot.latency[latency_bin(seconds)] += 1
-            slot.rows += rows
+                    totals.client_errors += 1
+            totals.latency[latency_bin(seconds)] += 1
+            totals.rows += rows
             if nan_per_feature is not None:
-                counts = slot.nan
+                counts = totals.nan
                 for i, count in enumerate(nan_per_feature[: len(counts)]):
                     counts[i] += count
 
     def record_comparison(self, agree: int, decisions: int = 1) -> None:
         """One shadow comparison: of its `decisions` (rows), how many agreed with the primary's."""
         with self._lock:
-            slot = self._slot(self._clock())
-            slot.compared += decisions
-            slot.agree += agree
+            totals = self._tick(self._clock())
+            totals.compared += decisions
+            totals.agree += agree
 
     def record_outcome(self, value: float) -> None:
         """One business outcome (a click is 1, no click 0) joined to a request this series served."""
         with self._lock:
-            slot = self._slot(self._clock())
-            slot.outcomes += 1
-            slot.outcome_sum += value
+            totals = self._tick(self._clock())
+            totals.outcomes += 1
+            totals.outcome_sum += value
+
+    def _start_of(self, first: int, now: int) -> _Totals | None:
+        """The running totals at the beginning of second `first` (None: nothing happened since)."""
+        for second in range(first, now + 1):
+            slot = self._slots[second % self.horizon]
+            if slot.second == second:
+                return slot.start
+        return None
 
     def stats(self, seconds: int) -> WindowStats:
         """Totals over the last `seconds` (at most the horizon), this second included."""
         span = min(seconds, self.horizon)
         with self._lock:
             now = int(self._clock())
-            live = [s for s in self._slots if now - span < s.second <= now]
-            latency = np.zeros(BINS, dtype=np.int64)
-            for slot in live:
-                if slot.latency is not None:
-                    latency += np.frombuffer(slot.latency, dtype=np.uint32)
-            nan = [sum(s.nan[i] for s in live) for i in range(self.features)]
-            return WindowStats(
-                seconds=span,
-                requests=sum(s.requests for s in live),
-                errors=sum(s.errors for s in live),
-                client_errors=sum(s.client_errors for s in live),
-                rows=sum(s.rows for s in live),
-                nan_counts=tuple(nan),
-                compared=sum(s.compared for s in live),
-                agree=sum(s.agree for s in live),
-                latency_bins=latency,
-                outcomes=sum(s.outcomes for s in live),
-                outcome_sum=sum(s.outcome_sum for s in live),
+            start = self._start_of(now - span + 1, now)
+            end = self._totals
+            if start is None:
+                start = end
+            counters = {name: getattr(end, name) - getattr(start, name) for name in _COUNTERS}
+            latency = np.frombuffer(end.latency, dtype=np.uint32).astype(np.int64) - np.frombuffer(
+                start.latency, dtype=np.uint32
             )
+            nan = tuple(e - s for e, s in zip(end.nan, start.nan, strict=True))
+        return WindowStats(seconds=span, nan_counts=nan, latency_bins=latency, **counters)
 
 
 @dataclass(frozen=True, slots=True)
