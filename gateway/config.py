@@ -55,6 +55,16 @@ class GuardrailsConfig(BaseModel):
     observe_only: bool = False
 
 
+class BatchGatesConfig(BaseModel):
+    """Validation gates for batch runs of this endpoint (see `gateway batch validate`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ks_max: float = Field(default=0.1, gt=0, le=1)
+    mean_shift_max: float = Field(default=0.05, gt=0)
+    input_null_rate_max: float | None = Field(default=None, ge=0, le=1)
+
+
 class EndpointConfig(BaseModel):
     """One endpoint in the route file."""
 
@@ -69,6 +79,7 @@ class EndpointConfig(BaseModel):
     shadows: dict[str, int] = Field(default_factory=dict)
     shadow_compare: ShadowCompareConfig = Field(default_factory=ShadowCompareConfig)
     guardrails: GuardrailsConfig | list[str] = Field(default_factory=list)
+    batch_gates: BatchGatesConfig = Field(default_factory=BatchGatesConfig)
 
     @field_validator("versions")
     @classmethod

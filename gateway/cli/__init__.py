@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.cli import admin, gameday, predict, report, rollout, serve
+from gateway.cli import admin, batch, gameday, predict, report, rollout, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.register(commands)
     rollout.register(commands)
     gameday.register(commands)
+    batch.register(commands)
     return parser
 
 

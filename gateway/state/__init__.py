@@ -86,6 +86,9 @@ class StateStore(Protocol):
     def put_record(self, kind: str, key: str, body: str, at: float) -> None:
         """Store (or replace) a JSON record: a rollout's state, an incident."""
 
+    def commit_record(self, kind: str, key: str, body: str, at: float, audit: AuditDraft) -> AuditEntry:
+        """Store a record and its audit entry in one transaction (a batch read pointer moving)."""
+
     def get_record(self, kind: str, key: str) -> str | None:
         """One record's JSON body, or None."""
 

@@ -191,6 +191,23 @@ class SqliteStore:
                 (kind, key, at, body),
             )
 
+    def commit_record(self, kind: str, key: str, body: str, at: float, audit: AuditDraft) -> AuditEntry:
+        """Upsert a record and append its audit entry atomically."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO records (kind, key, at, body) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (kind, key) DO UPDATE SET at = excluded.at, body = excluded.body",
+                    (kind, key, at, body),
+                )
+                entry = self._insert_audit(audit, audit.revision_before)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return entry
+
     def get_record(self, kind: str, key: str) -> str | None:
         """One record's body."""
         with self._lock:

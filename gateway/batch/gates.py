@@ -1,0 +1,131 @@
+"""Validation gates a batch run must pass before the read pointer moves to it."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from gateway.batch.score import MANIFEST
+from gateway.errors import ArtifactError, NotFound
+from gateway.repository import file_sha256
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """Thresholds (the route file's per-endpoint `batch_gates`, or these defaults)."""
+
+    ks_max: float = 0.1
+    mean_shift_max: float = 0.05
+    input_null_rate_max: float | None = None
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One gate: its value against its threshold."""
+
+    name: str
+    value: float | None
+    threshold: float | None
+    passed: bool
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished batch run on disk: its directory and manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: Path) -> Run:
+        """Read a run's manifest (NotFound when the run is missing or unfinished)."""
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise NotFound(f"{path} is not a finished batch run (no {MANIFEST}); a crashed score leaves none")
+        return cls(path, json.loads(manifest_path.read_text()))
+
+    @property
+    def run_id(self) -> str:
+        """The run's id."""
+        return str(self.manifest["run_id"])
+
+    @property
+    def predictions(self) -> Path:
+        """The predictions file."""
+        return self.path / str(self.manifest["output"]["file"])
+
+    def verify(self) -> None:
+        """ArtifactError unless the predictions file matches its manifest digest."""
+        if not self.predictions.is_file():
+            raise ArtifactError(f"{self.predictions} is missing; this run cannot be published or pointed to")
+        actual = file_sha256(self.predictions)
+        if actual != self.manifest["output"]["sha256"]:
+            raise ArtifactError(
+                f"{self.predictions} has sha256 {actual[:12]}, but its manifest records "
+                f"{self.manifest['output']['sha256'][:12]}: the output was changed or corrupted after scoring"
+            )
+
+    def score_column(self) -> np.ndarray:
+        """The model's first output as float64 (nulls as NaN)."""
+        column = pq.read_table(self.predictions, columns=[self.manifest["output"]["score_column"]]).column(0)
+        values: np.ndarray = column.to_numpy(zero_copy_only=False).astype(np.float64)
+        return values
+
+
+def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
+    a, b = np.sort(a[np.isfinite(a)]), np.sort(b[np.isfinite(b)])
+    if not len(a) or not len(b):
+        return math.nan
+    values = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, values, side="right") / len(a)
+    cdf_b = np.searchsorted(b, values, side="right") / len(b)
+    return float(np.max(np.abs(cdf_a - cdf_b)))
+
+
+def evaluate_gates(run: Run, published: Run | None, settings: GateSettings) -> list[Gate]:
+    """Every gate for `run`, compared with the currently published run when there is one."""
+    gates: list[Gate] = []
+    try:
+        run.verify()
+        gates.append(Gate("files_intact", None, None, True, "predictions match the manifest's sha256"))
+    except ArtifactError as err:
+        return [Gate("files_intact", None, None, False, err.message)]
+    input_rows = int(run.manifest["input"]["rows"])
+    output_rows = int(pq.ParquetFile(run.predictions).metadata.num_rows)
+    gates.append(Gate("row_count", output_rows, input_rows, output_rows == input_rows, "output rows = input rows"))
+    scores = run.score_column()
+    nulls = int(np.count_nonzero(~np.isfinite(scores)))
+    gates.append(Gate("no_null_scores", nulls, 0, nulls == 0, "scores that are null or NaN"))
+    if settings.input_null_rate_max is not None:
+        counts = run.manifest.get("input_null_counts", {})
+        worst_name, worst = max(counts.items(), key=lambda kv: kv[1], default=("", 0))
+        rate = worst / input_rows if input_rows else 0.0
+        limit = settings.input_null_rate_max
+        gates.append(Gate("input_null_rate", rate, limit, rate <= limit, f"worst feature {worst_name}"))
+    if published is None:
+        gates.append(Gate("schema", None, None, True, "nothing published yet: no comparison"))
+        return gates
+    same = run.manifest["output"]["schema"] == published.manifest["output"]["schema"]
+    gates.append(
+        Gate("schema", None, None, same, f"same as {published.run_id}" if same else f"differs from {published.run_id}")
+    )
+    reference = published.score_column()
+    ks = ks_statistic(scores, reference)
+    gates.append(Gate("ks_statistic", ks, settings.ks_max, ks < settings.ks_max, f"scores vs {published.run_id}"))
+    shift = abs(float(np.nanmean(scores)) - float(np.nanmean(reference)))
+    gates.append(
+        Gate("mean_shift", shift, settings.mean_shift_max, shift < settings.mean_shift_max, f"vs {published.run_id}")
+    )
+    return gates
