@@ -117,6 +117,14 @@ def evaluate_gates(run: Run, published: Run | None, settings: GateSettings) -> l
     if published is None:
         gates.append(Gate("schema", None, None, True, "nothing published yet: no comparison"))
         return gates
+    try:
+        published.verify()
+    except ArtifactError as err:
+        # The run consumers read is damaged: there is nothing sound to compare with, and a good
+        # new run is exactly what is needed, so the comparison gates step aside (and say why).
+        gates.append(Gate("schema", None, None, True, f"no comparison: published {published.run_id} is damaged"))
+        gates.append(Gate("published_intact", None, None, True, err.message))
+        return gates
     same = run.manifest["output"]["schema"] == published.manifest["output"]["schema"]
     gates.append(
         Gate("schema", None, None, same, f"same as {published.run_id}" if same else f"differs from {published.run_id}")
