@@ -11,7 +11,7 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks import control, guardrails, serving, shadow, telemetry
+from benchmarks import batch, control, guardrails, serving, shadow, telemetry
 
 SUITES = {
     "serving": serving,
@@ -19,6 +19,7 @@ SUITES = {
     "telemetry": telemetry,
     "shadow": shadow,
     "guardrails": guardrails,
+    "batch": batch,
 }
 
 

@@ -181,7 +181,7 @@ def test_a_corrupted_run_cannot_be_published_or_pointed_to(env) -> None:  # type
 @pytest.mark.slow
 def test_a_crash_mid_score_leaves_no_run_and_the_pointer_where_it_was(tmp_path: Path) -> None:
     data = tmp_path / "big.parquet"
-    pq.write_table(table(400_000, seed=4), data)
+    pq.write_table(table(1_000_000, seed=4), data)
     store = f"sqlite:///{tmp_path / 'state.db'}"
     base = [sys.executable, "-m", "gateway.cli", "batch"]
     common = ["--store", store, "--output-root", str(tmp_path / "out"), "--config", str(MODELS / "gateway.yaml"),
@@ -201,7 +201,7 @@ def test_a_crash_mid_score_leaves_no_run_and_the_pointer_where_it_was(tmp_path: 
     )
     assert published.returncode == 0, published.stderr
     process = subprocess.Popen(
-        [*base, "score", "ctr-ranker", "--version", "1.13", "--input", str(data), "--run-id", "crashed", "--chunk-rows", "2000", *common],
+        [*base, "score", "ctr-ranker", "--version", "1.13", "--input", str(data), "--run-id", "crashed", "--chunk-rows", "500", *common],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
     )  # fmt: skip
     partial = tmp_path / "out" / "ctr-ranker" / ".crashed.partial" / "predictions.parquet"

@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ class ScoreResult:
 
 def _batches(path: Path, chunk_rows: int) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     if path.suffix.lower() in (".parquet", ".pq"):
-        handle = pq.ParquetFile(path)
+        # pre_buffer would read the whole file ahead: memory would follow the file, not the chunk.
+        handle = pq.ParquetFile(path, pre_buffer=False)
         return handle.schema_arrow, handle.iter_batches(batch_size=chunk_rows)
     if path.suffix.lower() in (".csv", ".txt"):
         reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=max(1 << 20, chunk_rows * 400)))
@@ -90,6 +92,18 @@ class ColumnMapper:
                 f"use --columns, or a list column named {input_name!r}"
             )
         self.width = width
+
+    def null_counts(self, batch: pa.RecordBatch) -> np.ndarray:
+        """Missing (null) input values per feature in this batch, from Arrow's null bitmaps (no scan)."""
+        if self.list_column:
+            column = batch.column(self.columns[0])
+            flat = column.flatten()
+            if not flat.null_count:
+                return np.zeros(self.width, dtype=np.int64)
+            mask = flat.is_null().to_numpy(zero_copy_only=False).reshape(len(column), self.width)
+            counts: np.ndarray = mask.sum(axis=0)
+            return counts
+        return np.array([batch.column(c).null_count for c in self.columns], dtype=np.int64)
 
     def array(self, batch: pa.RecordBatch) -> np.ndarray:
         """[rows, width] float32 (nulls become NaN)."""
@@ -206,16 +220,26 @@ def score(
     if missing:
         raise InvalidInput(f"--keep-columns {missing} are not in the input; columns: {', '.join(schema.names)}")
     bar = Progress(_row_count(request.input_path), request.progress)
-    scored = _write(
-        partial / PREDICTIONS, batches, mapper, model=model, keep=request.keep_columns, bar=bar, after_chunk=after_chunk
-    )
+    # Hash the input beside the scoring (hashlib releases the GIL): the digest is ready when scoring ends.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="input-sha256") as hasher:
+        input_digest = hasher.submit(file_sha256, request.input_path)
+        scored = _write(
+            partial / PREDICTIONS,
+            batches,
+            mapper,
+            model=model,
+            keep=request.keep_columns,
+            bar=bar,
+            after_chunk=after_chunk,
+        )
+        input_sha256 = input_digest.result()
     manifest = {
         "endpoint": request.endpoint,
         "run_id": run_id,
         "model": {"version": request.version, "path": request.artifact.path, "sha256": request.artifact.sha256},
         "input": {
             "path": str(request.input_path.resolve()),
-            "sha256": file_sha256(request.input_path),
+            "sha256": input_sha256,
             "rows": scored.rows,
         },
         "input_columns": mapper.columns,
@@ -261,11 +285,12 @@ def _write(
             if len(batch) == 0:
                 continue
             features = mapper.array(batch)
-            null_inputs += np.isnan(features).sum(axis=0)
+            null_inputs += mapper.null_counts(batch)
             outputs = model.run({mapper.input_name: features})
             table = _output_table(batch, keep, model.output_names, outputs)
             if writer is None:
-                writer = pq.ParquetWriter(path, table.schema)
+                # Scores and ids are nearly all distinct: dictionary encoding would only cost time.
+                writer = pq.ParquetWriter(path, table.schema, use_dictionary=False)
             writer.write_table(table)
             parts.append(outputs[0].reshape(len(features), -1)[:, 0].astype(np.float32))
             rows += len(features)
