@@ -160,3 +160,47 @@ def predict_request(
 def scores(response: gw.PredictResponse) -> np.ndarray:
     out = response.outputs[0]
     return np.frombuffer(out.data, dtype="<f4").reshape(out.shape)
+
+
+class GatewayProcess:
+    """`gateway serve` as users run it: a real process on free ports, with the demo route file."""
+
+    def __init__(self, store: Path, *extra: str) -> None:
+        import os
+        import re
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "serve", "--config", str(DEMO_CONFIG),
+                "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--store", f"sqlite:///{store}",
+                "--shadow-log-dir", "", *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "GATEWAY_ADMIN_TOKENS": f"oncall={ONCALL_TOKEN}"},
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        self.ready_line = self.process.stdout.readline()
+        match = re.search(r"inference on (\S+), admin on (\S+) ", self.ready_line)
+        if match is None:
+            stderr = self.process.stderr.read() if self.process.stderr and self.process.poll() is not None else ""
+            raise AssertionError(f"gateway did not start: {self.ready_line!r} {stderr[-2000:]}")
+        self.target, self.admin_target = match.group(1), match.group(2)
+
+    def stop(self) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        import signal
+
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=15)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash."""
+        import signal
+
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=15)

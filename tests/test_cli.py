@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DEMO_CONFIG, ROOT, config_text
+from tests.helpers import ROOT, GatewayProcess, config_text
 
 GATEWAY = [sys.executable, "-m", "gateway.cli"]
 ROW = json.dumps([0.1] * 32)
@@ -21,30 +20,10 @@ ROW = json.dumps([0.1] * 32)
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    store = tmp_path_factory.mktemp("store") / "gateway.db"
-    process = subprocess.Popen(
-        [
-            *GATEWAY,
-            "serve",
-            "--config",
-            str(DEMO_CONFIG),
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            f"sqlite:///{store}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = re.search(r"gateway ready: inference on (127\.0\.0\.1:\d+)", line)
-    assert match, (line, process.stderr.read() if process.poll() is not None else "")
-    yield match.group(1)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=15) == 0
+    gateway = GatewayProcess(tmp_path_factory.mktemp("store") / "gateway.db")
+    assert gateway.ready_line.startswith(f"gateway ready: inference on {gateway.target}")
+    yield gateway.target
+    assert gateway.stop() == 0
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DEMO_CONFIG, ONCALL_TOKEN, ROOT
+from tests.helpers import ONCALL_TOKEN, ROOT, GatewayProcess
 
 GATEWAY = [sys.executable, "-m", "gateway.cli"]
 ROW = json.dumps([0.1] * 32)
@@ -21,37 +20,13 @@ ROW = json.dumps([0.1] * 32)
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    store = tmp_path_factory.mktemp("admin-cli") / "gateway.db"
-    process = subprocess.Popen(
-        [
-            *GATEWAY,
-            "serve",
-            "--config",
-            str(DEMO_CONFIG),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--store",
-            f"sqlite:///{store}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "GATEWAY_ADMIN_TOKENS": f"oncall={ONCALL_TOKEN}"},
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = re.search(r"inference on (\S+), admin on (\S+) ", line)
-    assert match, line
+    gateway = GatewayProcess(tmp_path_factory.mktemp("admin-cli") / "gateway.db")
     yield {
-        "GATEWAY_ADMIN_TARGET": match.group(2),
+        "GATEWAY_ADMIN_TARGET": gateway.admin_target,
         "GATEWAY_ADMIN_TOKEN": ONCALL_TOKEN,
-        "INFERENCE": match.group(1),
+        "INFERENCE": gateway.target,
     }
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=15) == 0
+    assert gateway.stop() == 0
 
 
 def gateway(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,43 +14,14 @@ from gateway.desired import DesiredState, diff
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
 from gateway.state.sqlite import SqliteStore
-from tests.helpers import DEMO_CONFIG, ONCALL_TOKEN, ROOT, bearer
-
-
-def start(db: Path) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--config",
-            str(DEMO_CONFIG),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--store",
-            f"sqlite:///{db}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "GATEWAY_ADMIN_TOKENS": f"oncall={ONCALL_TOKEN}"},
-    )
-    assert process.stdout is not None
-    match = re.search(r"admin on (127\.0\.0\.1:\d+)", process.stdout.readline())
-    assert match, "gateway did not start"
-    return process, match.group(1)
+from tests.helpers import GatewayProcess, bearer
 
 
 @pytest.mark.slow
 def test_sigkill_mid_changes_keeps_whole_revisions_with_their_audit(tmp_path: Path) -> None:
     db = tmp_path / "state.db"
-    process, admin = start(db)
+    gateway = GatewayProcess(db)
+    admin = gateway.admin_target
     acknowledged: list[int] = []
     stop = threading.Event()
 
@@ -77,19 +43,17 @@ def test_sigkill_mid_changes_keeps_whole_revisions_with_their_audit(tmp_path: Pa
     thread = threading.Thread(target=writer)
     thread.start()
     time.sleep(1.5)
-    process.send_signal(signal.SIGKILL)
-    process.wait(10)
+    gateway.kill()
     stop.set()
     thread.join(10)
     assert len(acknowledged) > 5, "the writer made too few changes before the kill"
 
-    process, admin = start(db)
+    restarted = GatewayProcess(db)
     try:
-        with grpc.insecure_channel(admin) as channel:
+        with grpc.insecure_channel(restarted.admin_target) as channel:
             routes = pb_grpc.AdminStub(channel).GetRoutes(pb.GetRoutesRequest(), metadata=bearer(), timeout=10)
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(15)
+        restarted.stop()
     # Durable: every acknowledged change survived; at most the one in flight was lost or kept whole.
     assert max(acknowledged) <= routes.revision <= max(acknowledged) + 1
 
