@@ -20,14 +20,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import edits
 from gateway.config import parse_config
-from gateway.desired import Change, DesiredState, EndpointState, diff, endpoint_from_config
+from gateway.desired import Change, DesiredState, diff, endpoint_from_config
 from gateway.errors import FailedPrecondition, GatewayError, InvalidInput, NotFound
 from gateway.faults import Fault
 from gateway.guardrails.rules import RuleSet
 from gateway.registry import ModelRegistry, VersionState
 from gateway.repository import Artifact
-from gateway.routing import CANARY, STABLE, VERSION_NAME, Router, RouteTable
+from gateway.routing import VERSION_NAME, Router, RouteTable
 from gateway.state import AuditDraft, AuditEntry, Revision, StateStore
 
 log = logging.getLogger(__name__)
@@ -228,14 +229,9 @@ class ControlPlane:
 
         `labels`, when given, are set in the same revision (a rollout's step names its canary).
         """
-
-        def change(ep: EndpointState) -> EndpointState:
-            for version in weights:
-                ep.require_version(version)
-            return ep.with_(weights=dict(weights), labels={**ep.labels, **(labels or {})})
-
         detail = {"weights": dict(weights)}
-        return self._change(Intent(actor, "set-traffic", endpoint, reason, dry_run, detail, trigger), change)
+        intent = Intent(actor, "set-traffic", endpoint, reason, dry_run, detail, trigger)
+        return self._change(intent, edits.set_weights(weights, labels))
 
     def note(self, intent: Intent) -> AuditEntry:
         """Record an event that changes no route (a rollout started, paused, aborted) in the audit log."""
@@ -246,38 +242,15 @@ class ControlPlane:
         self, actor: str, endpoint: str, label: str, version: str, *, reason: str, dry_run: bool = False
     ) -> ChangeResult:
         """Point a label at a version; an empty version removes the label."""
-
-        def change(ep: EndpointState) -> EndpointState:
-            labels = dict(ep.labels)
-            if version:
-                ep.require_version(version)
-                labels[label] = version
-            elif labels.pop(label, None) is None:
-                ep.label_of(label)  # raises NotFound listing the labels
-            return ep.with_(labels=labels)
-
-        return self._change(
-            Intent(actor, "label", endpoint, reason, dry_run, {"label": label, "version": version}), change
-        )
+        intent = Intent(actor, "label", endpoint, reason, dry_run, {"label": label, "version": version})
+        return self._change(intent, edits.set_label(label, version))
 
     def set_shadow(
         self, actor: str, endpoint: str, version: str, percent: int, *, reason: str, dry_run: bool = False
     ) -> ChangeResult:
         """Mirror `percent` of the endpoint's live requests to `version` (0 turns the shadow off)."""
-
-        def change(ep: EndpointState) -> EndpointState:
-            ep.require_version(version)
-            shadows = dict(ep.shadows)
-            if percent:
-                shadows[version] = percent
-            elif shadows.pop(version, None) is None:
-                raise NotFound(f"{endpoint} {version} is not a shadow; shadows: {', '.join(ep.shadows) or '(none)'}")
-            return ep.with_(shadows=shadows)
-
-        return self._change(
-            Intent(actor, "shadow", endpoint, reason, dry_run, {"version": version, "percent": percent}),
-            change,
-        )
+        intent = Intent(actor, "shadow", endpoint, reason, dry_run, {"version": version, "percent": percent})
+        return self._change(intent, edits.set_shadow(version, percent))
 
     def set_guardrails(
         self,
@@ -294,8 +267,7 @@ class ControlPlane:
         rule_set = RuleSet.parse(rules, at_least if rules else 1, observe_only)
         detail = {"rules": rules, "at_least": at_least, "observe_only": observe_only}
         return self._change(
-            Intent(actor, "guardrails", endpoint, reason, dry_run, detail),
-            lambda ep: ep.with_(guardrails=rule_set),
+            Intent(actor, "guardrails", endpoint, reason, dry_run, detail), edits.set_guardrails(rule_set)
         )
 
     def set_fault(
@@ -309,31 +281,14 @@ class ControlPlane:
         dry_run: bool = False,
     ) -> ChangeResult:
         """Inject (or with None, clear) errors and latency on a version, for drills."""
-
-        def change(ep: EndpointState) -> EndpointState:
-            ep.require_version(version)
-            faults = dict(ep.faults)
-            if fault is None or (not fault.error_rate and not fault.latency_ms):
-                faults.pop(version, None)
-            else:
-                faults[version] = fault
-            return ep.with_(faults=faults)
-
         detail = {"version": version, **(fault.to_dict() if fault else {"cleared": True})}
-        return self._change(Intent(actor, "fault", endpoint, reason, dry_run, detail), change)
+        return self._change(Intent(actor, "fault", endpoint, reason, dry_run, detail), edits.set_fault(version, fault))
 
     def promote(
         self, actor: str, endpoint: str, *, reason: str, dry_run: bool = False, trigger: str = "manual"
     ) -> ChangeResult:
         """The canary becomes stable and takes 100%; the canary label is cleared."""
-
-        def change(ep: EndpointState) -> EndpointState:
-            canary = ep.label_of(CANARY)
-            labels = {k: v for k, v in ep.labels.items() if k != CANARY}
-            labels[STABLE] = canary
-            return ep.with_(weights={canary: 100}, labels=labels)
-
-        return self._change(Intent(actor, "promote", endpoint, reason, dry_run, trigger=trigger), change)
+        return self._change(Intent(actor, "promote", endpoint, reason, dry_run, trigger=trigger), edits.promote)
 
     def switch(self, actor: str, endpoint: str, version: str, *, reason: str, dry_run: bool = False) -> ChangeResult:
         """Blue-green: 100% to `version` in one revision, after a readiness check and a warm-up run.
@@ -345,11 +300,8 @@ class ControlPlane:
         self._require_ready(endpoint, version)
         if not dry_run:
             self.registry.runnable(endpoint, version).warm_up()
-
-        def change(ep: EndpointState) -> EndpointState:
-            return ep.with_(weights={version: 100}, labels={**ep.labels, CANARY: version})
-
-        return self._change(Intent(actor, "switch", endpoint, reason, dry_run, {"version": version}), change)
+        intent = Intent(actor, "switch", endpoint, reason, dry_run, {"version": version})
+        return self._change(intent, edits.switch_to(version))
 
     def rollback(
         self,
@@ -365,38 +317,16 @@ class ControlPlane:
         """All traffic to `stable` (default), to a named version, or the endpoint as it was at a revision."""
         if to_version and to_revision:
             raise InvalidInput("give either a version or a revision to roll back to, not both")
-        if to_revision:
-            if to_revision >= self._revision:
-                raise InvalidInput(f"revision {to_revision} is not earlier than the current revision {self._revision}")
-            past = DesiredState.from_json(self.store.get_revision(to_revision).document)
-            target = past.endpoints.get(endpoint)
-            if target is None:
-                raise NotFound(f"{endpoint} did not exist at revision {to_revision}")
-
-            def restore(ep: EndpointState) -> EndpointState:
-                for version in target.weights:
-                    if version not in ep.artifacts:
-                        raise FailedPrecondition(
-                            f"revision {to_revision} sends traffic to {endpoint} {version}, "
-                            "which is no longer "
-                            "loaded; load it again first"
-                        )
-                labels = {k: v for k, v in target.labels.items() if v in ep.artifacts}
-                return ep.with_(weights=dict(target.weights), labels=labels)
-
-            return self._change(
-                Intent(actor, "rollback", endpoint, reason, dry_run, {"to_revision": to_revision}, trigger),
-                restore,
-            )
-
-        def to_one(ep: EndpointState) -> EndpointState:
-            version = to_version or ep.label_of(STABLE)
-            ep.require_version(version)
-            return ep.with_(weights={version: 100})
-
-        return self._change(
-            Intent(actor, "rollback", endpoint, reason, dry_run, {"to_version": to_version}, trigger), to_one
-        )
+        if not to_revision:
+            intent = Intent(actor, "rollback", endpoint, reason, dry_run, {"to_version": to_version}, trigger)
+            return self._change(intent, edits.all_traffic_to(to_version))
+        if to_revision >= self._revision:
+            raise InvalidInput(f"revision {to_revision} is not earlier than the current revision {self._revision}")
+        past = DesiredState.from_json(self.store.get_revision(to_revision).document).endpoints.get(endpoint)
+        if past is None:
+            raise NotFound(f"{endpoint} did not exist at revision {to_revision}")
+        intent = Intent(actor, "rollback", endpoint, reason, dry_run, {"to_revision": to_revision}, trigger)
+        return self._change(intent, edits.restore(past, to_revision))
 
     def load_version(
         self,
@@ -426,17 +356,9 @@ class ControlPlane:
             except GatewayError:
                 self.registry.unload(endpoint, version)  # a refused artifact is not registered
                 raise
-
-        def add(ep: EndpointState) -> EndpointState:
-            if version in ep.artifacts:
-                raise FailedPrecondition(f"{endpoint} {version} was registered meanwhile")
-            return ep.with_(artifacts={**ep.artifacts, version: artifact})
-
+        intent = Intent(actor, "load", endpoint, reason, dry_run, {"version": version, "path": artifact.path})
         try:
-            return self._change(
-                Intent(actor, "load", endpoint, reason, dry_run, {"version": version, "path": artifact.path}),
-                add,
-            )
+            return self._change(intent, edits.add_version(artifact))
         except GatewayError:
             if not dry_run:
                 self.registry.unload(endpoint, version)
@@ -446,25 +368,8 @@ class ControlPlane:
         self, actor: str, endpoint: str, version: str, *, reason: str, dry_run: bool = False
     ) -> ChangeResult:
         """Forget a version that takes no traffic and no label points at."""
-
-        def remove(ep: EndpointState) -> EndpointState:
-            ep.require_version(version)
-            if ep.weights.get(version, 0):
-                raise FailedPrecondition(
-                    f"{endpoint} {version} takes {ep.weights[version]}% of traffic; move its traffic first"
-                )
-            if ep.shadows.get(version, 0):
-                raise FailedPrecondition(
-                    f"{endpoint} {version} is a shadow ({ep.shadows[version]}% of requests); turn the shadow off first"
-                )
-            labels = sorted(k for k, v in ep.labels.items() if v == version)
-            if labels:
-                raise FailedPrecondition(
-                    f"{endpoint} {version} is the target of label {', '.join(labels)}; point the label elsewhere first"
-                )
-            return ep.with_(artifacts={v: a for v, a in ep.artifacts.items() if v != version})
-
-        result = self._change(Intent(actor, "unload", endpoint, reason, dry_run, {"version": version}), remove)
+        intent = Intent(actor, "unload", endpoint, reason, dry_run, {"version": version})
+        result = self._change(intent, edits.remove_version(version))
         if not dry_run and result.changes:
             self.registry.unload(endpoint, version)
         return result
@@ -535,11 +440,11 @@ class ControlPlane:
                 f"{endpoint} {version} is {snapshot.state.value}, not ready; it cannot take traffic{detail}"
             )
 
-    def _change(self, intent: Intent, change: Callable[[EndpointState], EndpointState]) -> ChangeResult:
+    def _change(self, intent: Intent, edit: edits.Edit) -> ChangeResult:
         self._check_reason(intent.reason)
         with self._lock:
             current = self._state
-            return self._commit(intent, current, current.update(intent.endpoint, change))
+            return self._commit(intent, current, current.update(intent.endpoint, edit))
 
     def _commit(
         self,
