@@ -64,7 +64,9 @@ class Gateway:
         self.registry = ModelRegistry(self.repository)
         self.router = Router(RouteTable(0, {}))
         self.faults = FaultInjector()
-        self.shadow = ShadowRunner(self.registry, self.telemetry, self.faults, shadow_settings)
+        self.shadow = ShadowRunner(
+            self.registry, self.telemetry, self.faults, shadow_settings, compare=self._compare_settings
+        )
         self.control = ControlPlane(store, self.registry, self.router)
         self.feedback = FeedbackJoin(self.telemetry.windows, clock=clock)
         self.guardian = Guardian(
@@ -81,7 +83,6 @@ class Gateway:
             self.router,
             self.telemetry,
             shadow=self.shadow,
-            compare=self._compare_settings,
             faults=self.faults,
             feedback=self.feedback,
         )

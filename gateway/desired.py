@@ -18,7 +18,7 @@ from gateway.errors import InvalidInput, NotFound
 from gateway.faults import Fault
 from gateway.guardrails.rules import RuleSet
 from gateway.repository import Artifact, ModelRepository
-from gateway.routing import EndpointRoutes, RouteTable, version_sort_key
+from gateway.routing import EndpointRoutes, RouteTable, unknown_label, unknown_version, version_sort_key
 from gateway.shadow.compare import CompareSettings
 
 FORMAT = 1
@@ -71,14 +71,13 @@ class EndpointState:
     def require_version(self, version: str) -> None:
         """NotFound listing the versions when `version` is not one of them."""
         if version not in self.artifacts:
-            raise NotFound(f"{self.name} has no version {version!r}; versions: {', '.join(self.versions) or '(none)'}")
+            raise unknown_version(self.name, version, self.versions)
 
     def label_of(self, label: str) -> str:
         """The version a label points at, or NotFound listing the labels."""
         target = self.labels.get(label)
         if target is None:
-            valid = ", ".join(f"{k} -> {v}" for k, v in sorted(self.labels.items())) or "(none)"
-            raise NotFound(f"{self.name} has no label {label!r}; labels: {valid}")
+            raise unknown_label(self.name, label, self.labels)
         return target
 
     def with_(self, **changes: Any) -> EndpointState:

@@ -16,7 +16,7 @@ from gateway.errors import FailedPrecondition, NotFound
 from gateway.faults import Fault
 from gateway.guardrails.rules import RuleSet
 from gateway.repository import Artifact
-from gateway.routing import CANARY, STABLE
+from gateway.routing import CANARY, STABLE, labels_on
 
 Edit = Callable[[EndpointState], EndpointState]
 
@@ -146,7 +146,7 @@ def remove_version(version: str) -> Edit:
             raise FailedPrecondition(
                 f"{ep.name} {version} is a shadow ({ep.shadows[version]}% of requests); turn the shadow off first"
             )
-        labels = sorted(k for k, v in ep.labels.items() if v == version)
+        labels = labels_on(version, ep.labels)
         if labels:
             raise FailedPrecondition(
                 f"{ep.name} {version} is the target of label {', '.join(labels)}; point the label elsewhere first"

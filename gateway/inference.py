@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -24,9 +24,8 @@ from gateway.errors import GatewayError, InvalidInput, NotFound, TooLarge
 from gateway.faults import FaultInjector
 from gateway.guardrails.feedback import FeedbackJoin
 from gateway.registry import ModelRegistry
-from gateway.routing import EndpointRoutes, ModelRef, RouteDecision, Router, RouteTable, RoutingReason
+from gateway.routing import STABLE, EndpointRoutes, ModelRef, RouteDecision, Router, RouteTable, RoutingReason
 from gateway.runtime import OnnxModel
-from gateway.shadow.compare import CompareSettings
 from gateway.shadow.runner import ShadowJob, ShadowRunner
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.tracing import SpanRecord
@@ -195,7 +194,6 @@ class InferenceService:
         telemetry: Telemetry | None = None,
         *,
         shadow: ShadowRunner | None = None,
-        compare: Callable[[str], CompareSettings] | None = None,
         faults: FaultInjector | None = None,
         feedback: FeedbackJoin | None = None,
     ) -> None:
@@ -203,7 +201,6 @@ class InferenceService:
         self._router = router
         self._telemetry = telemetry or Telemetry()
         self._shadow = shadow
-        self._compare = compare or (lambda _endpoint: CompareSettings())
         self._faults = faults or FaultInjector()
         self._feedback = feedback
         # Request ids: 16 hex digits random per process + a 16-digit counter. No syscall per
@@ -232,7 +229,10 @@ class InferenceService:
         rows: int = 0
         nan: list[int] | None = None
         features: tuple[str, ...] = ()
-        fault = self._faults.get(routes.name, decision.version) if self._faults.faults else None
+        fault = self._faults.get(routes.name, decision.version)
+        # Requests that named their version are measured apart from the weighted traffic guardrails judge.
+        pinned = decision.reason is RoutingReason.PINNED or decision.reason is RoutingReason.LABEL
+        series = self._series(routes.name, decision.version, pinned)
         try:
             if fault is not None:
                 if span is not None:
@@ -258,15 +258,14 @@ class InferenceService:
                 wanted = model.output_names
             arrays = model.run(request.inputs, wanted)
         except GatewayError as err:
-            self._measure(routes, decision, err.code.name, started, rows, nan, features, span)
+            self._measure(series, decision.arm, err.code.name, started, rows, nan, features, span)
             raise
         except Exception:
-            self._measure(routes, decision, "INTERNAL", started, rows, nan, features, span)
+            self._measure(series, decision.arm, "INTERNAL", started, rows, nan, features, span)
             raise
-        seconds = self._measure(routes, decision, "OK", started, rows, nan, features, span)
+        seconds = self._measure(series, decision.arm, "OK", started, rows, nan, features, span)
         if self._feedback is not None:
-            pinned = decision.reason is RoutingReason.PINNED or decision.reason is RoutingReason.LABEL
-            self._feedback.served(request_id, self._series(routes.name, decision.version, pinned), decision.arm)
+            self._feedback.served(request_id, series, decision.arm)
         outputs = dict(zip(wanted, arrays, strict=True))
         if routes.mirror and self._shadow is not None and decision.reason in _MIRRORED:
             self._mirror(routes, decision, request, request_id, outputs, seconds, span)
@@ -305,15 +304,14 @@ class InferenceService:
                         inputs=request.inputs,
                         primary_outputs=outputs,
                         primary_seconds=seconds,
-                        compare=self._compare(routes.name),
                         span=span,
                     )
                 )
 
     def _measure(  # noqa: PLR0917 - per request: positional is cheaper
         self,
-        routes: EndpointRoutes,
-        decision: RouteDecision,
+        series: SeriesKey,
+        arm: str,
         code: str,
         started: float,
         rows: int,
@@ -321,17 +319,8 @@ class InferenceService:
         features: tuple[str, ...],
         span: SpanRecord | None,
     ) -> float:
-        pinned = decision.reason is RoutingReason.PINNED or decision.reason is RoutingReason.LABEL
         seconds = time.perf_counter() - started
-        self._telemetry.record(
-            self._series(routes.name, decision.version, pinned),
-            decision.arm,
-            code,
-            seconds,
-            rows,
-            nan,
-            features,
-        )
+        self._telemetry.record(series, arm, code, seconds, rows, nan, features)
         if span is not None:
             span.attributes["gateway.batch_size"] = rows
         return seconds
@@ -385,14 +374,11 @@ class InferenceService:
 
     @staticmethod
     def _resolve_version(routes: EndpointRoutes, version: str) -> str:
+        """A named version or label (NotFound listing the versions), else stable or the heaviest-weighted."""
         if version:
-            if version in routes.versions:
-                return version
-            if version in routes.labels:
-                return routes.labels[version]
-            routes.pin(version)  # raises NotFound listing the versions
-        if "stable" in routes.labels:
-            return routes.labels["stable"]
+            return routes.resolve(ModelRef(routes.name, version=version), "").version
+        if STABLE in routes.labels:
+            return routes.labels[STABLE]
         return max(routes.weights, key=lambda v: routes.weights[v])
 
     @staticmethod

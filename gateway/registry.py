@@ -163,10 +163,6 @@ class ModelRegistry:
         """Every version of an endpoint, in load order."""
         return [v for (e, _), v in list(self._versions.items()) if e == endpoint]
 
-    def all(self) -> list[ModelVersion]:
-        """Every known version."""
-        return list(self._versions.values())
-
     def is_ready(self, endpoint: str, version: str) -> bool:
         """Whether a version can serve now."""
         return (endpoint, version) in self._ready

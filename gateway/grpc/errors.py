@@ -8,7 +8,6 @@ with a generic message and an id that points at the logged traceback.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -17,7 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from gateway.errors import ErrorCode, GatewayError
 from gateway.telemetry.tracing import SpanRecord, SpanRecorder
@@ -110,33 +109,16 @@ Authenticate = Callable[[Any], str]
 def guard(
     method: str,
     behavior: Behavior,
-    authenticate: Authenticate | None = None,
     spans: SpanRecorder | None = None,
     stamp: Stamp | None = None,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-    """Wrap one unary behavior (sync or async) with the error mapping (and authentication, or a span).
+    """Wrap one sync unary behavior with the error mapping (and a span, given `spans` and `stamp`).
 
-    A sync behavior (pure CPU work, like Predict) runs inside the one coroutine gRPC needs
+    The behavior (pure CPU work, like Predict) runs inside the one coroutine gRPC needs
     anyway, so the mapping costs no extra frame per call.
     """
-    if spans is not None and stamp is not None and not inspect.iscoroutinefunction(behavior):
+    if spans is not None and stamp is not None:
         return _traced(method, behavior, spans, stamp)
-    if inspect.iscoroutinefunction(behavior) or authenticate is not None:
-
-        async def guarded_async(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                if authenticate is not None:
-                    ACTOR.set(authenticate(context))
-                result = behavior(request, context)
-                return await result if inspect.isawaitable(result) else result
-            except GatewayError as err:
-                await context.abort(STATUS[err.code], err.message)
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                await context.abort(*_abort_internal(method))
-
-        return guarded_async
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -168,36 +150,33 @@ def guard_sync(method: str, behavior: Behavior, authenticate: Authenticate | Non
     return guarded
 
 
+def _path(method: MethodDescriptor) -> str:
+    """The RPC's path as gRPC names it: `/package.Service/Method`."""
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
 def guard_servicer(
     servicer: object,
     service: ServiceDescriptor,
-    authenticate: Authenticate | None = None,
     *,
-    threaded: bool = False,
     spans: SpanRecorder | None = None,
     traced: Mapping[str, Stamp] | None = None,
 ) -> Any:
-    """A stand-in for `servicer` whose every RPC of `service` is wrapped by `guard`.
+    """A stand-in for `servicer` whose every RPC of `service` is wrapped by `guard` (aio server).
 
     Applied once at registration instead of as a server interceptor: an aio interceptor
-    costs an extra coroutine per call on the hot path, for the same mapping. With
-    `authenticate`, every RPC checks credentials first, so no RPC can forget to. `threaded`
-    selects the wrapper for a thread-pool server. With `spans`, the RPCs named in `traced`
-    get a span each; their value puts the trace id into a successful response.
+    costs an extra coroutine per call on the hot path, for the same mapping. With `spans`,
+    the RPCs named in `traced` get a span each; their value puts the trace id into a
+    successful response.
     """
-    if threaded:
-        return SimpleNamespace(
-            **{m.name: guard_sync(m.full_name, getattr(servicer, m.name), authenticate) for m in service.methods}
-        )
+    stamps = traced or {}
     return SimpleNamespace(
-        **{
-            m.name: guard(
-                f"/{m.full_name.rpartition('.')[0]}/{m.name}",
-                getattr(servicer, m.name),
-                authenticate,
-                spans,
-                (traced or {}).get(m.name),
-            )
-            for m in service.methods
-        }
+        **{m.name: guard(_path(m), getattr(servicer, m.name), spans, stamps.get(m.name)) for m in service.methods}
+    )
+
+
+def guard_threaded_servicer(servicer: object, service: ServiceDescriptor, authenticate: Authenticate) -> Any:
+    """`guard_servicer` for a thread-pool server: every RPC checks credentials first, so none can forget to."""
+    return SimpleNamespace(
+        **{m.name: guard_sync(_path(m), getattr(servicer, m.name), authenticate) for m in service.methods}
     )

@@ -15,7 +15,7 @@ from gateway.app import Gateway
 from gateway.auth import AdminTokens
 from gateway.errors import InvalidInput
 from gateway.grpc.admin_servicer import AdminServicer
-from gateway.grpc.errors import guard_servicer
+from gateway.grpc.errors import guard_servicer, guard_threaded_servicer
 from gateway.grpc.health import HealthReporter
 from gateway.grpc.servicers import OpenInferenceServicer, PredictServicer, stamp_model_infer, stamp_predict
 from gateway.pb.gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -141,7 +141,7 @@ async def start_admin_server(gateway: Gateway, listen: str, tokens: AdminTokens)
     )
     servicer = AdminServicer(gateway.control, gateway.shadow, gateway.guardian)
     admin_pb2_grpc.add_AdminServicer_to_server(
-        guard_servicer(servicer, ADMIN, bearer_authenticator(tokens), threaded=True), server
+        guard_threaded_servicer(servicer, ADMIN, bearer_authenticator(tokens)), server
     )
     reflection.enable_server_reflection([ADMIN.full_name, reflection.SERVICE_NAME], server)
     port = bind(server, listen)

@@ -107,15 +107,6 @@ def _groups(batch: list[ShadowJob]) -> list[list[ShadowJob]]:
     return list(groups.values())
 
 
-def _span_attributes(job: ShadowJob) -> dict[str, str]:
-    return {
-        "gateway.endpoint": job.endpoint,
-        "gateway.shadow_version": job.shadow_version,
-        "gateway.primary_version": job.primary_version,
-        "gateway.request_id": job.request_id,
-    }
-
-
 def _number(value: float) -> str:
     return f"{value:.6g}" if math.isfinite(value) else "null"
 
@@ -153,7 +144,6 @@ class ShadowJob:
     inputs: Mapping[str, np.ndarray]
     primary_outputs: Mapping[str, np.ndarray]
     primary_seconds: float
-    compare: CompareSettings
     span: SpanRecord | None
 
 
@@ -167,9 +157,11 @@ class ShadowRunner:
         faults: FaultInjector | None = None,
         settings: ShadowSettings | None = None,
         *,
+        compare: Callable[[str], CompareSettings] = lambda _endpoint: CompareSettings(),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings or ShadowSettings()
+        self._compare = compare
         self._registry = registry
         self._telemetry = telemetry
         self._faults = faults or FaultInjector()
@@ -281,9 +273,8 @@ class ShadowRunner:
         first = live[0]
         endpoint, version = first.endpoint, first.shadow_version
         primary = {name: np.concatenate([job.primary_outputs[name] for job in live]) for name in outputs}
-        diffs = compare_batch(primary, outputs, [_rows(job) for job in live], first.compare)
+        diffs = compare_batch(primary, outputs, [_rows(job) for job in live], self._compare(endpoint))
         now = self._clock()
-        spans = self._telemetry.spans
         records, lines = [], []
         for job, diff in zip(live, diffs, strict=True):
             record = ComparisonRecord(
@@ -303,12 +294,11 @@ class ShadowRunner:
                 lines.append(_log_line(job, record, diff))
             if self._divergent is not None:
                 self._divergent.offer(job.request_id, record.max_abs, job.inputs)
-            if spans is not None and job.span is not None:
-                span = spans.linked(job.span, "shadow", kind=SpanKind.INTERNAL)
-                span.attributes.update(_span_attributes(job))
+            span = self._shadow_span(job)
+            if span is not None:
                 span.attributes["gateway.shadow.max_abs_diff"] = diff.max_abs
                 span.attributes["gateway.shadow.agree"] = diff.agree == diff.rows
-                spans.end(span)
+                self._end_span(span)
         self.stats.compared_many(endpoint, version, records)
         self._telemetry.windows.window(SeriesKey(endpoint, version)).record_comparison(
             sum(r.agree for r in records), sum(r.rows for r in records)
@@ -318,12 +308,30 @@ class ShadowRunner:
 
     def _fail(self, job: ShadowJob, code: str, message: str) -> None:
         self.stats.failed(job.endpoint, job.shadow_version, code)
-        spans = self._telemetry.spans
-        if spans is not None and job.span is not None:
-            span = spans.linked(job.span, "shadow", kind=SpanKind.INTERNAL)
-            span.attributes.update(_span_attributes(job))
+        span = self._shadow_span(job)
+        if span is not None:
             span.fail(2, code, message)
-            spans.end(span)
+            self._end_span(span)
+
+    def _shadow_span(self, job: ShadowJob) -> SpanRecord | None:
+        """A span for a traced copy's shadow run, linked to the primary's (None when not traced)."""
+        spans = self._telemetry.spans
+        if spans is None or job.span is None:
+            return None
+        span = spans.linked(job.span, "shadow", kind=SpanKind.INTERNAL)
+        span.attributes.update(
+            {
+                "gateway.endpoint": job.endpoint,
+                "gateway.shadow_version": job.shadow_version,
+                "gateway.primary_version": job.primary_version,
+                "gateway.request_id": job.request_id,
+            }
+        )
+        return span
+
+    def _end_span(self, span: SpanRecord) -> None:
+        assert self._telemetry.spans is not None
+        self._telemetry.spans.end(span)
 
     # --- reports -------------------------------------------------------------------------------
 

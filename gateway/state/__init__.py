@@ -58,7 +58,7 @@ class AuditEntry:
 
 
 class StateStore(Protocol):
-    """Where desired state and the audit log live (SQLite on one machine, etcd for replicas)."""
+    """Where desired state and the audit log live (SQLite today; a store for replicas implements the same calls)."""
 
     url: str
 

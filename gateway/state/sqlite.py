@@ -73,15 +73,14 @@ def _entry(row: tuple[Any, ...]) -> AuditEntry:
 class SqliteStore:
     """Desired-state revisions and the audit log in one SQLite file."""
 
-    def __init__(self, path: Path, *, url: str | None = None, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, *, url: str | None = None) -> None:
         self.url = url or f"sqlite:///{path}"
-        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
 
     def latest(self) -> Revision | None:
