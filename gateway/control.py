@@ -23,12 +23,12 @@ from typing import Any
 from gateway import edits
 from gateway.config import parse_config
 from gateway.desired import Change, DesiredState, diff, endpoint_from_config
-from gateway.errors import FailedPrecondition, GatewayError, InvalidInput, NotFound
+from gateway.errors import AlreadyExists, Conflict, FailedPrecondition, GatewayError, InvalidInput, NotFound
 from gateway.faults import Fault
 from gateway.guardrails.rules import RuleSet
 from gateway.registry import ModelRegistry, VersionState
 from gateway.repository import Artifact
-from gateway.routing import VERSION_NAME, Router, RouteTable
+from gateway.routing import VERSION_NAME, Router, RouteTable, labels_on
 from gateway.state import AuditDraft, AuditEntry, Revision, StateStore
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class ControlPlane:
                         loaded_at=loaded_at,
                         load_seconds=seconds,
                         traffic=ep.weights.get(version, 0),
-                        labels=sorted(label for label, target in ep.labels.items() if target == version),
+                        labels=labels_on(version, ep.labels),
                         error=error,
                     )
                 )
@@ -350,18 +350,16 @@ class ControlPlane:
                 "versions are immutable, choose a new version name"
             )
         artifact = self.registry.repository.at_path(endpoint, version, path, sha256)
-        if not dry_run:
-            try:
-                self.registry.load(artifact, intra_op_threads=current.intra_op_threads)
-            except GatewayError:
-                self.registry.unload(endpoint, version)  # a refused artifact is not registered
-                raise
         intent = Intent(actor, "load", endpoint, reason, dry_run, {"version": version, "path": artifact.path})
         try:
+            if not dry_run:
+                self.registry.load(artifact, intra_op_threads=current.intra_op_threads)
             return self._change(intent, edits.add_version(artifact))
+        except AlreadyExists:
+            raise  # a concurrent load of the same version owns the model: leave it alone
         except GatewayError:
             if not dry_run:
-                self.registry.unload(endpoint, version)
+                self.registry.unload(endpoint, version)  # a refused artifact is not registered
             raise
 
     def unload_version(
@@ -393,18 +391,12 @@ class ControlPlane:
                     artifacts = {}
                     for version in endpoint_config.versions:
                         known = existing.artifacts.get(version) if existing else None
-                        fresh = self.registry.repository.from_manifest(name, version)
-                        if known and known.sha256 != fresh.sha256:
-                            raise FailedPrecondition(
-                                f"{name} {version} is loaded with sha256 {known.sha256[:12]}, "
-                                "but its manifest now "
-                                f"records {fresh.sha256[:12]}; versions are immutable, use a new version name"
-                            )
-                        artifacts[version] = known or fresh
+                        artifacts[version] = self._applied_artifact(name, version, known)
                         if not known and not self.registry.is_ready(name, version):
                             if dry_run:
                                 to_load.add((name, version))
                             else:
+                                fresh = artifacts[version]
                                 self.registry.load(fresh, intra_op_threads=endpoint_config.intra_op_threads)
                                 loaded.append(fresh)
                     updated = updated.replace_endpoint(endpoint_from_config(name, endpoint_config, artifacts))
@@ -421,6 +413,19 @@ class ControlPlane:
                         if version not in updated.endpoints[name].artifacts:
                             self.registry.unload(name, version)
         return result
+
+    def _applied_artifact(self, endpoint: str, version: str, known: Artifact | None) -> Artifact:
+        """The artifact a route file's version names: the one on record, checked against its manifest."""
+        repository = self.registry.repository
+        if known and not repository.has_manifest(endpoint, version):
+            return known  # loaded by path (LoadVersion): its record is the truth
+        fresh = repository.from_manifest(endpoint, version)
+        if known and known.sha256 != fresh.sha256:
+            raise FailedPrecondition(
+                f"{endpoint} {version} is loaded with sha256 {known.sha256[:12]}, but its manifest now records "
+                f"{fresh.sha256[:12]}; versions are immutable, use a new version name"
+            )
+        return known or fresh
 
     # --- the one way a change happens -------------------------------------------------------
 
@@ -457,10 +462,14 @@ class ControlPlane:
         table = updated.route_table(self._revision + 1)  # validates: raises InvalidInput naming the field
         for name, ep in updated.endpoints.items():
             before = current.endpoints.get(name)
-            for version, weight in [*ep.weights.items(), *ep.shadows.items()]:
-                had = max(before.weights.get(version, 0), before.shadows.get(version, 0)) if before else 0
-                if weight > had and (name, version) not in assume_ready:
-                    self._require_ready(name, version)
+            # Live traffic and mirrored traffic are checked apart: a shadow may have failed to load.
+            for share, had in (
+                (ep.weights, before.weights if before else {}),
+                (ep.shadows, before.shadows if before else {}),
+            ):
+                for version, percent in share.items():
+                    if percent > had.get(version, 0) and (name, version) not in assume_ready:
+                        self._require_ready(name, version)
         changes = diff(current, updated)
         draft = self._draft(intent, self._revision, changes)
         if intent.dry_run:
@@ -468,7 +477,11 @@ class ControlPlane:
             return ChangeResult(self._revision, True, changes, entry.id, "dry run: nothing changed")
         if not changes:
             return ChangeResult(self._revision, False, [], 0, "no change: the routes are already like that")
-        revision, entry = self.store.commit(self._revision, updated.to_json(), draft)
+        try:
+            revision, entry = self.store.commit(self._revision, updated.to_json(), draft)
+        except Conflict:
+            self._catch_up()  # another writer committed first: serve its revision, so a retry can succeed
+            raise
         self._install(revision.revision, updated, table)
         for listener in self._commit_listeners:
             listener(intent, revision.revision)
@@ -482,6 +495,20 @@ class ControlPlane:
             "; ".join(c.render() for c in changes),
         )
         return ChangeResult(revision.revision, False, changes, entry.id)
+
+    def _catch_up(self) -> None:
+        """Install the store's newest revision (written by another gateway sharing the store)."""
+        latest = self.store.latest()
+        if latest is None or latest.revision == self._revision:
+            return
+        state = DesiredState.from_json(latest.document)
+        try:
+            self._load_all(state)
+        except GatewayError as err:
+            log.error("cannot serve revision %d written by another gateway: %s", latest.revision, err)
+            return
+        self._install(latest.revision, state)
+        log.info("caught up with revision %d written by another gateway", latest.revision)
 
     def _draft(self, intent: Intent, revision: int, changes: list[Change]) -> AuditDraft:
         return AuditDraft(

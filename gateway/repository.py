@@ -74,6 +74,10 @@ class ModelRepository:
             raise ArtifactError(f"{what} {path} is outside the model root {self.root}")
         return resolved
 
+    def has_manifest(self, endpoint: str, version: str) -> bool:
+        """Whether `<root>/<endpoint>/<version>/` has a manifest (versions loaded by path may not)."""
+        return (self.root / endpoint / version / MANIFEST).is_file()
+
     def from_manifest(self, endpoint: str, version: str) -> Artifact:
         """The artifact `<root>/<endpoint>/<version>/` describes in its manifest."""
         directory = self.root / endpoint / version

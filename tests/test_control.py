@@ -11,7 +11,7 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.config import parse_config
-from gateway.errors import Conflict, FailedPrecondition, InvalidInput, NotFound
+from gateway.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidInput, NotFound
 from gateway.repository import file_sha256
 from gateway.state.sqlite import SqliteStore
 from tests.helpers import MODELS, config_text
@@ -245,8 +245,44 @@ def test_compare_and_swap_between_two_writers(model_root: Path, tmp_path: Path) 
     one.control.set_traffic("a", "ctr-ranker", {"1.12": 80, "1.13": 20}, reason="x")
     with pytest.raises(Conflict, match=r"revision 2, expected 1"):
         two.control.set_traffic("b", "ctr-ranker", {"1.12": 70, "1.13": 30}, reason="y")
+    # The losing writer now serves the winner's revision, so its retry commits on top of it.
+    assert (two.router.table.revision, weights(two)) == (2, {"1.12": 80, "1.13": 20})
+    assert two.control.set_traffic("b", "ctr-ranker", {"1.12": 70, "1.13": 30}, reason="y").revision == 3
     one.close()
     two.close()
+
+
+def test_a_shadow_that_failed_to_load_cannot_take_live_traffic(model_root: Path, tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    make_gateway(model_root, db, config_text(shadows='{"1.14": 50}')).close()
+    (model_root / "ctr-ranker/1.14/model.onnx").write_bytes(b"tampered")
+    gw = make_gateway(model_root, db)  # starts: a version that only shadows may fail to load
+    with pytest.raises(FailedPrecondition, match=r"ctr-ranker 1\.14 is failed, not ready"):
+        gw.control.set_traffic("oncall", "ctr-ranker", {"1.12": 90, "1.14": 10}, reason="x")
+    assert weights(gw) == {"1.12": 90, "1.13": 10}
+    gw.close()
+
+
+def test_apply_keeps_a_version_loaded_by_path(gateway: Gateway, model_root: Path) -> None:
+    new = model_root / "ctr-ranker" / "1.15" / "model.onnx"
+    new.parent.mkdir()
+    shutil.copy(model_root / "ctr-ranker/1.14/model.onnx", new)
+    gateway.control.load_version("ci", "ctr-ranker", "1.15", str(new), file_sha256(new), reason="x")
+    document = config_text(versions='["1.12", "1.13", "1.15"]', traffic='{"1.12": 90, "1.15": 10}')
+    gateway.control.apply("ci", document.replace(f"model_root: {MODELS}", "model_root: ."), reason="canary 1.15")
+    assert weights(gateway) == {"1.12": 90, "1.15": 10}
+    assert gateway.registry.is_ready("ctr-ranker", "1.15")
+
+
+def test_a_refused_duplicate_load_leaves_the_loaded_model_alone(gateway: Gateway, model_root: Path) -> None:
+    new = model_root / "ctr-ranker" / "1.15" / "model.onnx"
+    new.parent.mkdir()
+    shutil.copy(model_root / "ctr-ranker/1.14/model.onnx", new)
+    artifact = gateway.registry.repository.at_path("ctr-ranker", "1.15", str(new), file_sha256(new))
+    gateway.registry.load(artifact)  # a concurrent LoadVersion of the same version got there first
+    with pytest.raises(AlreadyExists):
+        gateway.control.load_version("ci", "ctr-ranker", "1.15", str(new), file_sha256(new), reason="x")
+    assert gateway.registry.is_ready("ctr-ranker", "1.15")
 
 
 def test_audit_log_is_append_only(gateway: Gateway, tmp_path: Path) -> None:
