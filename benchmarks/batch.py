@@ -1,9 +1,11 @@
 """Issue 7's benchmark: `gateway batch score` vs onnxruntime directly on the same batches, and
 peak memory with 1M rows vs 100k rows (it should not grow with the file).
 
-Each measurement is its own process (peak RSS from getrusage). 32 float features per row,
-chunks of 65,536 rows; the gateway run includes reading, scoring, writing Parquet, hashing
-input and output, and the manifest.
+Each measurement is its own process; peak RSS is that process's VmHWM from /proc (reset at
+exec, so it does not inherit this driver's memory the way getrusage's ru_maxrss does). 32
+float features per row, chunks of 65,536 rows; the gateway run includes reading, scoring,
+writing Parquet, hashing input and output, and the manifest. The two paths alternate (the
+order reversed on odd rounds); every run must exit 0 and score every row.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import ROOT
+from benchmarks.common import CONFIG, ROOT, STABLE_MODEL, alternate, paired_ratio
 
 CHUNK = 65_536
+BIG, SMALL = 1_000_000, 100_000
 
 
 def _table(rows: int, path: Path) -> None:
@@ -37,48 +40,63 @@ def _table(rows: int, path: Path) -> None:
     writer.close()
 
 
-def _json(command: list[str]) -> dict[str, float]:
-    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=True, timeout=900).stdout
-    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+def _json(name: str, command: list[str], rows: int) -> dict[str, float]:
+    """Run one measurement; fail loudly unless it exits 0 and scored all `rows`."""
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False, timeout=900)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"batch {name}: exit code {done.returncode}\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
+    result: dict[str, float] = json.loads(lines[-1])
+    if result["rows"] != rows:
+        raise RuntimeError(f"batch {name}: scored {result['rows']} rows, expected {rows}")
     return result
 
 
-def _gateway(data: Path, scratch: Path, run_id: str) -> dict[str, float]:
+def _direct(data: Path, rows: int) -> dict[str, float]:
+    return _json(
+        "direct", [sys.executable, "-m", "benchmarks.batch_direct", str(data), str(STABLE_MODEL), str(CHUNK)], rows
+    )
+
+
+def _gateway(data: Path, rows: int, scratch: Path, run_id: str) -> dict[str, float]:
     columns = ",".join(f"f{i}" for i in range(32))
-    return _json([
+    return _json("gateway", [
         sys.executable, "-m", "benchmarks.batch_cli", "batch", "score", "ctr-ranker", "--version", "1.12",
         "--input", str(data), "--run-id", run_id, "--columns", columns, "--keep-columns", "id",
         "--chunk-rows", str(CHUNK), "--json", "--store", f"sqlite:///{scratch}/state.db",
-        "--output-root", str(scratch / "out"), "--config", str(ROOT / "models" / "gateway.yaml"),
-    ])  # fmt: skip
+        "--output-root", str(scratch / "out"), "--config", str(CONFIG),
+    ], rows)  # fmt: skip
 
 
 def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
     del seconds, concurrencies
+    rounds = max(rounds, 1)
     with tempfile.TemporaryDirectory() as directory:
         scratch = Path(directory)
         big, small = scratch / "rows-1m.parquet", scratch / "rows-100k.parquet"
-        _table(1_000_000, big)
-        _table(100_000, small)
-        model = str(ROOT / "models" / "ctr-ranker" / "1.12" / "model.onnx")
-        gateway_s, direct_s, gateway_peak, direct_peak = [], [], [], []
-        for round_index in range(max(rounds, 1)):
-            direct = _json([sys.executable, "-m", "benchmarks.batch_direct", str(big), model, str(CHUNK)])
-            gateway = _gateway(big, scratch, f"big-{round_index}")
-            direct_s.append(direct["seconds"])
-            gateway_s.append(gateway["seconds"])
-            direct_peak.append(direct["peak_kb"])
-            gateway_peak.append(gateway["peak_kb"])
-        small_run = _gateway(small, scratch, "small")
-    g, d = statistics.median(gateway_s), statistics.median(direct_s)
+        _table(BIG, big)
+        _table(SMALL, small)
+        runs = iter(range(rounds))
+
+        def measure(path: str) -> dict[str, float]:
+            if path == "direct":
+                return _direct(big, BIG)
+            return _gateway(big, BIG, scratch, f"big-{next(runs)}")
+
+        direct, gateway = alternate(["direct", "gateway"], rounds, measure)
+        small_run = _gateway(small, SMALL, scratch, "small")
+    median = statistics.median
+    d, g = median(r["seconds"] for r in direct), median(r["seconds"] for r in gateway)
+    direct_peak, gateway_peak = median(r["peak_mb"] for r in direct), median(r["peak_mb"] for r in gateway)
+    speed = paired_ratio(direct, gateway, "seconds")  # gateway rows/s over direct rows/s, per round
     return (
-        f"1,000,000 rows x 32 features, chunks of {CHUNK:,} rows, {max(rounds, 1)} round(s), medians:\n\n"
+        f"{BIG:,} rows x 32 features, chunks of {CHUNK:,} rows, {rounds} round(s) alternating, medians; "
+        "peak RSS: the scoring process's VmHWM; every run exited 0 and scored every row:\n\n"
         "| path | seconds | rows/s | peak RSS |\n|---|---:|---:|---:|\n"
-        f"| onnxruntime directly (read batches + run) | {d:.2f} | {1e6 / d:,.0f} | "
-        f"{statistics.median(direct_peak) / 1024:.0f} MB |\n"
-        f"| `gateway batch score` (read, run, write Parquet, hash, manifest) | {g:.2f} | {1e6 / g:,.0f} | "
-        f"{statistics.median(gateway_peak) / 1024:.0f} MB |\n"
-        f"| **gateway / direct** | | **{d / g:.2f}x** | |\n\n"
-        f"Peak RSS of `gateway batch score`: 100,000 rows {small_run['peak_kb'] / 1024:.0f} MB, "
-        f"1,000,000 rows {statistics.median(gateway_peak) / 1024:.0f} MB."
+        f"| onnxruntime directly (read batches + run) | {d:.2f} | {BIG / d:,.0f} | {direct_peak:.0f} MB |\n"
+        f"| `gateway batch score` (read, run, write Parquet, hash, manifest) | {g:.2f} | {BIG / g:,.0f} | "
+        f"{gateway_peak:.0f} MB |\n"
+        f"| **gateway / direct** (median of per-round ratios) | | **{speed:.2f}x** | |\n\n"
+        f"Peak RSS of `gateway batch score`: {SMALL:,} rows {small_run['peak_mb']:.0f} MB, "
+        f"{BIG:,} rows {gateway_peak:.0f} MB."
     )

@@ -1,18 +1,19 @@
 """The baseline for batch scoring: read the same Parquet batches and call onnxruntime directly.
 
-Usage: python -m benchmarks.batch_direct INPUT.parquet MODEL.onnx CHUNK_ROWS  (prints JSON: rows, seconds, peak_kb)
+Usage: python -m benchmarks.batch_direct INPUT.parquet MODEL.onnx CHUNK_ROWS  (prints JSON: rows, seconds, peak_mb)
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
 import numpy as np
 import onnxruntime as ort
 import pyarrow.parquet as pq
+
+from benchmarks.common import peak_rss_mb
 
 
 def main(path: str, model: str, chunk_rows: int) -> None:
@@ -26,7 +27,7 @@ def main(path: str, model: str, chunk_rows: int) -> None:
         session.run(None, {"features": x})
         rows += len(x)
     seconds = time.perf_counter() - started
-    print(json.dumps({"rows": rows, "seconds": seconds, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    print(json.dumps({"rows": rows, "seconds": seconds, "peak_mb": peak_rss_mb()}))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ served version), and an admin driver in this process that alternates SetTraffic 
 canary) and Rollback, 200 changes in all. Measured: time from a Rollback call's return to
 the first request served by the rollback target that started after it; requests that
 started after a rollback returned but were served by another version before the next change
-(must be 0); and throughput with the 200 switches under way vs none, in one run.
+(must be 0); and throughput with the 200 switches under way vs none, in one run (alternating, the order
+reversed on odd rounds; every run starts with all traffic on stable).
 """
 
 from __future__ import annotations
@@ -21,13 +22,22 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from benchmarks.common import ROOT, start_gateway
+from benchmarks.common import (
+    ADMIN_METADATA,
+    CONFIG,
+    ROOT,
+    admin_target,
+    alternate,
+    errors_checked,
+    paired_ratio,
+    start_gateway,
+)
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
 
-TOKEN = "bench-admin-token-0123456789"
 CHANGES = 200
 CONCURRENCY = 8
+QUIET, BUSY = "no changes", "changes"
 
 
 def _record(target: str, seconds: float, out: Path) -> subprocess.Popen[str]:
@@ -38,73 +48,83 @@ def _record(target: str, seconds: float, out: Path) -> subprocess.Popen[str]:
         cwd=ROOT,
     )
     assert client.stdout is not None
-    assert client.stdout.readline().strip() == "measuring"
+    if client.stdout.readline().strip() != "measuring":
+        raise RuntimeError(f"recorder failed (code {client.wait(30)})")
     return client
 
 
 def _finish(client: subprocess.Popen[str]) -> dict[str, float]:
     assert client.stdout is not None
-    result: dict[str, float] = json.loads(client.stdout.readline())
-    client.wait(30)
+    line = client.stdout.readline()
+    if client.wait(30) != 0 or not line:
+        raise RuntimeError(f"recorder failed (code {client.returncode})")
+    result: dict[str, float] = json.loads(line)
     return result
 
 
 def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
     del concurrencies  # this suite runs at one concurrency
     duration = max(seconds * 2, 8.0)
+    delays: list[float] = []
+    change_ms: list[float] = []
+    strays = 0
     with tempfile.TemporaryDirectory() as scratch:
-        store = f"sqlite:///{scratch}/state.db"
-        server = start_gateway(
-            "gateway",
-            ["--admin-listen", "127.0.0.1:0", "--store", store],
-            env={"GATEWAY_ADMIN_TOKENS": f"bench={TOKEN}"},
-        )
-        admin_port = _admin_port(server)
+        server = start_gateway("gateway")
+        admin = ""
+
+        def measure(condition: str) -> dict[str, float]:
+            nonlocal strays
+            out = Path(scratch) / "records.npy"
+            client = _record(server.target, duration, out)
+            if condition == QUIET:
+                return _finish(client)
+            rollbacks, calls = _switch(admin, duration)
+            result = _finish(client)
+            change_ms.extend(calls)
+            d, s = _effect(np.load(out), rollbacks)
+            delays.extend(d)
+            strays += s
+            return result
+
         try:
-            quiet_rps, busy_rps, delays, strays, change_ms = [], [], [], 0, []
-            for round_index in range(rounds):
-                quiet = _finish(_record(server.target, duration, Path(scratch) / "quiet.npy"))
-                quiet_rps.append(quiet["rps"])
-                out = Path(scratch) / f"busy-{round_index}.npy"
-                client = _record(server.target, duration, out)
-                rollbacks, calls = _switch(admin_port, duration)
-                busy = _finish(client)
-                busy_rps.append(busy["rps"])
-                change_ms.extend(calls)
-                records = np.load(out)
-                d, s = _effect(records, rollbacks)
-                delays.extend(d)
-                strays += s
+            admin = admin_target(server)
+            _start_at_stable(admin)
+            quiet, busy = alternate([QUIET, BUSY], rounds, measure)
         finally:
             server.stop()
     delays_ms = np.asarray(delays) * 1000
-    swap_quiet, swap_busy = _swap_only(duration / 2)
-    return (
-        f"{CHANGES} changes per round (SetTraffic 50% canary / Rollback, alternating) over {duration:.0f} s, "
-        f"closed-loop load at concurrency {CONCURRENCY}, {rounds} round(s)\n\n"
+    errors = sum(r["errors"] for r in quiet), sum(r["errors"] for r in busy)
+    swap_quiet, swap_busy, swap_ratio = _swap_only(duration / 2, CHANGES // 2)
+    text = (
+        f"{CHANGES} changes per round (SetTraffic 50% canary / Rollback, alternating) over {duration:.0f} s "
+        f"({CHANGES / duration:.0f}/s), closed-loop load at concurrency {CONCURRENCY}, {rounds} round(s), "
+        "runs with and without changes alternating (the order reversed on odd rounds)\n\n"
         "| measure | value |\n|---|---:|\n"
         "| rollback return -> first request served by the target, p50 | "
         f"{np.percentile(delays_ms, 50):.2f} ms |\n"
-        f"| same, p99 | {np.percentile(delays_ms, 99):.2f} ms |\n"
+        f"| same, p99 / max | {np.percentile(delays_ms, 99):.2f} / {delays_ms.max():.2f} ms |\n"
         f"| rollbacks measured | {len(delays)} |\n"
         f"| requests started after a rollback returned, served by another version | {strays} |\n"
-        f"| admin change round trip (commit + swap), p50 / p99 | {np.percentile(change_ms, 50):.1f} / "
-        f"{np.percentile(change_ms, 99):.1f} ms |\n"
-        f"| requests/s, no changes (median) | {statistics.median(quiet_rps):.0f} |\n"
-        f"| requests/s, {CHANGES} changes under way (median) | {statistics.median(busy_rps):.0f} |\n"
-        "| **with changes / without** | "
-        f"**{statistics.median(busy_rps) / statistics.median(quiet_rps):.2f}x** |\n"
+        f"| admin change round trip (commit + swap), p50 / p99 / max | {np.percentile(change_ms, 50):.1f} / "
+        f"{np.percentile(change_ms, 99):.1f} / {max(change_ms):.1f} ms |\n"
+        f"| failed requests, no changes / changes under way (all rounds) | {errors[0]} / {errors[1]} |\n"
+        f"| requests/s, no changes (median) | {statistics.median(r['rps'] for r in quiet):.0f} |\n"
+        f"| requests/s, {CHANGES} changes under way (median) | {statistics.median(r['rps'] for r in busy):.0f} |\n"
+        f"| **with changes / without** (median of per-round ratios) | **{paired_ratio(busy, quiet, 'rps'):.2f}x** |\n"
         f"| in-process infer() calls/s, table never swapped | {swap_quiet:.0f} |\n"
-        f"| in-process infer() calls/s, table swapped {CHANGES} times | {swap_busy:.0f} |\n"
-        f"| **data plane alone: swapped / not** | **{swap_busy / swap_quiet:.2f}x** |"
+        f"| in-process infer() calls/s, table swapped at {CHANGES / duration:.0f}/s (the rate above) | "
+        f"{swap_busy:.0f} |\n"
+        f"| **data plane alone: swapped / not** (median of per-round ratios) | **{swap_ratio:.2f}x** |"
     )
+    return errors_checked("control", text, sum(errors))
 
 
-def _swap_only(seconds: float) -> tuple[float, float]:
-    """In-process: InferenceService.infer calls/s with the route table swapped 200 times vs never.
+def _swap_only(seconds: float, swaps: int) -> tuple[float, float, float]:
+    """In-process: InferenceService.infer calls/s with the route table swapped `swaps` times vs never.
 
     Isolates the data plane's side of a switch (one attribute read per request) from the
     control plane's CPU (commit, diff, gRPC) that competes for the same two cores above.
+    Returns the medians of both over 3 alternating rounds and the median per-round ratio.
     """
     import threading
 
@@ -114,7 +134,7 @@ def _swap_only(seconds: float) -> tuple[float, float]:
     from gateway.state.sqlite import SqliteStore
 
     with tempfile.TemporaryDirectory() as scratch:
-        gateway = Gateway(load_config(ROOT / "models" / "gateway.yaml"), SqliteStore(Path(scratch) / "s.db"))
+        gateway = Gateway(load_config(CONFIG), SqliteStore(Path(scratch) / "s.db"))
         gateway.start()
         state = gateway.control.state
         tables = [
@@ -124,12 +144,12 @@ def _swap_only(seconds: float) -> tuple[float, float]:
         x = np.zeros((1, 32), dtype=np.float32)
         request = InferRequest("ctr-ranker", {"features": x}, routing_key="user-1")
 
-        def rate(swapping: bool) -> float:
+        def rate(swapping: bool) -> dict[str, float]:
             stop = threading.Event()
 
             def swapper() -> None:
-                for i in range(CHANGES):
-                    if stop.wait(seconds / CHANGES):
+                for i in range(swaps):
+                    if stop.wait(seconds / swaps):
                         return
                     gateway.router.swap(tables[i % 2])
 
@@ -143,26 +163,27 @@ def _swap_only(seconds: float) -> tuple[float, float]:
             stop.set()
             if swapping:
                 thread.join()
-            return count / seconds
+            return {"rate": count / seconds}
 
-        quiet, busy = [], []
-        for _ in range(3):
-            quiet.append(rate(False))
-            busy.append(rate(True))
+        quiet, busy = alternate([False, True], 3, rate)
         gateway.close()
-    return statistics.median(quiet), statistics.median(busy)
+    median = statistics.median
+    return median(r["rate"] for r in quiet), median(r["rate"] for r in busy), paired_ratio(busy, quiet, "rate")
 
 
-def _admin_port(server: object) -> str:
-    line = getattr(server, "ready_line", "")
-    return line.split("admin on ")[1].split()[0]
+def _start_at_stable(admin: str) -> None:
+    """Roll the seeded 90/10 split back once, so every run starts from all traffic on stable (as each
+    run with changes ends: its last change is a Rollback)."""
+    with grpc.insecure_channel(admin) as channel:
+        pb_grpc.AdminStub(channel).Rollback(
+            pb.RollbackRequest(endpoint="ctr-ranker", reason="bench: start at stable"), metadata=ADMIN_METADATA
+        )
 
 
 def _switch(admin: str, duration: float) -> tuple[list[tuple[float, float]], list[float]]:
     """Alternate SetTraffic and Rollback; returns (rollback returned, next change issued) pairs."""
     gap = duration / CHANGES
     windows, calls, returned = [], [], None
-    metadata = (("authorization", f"Bearer {TOKEN}"),)
     with grpc.insecure_channel(admin) as channel:
         stub = pb_grpc.AdminStub(channel)
         for i in range(CHANGES):
@@ -173,10 +194,10 @@ def _switch(admin: str, duration: float) -> tuple[list[tuple[float, float]], lis
             if i % 2 == 0:
                 stub.SetTraffic(
                     pb.SetTrafficRequest(endpoint="ctr-ranker", weights={"1.12": 50, "1.13": 50}, reason="bench"),
-                    metadata=metadata,
+                    metadata=ADMIN_METADATA,
                 )
             else:
-                stub.Rollback(pb.RollbackRequest(endpoint="ctr-ranker", reason="bench"), metadata=metadata)
+                stub.Rollback(pb.RollbackRequest(endpoint="ctr-ranker", reason="bench"), metadata=ADMIN_METADATA)
                 returned = time.monotonic()
             calls.append((time.monotonic() - issued) * 1000)
             time.sleep(max(0.0, gap - (time.monotonic() - issued)))

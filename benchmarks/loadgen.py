@@ -1,7 +1,9 @@
-"""Closed-loop load: N concurrent callers on one grpc.aio channel, each sending batch-1 Predicts.
+"""Closed-loop load: N concurrent callers on one grpc.aio channel, each sending batch-1 Predicts
+for the ctr-ranker endpoint, every request with a routing key.
 
-Usage: python -m benchmarks.loadgen TARGET CONCURRENCY SECONDS [--model M] [--keys]
-Prints one JSON line: requests, errors, seconds, latency quantiles in ms.
+Usage: python -m benchmarks.loadgen TARGET CONCURRENCY SECONDS [--warmup S]
+Prints "measuring" when the measured window starts, then one JSON line: requests, errors,
+seconds, latency quantiles in ms.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -17,23 +20,32 @@ import numpy as np
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
 
+MODEL = "ctr-ranker"
 
-def request(model: str, key: str) -> gw.PredictRequest:
+#: Called for each request that completes in the measured window: (started, ended, response), times
+#: from time.monotonic (CLOCK_MONOTONIC: comparable across processes on one machine).
+Record = Callable[[float, float, gw.PredictResponse], None]
+
+
+def request(key: str) -> gw.PredictRequest:
     x = np.random.default_rng(0).normal(size=(1, 32)).astype(np.float32)
     return gw.PredictRequest(
-        model=model,
+        model=MODEL,
         routing_key=key,
         inputs=[gw.Tensor(name="features", datatype=gw.DATA_TYPE_FP32, shape=[1, 32], data=x.tobytes())],
     )
 
 
-async def run(
-    target: str, concurrency: int, seconds: float, model: str, keys: bool, warmup: float
-) -> dict[str, object]:
+async def closed_loop(
+    target: str, concurrency: int, seconds: float, warmup: float, record: Record
+) -> tuple[int, float]:
+    """Run the callers: `warmup` seconds unrecorded, then print "measuring" and record for `seconds`.
+
+    Returns the failed calls in the measured window and its length in seconds.
+    """
     async with grpc.aio.insecure_channel(target) as channel:
         predict = gw_grpc.InferenceStub(channel).Predict
-        requests = [request(model, f"user-{i}" if keys else "") for i in range(1000)]
-        latencies: list[float] = []
+        requests = [request(f"user-{i}") for i in range(1000)]
         errors = 0
         measuring = False
         deadline = 0.0
@@ -42,38 +54,44 @@ async def run(
             nonlocal errors
             i = index
             while True:
-                started = time.perf_counter()
+                started = time.monotonic()
                 if deadline and started >= deadline:
                     return
                 try:
-                    await predict(requests[i % len(requests)], timeout=10)
+                    response = await predict(requests[i % len(requests)], timeout=10)
                 except grpc.aio.AioRpcError:
-                    if measuring:
-                        errors += 1
+                    errors += measuring
                     continue
                 finally:
                     i += concurrency
                 if measuring:
-                    latencies.append(time.perf_counter() - started)
+                    record(started, time.monotonic(), response)
 
         tasks = [asyncio.create_task(caller(i)) for i in range(concurrency)]
         await asyncio.sleep(warmup)
         measuring = True
         print("measuring", flush=True)  # the driver samples the server's CPU time now and at the result
-        begin = time.perf_counter()
+        begin = time.monotonic()
         deadline = begin + seconds
         await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - begin
-        lat = np.asarray(latencies) * 1000
-        result = {
-            "requests": len(latencies),
-            "errors": errors,
-            "seconds": elapsed,
-            "rps": len(latencies) / elapsed,
-            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
-        }
-        print(json.dumps(result), flush=True)
+        return errors, time.monotonic() - begin
+
+
+async def run(target: str, concurrency: int, seconds: float, warmup: float) -> dict[str, float]:
+    latencies: list[float] = []
+    errors, elapsed = await closed_loop(
+        target, concurrency, seconds, warmup, lambda started, ended, _: latencies.append(ended - started)
+    )
+    lat = np.asarray(latencies) * 1000
+    result = {
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": elapsed,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+    }
+    print(json.dumps(result), flush=True)
     return result
 
 
@@ -82,11 +100,9 @@ def main() -> None:
     parser.add_argument("target")
     parser.add_argument("concurrency", type=int)
     parser.add_argument("seconds", type=float)
-    parser.add_argument("--model", default="ctr-ranker")
-    parser.add_argument("--keys", action="store_true", help="send a routing key per request")
     parser.add_argument("--warmup", type=float, default=1.0)
     args = parser.parse_args()
-    asyncio.run(run(args.target, args.concurrency, args.seconds, args.model, args.keys, args.warmup))
+    asyncio.run(run(args.target, args.concurrency, args.seconds, args.warmup))
 
 
 if __name__ == "__main__":

@@ -67,13 +67,13 @@ class Gateway:
         self.shadow = ShadowRunner(
             self.registry, self.telemetry, self.faults, shadow_settings, compare=self._compare_settings
         )
-        self.control = ControlPlane(store, self.registry, self.router)
+        self.control = ControlPlane(store, self.registry, self.router, history_seconds=self.telemetry.windows.horizon)
         self.feedback = FeedbackJoin(self.telemetry.windows, clock=clock)
         self.guardian = Guardian(
             self.control,
             self.telemetry.windows,
             self.registry,
-            RolloutDriver(self.control, clock=clock),
+            RolloutDriver(self.control, clock=clock, history_seconds=self.telemetry.windows.horizon),
             IncidentLog(store),
             clock=clock,
             tick_seconds=guardian_tick,

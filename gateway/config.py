@@ -64,6 +64,13 @@ class BatchGatesConfig(BaseModel):
     mean_shift_max: float = Field(default=0.05, gt=0)
     input_null_rate_max: float | None = Field(default=None, ge=0, le=1)
 
+    def overridden(self, source: str, **changes: float) -> BatchGatesConfig:
+        """These gates with `changes`, validated as the route file is (ConfigError names the field)."""
+        try:
+            return BatchGatesConfig.model_validate({**self.model_dump(), **changes})
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(err, source)) from None
+
 
 class EndpointConfig(BaseModel):
     """One endpoint in the route file."""

@@ -91,8 +91,11 @@ class ControlPlane:
         router: Router,
         *,
         clock: Callable[[], float] = time.time,
+        history_seconds: int = 0,
     ) -> None:
         self.store = store
+        #: Seconds of traffic history the windows keep: guardrail windows may not look further back.
+        self.history_seconds = history_seconds
         self.registry = registry
         self.router = router
         self._clock = clock
@@ -265,6 +268,8 @@ class ControlPlane:
     ) -> ChangeResult:
         """Replace an endpoint's guardrail rules (an empty list removes them)."""
         rule_set = RuleSet.parse(rules, at_least if rules else 1, observe_only)
+        if self.history_seconds:
+            rule_set.check_history(self.history_seconds)
         detail = {"rules": rules, "at_least": at_least, "observe_only": observe_only}
         return self._change(
             Intent(actor, "guardrails", endpoint, reason, dry_run, detail), edits.set_guardrails(rule_set)

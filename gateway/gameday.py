@@ -34,6 +34,7 @@ from gateway.desired import DesiredState
 from gateway.faults import Fault
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
+from gateway.routing import format_traffic
 from gateway.state.sqlite import SqliteStore
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.windows import WindowStore
@@ -206,8 +207,7 @@ async def _second(
 
 
 def _traffic(state: DesiredState) -> str:
-    ep = state.endpoint(ENDPOINT)
-    return ", ".join(f"{v} {w}%" for v, w in sorted(ep.weights.items()))
+    return format_traffic(state.endpoint(ENDPOINT).weights)
 
 
 async def play(scenario: Scenario, *, rate: int = 40, click_boost: float = 4.0, seed: int = 7) -> Outcome:

@@ -84,6 +84,11 @@ def version_sort_key(version: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[._-]", version))
 
 
+def format_traffic(weights: Mapping[str, int]) -> str:
+    """Weights as people read them: `1.12 90%, 1.13 10%` (versions in natural order)."""
+    return ", ".join(f"{v} {weights[v]}%" for v in sorted(weights, key=version_sort_key)) or "(none)"
+
+
 def labels_on(version: str, labels: Mapping[str, str]) -> list[str]:
     """The labels that point at `version`, sorted."""
     return sorted(label for label, target in labels.items() if target == version)

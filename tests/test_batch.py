@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -17,9 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from gateway.batch import read_current
-from gateway.batch.gates import GateSettings, Run, ks_statistic
+from gateway.batch.gates import Run, ks_statistic
 from gateway.batch.pointer import BatchPointers
 from gateway.batch.score import ScoreRequest, score
+from gateway.config import BatchGatesConfig
 from gateway.errors import AlreadyExists, ArtifactError, FailedPrecondition, InvalidInput, NotFound
 from gateway.repository import ModelRepository
 from gateway.state.sqlite import SqliteStore
@@ -43,12 +45,12 @@ def env(tmp_path: Path):  # type: ignore[no-untyped-def]
     store.close()
 
 
-def run_score(tmp_path: Path, repository: ModelRepository, data: Path, run_id: str, version: str = "1.12", **kw):  # type: ignore[no-untyped-def]
+def run_score(tmp_path: Path, repository: ModelRepository, data: Path, run_id: str, version: str = "1.12"):  # type: ignore[no-untyped-def]
     request = ScoreRequest(
         "ctr-ranker", version, repository.from_manifest("ctr-ranker", version), data, tmp_path / "out",
-        run_id=run_id, columns=FEATURES, keep_columns=("customer_id",), chunk_rows=kw.pop("chunk_rows", 4096),
+        run_id=run_id, columns=FEATURES, keep_columns=("customer_id",), chunk_rows=4096,
     )  # fmt: skip
-    return score(request, repository, **kw)
+    return score(request, repository)
 
 
 def test_score_writes_an_immutable_run_matching_onnxruntime(env) -> None:  # type: ignore[no-untyped-def]
@@ -65,6 +67,12 @@ def test_score_writes_an_immutable_run_matching_onnxruntime(env) -> None:  # typ
     manifest = json.loads((result.path / "manifest.json").read_text())
     assert manifest["model"]["version"] == "1.12" and len(manifest["model"]["sha256"]) == 64
     assert manifest["input"]["rows"] == 10_000 and len(manifest["input"]["sha256"]) == 64
+    model_bytes = (MODELS / "ctr-ranker/1.12/model.onnx").read_bytes()
+    assert manifest["model"]["sha256"] == repository.from_manifest("ctr-ranker", "1.12").sha256
+    assert manifest["model"]["sha256"] == hashlib.sha256(model_bytes).hexdigest()
+    assert manifest["input"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    predictions = (result.path / "predictions.parquet").read_bytes()
+    assert manifest["output"]["sha256"] == hashlib.sha256(predictions).hexdigest()
     assert manifest["output"]["schema"] == [
         {"name": "customer_id", "type": "int64"},
         {"name": "score", "type": "float"},
@@ -107,7 +115,7 @@ def test_gates_catch_the_one_hot_encoding_shift(env) -> None:  # type: ignore[no
     pq.write_table(table(20_000, seed=1), good)
     pq.write_table(table(20_000, seed=2, one_hot_bug=True), shifted)
     pq.write_table(table(20_000, seed=3), again)
-    settings = GateSettings()
+    settings = BatchGatesConfig()
     first = Run.load(run_score(tmp_path, repository, good, "n1").path)
     pointers.publish("nightly", "ctr-ranker", first, settings)
     bad = Run.load(run_score(tmp_path, repository, shifted, "n2").path)
@@ -124,7 +132,7 @@ def test_gates_catch_the_one_hot_encoding_shift(env) -> None:  # type: ignore[no
 
 def test_publish_force_freeze_rollback_round_trips(env) -> None:  # type: ignore[no-untyped-def]
     tmp_path, store, repository, pointers = env
-    settings = GateSettings()
+    settings = BatchGatesConfig()
     paths = {}
     for i, bug in ((1, False), (2, False), (3, True)):
         data = tmp_path / f"d{i}.parquet"
@@ -160,16 +168,16 @@ def test_a_corrupted_run_cannot_be_published_or_pointed_to(env) -> None:  # type
     data = tmp_path / "d.parquet"
     pq.write_table(table(2_000), data)
     first = Run.load(run_score(tmp_path, repository, data, "ok").path)
-    pointers.publish("nightly", "ctr-ranker", first, GateSettings())
+    pointers.publish("nightly", "ctr-ranker", first, BatchGatesConfig())
     second = Run.load(run_score(tmp_path, repository, data, "tampered").path)
     with second.predictions.open("ab") as handle:
         handle.write(b"garbage")
     with pytest.raises(FailedPrecondition, match="changed or corrupted after scoring"):
-        pointers.publish("oncall", "ctr-ranker", second, GateSettings(), force=True, reason="try anyway")
+        pointers.publish("oncall", "ctr-ranker", second, BatchGatesConfig(), force=True, reason="try anyway")
     with first.predictions.open("ab") as handle:
         handle.write(b"x")
     pointers.publish(
-        "nightly", "ctr-ranker", Run.load(run_score(tmp_path, repository, data, "third").path), GateSettings()
+        "nightly", "ctr-ranker", Run.load(run_score(tmp_path, repository, data, "third").path), BatchGatesConfig()
     )
     with pytest.raises(ArtifactError, match="corrupted"):
         pointers.rollback("oncall", "ctr-ranker", to="ok", reason="go back")
@@ -261,12 +269,11 @@ def test_cli_validate_exit_codes_and_history(tmp_path: Path) -> None:
         )
 
     columns = ",".join(FEATURES)
-    assert (
-        batch(
-            "score", "ctr-ranker", "--version", "1.12", "--input", str(good), "--run-id", "g", "--columns", columns
-        ).returncode
-        == 0
+    scored = batch(
+        "score", "ctr-ranker", "--version", "1.12", "--input", str(good), "--run-id", "g", "--columns", columns
     )
+    assert scored.returncode == 0
+    assert "rows/s" not in scored.stderr  # no progress bar when stderr is not a terminal
     assert batch("publish", "ctr-ranker", "g").returncode == 0
     assert (
         batch(
@@ -274,6 +281,9 @@ def test_cli_validate_exit_codes_and_history(tmp_path: Path) -> None:
         ).returncode
         == 0
     )
+    zero = batch("validate", "ctr-ranker", "b", "--ks-max", "0")
+    assert zero.returncode == 1 and "Traceback" not in zero.stderr
+    assert zero.stderr.startswith("error: INVALID_ARGUMENT: command line: ks_max: Input should be greater than 0")
     validate = batch("validate", "ctr-ranker", "b")
     assert validate.returncode == 1
     assert "ks_statistic" in validate.stdout and "FAIL" in validate.stdout
@@ -281,3 +291,147 @@ def test_cli_validate_exit_codes_and_history(tmp_path: Path) -> None:
     assert refused.returncode == 1 and "failed its gates" in refused.stderr
     history = batch("history", "ctr-ranker")
     assert "failed-gates" in history.stdout and "batch-publish" in history.stdout
+
+
+def cli_batch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    common = ["--store", f"sqlite:///{tmp_path / 'state.db'}", "--output-root", str(tmp_path / "out"),
+              "--config", str(MODELS / "gateway.yaml")]  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "batch", *args, *common],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_cli_refuses_a_list_column_of_the_wrong_width_and_a_string_column(tmp_path: Path) -> None:
+    narrow = tmp_path / "narrow.parquet"
+    x = np.zeros((10, 16), np.float32)
+    pq.write_table(pa.table({"features": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 16)}), narrow)
+    named = tmp_path / "named.parquet"
+    pq.write_table(pa.table({"name": ["a", "b"], "f0": [1.0, 2.0]}), named)
+    wrong_width = cli_batch(tmp_path, "score", "ctr-ranker", "--version", "1.12", "--input", str(narrow))
+    assert wrong_width.returncode == 1 and "Traceback" not in wrong_width.stderr
+    assert wrong_width.stderr.startswith("error: INVALID_ARGUMENT: column 'features' is fixed_size_list<")
+    assert "[16], but the model input 'features' takes 32 numbers per row" in wrong_width.stderr
+    text = cli_batch(tmp_path, "score", "ctr-ranker", "--version", "1.12", "--input", str(named), "--columns", "name")
+    assert text.returncode == 1 and "Traceback" not in text.stderr
+    assert text.stderr.startswith("error: INVALID_ARGUMENT: column 'name' is string, but the model input 'features'")
+    assert not (tmp_path / "out").exists()  # refused before any directory was made
+
+
+def test_column_checks_of_the_api(env) -> None:  # type: ignore[no-untyped-def]
+    tmp_path, _, repository, _ = env
+    artifact = repository.from_manifest("ctr-ranker", "1.12")
+    ragged = tmp_path / "ragged.parquet"
+    pq.write_table(pa.table({"features": pa.array([[0.0] * 32, [0.0] * 31], type=pa.list_(pa.float32()))}), ragged)
+    with pytest.raises(InvalidInput, match="column 'features' has a null or a list that is not 32 values long"):
+        score(ScoreRequest("ctr-ranker", "1.12", artifact, ragged, tmp_path / "out", run_id="ragged"), repository)
+    mixed = tmp_path / "mixed.parquet"
+    pq.write_table(pa.table({"a": [1.0], "b": ["x"]}), mixed)
+    with pytest.raises(InvalidInput, match="column 'b' is string, but the model input 'features' takes 32 numbers"):
+        score(
+            ScoreRequest("ctr-ranker", "1.12", artifact, mixed, tmp_path / "out", run_id="m", columns=("a", "b")),
+            repository,
+        )
+    listed = tmp_path / "listed.parquet"
+    x = np.random.default_rng(2).normal(size=(50, 32)).astype(np.float32)
+    pq.write_table(pa.table({"features": pa.array(list(x), type=pa.list_(pa.float32()))}), listed)
+    result = score(ScoreRequest("ctr-ranker", "1.12", artifact, listed, tmp_path / "out", run_id="var"), repository)
+    assert result.rows == 50 and list(result.manifest["input_null_counts"])[:2] == ["features[0]", "features[1]"]
+
+
+def test_a_failed_score_leaves_no_partial_directory(env) -> None:  # type: ignore[no-untyped-def]
+    tmp_path, _, repository, _ = env
+    artifact = repository.from_manifest("ctr-ranker", "1.12")
+    base = tmp_path / "out" / "ctr-ranker"
+    data = tmp_path / "d.parquet"
+    pq.write_table(table(100), data)
+    with pytest.raises(InvalidInput, match="takes 32 features per row, but 1 numeric columns"):
+        score(
+            ScoreRequest("ctr-ranker", "1.12", artifact, data, tmp_path / "out", run_id="c", columns=["f0"]), repository
+        )
+    assert not (base / ".c.partial").exists()
+    # A failure after the directory exists: a value that is no number, far into a CSV (a later block).
+    import pyarrow.csv as pcsv
+
+    csv = tmp_path / "late.csv"
+    pcsv.write_csv(table(8_000), csv)
+    lines = csv.read_text().splitlines()
+    lines[-1] = lines[-1].rsplit(",", 1)[0] + ",oops"
+    csv.write_text("\n".join(lines) + "\n")
+    request = ScoreRequest("ctr-ranker", "1.12", artifact, csv, tmp_path / "out", run_id="late", columns=FEATURES,
+                           chunk_rows=1_000)  # fmt: skip
+    with pytest.raises(InvalidInput, match="the input cannot be read as the model's features"):
+        score(request, repository)
+    assert not (base / ".late.partial").exists() and not (base / "late").exists()
+    assert sorted(p.name for p in base.iterdir()) == []
+
+
+def test_publish_after_the_published_run_directory_was_removed(env) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    tmp_path, _, repository, pointers = env
+    data = tmp_path / "d.parquet"
+    pq.write_table(table(2_000), data)
+    first = Run.load(run_score(tmp_path, repository, data, "a").path)
+    pointers.publish("nightly", "ctr-ranker", first, BatchGatesConfig())
+    second = Run.load(run_score(tmp_path, repository, data, "b").path)
+    shutil.rmtree(first.path)
+    gates = {g.name: g for g in pointers.publish("nightly", "ctr-ranker", second, BatchGatesConfig())}
+    assert pointers.current("ctr-ranker").run_id == "b"
+    assert gates["schema"].passed and gates["schema"].detail == "no comparison: published a is damaged"
+    assert gates["published_intact"].detail.endswith(
+        "is missing (no manifest.json): the run's directory was moved or deleted"
+    )
+    assert "ks_statistic" not in gates
+
+
+def test_row_count_gate_catches_rows_the_scorer_lost(env, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import gateway.batch.score as scoring
+
+    tmp_path, _, repository, pointers = env
+    data = tmp_path / "d.parquet"
+    pq.write_table(table(10_000), data)
+    read = scoring._batches
+
+    def losing(path: Path, chunk_rows: int):  # type: ignore[no-untyped-def]
+        schema, batches = read(path, chunk_rows)
+        return schema, (b for i, b in enumerate(batches) if i != 1)  # the second chunk never arrives
+
+    monkeypatch.setattr(scoring, "_batches", losing)
+    run = Run.load(run_score(tmp_path, repository, data, "lossy").path)
+    assert run.manifest["input"]["rows"] == 10_000 and run.manifest["output"]["rows"] == 10_000 - 4096
+    gates = {g.name: g for g in pointers.validate("ctr-ranker", run, BatchGatesConfig())}
+    assert not gates["row_count"].passed and (gates["row_count"].value, gates["row_count"].threshold) == (5904, 10_000)
+    with pytest.raises(FailedPrecondition, match="lossy failed its gates: row_count 5904 \\(limit 10000\\)"):
+        pointers.publish("nightly", "ctr-ranker", run, BatchGatesConfig())
+    csv = tmp_path / "d.csv"
+    import pyarrow.csv as pcsv
+
+    pcsv.write_csv(table(10_000), csv)
+    from_csv = Run.load(run_score(tmp_path, repository, csv, "lossy-csv").path)
+    assert from_csv.manifest["input"]["rows"] == 10_000 and from_csv.manifest["output"]["rows"] < 10_000
+
+
+def test_history_and_runs_find_batch_entries_behind_many_others(env) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+
+    from gateway.state import AuditDraft
+
+    tmp_path, store, repository, pointers = env
+    data = tmp_path / "d.parquet"
+    pq.write_table(table(500), data)
+    pointers.publish(
+        "nightly", "ctr-ranker", Run.load(run_score(tmp_path, repository, data, "r1").path), BatchGatesConfig()
+    )
+    for i in range(5):  # newer, non-batch entries of the same endpoint
+        store.append_audit(AuditDraft(at=time.time(), actor="oncall", action="set-traffic", endpoint="ctr-ranker",
+                                      reason=f"step {i}", dry_run=False, revision_before=0))  # fmt: skip
+    assert [e.action for e in pointers.history("ctr-ranker", limit=1)] == ["batch-publish"]
+    later = time.time() + 10
+    with sqlite3.connect(tmp_path / "state.db") as db:  # one transaction: 10,001 put_record calls would take long
+        db.executemany(
+            "INSERT INTO records (kind, key, at, body) VALUES (?, ?, ?, ?)",
+            [("batch-run", f"other/{i}", later, "{}") for i in range(10_001)],  # another endpoint's, all newer
+        )
+    assert len(store.list_records("batch-run", 20_000)) == 10_002
+    assert [r.run_id for r in pointers.runs("ctr-ranker")] == ["r1"]

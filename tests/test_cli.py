@@ -104,8 +104,17 @@ def test_tampered_artifact_stops_the_start(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_bad_window_history_stops_the_start(tmp_path: Path) -> None:
+    result = run("serve", "--window-history", "forever", "--store", f"sqlite:///{tmp_path}/s.db")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --window-history: 'forever' is not a duration; write 30s, 5m, 2h or 1d"
+
+
 def test_help_lists_commands() -> None:
     result = run("--help")
     assert result.returncode == 0
     assert "serve" in result.stdout and "predict" in result.stdout
+
+
+def test_ci_entry_point_is_executable() -> None:
     assert os.access(ROOT / ".ci" / "run", os.X_OK)

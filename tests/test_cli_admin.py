@@ -89,6 +89,17 @@ def test_dry_run_and_label(served: dict[str, str]) -> None:
     assert missing.returncode == 2 and "--remove" in missing.stderr
 
 
+def test_label_remove_deletes_the_label(served: dict[str, str]) -> None:
+    label = gateway(served, "admin", "label", "ctr-ranker", "doomed", "1.13", "--reason", "tag")
+    assert label.returncode == 0, label.stderr
+    both = gateway(served, "admin", "label", "ctr-ranker", "doomed", "1.14", "--remove", "--reason", "x")
+    assert both.returncode == 2 and "--remove deletes the label: give no VERSION" in both.stderr
+    removed = gateway(served, "admin", "label", "ctr-ranker", "doomed", "--remove", "--reason", "untag")
+    assert removed.returncode == 0 and 'label doomed: "1.13" -> (none)' in removed.stdout
+    routes = json.loads(gateway(served, "admin", "routes", "ctr-ranker", "--json").stdout)
+    assert "doomed" not in routes["endpoints"][0]["labels"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

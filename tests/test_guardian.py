@@ -10,15 +10,17 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.config import parse_config
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InvalidInput
 from gateway.faults import Fault
 from gateway.gameday import SimClock
 from gateway.guardrails.evaluate import Status
+from gateway.guardrails.rollout import RolloutDriver
+from gateway.guardrails.rules import RuleSet
 from gateway.inference import InferRequest
 from gateway.routing import EndpointRoutes
 from gateway.state.sqlite import SqliteStore
 from gateway.telemetry.metrics import Telemetry
-from gateway.telemetry.windows import WindowStore
+from gateway.telemetry.windows import SeriesKey, WindowStore
 from tests.helpers import MODELS, config_text
 
 
@@ -250,4 +252,170 @@ def test_pause_action_holds_a_running_rollout(tmp_path: Path, clock: SimClock) -
     (incident,) = gateway.guardian.tick().incidents
     assert incident.action == "pause" and incident.outcome.startswith("paused the rollout of 1.13")
     assert weights(gateway) == {"1.12": 50, "1.13": 50}
+    gateway.close()
+
+
+def test_a_candidate_routed_to_again_while_still_breaching_is_rolled_back_again(
+    tmp_path: Path, clock: SimClock
+) -> None:
+    gateway = make(tmp_path, clock, guardrails='["error_rate > 2% for 5m min 100"]', traffic='{"1.12": 50, "1.13": 50}')
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.13", Fault(error_rate=0.5), reason="drill")
+    traffic(gateway, clock, 10)
+    assert len(gateway.guardian.tick().incidents) == 1 and weights(gateway) == {"1.12": 100}
+    # No tick sees 1.13 without traffic before the operator routes to it again.
+    gateway.control.set_traffic("oncall", "ctr-ranker", {"1.12": 50, "1.13": 50}, reason="retry")
+    traffic(gateway, clock, 10)
+    (incident,) = gateway.guardian.tick().incidents
+    assert incident.candidate == "1.13" and incident.outcome == "rolled back to 1.12"
+    assert weights(gateway) == {"1.12": 100}
+    gateway.close()
+
+
+def test_observe_only_then_enforcing_acts_on_a_breach_that_goes_on(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(tmp_path, clock, guardrails='{rules: ["error_rate > 2% for 5m min 20"], observe_only: true}')
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.13", Fault(error_rate=1.0), reason="drill")
+    traffic(gateway, clock, 10)
+    assert [i.observe_only for i in gateway.guardian.tick().incidents] == [True]
+    traffic(gateway, clock, 2)
+    assert gateway.guardian.tick().incidents == []  # still breaching: recorded once
+    gateway.control.set_guardrails("oncall", "ctr-ranker", ["error_rate > 2% for 5m min 20"], reason="enforce")
+    traffic(gateway, clock, 2)
+    (incident,) = gateway.guardian.tick().incidents
+    assert not incident.observe_only and weights(gateway) == {"1.12": 100}
+    gateway.close()
+
+
+def test_null_rate_breach_when_the_guardian_ticked_before_any_traffic(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(
+        tmp_path,
+        clock,
+        guardrails='["feature_null_rate_delta > 1pt for 10m min 100"]',
+        traffic='{"1.12": 50, "1.13": 50}',
+    )
+    gateway.guardian.tick()  # creates both windows before either version served a request
+    traffic(gateway, clock, 5, nan_on="1.13")
+    (incident,) = gateway.guardian.tick().incidents
+    (verdict,) = incident.verdicts
+    assert verdict["status"] == "breach" and verdict["detail"] == "feature features[3]"
+    assert weights(gateway) == {"1.12": 100}
+    gateway.close()
+
+
+def outcomes(gateway: Gateway, version: str, clicks: int, total: int) -> None:
+    window = gateway.telemetry.windows.window(SeriesKey("ctr-ranker", version))
+    for i in range(total):
+        window.record_outcome(1.0 if i < clicks else 0.0)
+
+
+def test_the_ctr_test_counts_outcomes_from_its_start_and_restarts_with_the_candidate(
+    tmp_path: Path, clock: SimClock
+) -> None:
+    gateway = make(
+        tmp_path, clock, guardrails='["ctr_drop > 5% p < 0.05 for 30m min 500"]', traffic='{"1.12": 50, "1.13": 50}'
+    )
+    outcomes(gateway, "1.13", 0, 2000)  # before the test began: not its evidence
+    outcomes(gateway, "1.12", 1000, 2000)
+    (verdict,) = gateway.guardian.tick().verdicts["ctr-ranker/1.13"]
+    assert verdict.status is Status.INCONCLUSIVE and verdict.samples == {"1.13": 0, "1.12": 0}
+    clock.advance(1)
+    outcomes(gateway, "1.13", 300, 600)
+    outcomes(gateway, "1.12", 300, 600)
+    report = gateway.guardian.tick()
+    (verdict,) = report.verdicts["ctr-ranker/1.13"]
+    assert verdict.status is Status.PASS and verdict.samples == {"1.13": 600, "1.12": 600}
+    assert report.incidents == []
+    # The candidate leaves and comes back at the same share: a new test, from zero.
+    gateway.control.set_traffic("oncall", "ctr-ranker", {"1.12": 100}, reason="pause the test")
+    gateway.guardian.tick()
+    gateway.control.set_traffic("oncall", "ctr-ranker", {"1.12": 50, "1.13": 50}, reason="again")
+    (verdict,) = gateway.guardian.tick().verdicts["ctr-ranker/1.13"]
+    assert verdict.samples == {"1.13": 0, "1.12": 0}
+    gateway.close()
+
+
+def test_a_rollout_without_guardrails_advances_and_completes(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
+    rollouts = gateway.guardian.rollouts
+    rollouts.start("ci", "ctr-ranker", "1.14", steps=[10, 50, 100], step_seconds=60, reason="ramp")
+    clock.advance(61)
+    gateway.guardian.tick()
+    assert weights(gateway) == {"1.12": 50, "1.14": 50}
+    clock.advance(61)
+    gateway.guardian.tick()
+    assert rollouts.require("ctr-ranker").status == "completed" and weights(gateway) == {"1.14": 100}
+    gateway.close()
+
+
+def test_a_rollout_with_a_shadow_rule_advances_on_its_canary_rules(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
+    gateway.guardian.rollouts.start(
+        "ci",
+        "ctr-ranker",
+        "1.14",
+        steps=[10, 50, 100],
+        step_seconds=60,
+        rules=["error_rate > 2% for 1m min 50", "shadow_disagreement > 50% for 1m min 1 action alert-only"],
+        reason="ramp",
+    )
+    traffic(gateway, clock, 61, per_second=20)
+    gateway.guardian.tick()
+    assert weights(gateway) == {"1.12": 50, "1.14": 50}
+    gateway.close()
+
+
+def test_rollout_rules_longer_than_the_history_kept_are_refused(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
+    driver = RolloutDriver(gateway.control, clock=clock, history_seconds=1800)
+    with pytest.raises(InvalidInput, match=r"looks at 3600 s but the gateway keeps 1800 s.*--window-history"):
+        driver.start("ci", "ctr-ranker", "1.14", rules=["error_rate > 2% for 1h"], reason="ramp")
+    assert weights(gateway) == {"1.12": 100} and driver.get("ctr-ranker") is None
+    gateway.close()
+
+
+def test_an_operators_traffic_change_ends_the_rollout(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
+    rollouts = gateway.guardian.rollouts
+    rollouts.start("ci", "ctr-ranker", "1.14", steps=[10, 50, 100], step_seconds=60, reason="ramp")
+    gateway.control.rollback("oncall", "ctr-ranker", reason="1.14 looks bad on the dashboard")
+    clock.advance(61)
+    gateway.guardian.tick()
+    rollout = rollouts.require("ctr-ranker")
+    assert rollout.status == "aborted" and "traffic changed outside the rollout" in rollout.history[-1]["event"]
+    clock.advance(61)
+    gateway.guardian.tick()
+    assert weights(gateway) == {"1.12": 100}  # the driver does not ramp it again
+    assert gateway.control.audit("ctr-ranker")[0].action == "rollout-end"
+    # An operator who promotes the version finishes the rollout.
+    rollouts.start("ci", "ctr-ranker", "1.14", steps=[10, 50, 100], step_seconds=60, reason="again")
+    gateway.control.promote("oncall", "ctr-ranker", reason="good enough")
+    gateway.guardian.tick()
+    assert rollouts.require("ctr-ranker").status == "completed"
+    gateway.close()
+
+
+def test_advance_with_a_stale_record_does_not_undo_a_pause(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
+    rollouts = gateway.guardian.rollouts
+    rollouts.start("ci", "ctr-ranker", "1.14", steps=[10, 50, 100], step_seconds=60, reason="ramp")
+    seen = rollouts.require("ctr-ranker")  # what a guardian tick read
+    rollouts.pause("oncall", "ctr-ranker", reason="hold on")
+    clock.advance(61)
+    assert rollouts.advance(seen, RuleSet(), []) is None
+    assert rollouts.require("ctr-ranker").status == "paused" and weights(gateway) == {"1.12": 90, "1.14": 10}
+    gateway.close()
+
+
+def test_an_incident_shows_only_the_rollout_it_concerns(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(tmp_path, clock, traffic='{"1.12": 100}', guardrails='["error_rate > 2% for 5m min 20"]')
+    rollouts = gateway.guardian.rollouts
+    rollouts.start("ci", "ctr-ranker", "1.14", steps=[50, 100], step_seconds=60, reason="ramp")
+    traffic(gateway, clock, 61, per_second=2)
+    gateway.guardian.tick()
+    assert rollouts.require("ctr-ranker").status == "completed"
+    gateway.control.set_traffic("oncall", "ctr-ranker", {"1.14": 90, "1.13": 10}, reason="try 1.13")
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.13", Fault(error_rate=1.0), reason="drill")
+    traffic(gateway, clock, 10)
+    (incident,) = gateway.guardian.tick().incidents
+    assert incident.candidate == "1.13" and incident.rollout is None
+    assert "Rollout of" not in incident.to_markdown()
     gateway.close()

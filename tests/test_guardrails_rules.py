@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from gateway.errors import InvalidInput
-from gateway.guardrails.rules import Action, Metric, RuleSet, parse_rule
+from gateway.guardrails.evaluate import Status, evaluate
+from gateway.guardrails.rules import Action, Metric, RuleSet, parse_duration, parse_rule
+from gateway.telemetry.windows import SlidingWindow
 
 
 @pytest.mark.parametrize(
@@ -83,3 +87,61 @@ def test_rule_set_at_least() -> None:
     assert rules.at_least == 2 and rules.longest_window == 600
     with pytest.raises(InvalidInput, match="at_least: 3 must be between 1 and 2"):
         RuleSet.parse(["error_rate > 2% for 5m", "latency_p95_ratio > 1.3 for 10m"], at_least=3)
+
+
+@pytest.mark.parametrize(
+    ("text", "bare_seconds", "seconds"),
+    [("30s", False, 30), ("5M", False, 300), (" 2h ", False, 7200), ("1d", False, 86400), ("90", True, 90)],
+)
+def test_one_duration_grammar_for_rules_and_the_cli(text: str, bare_seconds: bool, seconds: int) -> None:
+    assert parse_duration(text, bare_seconds=bare_seconds) == seconds
+
+
+@pytest.mark.parametrize("text", ["90", "0m", "5 minutes", "-5s", "5w"])
+def test_durations_that_are_refused(text: str) -> None:
+    with pytest.raises(InvalidInput, match="is not a duration; write 30s, 5m, 2h or 1d"):
+        parse_duration(text)
+
+
+def test_rule_windows_longer_than_the_history_are_refused() -> None:
+    rules = RuleSet.parse(["error_rate > 2% for 5m", "latency_p95_ratio > 1.3 for 1h", "ctr_drop > 5% for 2h"])
+    with pytest.raises(InvalidInput) as err:
+        rules.check_history(1800)
+    assert err.value.message == (
+        "guardrail 'latency_p95_ratio > 1.3 for 1h' looks at 3600 s but the gateway keeps 1800 s of history; "
+        "raise `gateway serve --window-history` or shorten the rule"
+    )
+    rules.check_history(3600)  # ctr_drop counts since its test began: its window is not cut
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_window_cut_to_the_history_is_inconclusive_not_a_pass() -> None:
+    clock = Clock()
+    window = SlidingWindow(1800, clock=clock)
+    for _ in range(200):
+        window.record(0.001, "INTERNAL")  # 50 minutes ago: inside the rule's hour, outside the history
+    clock.now += 3000
+    for _ in range(200):
+        window.record(0.001, "OK")
+    rule = parse_rule("error_rate > 2% for 1h min 100")
+    verdict = evaluate(rule, "1.13", "1.12", window.stats(rule.window_seconds), None)
+    assert verdict.status is Status.INCONCLUSIVE and "keeps 1800 s of history" in verdict.detail
+
+
+def test_null_rate_without_nan_counters_is_inconclusive() -> None:
+    clock = Clock()
+    canary, stable = SlidingWindow(600, clock=clock), SlidingWindow(600, clock=clock)
+    for window in (canary, stable):
+        for _ in range(200):
+            window.record(0.001, "OK", rows=1)
+    rule = parse_rule("feature_null_rate_delta > 1pt for 10m")
+    verdict = evaluate(rule, "1.13", "1.12", canary.stats(600), stable.stats(600))
+    assert verdict.status is Status.INCONCLUSIVE and math.isnan(verdict.observed)
+    assert verdict.detail == "no NaN counts per feature in the window"

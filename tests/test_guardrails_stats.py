@@ -6,9 +6,11 @@ A/A false-rollback rate and detection power of a 5.0% -> 4.5% CTR drop by 60,000
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
-from gateway.guardrails.sequential import SequentialDropTest, msprt_p_value
+from gateway.guardrails.sequential import CtrExperiment, SequentialDropTest, msprt_p_value
 
 RUNS = 200
 PER_ARM = 60_000
@@ -54,3 +56,41 @@ def test_p_value_is_one_without_evidence_and_small_with_it() -> None:
     test = SequentialDropTest()
     first = test.update(300, 10_000, 500, 10_000).p_value
     assert test.update(1000, 20_000, 1000, 20_000).p_value == first  # weaker evidence later: never increases
+
+
+class RunningTotals:
+    """One arm's outcomes since it began, as a `SlidingWindow` keeps them beside its window."""
+
+    def __init__(self) -> None:
+        self.outcomes, self.clicks = 0, 0.0
+
+    def outcome_totals(self) -> tuple[int, float]:
+        return self.outcomes, self.clicks
+
+
+def test_a_a_with_a_window_shorter_than_the_run_keeps_the_false_alarm_rate() -> None:
+    runs, looks, per_look, window = 200, 200, 1000, 10  # the rule's window: 10 looks of 200
+    rng = np.random.default_rng(21)
+    fired = fired_on_windows = 0
+    for _ in range(runs):
+        canary, stable = RunningTotals(), RunningTotals()
+        experiment = CtrExperiment(canary, stable)
+        on_windows, recent = SequentialDropTest(), deque[tuple[int, int]](maxlen=window)
+        alarmed = alarmed_on_windows = False
+        for _ in range(looks):
+            c, s = int(rng.binomial(per_look, 0.05)), int(rng.binomial(per_look, 0.05))
+            canary.outcomes += per_look
+            canary.clicks += c
+            stable.outcomes += per_look
+            stable.clicks += s
+            result = experiment.update()
+            alarmed = alarmed or (result.p_value < 0.05 and result.relative_drop > 0.05)
+            recent.append((c, s))  # what feeding the test sliding-window counts would see
+            n = len(recent) * per_look
+            old = on_windows.update(sum(x for x, _ in recent), n, sum(y for _, y in recent), n)
+            alarmed_on_windows = alarmed_on_windows or (old.p_value < 0.05 and old.relative_drop > 0.05)
+        fired += alarmed
+        fired_on_windows += alarmed_on_windows
+    print(f"\nA/A, {looks} looks, window {window}: {fired / runs:.1%} (window counts: {fired_on_windows / runs:.1%})")
+    assert fired / runs <= 0.05
+    assert fired_on_windows > 2 * max(fired, 1)  # this setup is one where window counts would mislead

@@ -65,21 +65,23 @@ def test_report_numbers_match_a_hand_computed_case() -> None:
     # Ten requests: diffs 0.00, 0.01, ..., 0.09; one row each; rows 7, 8, 9 disagree.
     for i in range(10):
         stats.mirrored("ranker", "2.0")
-        stats.compared(
+        stats.compared_many(
             "ranker",
             "2.0",
-            ComparisonRecord(
-                at=clock.now,
-                request_id=f"r{i}",
-                primary_version="1.0",
-                max_abs=i / 100,
-                mean_abs=i / 200,
-                max_rel=0.0,
-                rows=1,
-                agree=0 if i >= 7 else 1,
-                primary_seconds=0.001 * (i + 1),
-                shadow_seconds=0.002 * (i + 1),
-            ),
+            [
+                ComparisonRecord(
+                    at=clock.now,
+                    request_id=f"r{i}",
+                    primary_version="1.0",
+                    max_abs=i / 100,
+                    mean_abs=i / 200,
+                    max_rel=0.0,
+                    rows=1,
+                    agree=0 if i >= 7 else 1,
+                    primary_seconds=0.001 * (i + 1),
+                    shadow_seconds=0.002 * (i + 1),
+                )
+            ],
         )
     for _ in range(3):
         stats.mirrored("ranker", "2.0")
@@ -97,6 +99,7 @@ def test_report_numbers_match_a_hand_computed_case() -> None:
     assert report.mirrored == report.compared + report.dropped + report.shadow_errors
     assert (report.decisions, report.agree, report.agreement_rate) == (10, 7, 0.7)
     assert report.agreement_ci == pytest.approx(wilson_interval(7, 10))
+    assert report.agreement_ci == pytest.approx((0.3968, 0.8922), abs=1e-4)  # Wilson 95% for 7 of 10, from tables
     diffs = [i / 100 for i in range(10)]
     assert report.diff_quantiles["p50"] == pytest.approx(float(np.quantile(diffs, 0.5)))  # 0.045
     assert report.diff_quantiles["p95"] == pytest.approx(0.0855)
@@ -107,6 +110,13 @@ def test_report_numbers_match_a_hand_computed_case() -> None:
     assert report.primary_versions == ["1.0"]
     histogram = dict(report.diff_histogram)
     assert (histogram[0.0], histogram[0.01], histogram[0.1]) == (1, 1, 8)
+    # A window that starts between the two minutes holds only the newer minute's counts and records.
+    clock.now += 60
+    stats.mirrored("ranker", "2.0")
+    stats.dropped("ranker", "2.0")
+    recent = stats.report("ranker", "2.0", window_seconds=60)
+    assert (recent.mirrored, recent.compared, recent.dropped, recent.decisions) == (1, 0, 1, 0)
+    assert math.isnan(recent.diff_quantiles["p50"]) and recent.top_divergent == []
     # Outside the window nothing counts.
     clock.now += 7200
     empty = stats.report("ranker", "2.0", window_seconds=600)
@@ -116,3 +126,37 @@ def test_report_numbers_match_a_hand_computed_case() -> None:
 def test_diff_histogram_edges() -> None:
     counts = dict(diff_histogram([0.0, 5e-7, 1e-6, 0.5, 3.0]))
     assert counts[0.0] == 1 and counts[1e-6] == 2 and counts[1.0] == 1 and counts[math.inf] == 1
+
+
+def test_nan_outputs_are_the_largest_difference_and_keep_reports_sound() -> None:
+    nan = math.nan
+    # Four requests of two rows: equal; NaN on the shadow only; NaN on the primary only; NaN on both.
+    primary = np.array([[0.1], [0.9], [0.2], [0.8], [nan], [0.3], [nan], [0.7]])
+    shadow = np.array([[0.1], [0.9], [nan], [0.8], [0.4], [0.3], [nan], [0.6]])
+    diffs = compare_batch({"score": primary}, {"score": shadow}, [2, 2, 2, 2], CompareSettings())
+    assert [d.max_abs for d in diffs[:3]] == [0.0, math.inf, math.inf]
+    assert [d.agree for d in diffs] == [2, 1, 1, 2]  # one-sided NaN disagrees; NaN on both sides agrees
+    assert diffs[1].max_rel == math.inf and diffs[2].mean_abs == math.inf
+    assert diffs[3].max_abs == pytest.approx(0.1) and diffs[3].outputs[0]["mean_abs"] == pytest.approx(0.05)
+    classes = compare_outputs(
+        {"p": np.array([[nan, 0.5], [np.inf, 0.1]])}, {"p": np.array([[0.5, 0.5], [np.inf, 0.1]])}, CompareSettings()
+    )
+    assert (classes.max_abs, classes.agree) == (math.inf, 1)  # the same infinity is no difference
+    assert classes.outputs[0]["max_rel"] == math.inf
+    clock = Clock()
+    stats = ShadowStats(clock=clock)
+    stats.compared_many(
+        "ranker",
+        "2.0",
+        [
+            ComparisonRecord(clock.now, f"r{i}", "1.0", d.max_abs, d.mean_abs, d.max_rel, d.rows, d.agree, 0.001, 0.002)
+            for i, d in enumerate(diffs)
+        ],
+    )
+    report = stats.report("ranker", "2.0", top=2)
+    assert report.diff_quantiles["max"] == math.inf and report.diff_quantiles["p50"] == math.inf
+    assert not any(math.isnan(v) for v in report.diff_quantiles.values())
+    assert report.top_divergent == [("r1", math.inf), ("r2", math.inf)]
+    histogram = dict(report.diff_histogram)
+    assert sum(histogram.values()) == 4 and (histogram[0.0], histogram[0.1], histogram[math.inf]) == (1, 1, 2)
+    assert (report.decisions, report.agree) == (8, 6)

@@ -126,3 +126,28 @@ def test_store_keeps_weighted_and_pinned_series_apart() -> None:
     assert store.window(SeriesKey("ctr-ranker", "1.13")).stats(60).errors == 1
     assert store.window(SeriesKey("ctr-ranker", "1.13", pinned=True)).stats(60).errors == 0
     assert len(list(store.keys())) == 2
+
+
+def test_a_window_made_before_any_request_counts_nans_once_features_arrive() -> None:
+    clock = FakeClock()
+    store = WindowStore(600, clock=clock)
+    window = store.window(SeriesKey("ctr-ranker", "1.13"))  # the guardian looked first: no features known
+    window.record(0.001, "OK", rows=10)
+    clock.advance(1)
+    window.record(0.001, "OK", rows=10, nan_per_feature=[0, 4, 0])
+    stats = window.stats(600)  # the window starts at a snapshot taken before the counters existed
+    assert stats.nan_counts == (0, 4, 0) and stats.nan_rate(1) == 0.2
+    assert window.stats(1).nan_counts == (0, 4, 0)
+    stable = store.window(SeriesKey("ctr-ranker", "1.12"))
+    store.window(SeriesKey("ctr-ranker", "1.12"), 3).record(0.001, "OK", rows=10)  # no NaN: counters from the model
+    assert stable.stats(600).nan_counts == (0, 0, 0)
+
+
+def test_outcome_totals_outlive_the_window() -> None:
+    clock = FakeClock()
+    window = SlidingWindow(10, clock=clock)
+    for value in (1.0, 0.0, 1.0):
+        window.record_outcome(value)
+        clock.advance(10)
+    assert window.stats(10).outcomes == 0
+    assert window.outcome_totals() == (3, 2.0)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gateway.state import DEFAULT_STORE_URL
 
-def read_current(endpoint: str, store_url: str = "sqlite:///var/gateway.db") -> Path:
+
+def read_current(endpoint: str, store_url: str = DEFAULT_STORE_URL) -> Path:
     """The directory of the endpoint's published batch run (what consumers should read)."""
     from gateway.batch.pointer import BatchPointers
     from gateway.state import open_store

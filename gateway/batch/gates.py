@@ -12,17 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from gateway.batch.score import MANIFEST
+from gateway.config import BatchGatesConfig
 from gateway.errors import ArtifactError, NotFound
 from gateway.repository import file_sha256
-
-
-@dataclass(frozen=True)
-class GateSettings:
-    """Thresholds (the route file's per-endpoint `batch_gates`, or these defaults)."""
-
-    ks_max: float = 0.1
-    mean_shift_max: float = 0.05
-    input_null_rate_max: float | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +30,13 @@ class Gate:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return asdict(self)
+
+    def shown(self, *, threshold: bool = False) -> str:
+        """The value (or the threshold) for people: 4 significant digits, `-` when there is none."""
+        value = self.threshold if threshold else self.value
+        if value is None:
+            return "-"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,9 @@ class Run:
         return self.path / str(self.manifest["output"]["file"])
 
     def verify(self) -> None:
-        """ArtifactError unless the predictions file matches its manifest digest."""
+        """ArtifactError unless the manifest is in place and the predictions file matches its digest."""
+        if not (self.path / MANIFEST).is_file():
+            raise ArtifactError(f"{self.path} is missing (no {MANIFEST}): the run's directory was moved or deleted")
         if not self.predictions.is_file():
             raise ArtifactError(f"{self.predictions} is missing; this run cannot be published or pointed to")
         actual = file_sha256(self.predictions)
@@ -94,7 +95,7 @@ def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(cdf_a - cdf_b)))
 
 
-def evaluate_gates(run: Run, published: Run | None, settings: GateSettings) -> list[Gate]:
+def evaluate_gates(run: Run, published: Run | None, settings: BatchGatesConfig) -> list[Gate]:
     """Every gate for `run`, compared with the currently published run when there is one."""
     gates: list[Gate] = []
     try:
@@ -104,7 +105,8 @@ def evaluate_gates(run: Run, published: Run | None, settings: GateSettings) -> l
         return [Gate("files_intact", None, None, False, err.message)]
     input_rows = int(run.manifest["input"]["rows"])
     output_rows = int(pq.ParquetFile(run.predictions).metadata.num_rows)
-    gates.append(Gate("row_count", output_rows, input_rows, output_rows == input_rows, "output rows = input rows"))
+    detail = "output rows vs the input file's own row count"
+    gates.append(Gate("row_count", output_rows, input_rows, output_rows == input_rows, detail))
     scores = run.score_column()
     nulls = int(np.count_nonzero(~np.isfinite(scores)))
     gates.append(Gate("no_null_scores", nulls, 0, nulls == 0, "scores that are null or NaN"))

@@ -15,14 +15,33 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from gateway.batch.gates import Gate, GateSettings, Run, evaluate_gates
+from gateway.batch.gates import Gate, Run, evaluate_gates
+from gateway.config import BatchGatesConfig
 from gateway.errors import FailedPrecondition, InvalidInput, NotFound
 from gateway.state import AuditDraft, AuditEntry, StateStore
 
 RUN = "batch-run"
 POINTER = "batch-pointer"
+_FIRST_PAGE = 1_000
+
+T = TypeVar("T")
+
+
+def _newest(fetch: Callable[[int], list[T]], keep: Callable[[T], bool], want: int | None = None) -> list[T]:
+    """The newest items `keep` accepts (`want` of them, or all), from a store that can neither filter nor page.
+
+    Asks `fetch(limit)` for the newest `limit` items, with a larger limit until enough are kept or
+    fewer than asked come back (the store has no more).
+    """
+    limit = _FIRST_PAGE if want is None else max(_FIRST_PAGE, want * 4)
+    while True:
+        items = fetch(limit)
+        kept = [item for item in items if keep(item)]
+        if len(items) < limit or (want is not None and len(kept) >= want):
+            return kept if want is None else kept[:want]
+        limit *= 4
 
 
 @dataclass
@@ -101,11 +120,8 @@ class BatchPointers:
     def runs(self, endpoint: str) -> list[RunRecord]:
         """Every recorded run of an endpoint, newest first."""
         prefix = f"{endpoint}/"
-        return [
-            RunRecord(**json.loads(body))
-            for key, _, body in self._store.list_records(RUN, 10_000)
-            if key.startswith(prefix)
-        ]
+        rows = _newest(lambda limit: self._store.list_records(RUN, limit), lambda row: row[0].startswith(prefix))
+        return [RunRecord(**json.loads(body)) for _, _, body in rows]
 
     def locate(self, endpoint: str, run: str, output_root: Path | None = None) -> Run:
         """A run by id (from the store, or under `output_root`) or by path."""
@@ -136,9 +152,14 @@ class BatchPointers:
             pointer = self.current(endpoint)
         except NotFound:
             return None
-        return Run.load(pointer.path)
+        try:
+            return Run.load(pointer.path)
+        except NotFound:
+            # Its directory is gone: a damaged published run, which `Run.verify` reports and the
+            # gates handle, so that a good run can replace it.
+            return Run(pointer.path, {"run_id": pointer.run_id})
 
-    def validate(self, endpoint: str, run: Run, settings: GateSettings) -> list[Gate]:
+    def validate(self, endpoint: str, run: Run, settings: BatchGatesConfig) -> list[Gate]:
         """Run every gate against the currently published run; records the results."""
         if run.manifest["endpoint"] != endpoint:
             raise InvalidInput(f"run {run.run_id} was scored for {run.manifest['endpoint']}, not {endpoint}")
@@ -182,7 +203,7 @@ class BatchPointers:
         actor: str,
         endpoint: str,
         run: Run,
-        settings: GateSettings,
+        settings: BatchGatesConfig,
         *,
         force: bool = False,
         reason: str = "",
@@ -200,7 +221,7 @@ class BatchPointers:
         if any(g.name == "files_intact" for g in failed):
             raise FailedPrecondition(f"{run.run_id}: {failed[0].detail}")
         if failed and not force:
-            listed = "; ".join(f"{g.name} {_value(g)} (limit {_value(g, threshold=True)})" for g in failed)
+            listed = "; ".join(f"{g.name} {g.shown()} (limit {g.shown(threshold=True)})" for g in failed)
             raise FailedPrecondition(f"{run.run_id} failed its gates: {listed}; fix the run, or --force --reason")
         if force and not reason.strip():
             raise InvalidInput("--force needs --reason: forcing past failed gates is audited", field="reason")
@@ -243,11 +264,4 @@ class BatchPointers:
 
     def history(self, endpoint: str, limit: int = 100) -> list[AuditEntry]:
         """Who published, rolled back or froze what, newest first."""
-        return [e for e in self._store.audit(endpoint, limit * 4) if e.action.startswith("batch-")][:limit]
-
-
-def _value(gate: Gate, *, threshold: bool = False) -> str:
-    value = gate.threshold if threshold else gate.value
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+        return _newest(lambda n: self._store.audit(endpoint, n), lambda e: e.action.startswith("batch-"), limit)

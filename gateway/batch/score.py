@@ -10,12 +10,11 @@ the manifest (with their sha256) are complete: a crash leaves no publishable run
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
@@ -57,14 +57,37 @@ def _batches(path: Path, chunk_rows: int) -> tuple[pa.Schema, Iterator[pa.Record
     raise InvalidInput(f"{path}: unsupported input format {path.suffix!r}; use .parquet or .csv")
 
 
-def _row_count(path: Path) -> int | None:
+def _parquet_rows(path: Path) -> int | None:
     if path.suffix.lower() in (".parquet", ".pq"):
         return int(pq.ParquetFile(path).metadata.num_rows)
     return None
 
 
+def _row_count(path: Path) -> int:
+    """The input's rows, read apart from the scoring loop, so the row_count gate can catch lost rows."""
+    rows = _parquet_rows(path)
+    if rows is not None:
+        return rows
+    # One column is enough to count CSV rows, and converts far less than the scoring read.
+    first = pcsv.open_csv(path).schema.names[:1]
+    reader = pcsv.open_csv(path, convert_options=pcsv.ConvertOptions(include_columns=first))
+    return sum(len(batch) for batch in reader)
+
+
+def _numeric(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind))
+
+
+def _is_list(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind))
+
+
 class ColumnMapper:
-    """Turns a record batch into the model's input array."""
+    """Turns a record batch into the model's input array.
+
+    The input is one numeric list column of `width` values per row, or `width` numeric columns;
+    anything else is refused here, before any row is read, with the column and its type named.
+    """
 
     def __init__(self, schema: pa.Schema, input_name: str, width: int, columns: Sequence[str] = ()) -> None:
         self.input_name = input_name
@@ -74,30 +97,50 @@ class ColumnMapper:
             if missing:
                 raise InvalidInput(f"--columns names {missing} not in the input; columns: {', '.join(names)}")
             self.columns = list(columns)
-        elif (input_name in names and pa.types.is_list(schema.field(input_name).type)) or (
-            input_name in names and pa.types.is_fixed_size_list(schema.field(input_name).type)
-        ):
+        elif input_name in names and _is_list(schema.field(input_name).type):
             self.columns = [input_name]
         else:
-            self.columns = [f.name for f in schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
-        self.list_column = len(self.columns) == 1 and not (
-            pa.types.is_integer(schema.field(self.columns[0]).type)
-            or pa.types.is_floating(schema.field(self.columns[0]).type)
-        )
-        count = width if self.list_column else len(self.columns)
-        if count != width:
+            self.columns = [f.name for f in schema if _numeric(f.type)]
+        kinds = [schema.field(c).type for c in self.columns]
+        self.list_column = len(kinds) == 1 and _is_list(kinds[0])
+        self.width = width
+        expected = f"{width} numbers per row: a list column of {width} numbers, or {width} numeric columns"
+        if self.list_column:
+            kind = kinds[0]
+            if not _numeric(kind.value_type) or (pa.types.is_fixed_size_list(kind) and kind.list_size != width):
+                raise InvalidInput(
+                    f"column {self.columns[0]!r} is {kind}, but the model input {input_name!r} takes {expected}"
+                )
+            return
+        wrong = [(c, k) for c, k in zip(self.columns, kinds, strict=True) if not _numeric(k)]
+        if wrong:
+            column, kind = wrong[0]
+            raise InvalidInput(f"column {column!r} is {kind}, but the model input {input_name!r} takes {expected}")
+        if len(self.columns) != width:
             raise InvalidInput(
                 f"the model input {input_name!r} takes {width} features per row, but {len(self.columns)} numeric "
                 f"columns were found ({', '.join(self.columns[:6])}{'...' if len(self.columns) > 6 else ''}); "
                 f"use --columns, or a list column named {input_name!r}"
             )
-        self.width = width
+
+    def _flat(self, column: pa.Array) -> pa.Array:
+        """A list column's values, [rows x width] of them (variable-size lists are checked per batch)."""
+        flat = column.flatten()
+        if len(flat) != len(column) * self.width or (
+            not pa.types.is_fixed_size_list(column.type)
+            and pc.min_max(pc.list_value_length(column)).as_py() != {"min": self.width, "max": self.width}
+        ):
+            raise InvalidInput(
+                f"column {self.columns[0]!r} has a null or a list that is not {self.width} values long; "
+                f"the model input {self.input_name!r} takes {self.width} numbers per row"
+            )
+        return flat
 
     def null_counts(self, batch: pa.RecordBatch) -> np.ndarray:
         """Missing (null) input values per feature in this batch, from Arrow's null bitmaps (no scan)."""
         if self.list_column:
             column = batch.column(self.columns[0])
-            flat = column.flatten()
+            flat = self._flat(column)
             if not flat.null_count:
                 return np.zeros(self.width, dtype=np.int64)
             mask = flat.is_null().to_numpy(zero_copy_only=False).reshape(len(column), self.width)
@@ -109,7 +152,7 @@ class ColumnMapper:
         """[rows, width] float32 (nulls become NaN)."""
         if self.list_column:
             column = batch.column(self.columns[0])
-            values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+            values = self._flat(column).to_numpy(zero_copy_only=False).astype(np.float32)
             result: np.ndarray = values.reshape(len(column), self.width)
             return result
         return np.column_stack(
@@ -118,7 +161,7 @@ class ColumnMapper:
 
 
 class Progress:
-    """A progress line on stderr with rows/s (quiet when not a terminal, unless forced)."""
+    """A progress line on stderr with rows/s, when `enabled` (the CLI enables it only on a terminal)."""
 
     def __init__(self, total: int | None, enabled: bool) -> None:
         self.total = total
@@ -191,48 +234,57 @@ class _Scored:
     null_inputs: np.ndarray
 
 
-def score(
-    request: ScoreRequest,
-    repository: ModelRepository,
-    *,
-    clock: Callable[[], float] = time.time,
-    after_chunk: Callable[[int], None] | None = None,
-) -> ScoreResult:
+def score(request: ScoreRequest, repository: ModelRepository) -> ScoreResult:
     """Score the input with one version; returns the finished run."""
-    started_at = clock()
+    started_at = time.time()
     run_id = check_run_id(request.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started_at)))
     base = request.output_root / request.endpoint
     final = base / run_id
     if final.exists():
         raise AlreadyExists(f"{final} exists; runs are immutable: choose a new --run-id")
+    model = OnnxModel(repository.read_verified(request.artifact), source=request.artifact.path)
+    if len(model.inputs) != 1 or len(model.float_inputs) != 1:
+        signature = ", ".join(f"{s.name} {s.describe()}" for s in model.inputs)
+        raise InvalidInput(f"{request.endpoint} {request.version} takes {signature}; batch takes one float input")
+    input_name, width = model.float_inputs[0]
+    schema, batches = _batches(request.input_path, request.chunk_rows)
+    mapper = ColumnMapper(schema, input_name, width, request.columns)
+    missing = [c for c in request.keep_columns if c not in schema.names]
+    if missing:
+        raise InvalidInput(f"--keep-columns {missing} are not in the input; columns: {', '.join(schema.names)}")
     partial = base / f".{run_id}.partial"
     if partial.exists():
         shutil.rmtree(partial)  # the leftovers of a crashed attempt are never published
     partial.mkdir(parents=True)
-    model = OnnxModel(repository.read_verified(request.artifact), source=request.artifact.path)
-    if len(model.inputs) != 1:
-        raise InvalidInput(f"{request.endpoint} {request.version} takes {len(model.inputs)} inputs; batch takes one")
-    spec = model.inputs[0]
-    width = math.prod(d or 1 for d in spec.shape[1:])
-    schema, batches = _batches(request.input_path, request.chunk_rows)
-    mapper = ColumnMapper(schema, spec.name, width, request.columns)
-    missing = [c for c in request.keep_columns if c not in schema.names]
-    if missing:
-        raise InvalidInput(f"--keep-columns {missing} are not in the input; columns: {', '.join(schema.names)}")
-    bar = Progress(_row_count(request.input_path), request.progress)
-    # Hash the input beside the scoring (hashlib releases the GIL): the digest is ready when scoring ends.
+    try:
+        manifest = _score_into(partial, request, model, mapper, batches, run_id=run_id, started_at=started_at)
+        os.rename(partial, final)  # atomic: the run appears whole or not at all
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a failed run leaves nothing behind (a kill still may)
+        raise
+    rows = int(manifest["output"]["rows"])
+    return ScoreResult(run_id, final, rows, float(manifest["finished_at"]) - started_at, manifest)
+
+
+def _score_into(
+    partial: Path,
+    request: ScoreRequest,
+    model: OnnxModel,
+    mapper: ColumnMapper,
+    batches: Iterator[pa.RecordBatch],
+    *,
+    run_id: str,
+    started_at: float,
+) -> dict[str, Any]:
+    """Write the predictions and their manifest into `partial`; returns the manifest."""
+    bar = Progress(_parquet_rows(request.input_path), request.progress)
+    # Hash (and count) the input beside the scoring (hashlib releases the GIL): both are ready when scoring ends.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="input-sha256") as hasher:
         input_digest = hasher.submit(file_sha256, request.input_path)
-        scored = _write(
-            partial / PREDICTIONS,
-            batches,
-            mapper,
-            model=model,
-            keep=request.keep_columns,
-            bar=bar,
-            after_chunk=after_chunk,
-        )
+        input_rows = hasher.submit(_row_count, request.input_path)
+        scored = _write(partial / PREDICTIONS, batches, mapper, model=model, keep=request.keep_columns, bar=bar)
         input_sha256 = input_digest.result()
+    feature_names = model.feature_names if mapper.list_column else mapper.columns
     manifest = {
         "endpoint": request.endpoint,
         "run_id": run_id,
@@ -240,10 +292,10 @@ def score(
         "input": {
             "path": str(request.input_path.resolve()),
             "sha256": input_sha256,
-            "rows": scored.rows,
+            "rows": input_rows.result(),
         },
         "input_columns": mapper.columns,
-        "input_null_counts": {n: int(c) for n, c in zip(_feature_names(mapper), scored.null_inputs, strict=True)},
+        "input_null_counts": {n: int(c) for n, c in zip(feature_names, scored.null_inputs, strict=True)},
         "output": {
             "file": PREDICTIONS,
             "sha256": file_sha256(partial / PREDICTIONS),
@@ -253,7 +305,7 @@ def score(
         },
         "score_summary": _summary(scored.scores),
         "started_at": started_at,
-        "finished_at": clock(),
+        "finished_at": time.time(),
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
     fd = os.open(partial, os.O_RDONLY)
@@ -261,8 +313,7 @@ def score(
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(partial, final)  # atomic: the run appears whole or not at all
-    return ScoreResult(run_id, final, scored.rows, float(manifest["finished_at"]) - started_at, manifest)  # type: ignore[arg-type]
+    return manifest
 
 
 def _write(
@@ -273,7 +324,6 @@ def _write(
     model: OnnxModel,
     keep: Sequence[str],
     bar: Progress,
-    after_chunk: Callable[[int], None] | None,
 ) -> _Scored:
     """Score chunk by chunk into one Parquet file; memory follows the chunk size."""
     writer: pq.ParquetWriter | None = None
@@ -295,8 +345,8 @@ def _write(
             parts.append(outputs[0].reshape(len(features), -1)[:, 0].astype(np.float32))
             rows += len(features)
             bar.update(rows)
-            if after_chunk is not None:
-                after_chunk(rows)
+    except pa.ArrowInvalid as err:  # a value the reader or writer cannot convert, found mid-file
+        raise InvalidInput(f"the input cannot be read as the model's features: {err}") from None
     finally:
         if writer is not None:
             writer.close()
@@ -304,12 +354,6 @@ def _write(
     if writer is None:
         raise InvalidInput("the input has no rows")
     return _Scored(rows, np.concatenate(parts), null_inputs)
-
-
-def _feature_names(mapper: ColumnMapper) -> list[str]:
-    if mapper.list_column:
-        return [f"{mapper.columns[0]}[{i}]" for i in range(mapper.width)]
-    return list(mapper.columns)
 
 
 def _output_table(

@@ -19,6 +19,7 @@ import grpc
 from gateway.cli.output import fail, print_json, rpc_failure, table, when
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
+from gateway.routing import format_traffic
 
 ENV_TARGET = "GATEWAY_ADMIN_TARGET"
 ENV_TOKEN = "GATEWAY_ADMIN_TOKEN"
@@ -162,7 +163,7 @@ def _revisions(client: AdminClient, args: argparse.Namespace) -> None:
         [
             r.revision,
             when(r.committed_at),
-            "; ".join(f"{e.name} " + ", ".join(f"{v} {w}%" for v, w in sorted(e.traffic.items())) for e in r.endpoints),
+            "; ".join(f"{e.name} {format_traffic(e.traffic)}" for e in r.endpoints),
         ]
         for r in response.revisions
     ]
@@ -273,7 +274,9 @@ def _mutation(args: argparse.Namespace) -> tuple[str, Any]:
         ),
         "label": lambda: (
             "SetLabel",
-            pb.SetLabelRequest(endpoint=args.endpoint, label=args.label, version=args.version or "", **common),
+            pb.SetLabelRequest(
+                endpoint=args.endpoint, label=args.label, version="" if args.remove else args.version, **common
+            ),
         ),
         "promote": lambda: ("Promote", pb.PromoteRequest(endpoint=args.endpoint, **common)),
         "rollback": lambda: (
@@ -345,6 +348,8 @@ def _usage_problem(args: argparse.Namespace) -> str:
         return "give --percent P (1..100) or --off"
     if command == "label" and not args.version and not args.remove:
         return "give the VERSION the label should point at, or --remove to delete the label"
+    if command == "label" and args.version and args.remove:
+        return f"--remove deletes the label: give no VERSION (got {args.version!r})"
     return ""
 
 

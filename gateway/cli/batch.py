@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.batch.gates import Gate, GateSettings, Run
+from gateway.batch.gates import Gate, Run
 from gateway.batch.pointer import BatchPointers
 from gateway.batch.score import ScoreRequest, score
 from gateway.cli.output import fail, print_json, table, when
-from gateway.config import load_config
+from gateway.config import BatchGatesConfig, load_config
 from gateway.desired import DesiredState
 from gateway.errors import GatewayError
 from gateway.repository import Artifact, ModelRepository
-from gateway.state import StateStore, open_store
+from gateway.state import DEFAULT_STORE_URL, StateStore, open_store
 
-DEFAULT_STORE = "sqlite:///var/gateway.db"
 DEFAULT_CONFIG = "models/gateway.yaml"
 DEFAULT_OUTPUT = "var/batch"
 
@@ -32,20 +32,15 @@ def _artifact(store: StateStore, repository: ModelRepository, endpoint: str, ver
     return repository.from_manifest(endpoint, version)
 
 
-def _settings(args: argparse.Namespace, endpoint: str) -> GateSettings:
+def _settings(args: argparse.Namespace, endpoint: str) -> BatchGatesConfig:
     config = load_config(Path(args.config))
-    gates = config.endpoints[endpoint].batch_gates if endpoint in config.endpoints else None
-    settings = GateSettings(**gates.model_dump()) if gates else GateSettings()
+    gates = config.endpoints[endpoint].batch_gates if endpoint in config.endpoints else BatchGatesConfig()
     overrides = {k: v for k, v in (("ks_max", args.ks_max), ("mean_shift_max", args.mean_shift_max)) if v is not None}
-    return GateSettings(**{**settings.__dict__, **overrides})
+    return gates.overridden("command line", **overrides)
 
 
 def _print_gates(gates: list[Gate]) -> None:
-    rows = []
-    for gate in gates:
-        value = "-" if gate.value is None else (f"{gate.value:.4g}" if isinstance(gate.value, float) else gate.value)
-        limit = "-" if gate.threshold is None else gate.threshold
-        rows.append([gate.name, value, limit, "pass" if gate.passed else "FAIL", gate.detail])
+    rows = [[g.name, g.shown(), g.shown(threshold=True), "pass" if g.passed else "FAIL", g.detail] for g in gates]
     print(table(["GATE", "VALUE", "THRESHOLD", "RESULT", "DETAIL"], rows))
 
 
@@ -62,7 +57,7 @@ def _score(args: argparse.Namespace, store: StateStore, pointers: BatchPointers)
         columns=args.columns.split(",") if args.columns else (),
         keep_columns=args.keep_columns.split(",") if args.keep_columns else (),
         chunk_rows=args.chunk_rows,
-        progress=not args.json,
+        progress=not args.json and sys.stderr.isatty(),
     )
     result = score(request, repository)
     pointers.register(Run.load(result.path))
@@ -164,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
 def register(commands: Any) -> None:
     """Add `gateway batch` and its subcommands."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", default=DEFAULT_STORE, help=f"state store URL (default {DEFAULT_STORE})")
+    common.add_argument("--store", default=DEFAULT_STORE_URL, help=f"state store URL (default {DEFAULT_STORE_URL})")
     common.add_argument("--config", default=DEFAULT_CONFIG, help="route file: model root and per-endpoint batch_gates")
     common.add_argument("--output-root", default=DEFAULT_OUTPUT, help=f"where runs live (default {DEFAULT_OUTPUT})")
     common.add_argument("--actor", default="batch", help="who this is, for the audit log (default batch)")

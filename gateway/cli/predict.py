@@ -10,7 +10,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from gateway.cli.output import fail, print_json
+from gateway.cli.output import fail, print_json, rpc_failure
+from gateway.errors import GatewayError
 
 DEFAULT_TARGET = "localhost:8001"
 
@@ -40,6 +41,7 @@ def _read_features(value: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Send one Predict request and print the served version, arm and outputs."""
+    from gateway.grpc.converters import tensor, tensor_array
     from gateway.pb.gateway.v1 import inference_pb2 as gw
     from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
     from gateway.pb.inference import grpc_service_pb2 as oip
@@ -63,27 +65,22 @@ def run(args: argparse.Namespace) -> int:
             specs = {t.name: t for t in metadata.inputs}
             for name, values in named.items():
                 spec = specs.get(name)
-                datatype = DataType(spec.datatype) if spec else DataType.FP32
+                datatype = DataType.parse(spec.datatype, what=f"input {name!r}") if spec else DataType.FP32
                 array = np.asarray(values, dtype=datatype.numpy)
                 if spec and array.ndim == len(spec.shape) - 1:
                     array = array[np.newaxis, ...]  # one row: add the batch dimension
-                request.inputs.add(
-                    name=name,
-                    datatype=gw.DataType.Value(f"DATA_TYPE_{datatype.value}"),
-                    shape=array.shape,
-                    data=array.tobytes(),
-                )
+                request.inputs.append(tensor(name, array))
             response = gw_grpc.InferenceStub(channel).Predict(request, timeout=args.timeout)
         except grpc.RpcError as err:
-            return fail(f"{err.code().name}: {err.details()}")
+            return rpc_failure(err)
         except (ValueError, TypeError) as err:
             return fail(f"--features: {err}")
-    outputs = {
-        t.name: np.frombuffer(t.data, dtype=DataType(gw.DataType.Name(t.datatype).removeprefix("DATA_TYPE_")).numpy)
-        .reshape(t.shape)
-        .tolist()
-        for t in response.outputs
-    }
+        except GatewayError as err:
+            return fail(err.message)
+    try:
+        outputs = {t.name: tensor_array(t).tolist() for t in response.outputs}
+    except GatewayError as err:
+        return fail(f"the response: {err.message}")
     if args.json:
         print_json(
             {

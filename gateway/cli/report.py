@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +12,9 @@ import grpc
 from gateway.cli.admin import AdminClient, connection_options
 from gateway.cli.output import fail, print_json, rpc_failure, table
 from gateway.cli.report_html import render
+from gateway.errors import InvalidInput
+from gateway.guardrails.rules import parse_duration
 from gateway.pb.gateway.v1 import admin_pb2 as pb
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> int:
-    """`90s`, `15m`, `2h`, `1d` (or plain seconds) as seconds."""
-    match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(f"{text!r} is not a duration: use a number with s, m, h or d (e.g. 15m)")
-    return int(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
 def _quantiles(q: pb.Quantiles) -> dict[str, float]:
@@ -97,9 +88,9 @@ def _print(body: dict[str, Any]) -> None:
 def run_shadow(args: argparse.Namespace) -> int:
     """Fetch and show one shadow report."""
     try:
-        window = parse_duration(args.since)
-    except ValueError as err:
-        return fail(f"--since: {err}", 2)
+        window = parse_duration(args.since, bare_seconds=True)
+    except InvalidInput as err:
+        return fail(f"--since: {err.message}", 2)
     client = AdminClient(args)
     try:
         report = client.call(

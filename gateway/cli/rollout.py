@@ -10,7 +10,8 @@ import grpc
 
 from gateway.cli.admin import AdminClient, change_options, connection_options
 from gateway.cli.output import fail, print_json, rpc_failure, table, when
-from gateway.cli.report import parse_duration
+from gateway.errors import InvalidInput
+from gateway.guardrails.rules import parse_duration
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 
 
@@ -52,9 +53,11 @@ def run_rollout(args: argparse.Namespace) -> int:
         if args.rollout_command == "start":
             try:
                 steps = [int(s) for s in args.steps.split(",")]
-                step_seconds = parse_duration(args.step_duration)
+                step_seconds = parse_duration(args.step_duration, bare_seconds=True)
             except ValueError as err:
                 return fail(f"{err}", 2)
+            except InvalidInput as err:
+                return fail(f"--step-duration: {err.message}", 2)
             status = client.call(
                 "StartRollout",
                 pb.StartRolloutRequest(

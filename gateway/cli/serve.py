@@ -12,9 +12,11 @@ from typing import Any
 from gateway.app import Gateway, ServerLimits
 from gateway.auth import ENV_TOKENS, AdminTokens
 from gateway.cli.output import fail
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InvalidInput
+from gateway.guardrails.rules import parse_duration
+from gateway.routing import format_traffic
 from gateway.shadow.runner import ShadowSettings
-from gateway.state import open_store
+from gateway.state import DEFAULT_STORE_URL, open_store
 from gateway.telemetry.setup import TelemetrySettings, build_telemetry
 from gateway.telemetry.tracing import Sampler
 
@@ -23,7 +25,6 @@ log = logging.getLogger("gateway")
 DEFAULT_CONFIG = "models/gateway.yaml"
 DEFAULT_LISTEN = "127.0.0.1:8001"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8002"
-DEFAULT_STORE = "sqlite:///var/gateway.db"
 
 
 def register(commands: Any) -> None:
@@ -41,7 +42,7 @@ def register(commands: Any) -> None:
     )
     serve.add_argument(
         "--store",
-        default=DEFAULT_STORE,
+        default=DEFAULT_STORE_URL,
         help="state store: sqlite:///relative/path.db or sqlite:////absolute/path.db (default %(default)s)",
     )
     serve.add_argument(
@@ -88,6 +89,11 @@ def register(commands: Any) -> None:
     serve.add_argument(
         "--guardian-tick", type=float, default=1.0, help="seconds between guardrail evaluations (default 1)"
     )
+    serve.add_argument(
+        "--window-history",
+        default="30m",
+        help="how far back the guardrail windows reach; a rule's window may not be longer (default %(default)s)",
+    )
     serve.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
     serve.add_argument("--grace", type=float, default=5.0, help="seconds to finish in-flight calls on stop")
     serve.set_defaults(handler=run)
@@ -97,9 +103,18 @@ async def _serve(args: argparse.Namespace) -> int:
     from gateway.grpc.server import start_admin_server, start_inference_server
 
     tokens = AdminTokens.load(args.admin_tokens_file)
+    try:
+        history = parse_duration(args.window_history, bare_seconds=True)
+    except InvalidInput as err:
+        raise InvalidInput(f"--window-history: {err.message}") from None
     sampler = Sampler(ratio=args.trace_sample) if args.trace_sample is not None else None
     runtime = build_telemetry(
-        TelemetrySettings(metrics_listen=args.metrics_listen, otlp_endpoint=args.otlp_endpoint, sampler=sampler)
+        TelemetrySettings(
+            metrics_listen=args.metrics_listen,
+            otlp_endpoint=args.otlp_endpoint,
+            window_horizon_seconds=history,
+            sampler=sampler,
+        )
     )
     store = open_store(args.store)
     try:
@@ -131,8 +146,7 @@ async def _serve(args: argparse.Namespace) -> int:
     host = args.listen.rsplit(":", 1)[0]
     admin_host = args.admin_listen.rsplit(":", 1)[0]
     summary = "; ".join(
-        f"{name} " + ", ".join(f"{v} {w}%" for v, w in routes.weights.items())
-        for name, routes in gateway.router.table.endpoints.items()
+        f"{name} {format_traffic(routes.weights)}" for name, routes in gateway.router.table.endpoints.items()
     )
     metrics = (
         f", metrics on {args.metrics_listen.rsplit(':', 1)[0]}:{runtime.metrics_port}" if runtime.prometheus else ""

@@ -64,6 +64,20 @@ def predict_response(result: InferResult) -> gw.PredictResponse:
     return response
 
 
+def tensor(name: str, array: np.ndarray) -> gw.Tensor:
+    """One array as a gateway.v1 tensor (raw little-endian bytes), as clients send inputs."""
+    datatype = _PB_BY_DTYPE.get(array.dtype) or _TO_PB[DataType.of(array.dtype)]
+    return gw.Tensor(name=name, datatype=datatype, shape=array.shape, data=_little_endian_bytes(array))
+
+
+def tensor_array(tensor: gw.Tensor) -> np.ndarray:
+    """One gateway.v1 tensor as an array, with the same checks as a request's (InvalidInput)."""
+    dtype = _NUMPY_FROM_PB.get(tensor.datatype)
+    if dtype is None:
+        _explain_tensor(tensor, {})
+    return array_from_bytes(tensor.data, dtype, tensor.shape, name=tensor.name)  # type: ignore[arg-type]
+
+
 def _little_endian_bytes(array: np.ndarray) -> bytes:
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))

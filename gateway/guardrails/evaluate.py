@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.guardrails.rules import Metric, Rule, RuleSet
-from gateway.guardrails.sequential import SequentialDropTest
+from gateway.guardrails.sequential import CtrExperiment, SequentialDropTest
 from gateway.telemetry.windows import WindowStats
 
 
@@ -81,9 +81,8 @@ class Comparison:
     candidate: str
     baseline: str
     c: WindowStats
-    b: WindowStats | None
     feature_names: Sequence[str] = ()
-    ctr_test: SequentialDropTest | None = None
+    ctr_test: CtrExperiment | None = None
 
     def verdict(self, observed: float, samples: dict[str, int], **kw: Any) -> Verdict:
         """A verdict on an observed value."""
@@ -98,10 +97,17 @@ def evaluate(
     baseline_stats: WindowStats | None,
     *,
     feature_names: Sequence[str] = (),
-    ctr_test: SequentialDropTest | None = None,
+    ctr_test: CtrExperiment | None = None,
 ) -> Verdict:
-    """Evaluate one rule on the candidate's and the baseline's windows."""
-    comparison = Comparison(rule, candidate, baseline, candidate_stats, baseline_stats, feature_names, ctr_test)
+    """Evaluate one rule on the candidate's and the baseline's windows.
+
+    `ctr_test` is the candidate's running CTR experiment (the guardian keeps one per candidate and
+    share); without it a ctr_drop rule takes one look at the windows' counts.
+    """
+    problem = rule.history_problem(candidate_stats.seconds)
+    if problem:  # the window was cut to the history kept: never judge on less than the rule says
+        return Verdict(rule, candidate, baseline, Status.INCONCLUSIVE, math.nan, {}, detail=problem)
+    comparison = Comparison(rule, candidate, baseline, candidate_stats, feature_names, ctr_test)
     if rule.metric in (Metric.SHADOW_DISAGREEMENT, Metric.ERROR_RATE, Metric.LATENCY_P95_MS):
         return _ABSOLUTE[rule.metric](comparison)
     if baseline_stats is None:
@@ -142,16 +148,20 @@ def _latency_ratio(x: Comparison, b: WindowStats) -> Verdict:
 def _null_rate(x: Comparison, b: WindowStats) -> Verdict:
     c = x.c
     samples = {x.candidate: c.rows, x.baseline: b.rows}
+    counted = min(len(c.nan_counts), len(b.nan_counts))
+    if not counted or not c.rows or not b.rows:
+        detail = "no NaN counts per feature in the window" if c.rows and b.rows else ""
+        return x.verdict(math.nan, samples, detail=detail)
     names = list(x.feature_names) or [str(i) for i in range(len(c.nan_counts))]
-    indices = range(min(len(c.nan_counts), len(b.nan_counts)))
+    indices = range(counted)
     if x.rule.feature:
         if x.rule.feature not in names:
             listed = ", ".join(names[:8]) + ("..." if len(names) > 8 else "")
             detail = f"no feature {x.rule.feature!r}; features: {listed}"
             return Verdict(x.rule, x.candidate, x.baseline, Status.INCONCLUSIVE, math.nan, samples, detail=detail)
         index = names.index(x.rule.feature)
-        indices = range(index, index + 1)
-    best, worst = 0.0 if not c.nan_counts else math.nan, -1
+        indices = range(index, min(index + 1, counted))
+    best, worst = math.nan, -1
     for i in indices:
         delta = c.nan_rate(i) - b.nan_rate(i)
         if math.isnan(best) or delta > best:
@@ -164,10 +174,13 @@ def _null_rate(x: Comparison, b: WindowStats) -> Verdict:
 
 def _ctr(x: Comparison, b: WindowStats) -> Verdict:
     c = x.c
-    samples = {x.candidate: c.outcomes, x.baseline: b.outcomes}
-    if not c.outcomes or not b.outcomes:
+    if x.ctr_test is not None:
+        result = x.ctr_test.update()
+    else:
+        result = SequentialDropTest().update(c.outcome_sum, c.outcomes, b.outcome_sum, b.outcomes)
+    samples = {x.candidate: result.canary_n, x.baseline: result.stable_n}
+    if not result.canary_n or not result.stable_n:
         return x.verdict(math.nan, samples)
-    result = (x.ctr_test or SequentialDropTest()).update(c.outcome_sum, c.outcomes, b.outcome_sum, b.outcomes)
     values = {"candidate_ctr": result.canary_rate, "baseline_ctr": result.stable_rate}
     return x.verdict(result.relative_drop, samples, p_value=result.p_value, values=values)
 

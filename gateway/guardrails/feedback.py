@@ -78,6 +78,3 @@ class FeedbackJoin:
         series, arm, _ = entry
         self._windows.window(series).record_outcome(outcome)
         return FeedbackResult(True, series.endpoint, series.version, arm)
-
-    def __len__(self) -> int:
-        return len(self._served)

@@ -5,8 +5,12 @@ compared with stable over the same sliding window; shadow versions are checked a
 `shadow_disagreement` rules. When at least `at_least` rules breach, the most severe action of
 the breaching rules runs: `rollback` (through the control plane: all traffic to stable, in
 the same tick), `pause` (holds a running rollout), or `alert-only`. Observe-only rule sets
-record what would have fired. Every breach writes an incident record. The guardian also
-advances rollouts whose step is due and whose rules all pass.
+record what would have fired. Every breach writes an incident record. A breach is acted on
+once while it lasts (observe-only and enforcing count apart), except a rollback that
+happened (a candidate routed to again is judged afresh) or lost a race with another writer
+(tried again next tick). The
+guardian also ends rollouts whose traffic an operator changed, and advances those whose step
+is due and whose rules all pass.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from dataclasses import dataclass
 
 from gateway.control import ControlPlane
 from gateway.desired import EndpointState
-from gateway.errors import GatewayError
+from gateway.errors import Conflict, FailedPrecondition, GatewayError
 from gateway.guardrails.evaluate import Status, Verdict, combine, evaluate
 from gateway.guardrails.incidents import Incident, IncidentLog
-from gateway.guardrails.rollout import RolloutDriver
+from gateway.guardrails.rollout import Rollout, RolloutDriver
 from gateway.guardrails.rules import Action, Metric, RuleSet
-from gateway.guardrails.sequential import SequentialDropTest
+from gateway.guardrails.sequential import CtrExperiment
 from gateway.registry import ModelRegistry
 from gateway.routing import STABLE
 from gateway.telemetry.windows import SeriesKey, WindowStats, WindowStore
@@ -41,7 +45,10 @@ class TickReport:
 
     verdicts: dict[str, list[Verdict]]
     incidents: list[Incident]
-    seconds: float
+
+
+#: (endpoint, candidate, observe-only): a breach the guardian acted on.
+_Breach = tuple[str, str, bool]
 
 
 class Guardian:
@@ -65,8 +72,11 @@ class Guardian:
         self.incidents = incidents
         self._clock = clock
         self.tick_seconds = tick_seconds
-        self._tests: dict[tuple[str, str, str, int], SequentialDropTest] = {}
-        self._firing: set[tuple[str, str]] = set()
+        self._experiments: dict[tuple[str, str, str, int], CtrExperiment] = {}
+        self._evaluated: set[tuple[str, str, str, int]] = set()
+        # Breaches acted on that were still breaching at the last tick: not acted on again until
+        # they stop (see `_rollback` for when a rollback holds).
+        self._holding: set[_Breach] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -79,13 +89,17 @@ class Guardian:
             return ()
         return model.feature_names
 
-    def _test(self, endpoint: str, candidate: str, rule: str, share: int) -> SequentialDropTest:
-        # A new experiment (the candidate's share changed) starts a new sequential test.
+    def _experiment(self, endpoint: str, candidate: str, stable: str, rule: str, share: int) -> CtrExperiment:
+        # A new experiment (the candidate's share changed) starts a new sequential test, counting
+        # outcomes from now on.
         key = (endpoint, candidate, rule, share)
-        test = self._tests.get(key)
-        if test is None:
-            test = self._tests[key] = SequentialDropTest()
-        return test
+        self._evaluated.add(key)
+        experiment = self._experiments.get(key)
+        if experiment is None:
+            experiment = self._experiments[key] = CtrExperiment(
+                self._windows.window(SeriesKey(endpoint, candidate)), self._windows.window(SeriesKey(endpoint, stable))
+            )
+        return experiment
 
     def evaluate_endpoint(self, ep: EndpointState, rules: RuleSet) -> dict[str, list[Verdict]]:
         """Verdicts per candidate (canaries and shadows)."""
@@ -102,49 +116,56 @@ class Guardian:
         canaries = [v for v, w in ep.weights.items() if w > 0 and v != stable]
         for candidate in canaries:
             verdicts = []
-            for rule in rules.rules:
-                if rule.metric is Metric.SHADOW_DISAGREEMENT:
-                    continue
+            feature_names = self._features(ep.name, candidate)
+            for rule in rules.canary_rules:
                 c = stats(candidate, rule.window_seconds)
                 b = stats(stable, rule.window_seconds) if stable else None
-                test = self._test(ep.name, candidate, rule.text, ep.weights[candidate])
-                feature_names = self._features(ep.name, candidate)
+                test = None
+                if rule.metric is Metric.CTR_DROP and stable:
+                    test = self._experiment(ep.name, candidate, stable, rule.text, ep.weights[candidate])
                 verdicts.append(evaluate(rule, candidate, stable, c, b, feature_names=feature_names, ctr_test=test))
             out[candidate] = verdicts
-        shadow_rules = [r for r in rules.rules if r.metric is Metric.SHADOW_DISAGREEMENT]
-        for shadow in ep.shadows if shadow_rules else ():
+        for shadow in ep.shadows if rules.shadow_rules else ():
             out.setdefault(shadow, [])
-            for rule in shadow_rules:
+            for rule in rules.shadow_rules:
                 out[shadow].append(evaluate(rule, shadow, "", stats(shadow, rule.window_seconds), None))
         return out
 
     def tick(self) -> TickReport:
         """Evaluate every endpoint once; act on breaches; advance due rollouts."""
-        started = time.perf_counter()
         seen: dict[str, list[Verdict]] = {}
         incidents: list[Incident] = []
+        holding: set[_Breach] = set()
+        self._evaluated = set()
         for name, ep in self._control.state.endpoints.items():
-            rules = self.rollouts.rules_for(name) or ep.guardrails
-            if not rules.rules:
-                continue
-            by_candidate = self.evaluate_endpoint(ep, rules)
+            rollout = _active(self.rollouts.reconcile(ep, self.rollouts.get(name)))
+            rules = rollout.rule_set() if rollout is not None and rollout.rules else ep.guardrails
+            by_candidate = self.evaluate_endpoint(ep, rules) if rules.rules else {}
             for candidate, verdicts in by_candidate.items():
                 seen[f"{name}/{candidate}"] = verdicts
-                key = (name, candidate)
-                if verdicts and combine(rules, verdicts):
-                    if key not in self._firing:
-                        self._firing.add(key)
-                        incidents.append(self._act(ep, rules, candidate, verdicts))
-                else:
-                    self._firing.discard(key)
-            rollout = self.rollouts.get(name)
-            if rollout is not None and rollout.status == "running":
-                self.rollouts.advance(name, by_candidate.get(rollout.version, []))
-        return TickReport(seen, incidents, time.perf_counter() - started)
+                key = (name, candidate, rules.dry_run)
+                if not verdicts or not combine(rules, verdicts):
+                    continue
+                if key not in self._holding:
+                    incident, hold = self._act(ep, rules, candidate, verdicts, rollout)
+                    incidents.append(incident)
+                    rollout = _active(self.rollouts.get(name))  # the action may have paused or ended it
+                    if not hold:
+                        continue
+                holding.add(key)
+            if rollout is not None:
+                self.rollouts.advance(rollout, rules, by_candidate.get(rollout.version, []))
+        self._holding = holding
+        # Experiments of pairs no longer evaluated (no traffic, rule removed, share changed) end.
+        self._experiments = {k: v for k, v in self._experiments.items() if k in self._evaluated}
+        return TickReport(seen, incidents)
 
     # --- acting ----------------------------------------------------------------------------------
 
-    def _act(self, ep: EndpointState, rules: RuleSet, candidate: str, verdicts: list[Verdict]) -> Incident:
+    def _act(
+        self, ep: EndpointState, rules: RuleSet, candidate: str, verdicts: list[Verdict], rollout: Rollout | None
+    ) -> tuple[Incident, bool]:
+        """Run the breach's action and record the incident; whether to hold off while it keeps breaching."""
         breaching = [v for v in verdicts if v.status is Status.BREACH]
         action = max((v.rule.action for v in breaching), key=_SEVERITY.__getitem__)
         now = self._clock()
@@ -162,48 +183,62 @@ class Guardian:
             traffic_before=dict(ep.weights),
         )
         rule_text = "; ".join(v.rule.text for v in breaching)
+        hold = True
+        touched: Rollout | None = None  # the rollout this incident changed or concerns
         if rules.dry_run:
             incident.outcome = f"observe-only: would have done {action.value}"
         elif candidate in ep.shadows and candidate not in ep.weights:
             incident.outcome = f"alert: shadow {candidate} disagrees with the primary ({rule_text})"
         elif action is Action.ROLLBACK:
-            self._rollback(ep, incident, rule_text)
+            hold, touched = self._rollback(ep, incident, rule_text)
         elif action is Action.PAUSE:
-            rollout = self.rollouts.get(ep.name)
+            incident.outcome = "alert (pause requested, but no rollout is running)"
             if rollout is not None and rollout.status == "running":
-                self.rollouts.pause(ACTOR, ep.name, reason=f"guardrail: {rule_text}")
-                incident.outcome = f"paused the rollout of {rollout.version} at {rollout.share}%"
-            else:
-                incident.outcome = "alert (pause requested, but no rollout is running)"
+                try:
+                    touched = self.rollouts.pause(ACTOR, ep.name, reason=f"guardrail: {rule_text}")
+                    incident.outcome = f"paused the rollout of {rollout.version} at {rollout.share}%"
+                except FailedPrecondition as err:  # an operator paused or ended it meanwhile
+                    incident.outcome = f"alert (pause requested, but {err.message})"
         else:
             incident.outcome = "alert only"
-        rollout = self.rollouts.get(ep.name)
-        if rollout is not None:
+        if touched is None and rollout is not None and rollout.version == candidate:
+            touched = rollout  # the rollout of this candidate: the incident shows where it was
+        if touched is not None:
             incident.rollout = {
-                "version": rollout.version,
-                "steps": rollout.steps,
-                "step_index": rollout.step_index,
-                "status": rollout.status,
+                "version": touched.version,
+                "steps": touched.steps,
+                "step_index": touched.step_index,
+                "status": touched.status,
             }
         self.incidents.save(incident)
         log.warning("incident %s: %s (%s)", incident.id, incident.summary(), incident.outcome)
-        return incident
+        return incident, hold
 
-    def _rollback(self, ep: EndpointState, incident: Incident, rule_text: str) -> None:
+    def _rollback(self, ep: EndpointState, incident: Incident, rule_text: str) -> tuple[bool, Rollout | None]:
+        """Roll back to stable: whether to hold off while the breach lasts, and the rollout it failed.
+
+        A rollback that happened holds nothing (whoever routes to the candidate again gets a
+        fresh decision); one that lost a race with another writer is tried again next tick;
+        one that cannot happen (no stable label, stable not ready) is reported once.
+        """
         if STABLE not in ep.labels:
             incident.outcome = "rollback impossible: the endpoint has no stable label"
-            return
+            return True, None
         try:
             result = self._control.rollback(ACTOR, ep.name, reason=f"guardrail: {rule_text}", trigger="guardrail")
+        except Conflict as err:
+            incident.outcome = f"rollback failed, retrying next tick: {err.message}"
+            return False, None
         except GatewayError as err:
             incident.outcome = f"rollback failed: {err.message}"
-            return
+            return True, None
         incident.revision_after = result.revision
         incident.traffic_after = dict(self._control.state.endpoint(ep.name).weights)
         incident.outcome = f"rolled back to {ep.labels[STABLE]}"
         failed = self.rollouts.failed(ep.name, f"failed: guardrail {rule_text} (incident {incident.id})")
         if failed is not None:
             incident.outcome += f"; rollout of {failed.version} marked failed"
+        return False, failed
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -226,3 +261,7 @@ class Guardian:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+
+
+def _active(rollout: Rollout | None) -> Rollout | None:
+    return rollout if rollout is not None and rollout.active else None

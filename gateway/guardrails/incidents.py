@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gateway.errors import NotFound
+from gateway.routing import format_traffic
 from gateway.state import StateStore
 
 KIND = "incident"
@@ -97,7 +99,7 @@ class Incident:
             if self.revision_after:
                 lines.append(
                     f"Route revision {self.revision_before} -> {self.revision_after}; traffic "
-                    f"{_traffic(self.traffic_before)} -> {_traffic(self.traffic_after)}."
+                    f"{format_traffic(self.traffic_before)} -> {format_traffic(self.traffic_after)}."
                 )
         if self.rollout:
             lines.append(
@@ -120,30 +122,30 @@ class Incident:
         return "\n".join(lines) + "\n"
 
 
-def _traffic(weights: dict[str, int]) -> str:
-    return ", ".join(f"{v} {w}%" for v, w in sorted(weights.items())) or "(none)"
-
-
 class IncidentLog:
     """Incidents in the store (so they survive restarts and, with etcd, are shared)."""
 
     def __init__(self, store: StateStore) -> None:
         self._store = store
-        self._sequence = 0
 
     def new_id(self, endpoint: str, at: float) -> str:
-        """A sortable, readable id."""
-        self._sequence += 1
-        return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(at))}-{endpoint}-{self._sequence}"
+        """A sortable, readable id, unique across restarts and replicas (a random suffix)."""
+        return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(at))}-{endpoint}-{secrets.token_hex(3)}"
 
     def save(self, incident: Incident) -> None:
         """Store (or update) an incident."""
         self._store.put_record(KIND, incident.id, incident.to_json(), incident.at)
 
     def list(self, endpoint: str = "", limit: int = 50) -> list[Incident]:
-        """Newest first."""
-        incidents = [Incident.from_json(body) for _, _, body in self._store.list_records(KIND, limit * 4)]
-        return [i for i in incidents if not endpoint or i.endpoint == endpoint][:limit]
+        """Newest first (of one endpoint, when given)."""
+        fetch = limit * 4 if endpoint else limit
+        while True:
+            rows = self._store.list_records(KIND, fetch)
+            incidents = [Incident.from_json(body) for _, _, body in rows]
+            found = [i for i in incidents if not endpoint or i.endpoint == endpoint]
+            if len(found) >= limit or len(rows) < fetch:
+                return found[:limit]
+            fetch *= 4  # the store filters by kind only: read further back
 
     def get(self, incident_id: str) -> Incident:
         """One incident, or NotFound."""

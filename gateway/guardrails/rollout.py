@@ -2,24 +2,28 @@
 
 A step advances when its duration has passed and every rule passed with enough samples
 (inconclusive holds the step). Reaching 100% promotes the version to stable in one revision. A breach rolls back
-and marks the rollout failed (the guardian does that). The state is a record in the store, so
-a restarted gateway resumes where it was.
+and marks the rollout failed (the guardian does that). A change of the endpoint's traffic from
+outside the rollout (an operator's rollback, switch, set-traffic, promote or apply) ends it, so
+the driver never fights the operator: `aborted`, or `completed` when the version became stable.
+The state is a record in the store, so a restarted gateway resumes where it was.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gateway.control import ControlPlane, Intent
+from gateway.desired import EndpointState
 from gateway.errors import FailedPrecondition, InvalidInput, NotFound
 from gateway.guardrails.evaluate import Status, Verdict
 from gateway.guardrails.rules import RuleSet
-from gateway.routing import CANARY, STABLE
+from gateway.routing import CANARY, STABLE, format_traffic
 
 KIND = "rollout"
 DEFAULT_STEPS = (5, 25, 50, 100)
@@ -65,12 +69,21 @@ class Rollout:
 
 
 class RolloutDriver:
-    """Starts, advances, pauses and ends rollouts through the control plane."""
+    """Starts, advances, pauses and ends rollouts through the control plane.
 
-    def __init__(self, control: ControlPlane, *, clock: Callable[[], float] = time.time) -> None:
+    `history_seconds` (the telemetry windows' horizon; 0: unchecked) bounds the rules' windows.
+    """
+
+    def __init__(
+        self, control: ControlPlane, *, clock: Callable[[], float] = time.time, history_seconds: int = 0
+    ) -> None:
         self._control = control
         self._store = control.store
         self._clock = clock
+        self.history_seconds = history_seconds
+        # Serialises every read-modify-write of a rollout record. Taken before the control plane's
+        # lock (never from inside a control-plane callback), so the two cannot deadlock.
+        self._lock = threading.RLock()
 
     # --- state -----------------------------------------------------------------------------------
 
@@ -88,11 +101,6 @@ class RolloutDriver:
 
     def _save(self, rollout: Rollout) -> None:
         self._store.put_record(KIND, rollout.endpoint, json.dumps(asdict(rollout)), self._clock())
-
-    def rules_for(self, endpoint: str) -> RuleSet | None:
-        """The rules of an active rollout of the endpoint (None without one)."""
-        rollout = self.get(endpoint)
-        return rollout.rule_set() if rollout and rollout.active and rollout.rules else None
 
     # --- operator actions ------------------------------------------------------------------------
 
@@ -124,95 +132,135 @@ class RolloutDriver:
             raise InvalidInput(f"steps {steps} must start above 0", field="steps")
         if step_seconds <= 0:
             raise InvalidInput("step duration must be positive", field="step_duration")
-        existing = self.get(endpoint)
-        if existing and existing.active:
-            raise FailedPrecondition(
-                f"{endpoint} already has a {existing.status} rollout of {existing.version}; abort it first"
-            )
         rule_set = RuleSet.parse(list(rules), at_least if rules else 1)
-        now = self._clock()
-        rollout = Rollout(
-            endpoint, version, stable, steps, step_seconds, [r.text for r in rule_set.rules], rule_set.at_least,
-            step_started_at=now, started_at=now, started_by=actor, reason=reason,
-        )  # fmt: skip
-        self._control.set_traffic(
-            actor,
-            endpoint,
-            _weights(stable, version, steps[0]),
-            labels={CANARY: version},
-            reason=f"rollout of {version} step 1/{len(steps)} ({steps[0]}%): {reason}",
-            dry_run=dry_run,
-            trigger="rollout",
-        )
-        if dry_run:
+        if self.history_seconds:
+            rule_set.check_history(self.history_seconds)
+        with self._lock:
+            existing = self.get(endpoint)
+            if existing and existing.active:
+                raise FailedPrecondition(
+                    f"{endpoint} already has a {existing.status} rollout of {existing.version}; abort it first"
+                )
+            now = self._clock()
+            rollout = Rollout(
+                endpoint, version, stable, steps, step_seconds, [r.text for r in rule_set.rules], rule_set.at_least,
+                step_started_at=now, started_at=now, started_by=actor, reason=reason,
+            )  # fmt: skip
+            self._control.set_traffic(
+                actor,
+                endpoint,
+                _weights(stable, version, steps[0]),
+                labels={CANARY: version},
+                reason=f"rollout of {version} step 1/{len(steps)} ({steps[0]}%): {reason}",
+                dry_run=dry_run,
+                trigger="rollout",
+            )
+            if dry_run:
+                return rollout
+            rollout.event(now, f"started at {steps[0]}% by {actor}: {reason}")
+            self._save(rollout)
             return rollout
-        rollout.event(now, f"started at {steps[0]}% by {actor}: {reason}")
-        self._save(rollout)
-        return rollout
 
     def pause(self, actor: str, endpoint: str, *, reason: str) -> Rollout:
         """Hold the current step (traffic stays as it is)."""
-        rollout = self.require(endpoint)
-        if rollout.status != "running":
-            raise FailedPrecondition(f"the rollout of {rollout.version} is {rollout.status}, not running")
-        self._control.note(Intent(actor, "rollout-pause", endpoint, reason))
-        rollout.status = "paused"
-        rollout.event(self._clock(), f"paused by {actor}: {reason}")
-        self._save(rollout)
-        return rollout
+        with self._lock:
+            rollout = self.require(endpoint)
+            if rollout.status != "running":
+                raise FailedPrecondition(f"the rollout of {rollout.version} is {rollout.status}, not running")
+            self._control.note(Intent(actor, "rollout-pause", endpoint, reason))
+            rollout.status = "paused"
+            rollout.event(self._clock(), f"paused by {actor}: {reason}")
+            self._save(rollout)
+            return rollout
 
     def resume(self, actor: str, endpoint: str, *, reason: str) -> Rollout:
         """Continue a paused rollout; the step's clock restarts."""
-        rollout = self.require(endpoint)
-        if rollout.status != "paused":
-            raise FailedPrecondition(f"the rollout of {rollout.version} is {rollout.status}, not paused")
-        self._control.note(Intent(actor, "rollout-resume", endpoint, reason))
-        rollout.status = "running"
-        rollout.step_started_at = self._clock()
-        rollout.event(rollout.step_started_at, f"resumed by {actor}: {reason}")
-        self._save(rollout)
-        return rollout
+        with self._lock:
+            rollout = self.require(endpoint)
+            if rollout.status != "paused":
+                raise FailedPrecondition(f"the rollout of {rollout.version} is {rollout.status}, not paused")
+            self._control.note(Intent(actor, "rollout-resume", endpoint, reason))
+            rollout.status = "running"
+            rollout.step_started_at = self._clock()
+            rollout.event(rollout.step_started_at, f"resumed by {actor}: {reason}")
+            self._save(rollout)
+            return rollout
 
     def abort(self, actor: str, endpoint: str, *, reason: str) -> Rollout:
         """Stop the rollout and send all traffic back to the baseline."""
-        rollout = self.require(endpoint)
-        if not rollout.active:
-            raise FailedPrecondition(f"the rollout of {rollout.version} is already {rollout.status}")
-        self._control.rollback(
-            actor,
-            endpoint,
-            reason=f"rollout aborted: {reason}",
-            to_version=rollout.baseline,
-            trigger="rollout",
-        )
-        rollout.status = "aborted"
-        rollout.event(self._clock(), f"aborted by {actor}: {reason}")
-        self._save(rollout)
-        return rollout
+        with self._lock:
+            rollout = self.require(endpoint)
+            if not rollout.active:
+                raise FailedPrecondition(f"the rollout of {rollout.version} is already {rollout.status}")
+            self._control.rollback(
+                actor,
+                endpoint,
+                reason=f"rollout aborted: {reason}",
+                to_version=rollout.baseline,
+                trigger="rollout",
+            )
+            rollout.status = "aborted"
+            rollout.event(self._clock(), f"aborted by {actor}: {reason}")
+            self._save(rollout)
+            return rollout
 
     # --- the guardian's side -------------------------------------------------------------------
 
     def failed(self, endpoint: str, why: str) -> Rollout | None:
         """Mark an active rollout failed (after a guardrail rolled it back)."""
-        rollout = self.get(endpoint)
-        if rollout is None or not rollout.active:
-            return None
-        rollout.status = "failed"
-        rollout.event(self._clock(), why)
-        self._save(rollout)
-        return rollout
+        with self._lock:
+            rollout = self.get(endpoint)
+            if rollout is None or not rollout.active:
+                return None
+            rollout.status = "failed"
+            rollout.event(self._clock(), why)
+            self._save(rollout)
+            return rollout
 
-    def advance(self, endpoint: str, verdicts: Sequence[Verdict]) -> Rollout | None:
-        """Move to the next step when the step's time is up and every rule passed."""
-        rollout = self.get(endpoint)
-        if rollout is None or rollout.status != "running":
-            return None
+    def reconcile(self, ep: EndpointState, rollout: Rollout | None) -> Rollout | None:
+        """End an active rollout whose traffic was changed from outside it; the rollout as it now is.
+
+        `rollout` is the record as the caller read it; it is read again before it is changed.
+        """
+        if rollout is None or not rollout.active or _on_plan(ep, rollout):
+            return rollout
+        with self._lock:
+            rollout = self.get(ep.name)
+            current = self._control.state.endpoints.get(ep.name)
+            if rollout is None or not rollout.active or current is None or _on_plan(current, rollout):
+                return rollout
+            promoted = current.labels.get(STABLE) == rollout.version
+            rollout.status = "completed" if promoted else "aborted"
+            why = f"traffic changed outside the rollout (now {format_traffic(current.weights)})"
+            self._control.note(Intent(ACTOR, "rollout-end", ep.name, f"rollout of {rollout.version} ended: {why}"))
+            rollout.event(self._clock(), f"ended ({rollout.status}): {why}")
+            self._save(rollout)
+            return rollout
+
+    def advance(self, rollout: Rollout, rules: RuleSet, verdicts: Sequence[Verdict]) -> Rollout | None:
+        """Move to the next step when the step's time is up and every rule that gates it passed.
+
+        `rules` are the rules the guardian evaluated for the rollout; those for a canary gate the
+        step (observe-only rules never do). `rollout` is the record as the caller read it.
+        """
         now = self._clock()
-        if now - rollout.step_started_at < rollout.step_seconds:
+        if rollout.status != "running" or now - rollout.step_started_at < rollout.step_seconds:
             return None
+        gates = () if rules.dry_run else rules.canary_rules
         mine = [v for v in verdicts if v.candidate == rollout.version]
-        if rollout.rules and (len(mine) < len(rollout.rules) or any(v.status is not Status.PASS for v in mine)):
+        if gates and (len(mine) < len(gates) or any(v.status is not Status.PASS for v in mine)):
             return None  # breaching or inconclusive: hold the step
+        with self._lock:
+            current = self.get(rollout.endpoint)
+            if current is None or (current.status, current.step_index) != ("running", rollout.step_index):
+                return None  # changed since the caller read it
+            ep = self._control.state.endpoints.get(rollout.endpoint)
+            if ep is None or not _on_plan(ep, current):
+                return None  # an operator changed the traffic: `reconcile` ends the rollout
+            return self._next_step(current, now)
+
+    def _next_step(self, rollout: Rollout, now: float) -> Rollout:
+        endpoint = rollout.endpoint
         next_share = rollout.steps[rollout.step_index + 1] if rollout.step_index + 1 < len(rollout.steps) else 100
         if next_share < 100:
             rollout.step_index += 1
@@ -238,3 +286,8 @@ class RolloutDriver:
 
 def _weights(stable: str, version: str, share: int) -> dict[str, int]:
     return {version: 100} if share >= 100 else {stable: 100 - share, version: share}
+
+
+def _on_plan(ep: EndpointState, rollout: Rollout) -> bool:
+    """Whether the endpoint's traffic is what the rollout's current step set."""
+    return dict(ep.weights) == _weights(rollout.baseline, rollout.version, rollout.share)

@@ -10,7 +10,10 @@ Grammar (whitespace-separated; case-insensitive keywords):
                e.g. feature_null_rate_delta[features[7]]; without it, any feature
     THRESHOLD  a number; UNIT % (per cent), pt (percentage points), ms, or x (a ratio)
     p < ALPHA  only for ctr_drop: the always-valid p-value must be below ALPHA too
-    DURATION   30s, 5m, 2h: the sliding window the metric is measured over
+    DURATION   30s, 5m, 2h, 1d: the sliding window the metric is measured over (at most
+               the history the gateway keeps, `gateway serve --window-history`); ctr_drop
+               counts every outcome since the candidate's share last changed instead,
+               which its always-valid test needs
     min N      samples each compared arm needs in the window (default 100); fewer is
                "inconclusive", never "pass"
     ACTION     rollback (default) | pause | alert-only
@@ -51,9 +54,9 @@ class Action(enum.Enum):
 
 #: Metrics whose threshold is a share (written with % or pt).
 _SHARES = {Metric.ERROR_RATE, Metric.CTR_DROP, Metric.FEATURE_NULL_RATE_DELTA, Metric.SHADOW_DISAGREEMENT}
-_DURATION = re.compile(r"^(\d+)(s|m|h)$")
+_DURATION = re.compile(r"\s*(\d+)\s*([smhd]?)\s*")
 _NUMBER = re.compile(r"^(\d+(?:\.\d+)?|\.\d+)(%|pt|ms|x)?$")
-_UNITS = {"s": 1, "m": 60, "h": 3600}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 DEFAULT_MIN_SAMPLES = 100
 
 
@@ -70,26 +73,29 @@ class Rule:
     alpha: float | None = None
     feature: str = ""
 
-    def describe_threshold(self) -> str:
-        """The threshold as written (2%, 1.3x, 50 ms, 1 pt)."""
-        if self.metric in _SHARES:
-            unit = "pt" if self.metric is Metric.FEATURE_NULL_RATE_DELTA else "%"
-            return f"{self.threshold * 100:g}{unit}"
-        if self.metric is Metric.LATENCY_P95_MS:
-            return f"{self.threshold:g} ms"
-        return f"{self.threshold:g}x"
+    def history_problem(self, history_seconds: int) -> str:
+        """Why the rule cannot be measured with `history_seconds` of kept history ("" when it can)."""
+        if self.metric is Metric.CTR_DROP or self.window_seconds <= history_seconds:
+            return ""  # ctr_drop counts outcomes since its test began, not over the window
+        return (
+            f"guardrail {self.text!r} looks at {self.window_seconds} s but the gateway keeps "
+            f"{history_seconds} s of history; raise `gateway serve --window-history` or shorten the rule"
+        )
 
 
 def _fail(text: str, problem: str, field: str = "guardrails") -> InvalidInput:
     return InvalidInput(f"guardrail {text!r}: {problem}", field=field)
 
 
-def parse_duration(token: str, text: str = "") -> int:
-    """`30s`, `5m`, `2h` as seconds."""
-    match = _DURATION.match(token.lower())
-    if not match or int(match.group(1)) == 0:
-        raise _fail(text or token, f"{token!r} is not a duration; write 30s, 5m or 2h")
-    return int(match.group(1)) * _UNITS[match.group(2)]
+def parse_duration(text: str, *, bare_seconds: bool = False) -> int:
+    """`90s`, `15m`, `2h`, `1d` as seconds; a bare number is seconds only where `bare_seconds`.
+
+    (A rule's `for 5 minutes` must fail on the `5`, not on a later word.)
+    """
+    match = _DURATION.fullmatch(text.lower())
+    if not match or int(match.group(1)) == 0 or not (match.group(2) or bare_seconds):
+        raise InvalidInput(f"{text!r} is not a duration; write 30s, 5m, 2h or 1d", field="duration")
+    return int(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
 def _metric(token: str, text: str) -> tuple[Metric, str]:
@@ -133,7 +139,10 @@ class _Options:
 
 def _option(options: _Options, word: str, argument: str, text: str) -> None:
     if word == "for":
-        options.window = parse_duration(argument, text)
+        try:
+            options.window = parse_duration(argument)
+        except InvalidInput as err:
+            raise _fail(text, err.message) from None
     elif word == "min":
         if not argument.isdigit() or int(argument) < 1:
             raise _fail(text, f"min {argument!r}: give a whole number of samples per arm")
@@ -209,6 +218,23 @@ class RuleSet:
     def parse(cls, lines: list[str], at_least: int = 1, dry_run: bool = False) -> RuleSet:
         """Parse rule lines."""
         return cls(tuple(parse_rule(line) for line in lines), at_least, dry_run)
+
+    @property
+    def canary_rules(self) -> tuple[Rule, ...]:
+        """The rules that compare a weighted candidate with stable (all but shadow_disagreement)."""
+        return tuple(r for r in self.rules if r.metric is not Metric.SHADOW_DISAGREEMENT)
+
+    @property
+    def shadow_rules(self) -> tuple[Rule, ...]:
+        """The rules that check a shadow against its primary."""
+        return tuple(r for r in self.rules if r.metric is Metric.SHADOW_DISAGREEMENT)
+
+    def check_history(self, history_seconds: int) -> None:
+        """InvalidInput when a rule looks further back than the `history_seconds` the gateway keeps."""
+        for rule in self.rules:
+            problem = rule.history_problem(history_seconds)
+            if problem:
+                raise InvalidInput(problem, field="guardrails")
 
     @property
     def longest_window(self) -> int:

@@ -14,12 +14,17 @@ Lambda is a nonnegative martingale with mean 1 when the rates are equal, so for 
 stopping rule P(p ever falls below alpha) <= alpha: the guardian may look every tick.
 `tau` is the scale of drops worth detecting; the default (relative to the pooled rate)
 suits drops of about 10%. Measured: tests/test_guardrails_stats.py.
+
+The guarantee needs counts that accumulate from the test's start. Sliding-window counts forget,
+so the running minimum would get a fresh chance to dip every window (an A/A false-alarm rate of
+30% instead of 3% in the measurement): `CtrExperiment` feeds the test the outcomes since it began.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 #: Effects are sized relative to the stable rate: tau = TAU_RELATIVE * p_stable.
 TAU_RELATIVE = 0.1
@@ -78,3 +83,33 @@ class SequentialDropTest:
         stable_rate = stable_clicks / stable_n if stable_n else math.nan
         drop = (stable_rate - canary_rate) / stable_rate if stable_n and stable_rate > 0 else math.nan
         return RateTest(canary_rate, stable_rate, drop, self.p_value, canary_n, stable_n)
+
+
+class OutcomeSeries(Protocol):
+    """A series with running outcome totals (a `SlidingWindow`)."""
+
+    def outcome_totals(self) -> tuple[int, float]:
+        """(outcomes, their sum) since the series began."""
+        ...
+
+
+class CtrExperiment:
+    """A canary-vs-stable CTR comparison from its creation on.
+
+    One sequential test, fed each arm's outcomes since then: the running totals now minus those
+    at the start.
+    """
+
+    def __init__(self, canary: OutcomeSeries, stable: OutcomeSeries, tau: float | None = None) -> None:
+        self._canary, self._stable = canary, stable
+        self._start = canary.outcome_totals(), stable.outcome_totals()
+        self._test = SequentialDropTest(tau)
+
+    def update(self) -> RateTest:
+        """Look once more: the test on the outcomes since the experiment began."""
+        (canary_n0, canary_sum0), (stable_n0, stable_sum0) = self._start
+        canary_n, canary_sum = self._canary.outcome_totals()
+        stable_n, stable_sum = self._stable.outcome_totals()
+        return self._test.update(
+            canary_sum - canary_sum0, canary_n - canary_n0, stable_sum - stable_sum0, stable_n - stable_n0
+        )

@@ -4,7 +4,8 @@ For every output of every request: max and mean absolute difference, the largest
 difference, and decision agreement per row: for scores (one value per row) whether both
 sides fall on the same side of a threshold; for class scores (several per row) whether the
 argmax is the same; with `top_k`, the mean overlap of the top-k classes. The work is
-vectorised over the whole batch and split per request with `reduceat`.
+vectorised over the whole batch and split per request with `reduceat`. A NaN on one side
+only is an infinite difference (like a shape mismatch); NaN on both sides is no difference.
 """
 
 from __future__ import annotations
@@ -67,12 +68,16 @@ def _compare_output(
     if other is None or other.shape != value.shape or p.shape[0] != int(rows.sum()) or p.size == 0:
         return None
     s = _rows(other.astype(np.float64, copy=False))
-    diff = np.abs(p - s)
-    relative = diff / np.maximum(np.abs(p), _EPSILON)
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(p - s)
     if p.shape[1] == 1:
         agree_rows = (p[:, 0] >= settings.threshold) == (s[:, 0] >= settings.threshold)
     else:
         agree_rows = np.argmax(p, axis=1) == np.argmax(s, axis=1)
+    if np.isfinite(diff).all():
+        relative = diff / np.maximum(np.abs(p), _EPSILON)
+    else:
+        diff, relative = _non_finite(p, s, diff, agree_rows)
     result = {
         "max_abs": np.maximum.reduceat(diff.max(axis=1), starts),
         "mean_abs": np.add.reduceat(diff.sum(axis=1), starts) / (rows * p.shape[1]),
@@ -82,6 +87,24 @@ def _compare_output(
     if settings.top_k and p.shape[1] > 1:
         result["top_k_overlap"] = np.add.reduceat(_top_k_overlap(p, s, settings.top_k), starts) / rows
     return result
+
+
+def _non_finite(
+    p: np.ndarray, s: np.ndarray, diff: np.ndarray, agree_rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Differences where a side is NaN or infinite, so that no NaN reaches the reports.
+
+    NaN on one side only is the largest difference (+inf, as a shape mismatch) and a
+    disagreement. NaN on both sides, or the same infinity, is no difference: both versions gave
+    the same answer (usually to a NaN input).
+    """
+    p_nan, s_nan = np.isnan(p), np.isnan(s)
+    diff[np.isnan(diff)] = np.inf
+    diff[(p_nan & s_nan) | (p == s)] = 0.0
+    agree_rows &= ~(p_nan != s_nan).any(axis=1)
+    with np.errstate(invalid="ignore"):
+        relative = np.where(np.isinf(diff), np.inf, diff / np.fmax(np.abs(p), _EPSILON))
+    return diff, relative
 
 
 def compare_batch(

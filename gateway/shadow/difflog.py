@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import io
 import threading
@@ -59,10 +60,23 @@ class DiffLog:
             self._file.close()
 
 
+def kept_name(request_id: str) -> str:
+    """The file stem a request's inputs are kept under: its id when that is a safe file name.
+
+    Any other id is cut to its safe characters plus `.` and a hash of the whole id, so two ids
+    never share a file (a safe id has no `.`, so it cannot collide with a hashed name).
+    """
+    safe = "".join(c for c in request_id if c.isalnum() or c in "-_")[:80]
+    if safe and safe == request_id:
+        return safe
+    return f"{safe or 'request'}.{hashlib.blake2b(request_id.encode(), digest_size=8).hexdigest()}"
+
+
 class DivergentInputs:
     """Keeps the inputs (`.npz`) of the most divergent requests, at most `keep` files and `max_bytes`.
 
-    A kept file replays with `np.load(path)` and a pinned Predict to each version.
+    A kept file replays with `np.load(path)` and a pinned Predict to each version. A request id
+    offered again (a client retry) keeps one file: the inputs that diverged most.
     """
 
     def __init__(self, directory: Path, keep: int, max_bytes: int) -> None:
@@ -70,29 +84,35 @@ class DivergentInputs:
         self.directory = directory
         self._keep = keep
         self._max_bytes = max_bytes
-        self._heap: list[tuple[float, str, int]] = []  # (divergence, request id, bytes), smallest first
+        self._heap: list[tuple[float, str, int]] = []  # (divergence, file stem, bytes), smallest first
+        self._entries: dict[str, tuple[float, str, int]] = {}  # file stem -> its heap entry
         self._bytes = 0
         self._lock = threading.Lock()
 
     def offer(self, request_id: str, divergence: float, inputs: Mapping[str, np.ndarray]) -> bool:
         """Keep these inputs if they are among the most divergent; returns whether they were kept."""
+        name = kept_name(request_id)
         with self._lock:
-            if len(self._heap) >= self._keep and divergence <= self._heap[0][0]:
+            old = self._entries.get(name)
+            if old is not None and divergence <= old[0]:
+                return False
+            if old is None and len(self._heap) >= self._keep and divergence <= self._heap[0][0]:
                 return False
             buffer = io.BytesIO()
             np.savez_compressed(buffer, **dict(inputs))  # type: ignore[arg-type]
             data = buffer.getvalue()
-            safe_id = "".join(c for c in request_id if c.isalnum() or c in "-_")[:80] or "request"
-            (self.directory / f"{safe_id}.npz").write_bytes(data)
-            heapq.heappush(self._heap, (divergence, safe_id, len(data)))
+            if old is not None:  # rare (a retry): O(keep) is fine
+                self._heap.remove(old)
+                heapq.heapify(self._heap)
+                self._bytes -= old[2]
+            (self.directory / f"{name}.npz").write_bytes(data)
+            entry = (divergence, name, len(data))
+            heapq.heappush(self._heap, entry)
+            self._entries[name] = entry
             self._bytes += len(data)
             while self._heap and (len(self._heap) > self._keep or self._bytes > self._max_bytes):
                 _, evicted, size = heapq.heappop(self._heap)
+                del self._entries[evicted]
                 (self.directory / f"{evicted}.npz").unlink(missing_ok=True)
                 self._bytes -= size
-            return any(entry[1] == safe_id for entry in self._heap)
-
-    def kept(self) -> list[str]:
-        """Request ids kept, most divergent first."""
-        with self._lock:
-            return [entry[1] for entry in sorted(self._heap, reverse=True)]
+            return name in self._entries

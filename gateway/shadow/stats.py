@@ -76,7 +76,6 @@ class ShadowReport:
     shadow_latency_ms: dict[str, float]
     top_divergent: list[tuple[str, float]]
     primary_versions: list[str]
-    records_in_window: int
     diff_histogram: list[tuple[float, int]] = field(default_factory=list)
 
     @property
@@ -115,7 +114,10 @@ def _quantiles(values: list[float], scale: float = 1.0) -> dict[str, float]:
     if not values:
         return {"p50": math.nan, "p95": math.nan, "p99": math.nan, "max": math.nan}
     array = np.asarray(values, dtype=np.float64) * scale
-    p50, p95, p99 = np.quantile(array, [0.5, 0.95, 0.99])
+    with np.errstate(invalid="ignore"):
+        quantiles = np.quantile(array, [0.5, 0.95, 0.99])
+    # A diff can be +inf (NaN on one side, a shape mismatch): numpy interpolates towards it as NaN.
+    p50, p95, p99 = np.where(np.isnan(quantiles), np.inf, quantiles)
     return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(array.max())}
 
 
@@ -129,9 +131,11 @@ class ShadowStats:
         self._lock = threading.Lock()
 
     def _get(self, endpoint: str, version: str) -> _Series:
-        series = self._series.get((endpoint, version))
-        if series is None:
-            series = self._series.setdefault((endpoint, version), _Series(self._records))
+        """The series of a shadow (created on first use); call with the lock held."""
+        key = (endpoint, version)
+        series = self._series.get(key)
+        if series is None:  # not setdefault: that would build a _Series (and its deque) on every call
+            series = self._series[key] = _Series(self._records)
         return series
 
     def mirrored(self, endpoint: str, version: str) -> None:
@@ -155,16 +159,8 @@ class ShadowStats:
             for counts in (series.total, series.bucket(self._clock())):
                 counts.errors[code] = counts.errors.get(code, 0) + 1
 
-    def compared(self, endpoint: str, version: str, record: ComparisonRecord) -> None:
-        """The shadow ran and its outputs were compared."""
-        with self._lock:
-            series = self._get(endpoint, version)
-            series.total.compared += 1
-            series.bucket(record.at).compared += 1
-            series.records.append(record)
-
     def compared_many(self, endpoint: str, version: str, records: list[ComparisonRecord]) -> None:
-        """Several comparisons at once (one lock)."""
+        """The shadow ran and its outputs were compared, for each of these records (one lock)."""
         with self._lock:
             series = self._get(endpoint, version)
             series.total.compared += len(records)
@@ -220,6 +216,5 @@ class ShadowStats:
             },
             top_divergent=[(r.request_id, r.max_abs) for r in divergent],
             primary_versions=sorted({r.primary_version for r in records}),
-            records_in_window=len(records),
             diff_histogram=diff_histogram([r.max_abs for r in records]),
         )

@@ -99,6 +99,10 @@ class StateStore(Protocol):
         """Release connections."""
 
 
+#: Where `gateway serve` and the batch tools keep state unless told otherwise.
+DEFAULT_STORE_URL = "sqlite:///var/gateway.db"
+
+
 def open_store(url: str) -> StateStore:
     """A store from its URL: `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`."""
     if url.startswith("sqlite:///"):
@@ -106,6 +110,6 @@ def open_store(url: str) -> StateStore:
 
         path = url.removeprefix("sqlite:///")
         if not path:
-            raise InvalidInput(f"store URL {url!r} has no path; use sqlite:///var/gateway.db")
+            raise InvalidInput(f"store URL {url!r} has no path; use {DEFAULT_STORE_URL}")
         return SqliteStore(Path(path), url=url)
     raise InvalidInput(f"store URL {url!r} is not supported; use sqlite:///PATH (relative) or sqlite:////PATH")

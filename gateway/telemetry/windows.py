@@ -122,11 +122,6 @@ class WindowStats:
         return self.nan_counts[feature] / self.rows if self.rows else 0.0
 
     @property
-    def outcome_rate(self) -> float:
-        """Mean outcome (CTR for clicks; NaN without outcomes)."""
-        return self.outcome_sum / self.outcomes if self.outcomes else math.nan
-
-    @property
     def agreement_rate(self) -> float:
         """Shadow decisions agreeing with the primary (NaN when nothing was compared)."""
         return self.agree / self.compared if self.compared else math.nan
@@ -142,7 +137,6 @@ class SlidingWindow:
 
     def __init__(self, horizon_seconds: int, *, features: int = 0, clock: Callable[[], float] = time.time) -> None:
         self.horizon = horizon_seconds
-        self.features = features
         self._clock = clock
         self._slots = [_Slot() for _ in range(horizon_seconds)]
         self._totals = _Totals(features)
@@ -169,9 +163,23 @@ class SlidingWindow:
             totals.latency[latency_bin(seconds)] += 1
             totals.rows += rows
             if nan_per_feature is not None:
+                self._grow(len(nan_per_feature))
                 counts = totals.nan
-                for i, count in enumerate(nan_per_feature[: len(counts)]):
+                for i, count in enumerate(nan_per_feature):
                     counts[i] += count
+
+    def _grow(self, features: int) -> None:
+        # A window made before the first request (by the guardian, a shadow comparison, feedback)
+        # starts without NaN counters; snapshots taken before they existed read as 0 for them.
+        counts = self._totals.nan
+        if features > len(counts):
+            counts.extend([0] * (features - len(counts)))
+
+    def track_features(self, features: int) -> None:
+        """Count NaNs for (at least) `features` input features from now on."""
+        if features > len(self._totals.nan):
+            with self._lock:
+                self._grow(features)
 
     def record_comparison(self, agree: int, decisions: int = 1) -> None:
         """One shadow comparison: of its `decisions` (rows), how many agreed with the primary's."""
@@ -186,6 +194,11 @@ class SlidingWindow:
             totals = self._tick(self._clock())
             totals.outcomes += 1
             totals.outcome_sum += value
+
+    def outcome_totals(self) -> tuple[int, float]:
+        """(outcomes, their sum) since the series began: the running totals, not a window."""
+        with self._lock:
+            return self._totals.outcomes, self._totals.outcome_sum
 
     def _start_of(self, first: int, now: int) -> _Totals | None:
         """The running totals at the beginning of second `first` (None: nothing happened since)."""
@@ -208,7 +221,8 @@ class SlidingWindow:
             latency = np.frombuffer(end.latency, dtype=np.uint32).astype(np.int64) - np.frombuffer(
                 start.latency, dtype=np.uint32
             )
-            nan = tuple(e - s for e, s in zip(end.nan, start.nan, strict=True))
+            before = start.nan
+            nan = tuple(e - (before[i] if i < len(before) else 0) for i, e in enumerate(end.nan))
         return WindowStats(seconds=span, nan_counts=nan, latency_bins=latency, **counters)
 
 
@@ -231,7 +245,7 @@ class WindowStore:
         self._lock = threading.Lock()
 
     def window(self, key: SeriesKey, features: int = 0) -> SlidingWindow:
-        """The window of a series (created with `features` NaN counters on first use)."""
+        """The window of a series, created on first use (a record with more features adds NaN counters)."""
         window = self._windows.get(key)
         if window is None:
             with self._lock:
@@ -239,6 +253,7 @@ class WindowStore:
                 if window is None:
                     window = SlidingWindow(self.horizon, features=features, clock=self._clock)
                     self._windows[key] = window
+        window.track_features(features)
         return window
 
     def keys(self) -> Iterable[SeriesKey]:
