@@ -129,12 +129,12 @@ def _swap_only(seconds: float, swaps: int) -> tuple[float, float, float]:
     import threading
 
     from gateway.app import Gateway
-    from gateway.config import load_config
+    from gateway.desired import load_route_file
     from gateway.inference import InferRequest
     from gateway.state.sqlite import SqliteStore
 
     with tempfile.TemporaryDirectory() as scratch:
-        gateway = Gateway(load_config(CONFIG), SqliteStore(Path(scratch) / "s.db"))
+        gateway = Gateway(load_route_file(CONFIG), SqliteStore(Path(scratch) / "s.db"))
         gateway.start()
         state = gateway.control.state
         tables = [

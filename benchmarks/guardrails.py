@@ -27,10 +27,10 @@ import numpy as np
 
 from benchmarks.common import MODELS
 from gateway.app import Gateway
-from gateway.config import parse_config
+from gateway.clock import SimClock
+from gateway.desired import parse_route_file
 from gateway.errors import GatewayError
 from gateway.faults import Fault
-from gateway.gameday import SimClock
 from gateway.guardrails.rules import parse_rule
 from gateway.guardrails.sequential import SequentialDropTest
 from gateway.inference import InferRequest
@@ -45,7 +45,7 @@ RUNS, PER_ARM, PER_TICK = 200, 60_000, 500  # CTR simulation: rollouts, outcomes
 
 
 def _gateway(scratch: Path, text: str, clock: SimClock, root: Path = MODELS) -> Gateway:
-    config = parse_config(text, base_dir=root).model_copy(update={"model_root": root})
+    config = parse_route_file(text, base_dir=root).model_copy(update={"model_root": root})
     gateway = Gateway(
         config, SqliteStore(scratch / "state.db"), telemetry=Telemetry(WindowStore(3600, clock=clock)), clock=clock
     )

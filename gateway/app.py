@@ -8,19 +8,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config import GatewayConfig, load_config
+from gateway.config import GatewayConfig, ShadowCompareConfig
 from gateway.control import ControlPlane
-from gateway.desired import DesiredState, desired_from_config
+from gateway.desired import DesiredState, desired_from_config, load_route_file
 from gateway.faults import FaultInjector
-from gateway.guardrails.feedback import FeedbackJoin
-from gateway.guardrails.guardian import Guardian
-from gateway.guardrails.incidents import IncidentLog
-from gateway.guardrails.rollout import RolloutDriver
+from gateway.feedback import FeedbackJoin
 from gateway.inference import InferenceService
+from gateway.orchestration.guardian import Guardian
+from gateway.orchestration.incidents import IncidentLog
+from gateway.orchestration.rollout import RolloutDriver
 from gateway.registry import ModelRegistry, ModelVersion, VersionState
 from gateway.repository import ModelRepository
 from gateway.routing import Router, RouteTable
-from gateway.shadow.compare import CompareSettings
 from gateway.shadow.runner import ShadowRunner, ShadowSettings
 from gateway.state import StateStore
 from gateway.telemetry.metrics import Telemetry
@@ -69,12 +68,14 @@ class Gateway:
         )
         self.control = ControlPlane(store, self.registry, self.router, history_seconds=self.telemetry.windows.horizon)
         self.feedback = FeedbackJoin(self.telemetry.windows, clock=clock)
+        self.rollouts = RolloutDriver(self.control, clock=clock, history_seconds=self.telemetry.windows.horizon)
+        self.incidents = IncidentLog(store)
         self.guardian = Guardian(
             self.control,
             self.telemetry.windows,
             self.registry,
-            RolloutDriver(self.control, clock=clock, history_seconds=self.telemetry.windows.horizon),
-            IncidentLog(store),
+            self.rollouts,
+            self.incidents,
             clock=clock,
             tick_seconds=guardian_tick,
         )
@@ -131,7 +132,7 @@ class Gateway:
     ) -> Gateway:
         """Build from a route file (validated; raises ConfigError naming the field)."""
         return cls(
-            load_config(path),
+            load_route_file(path),
             store,
             limits=limits,
             config_source=str(path),
@@ -146,9 +147,9 @@ class Gateway:
         )
         return revision.revision
 
-    def _compare_settings(self, endpoint: str) -> CompareSettings:
+    def _compare_settings(self, endpoint: str) -> ShadowCompareConfig:
         state = self.control.state.endpoints.get(endpoint)
-        return state.compare if state else CompareSettings()
+        return state.compare if state else ShadowCompareConfig()
 
     def close(self) -> None:
         """Stop the guardian and shadow workers; release the store (and the telemetry this gateway made)."""

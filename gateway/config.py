@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.errors import ConfigError, InvalidInput
 from gateway.guardrails.rules import RuleSet, parse_rule
-from gateway.routing import EndpointRoutes, RouteTable
 
 
 class _TextDecimalLoader(yaml.SafeLoader):
@@ -37,9 +36,12 @@ _TextDecimalLoader.yaml_implicit_resolvers = {
 
 
 class ShadowCompareConfig(BaseModel):
-    """How shadow outputs are compared: the score threshold for decisions, top-k for classes."""
+    """How shadow outputs are compared: the score threshold for decisions, top-k for classes.
 
-    model_config = ConfigDict(extra="forbid")
+    The one type for these settings: the route file, the desired state and the comparison all use it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     threshold: float = 0.5
     top_k: int = Field(default=0, ge=0, le=1000)
@@ -140,7 +142,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def parse_config(text: str, *, source: str = "<route file>", base_dir: Path | None = None) -> GatewayConfig:
-    """Parse and validate route-file text; `model_root` becomes absolute against `base_dir`."""
+    """Parse route-file text and check its schema; `model_root` becomes absolute against `base_dir`.
+
+    The routes themselves (weights, labels, shadows) are checked where they are compiled:
+    `gateway.desired.parse_route_file` does both.
+    """
     try:
         raw = yaml.load(text, Loader=_TextDecimalLoader)
     except yaml.YAMLError as err:
@@ -153,10 +159,6 @@ def parse_config(text: str, *, source: str = "<route file>", base_dir: Path | No
         raise ConfigError(_format_validation_error(err, source)) from None
     if base_dir is not None and not config.model_root.is_absolute():
         config = config.model_copy(update={"model_root": (base_dir / config.model_root).resolve()})
-    try:
-        build_route_table(config, revision=0)
-    except InvalidInput as err:
-        raise ConfigError(f"{source}: {err.message}", field=err.field) from None
     return config
 
 
@@ -167,24 +169,3 @@ def load_config(path: Path) -> GatewayConfig:
     except OSError as err:
         raise ConfigError(f"cannot read route file {path}: {err.strerror}") from None
     return parse_config(text, source=str(path), base_dir=path.resolve().parent)
-
-
-def endpoint_routes(name: str, endpoint: EndpointConfig) -> EndpointRoutes:
-    """The validated routes of one configured endpoint."""
-    return EndpointRoutes(
-        name=name,
-        versions=tuple(endpoint.versions),
-        weights=dict(endpoint.traffic),
-        labels=dict(endpoint.labels),
-        max_batch_size=endpoint.max_batch_size,
-        reject_nan=endpoint.nan_policy == "reject",
-        shadows=dict(endpoint.shadows),
-    )
-
-
-def build_route_table(config: GatewayConfig, *, revision: int) -> RouteTable:
-    """The route table a config describes."""
-    return RouteTable(
-        revision=revision,
-        endpoints={name: endpoint_routes(name, ep) for name, ep in config.endpoints.items()},
-    )

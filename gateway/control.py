@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import edits
-from gateway.config import parse_config
-from gateway.desired import Change, DesiredState, diff, endpoint_from_config
+from gateway.desired import Change, DesiredState, diff, endpoint_from_config, parse_route_file
 from gateway.errors import AlreadyExists, Conflict, FailedPrecondition, GatewayError, InvalidInput, NotFound
 from gateway.faults import Fault
 from gateway.guardrails.rules import RuleSet
@@ -207,6 +206,11 @@ class ControlPlane:
                 )
         return infos
 
+    def routes_at(self, revision: int = 0) -> tuple[int, float, DesiredState]:
+        """(revision, committed at, desired state) of a stored revision; 0 means the one being served."""
+        stored = self.store.get_revision(revision or self._revision)
+        return stored.revision, stored.at, DesiredState.from_json(stored.document)
+
     def audit(self, endpoint: str = "", limit: int = 100) -> list[AuditEntry]:
         """The audit log, newest first."""
         return self.store.audit(endpoint or None, limit)
@@ -383,7 +387,7 @@ class ControlPlane:
         Endpoints the file does not mention are left alone. New versions are loaded from
         their manifests before the switch; versions the file drops are unloaded after it.
         """
-        config = parse_config(document, source=source or "applied route file")
+        config = parse_route_file(document, source=source or "applied route file")
         self._check_reason(reason)
         with self._lock:
             current = self._state

@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from gateway.config import EndpointConfig, GatewayConfig
-from gateway.errors import InvalidInput, NotFound
+from gateway.config import EndpointConfig, GatewayConfig, ShadowCompareConfig, load_config, parse_config
+from gateway.errors import ConfigError, InvalidInput, NotFound
 from gateway.faults import Fault
 from gateway.guardrails.rules import RuleSet
 from gateway.repository import Artifact, ModelRepository
 from gateway.routing import EndpointRoutes, RouteTable, unknown_label, unknown_version, version_sort_key
-from gateway.shadow.compare import CompareSettings
 
 FORMAT = 1
 
@@ -40,7 +40,7 @@ class EndpointState:
     nan_policy: str = "allow"
     intra_op_threads: int = 1
     shadows: Mapping[str, int] = field(default_factory=dict)
-    compare: CompareSettings = field(default_factory=CompareSettings)
+    compare: ShadowCompareConfig = field(default_factory=ShadowCompareConfig)
     guardrails: RuleSet = field(default_factory=RuleSet)
     faults: Mapping[str, Fault] = field(default_factory=dict)
 
@@ -94,7 +94,7 @@ class EndpointState:
             "nan_policy": self.nan_policy,
             "intra_op_threads": self.intra_op_threads,
             "shadows": dict(sorted(self.shadows.items())),
-            "shadow_compare": {"threshold": self.compare.threshold, "top_k": self.compare.top_k},
+            "shadow_compare": self.compare.model_dump(),
             "guardrails": self.guardrails.to_dict(),
             "faults": {v: f.to_dict() for v, f in sorted(self.faults.items())},
         }
@@ -111,14 +111,16 @@ class EndpointState:
             nan_policy=str(data.get("nan_policy", "allow")),
             intra_op_threads=int(data.get("intra_op_threads", 1)),
             shadows={str(k): int(p) for k, p in data.get("shadows", {}).items()},
-            compare=CompareSettings(**data.get("shadow_compare", {})),
-            guardrails=RuleSet.parse(
-                list(data.get("guardrails", {}).get("rules", [])),
-                int(data.get("guardrails", {}).get("at_least", 1)),
-                bool(data.get("guardrails", {}).get("dry_run", False)),
-            ),
+            compare=ShadowCompareConfig.model_validate(data.get("shadow_compare", {})),
+            guardrails=_rule_set(data.get("guardrails", {})),
             faults={str(v): Fault(**f) for v, f in data.get("faults", {}).items()},
         )
+
+
+def _rule_set(data: Mapping[str, Any]) -> RuleSet:
+    # Revisions written before the rename call observe-only "dry_run".
+    observe_only = data.get("observe_only", data.get("dry_run", False))
+    return RuleSet.parse(list(data.get("rules", [])), int(data.get("at_least", 1)), bool(observe_only))
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,7 @@ def _flatten(state: DesiredState) -> dict[str, Any]:
             flat[f"{name} guardrail {index + 1}"] = rule
         if guardrails["rules"]:
             flat[f"{name} guardrails at_least"] = guardrails["at_least"]
-            flat[f"{name} guardrails observe_only"] = guardrails["dry_run"]
+            flat[f"{name} guardrails observe_only"] = guardrails["observe_only"]
         for version, fault in body.pop("faults").items():
             flat[f"{name} fault {version}"] = fault
         for key, value in body.items():
@@ -244,7 +246,7 @@ def endpoint_from_config(name: str, config: EndpointConfig, artifacts: Mapping[s
         nan_policy=config.nan_policy,
         intra_op_threads=config.intra_op_threads,
         shadows=dict(config.shadows),
-        compare=CompareSettings(threshold=config.shadow_compare.threshold, top_k=config.shadow_compare.top_k),
+        compare=config.shadow_compare,
         guardrails=config.rule_set(),
     )
 
@@ -259,3 +261,24 @@ def desired_from_config(config: GatewayConfig, repository: ModelRepository) -> D
             for name, endpoint in config.endpoints.items()
         }
     )
+
+
+def check_routes(config: GatewayConfig, source: str) -> GatewayConfig:
+    """`config` when every endpoint's routes compile; ConfigError naming the source and field otherwise."""
+    for name, endpoint in config.endpoints.items():
+        placeholders = {v: Artifact(name, v, "", "") for v in endpoint.versions}
+        try:
+            endpoint_from_config(name, endpoint, placeholders).routes()
+        except InvalidInput as err:
+            raise ConfigError(f"{source}: {err.message}", field=err.field) from None
+    return config
+
+
+def parse_route_file(text: str, *, source: str = "<route file>", base_dir: Path | None = None) -> GatewayConfig:
+    """Route-file text, with its schema and its routes checked (ConfigError names the field)."""
+    return check_routes(parse_config(text, source=source, base_dir=base_dir), source)
+
+
+def load_route_file(path: Path) -> GatewayConfig:
+    """A route file, with its schema and its routes checked (ConfigError names the file and field)."""
+    return check_routes(load_config(path), str(path))

@@ -22,7 +22,7 @@ import numpy as np
 from gateway import __version__
 from gateway.errors import GatewayError, InvalidInput, NotFound, TooLarge
 from gateway.faults import FaultInjector
-from gateway.guardrails.feedback import FeedbackJoin
+from gateway.feedback import FeedbackJoin
 from gateway.registry import ModelRegistry
 from gateway.routing import STABLE, EndpointRoutes, ModelRef, RouteDecision, Router, RouteTable, RoutingReason
 from gateway.runtime import OnnxModel

@@ -14,7 +14,7 @@ import numpy as np
 
 from gateway.app import Gateway, ServerLimits
 from gateway.auth import AdminTokens
-from gateway.config import parse_config
+from gateway.desired import parse_route_file
 from gateway.grpc.server import AdminServer, InferenceServer, start_admin_server, start_inference_server
 from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2 as gw
@@ -101,7 +101,7 @@ def running_gateway(
 ) -> Iterator[RunningGateway]:
     """Start a real gateway (SQLite store, models loaded, gRPC on 127.0.0.1:0) and stop it afterwards."""
     with tempfile.TemporaryDirectory() as scratch:
-        config = parse_config(text or config_text(), base_dir=MODELS)
+        config = parse_route_file(text or config_text(), base_dir=MODELS)
         if model_root is not None:
             config = config.model_copy(update={"model_root": model_root})
         store = SqliteStore(store_path or Path(scratch) / "gateway.db")

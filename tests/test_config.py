@@ -4,24 +4,35 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import build_route_table, load_config, parse_config
+from gateway.config import GatewayConfig, load_config
+from gateway.desired import desired_from_config, endpoint_from_config, load_route_file, parse_route_file
 from gateway.errors import ConfigError
+from gateway.repository import Artifact, ModelRepository
+from gateway.routing import EndpointRoutes
 from tests.helpers import DEMO_CONFIG, MODELS, config_text
 
 
 def test_demo_route_file() -> None:
-    config = load_config(DEMO_CONFIG)
+    config = load_route_file(DEMO_CONFIG)
     assert config.model_root == MODELS
-    routes = build_route_table(config, revision=1).endpoint("ctr-ranker")
+    routes = desired_from_config(config, ModelRepository(MODELS)).route_table(1).endpoint("ctr-ranker")
     assert routes.versions == ("1.12", "1.13", "1.14")
     assert dict(routes.weights) == {"1.12": 90, "1.13": 10}
     assert dict(routes.labels) == {"stable": "1.12", "canary": "1.13"}
     assert routes.weights.get("1.14", 0) == 0
 
 
+def check_routes_table(config: GatewayConfig) -> EndpointRoutes:
+    ep = config.endpoints["ctr-ranker"]
+    artifacts = {v: Artifact("ctr-ranker", v, "", "") for v in ep.versions}
+    return endpoint_from_config("ctr-ranker", ep, artifacts).routes()
+
+
 def test_unquoted_versions_keep_their_text() -> None:
     text = config_text(versions="[1.10, 1.12]", traffic="{1.10: 90, 1.12: 10}", labels="{stable: 1.10}")
-    routes = build_route_table(parse_config(text), revision=1).endpoint("ctr-ranker")
+    config = parse_route_file(text)
+    assert config.endpoints["ctr-ranker"].versions == ["1.10", "1.12"]
+    routes = check_routes_table(config)
     assert routes.versions == ("1.10", "1.12")
     assert dict(routes.weights) == {"1.10": 90, "1.12": 10}
 
@@ -56,16 +67,16 @@ def test_unquoted_versions_keep_their_text() -> None:
 )
 def test_invalid_route_files_name_the_field(overrides: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        parse_config(config_text(**overrides), source="routes.yaml")
+        parse_route_file(config_text(**overrides), source="routes.yaml")
 
 
 def test_missing_endpoints_and_bad_yaml() -> None:
     with pytest.raises(ConfigError, match="endpoints: required field is missing"):
-        parse_config("model_root: .\n")
+        parse_route_file("model_root: .\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        parse_config("endpoints: [unclosed\n")
+        parse_route_file("endpoints: [unclosed\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
-        parse_config("- a\n- b\n")
+        parse_route_file("- a\n- b\n")
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
@@ -76,4 +87,4 @@ def test_unreadable_file(tmp_path: Path) -> None:
 def test_bad_endpoint_name() -> None:
     text = config_text().replace("ctr-ranker:", "CTR@ranker:")
     with pytest.raises(ConfigError, match="endpoint name 'CTR@ranker' is invalid"):
-        parse_config(text)
+        parse_route_file(text)

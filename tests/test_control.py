@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.app import Gateway
-from gateway.config import parse_config
+from gateway.desired import parse_route_file
 from gateway.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidInput, NotFound
 from gateway.repository import file_sha256
 from gateway.state.sqlite import SqliteStore
@@ -25,7 +25,7 @@ def model_root(tmp_path: Path) -> Path:
 
 
 def make_gateway(model_root: Path, db: Path, text: str | None = None) -> Gateway:
-    config = parse_config(text or config_text(), base_dir=model_root)
+    config = parse_route_file(text or config_text(), base_dir=model_root)
     config = config.model_copy(update={"model_root": model_root})
     gateway = Gateway(config, SqliteStore(db), config_source="test.yaml")
     gateway.start()

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from gateway.app import Gateway
-from gateway.config import parse_config
+from gateway.clock import SimClock
+from gateway.desired import parse_route_file
 from gateway.errors import GatewayError, InvalidInput
 from gateway.faults import Fault
-from gateway.gameday import SimClock
-from gateway.guardrails.evaluate import Status
-from gateway.guardrails.rollout import RolloutDriver
 from gateway.guardrails.rules import RuleSet
 from gateway.inference import InferRequest
+from gateway.orchestration.evaluate import Status
+from gateway.orchestration.rollout import RolloutDriver
 from gateway.routing import EndpointRoutes
 from gateway.state.sqlite import SqliteStore
 from gateway.telemetry.metrics import Telemetry
@@ -25,7 +25,7 @@ from tests.helpers import MODELS, config_text
 
 
 def make(tmp_path: Path, clock: SimClock, **overrides: str) -> Gateway:
-    config = parse_config(config_text(**overrides), base_dir=MODELS)
+    config = parse_route_file(config_text(**overrides), base_dir=MODELS)
     gateway = Gateway(
         config, SqliteStore(tmp_path / "state.db"), telemetry=Telemetry(WindowStore(3600, clock=clock)), clock=clock
     )
@@ -78,7 +78,7 @@ def test_error_rate_breach_rolls_back_in_one_tick_and_writes_an_incident(tmp_pat
     assert verdict["samples"]["1.13"] >= 100 and verdict["window_seconds"] == 300
     assert incident.revision_after == incident.revision_before + 1
     assert incident.traffic_before == {"1.12": 50, "1.13": 50} and incident.traffic_after == {"1.12": 100}
-    note = gateway.guardian.incidents.get(incident.id).to_markdown()
+    note = gateway.incidents.get(incident.id).to_markdown()
     for section in ("## Detect", "## Decide", "## Action", "## Verification", "## Follow-ups"):
         assert section in note
     assert "error_rate > 2% for 5m min 100" in note and "Route revision" in note
@@ -173,7 +173,7 @@ def test_ctr_drop_from_feedback(tmp_path: Path, clock: SimClock) -> None:
 
 def test_rollout_steps_hold_pause_abort_and_survive_restart(tmp_path: Path, clock: SimClock) -> None:
     gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
-    rollouts = gateway.guardian.rollouts
+    rollouts = gateway.rollouts
     rollouts.start(
         "ci",
         "ctr-ranker",
@@ -200,13 +200,13 @@ def test_rollout_steps_hold_pause_abort_and_survive_restart(tmp_path: Path, cloc
     gateway.close()
 
     restarted = make(tmp_path, clock, traffic='{"1.12": 100}')  # same store: the rollout resumes from it
-    state = restarted.guardian.rollouts.require("ctr-ranker")
+    state = restarted.rollouts.require("ctr-ranker")
     assert (state.status, state.step_index, state.share) == ("paused", 1, 50)
     assert weights(restarted) == {"1.12": 50, "1.14": 50}
-    restarted.guardian.rollouts.resume("oncall", "ctr-ranker", reason="looks fine")
+    restarted.rollouts.resume("oncall", "ctr-ranker", reason="looks fine")
     traffic(restarted, clock, 61, per_second=20)
     restarted.guardian.tick()
-    final = restarted.guardian.rollouts.require("ctr-ranker")
+    final = restarted.rollouts.require("ctr-ranker")
     assert final.status == "completed"
     ep = restarted.control.state.endpoint("ctr-ranker")
     assert dict(ep.weights) == {"1.14": 100} and ep.labels["stable"] == "1.14"
@@ -215,7 +215,7 @@ def test_rollout_steps_hold_pause_abort_and_survive_restart(tmp_path: Path, cloc
 
 def test_rollout_breach_rolls_back_and_fails_it_abort_returns_to_stable(tmp_path: Path, clock: SimClock) -> None:
     gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
-    rollouts = gateway.guardian.rollouts
+    rollouts = gateway.rollouts
     rollouts.start(
         "ci",
         "ctr-ranker",
@@ -238,7 +238,7 @@ def test_rollout_breach_rolls_back_and_fails_it_abort_returns_to_stable(tmp_path
 
 def test_pause_action_holds_a_running_rollout(tmp_path: Path, clock: SimClock) -> None:
     gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
-    gateway.guardian.rollouts.start(
+    gateway.rollouts.start(
         "ci",
         "ctr-ranker",
         "1.13",
@@ -335,7 +335,7 @@ def test_the_ctr_test_counts_outcomes_from_its_start_and_restarts_with_the_candi
 
 def test_a_rollout_without_guardrails_advances_and_completes(tmp_path: Path, clock: SimClock) -> None:
     gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
-    rollouts = gateway.guardian.rollouts
+    rollouts = gateway.rollouts
     rollouts.start("ci", "ctr-ranker", "1.14", steps=[10, 50, 100], step_seconds=60, reason="ramp")
     clock.advance(61)
     gateway.guardian.tick()
@@ -348,7 +348,7 @@ def test_a_rollout_without_guardrails_advances_and_completes(tmp_path: Path, clo
 
 def test_a_rollout_with_a_shadow_rule_advances_on_its_canary_rules(tmp_path: Path, clock: SimClock) -> None:
     gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
-    gateway.guardian.rollouts.start(
+    gateway.rollouts.start(
         "ci",
         "ctr-ranker",
         "1.14",
@@ -374,7 +374,7 @@ def test_rollout_rules_longer_than_the_history_kept_are_refused(tmp_path: Path, 
 
 def test_an_operators_traffic_change_ends_the_rollout(tmp_path: Path, clock: SimClock) -> None:
     gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
-    rollouts = gateway.guardian.rollouts
+    rollouts = gateway.rollouts
     rollouts.start("ci", "ctr-ranker", "1.14", steps=[10, 50, 100], step_seconds=60, reason="ramp")
     gateway.control.rollback("oncall", "ctr-ranker", reason="1.14 looks bad on the dashboard")
     clock.advance(61)
@@ -395,7 +395,7 @@ def test_an_operators_traffic_change_ends_the_rollout(tmp_path: Path, clock: Sim
 
 def test_advance_with_a_stale_record_does_not_undo_a_pause(tmp_path: Path, clock: SimClock) -> None:
     gateway = make(tmp_path, clock, traffic='{"1.12": 100}')
-    rollouts = gateway.guardian.rollouts
+    rollouts = gateway.rollouts
     rollouts.start("ci", "ctr-ranker", "1.14", steps=[10, 50, 100], step_seconds=60, reason="ramp")
     seen = rollouts.require("ctr-ranker")  # what a guardian tick read
     rollouts.pause("oncall", "ctr-ranker", reason="hold on")
@@ -407,7 +407,7 @@ def test_advance_with_a_stale_record_does_not_undo_a_pause(tmp_path: Path, clock
 
 def test_an_incident_shows_only_the_rollout_it_concerns(tmp_path: Path, clock: SimClock) -> None:
     gateway = make(tmp_path, clock, traffic='{"1.12": 100}', guardrails='["error_rate > 2% for 5m min 20"]')
-    rollouts = gateway.guardian.rollouts
+    rollouts = gateway.rollouts
     rollouts.start("ci", "ctr-ranker", "1.14", steps=[50, 100], step_seconds=60, reason="ramp")
     traffic(gateway, clock, 61, per_second=2)
     gateway.guardian.tick()

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from gateway.errors import InvalidInput
-from gateway.guardrails.evaluate import Status, evaluate
 from gateway.guardrails.rules import Action, Metric, RuleSet, parse_duration, parse_rule
+from gateway.orchestration.evaluate import Status, evaluate
 from gateway.telemetry.windows import SlidingWindow
 
 

@@ -7,14 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from gateway.shadow.compare import CompareSettings, compare_batch, compare_outputs
+from gateway.config import ShadowCompareConfig
+from gateway.shadow.compare import compare_batch, compare_outputs
 from gateway.shadow.stats import ComparisonRecord, ShadowStats, diff_histogram, wilson_interval
 
 
 def test_scores_threshold_agreement_and_differences() -> None:
     primary = np.array([[0.2], [0.6], [0.49], [0.9]], dtype=np.float32)
     shadow = np.array([[0.25], [0.4], [0.51], [0.9]], dtype=np.float32)
-    diff = compare_outputs({"score": primary}, {"score": shadow}, CompareSettings(threshold=0.5))
+    diff = compare_outputs({"score": primary}, {"score": shadow}, ShadowCompareConfig(threshold=0.5))
     assert diff.rows == 4
     assert diff.agree == 2  # rows 0 and 3; row 1 and row 2 cross the threshold
     assert diff.max_abs == pytest.approx(0.2, abs=1e-6)
@@ -25,7 +26,7 @@ def test_scores_threshold_agreement_and_differences() -> None:
 def test_batch_splits_per_request() -> None:
     primary = np.array([[0.2], [0.6], [0.49], [0.9]], dtype=np.float32)
     shadow = np.array([[0.25], [0.4], [0.51], [0.9]], dtype=np.float32)
-    first, second = compare_batch({"score": primary}, {"score": shadow}, [1, 3], CompareSettings())
+    first, second = compare_batch({"score": primary}, {"score": shadow}, [1, 3], ShadowCompareConfig())
     assert (first.rows, first.agree, round(first.max_abs, 6)) == (1, 1, 0.05)
     assert (second.rows, second.agree, round(second.max_abs, 6)) == (3, 1, 0.2)
     assert second.outputs[0]["mean_abs"] == pytest.approx((0.2 + 0.02 + 0.0) / 3, abs=1e-6)
@@ -34,13 +35,15 @@ def test_batch_splits_per_request() -> None:
 def test_classes_argmax_and_top_k() -> None:
     primary = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
     shadow = np.array([[0.15, 0.6, 0.25], [0.3, 0.5, 0.2]])
-    diff = compare_outputs({"probs": primary}, {"probs": shadow}, CompareSettings(top_k=2))
+    diff = compare_outputs({"probs": primary}, {"probs": shadow}, ShadowCompareConfig(top_k=2))
     assert diff.agree == 1
     assert diff.outputs[0]["top_k_overlap"] == pytest.approx(1.0)  # top-2 sets are {1, 2}/{1, 2} and {0, 1}/{1, 0}
 
 
 def test_shape_mismatch_and_missing_outputs() -> None:
-    diff = compare_outputs({"a": np.zeros((2, 1)), "b": np.zeros((2, 1))}, {"a": np.zeros((3, 1))}, CompareSettings())
+    diff = compare_outputs(
+        {"a": np.zeros((2, 1)), "b": np.zeros((2, 1))}, {"a": np.zeros((3, 1))}, ShadowCompareConfig()
+    )
     assert [o.get("shape_mismatch") for o in diff.outputs] == [True, True]
     assert diff.agree == 0 and math.isinf(diff.max_abs)
 
@@ -133,13 +136,15 @@ def test_nan_outputs_are_the_largest_difference_and_keep_reports_sound() -> None
     # Four requests of two rows: equal; NaN on the shadow only; NaN on the primary only; NaN on both.
     primary = np.array([[0.1], [0.9], [0.2], [0.8], [nan], [0.3], [nan], [0.7]])
     shadow = np.array([[0.1], [0.9], [nan], [0.8], [0.4], [0.3], [nan], [0.6]])
-    diffs = compare_batch({"score": primary}, {"score": shadow}, [2, 2, 2, 2], CompareSettings())
+    diffs = compare_batch({"score": primary}, {"score": shadow}, [2, 2, 2, 2], ShadowCompareConfig())
     assert [d.max_abs for d in diffs[:3]] == [0.0, math.inf, math.inf]
     assert [d.agree for d in diffs] == [2, 1, 1, 2]  # one-sided NaN disagrees; NaN on both sides agrees
     assert diffs[1].max_rel == math.inf and diffs[2].mean_abs == math.inf
     assert diffs[3].max_abs == pytest.approx(0.1) and diffs[3].outputs[0]["mean_abs"] == pytest.approx(0.05)
     classes = compare_outputs(
-        {"p": np.array([[nan, 0.5], [np.inf, 0.1]])}, {"p": np.array([[0.5, 0.5], [np.inf, 0.1]])}, CompareSettings()
+        {"p": np.array([[nan, 0.5], [np.inf, 0.1]])},
+        {"p": np.array([[0.5, 0.5], [np.inf, 0.1]])},
+        ShadowCompareConfig(),
     )
     assert (classes.max_abs, classes.agree) == (math.inf, 1)  # the same infinity is no difference
     assert classes.outputs[0]["max_rel"] == math.inf

@@ -9,7 +9,7 @@ from typing import Any
 
 def run(args: argparse.Namespace) -> int:
     """Play the scenarios; print timelines and incident notes; non-zero if an outcome was missed."""
-    from gateway.gameday import run as play
+    from gateway.cli.drills import run as play
 
     logging.getLogger("gateway").setLevel(logging.WARNING)
     outcomes = play(args.scenarios, rate=args.rate, click_boost=args.click_boost, seed=args.seed)

@@ -8,8 +8,8 @@ from typing import Any
 
 from gateway.control import ChangeResult, VersionInfo
 from gateway.desired import DesiredState
-from gateway.guardrails.incidents import Incident
-from gateway.guardrails.rollout import Rollout
+from gateway.orchestration.incidents import Incident
+from gateway.orchestration.rollout import Rollout
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.shadow.stats import ShadowReport
 from gateway.state import AuditEntry

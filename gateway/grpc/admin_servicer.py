@@ -17,8 +17,8 @@ from gateway.desired import DesiredState
 from gateway.faults import Fault
 from gateway.grpc import admin_converters as convert
 from gateway.grpc.errors import ACTOR
-from gateway.guardrails.guardian import Guardian
-from gateway.guardrails.rollout import DEFAULT_STEPS
+from gateway.orchestration.incidents import IncidentLog
+from gateway.orchestration.rollout import RolloutDriver
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
 from gateway.shadow.runner import ShadowRunner
@@ -29,11 +29,13 @@ Context: TypeAlias = grpc.ServicerContext
 class AdminServicer(pb_grpc.AdminServicer):
     """Admin RPCs, run in the admin server's worker threads."""
 
-    def __init__(self, control: ControlPlane, shadow: ShadowRunner, guardian: Guardian) -> None:
+    def __init__(
+        self, control: ControlPlane, shadow: ShadowRunner, rollouts: RolloutDriver, incidents: IncidentLog
+    ) -> None:
         self._control = control
         self._shadow = shadow
-        self._rollouts = guardian.rollouts
-        self._incidents = guardian.incidents
+        self._rollouts = rollouts
+        self._incidents = incidents
 
     @staticmethod
     def _change(method: Callable[..., ChangeResult], request: Any, *args: Any, **kwargs: Any) -> pb.ChangeResponse:
@@ -42,8 +44,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         return convert.change_response(result)
 
     def GetRoutes(self, request: pb.GetRoutesRequest, context: Context) -> pb.Routes:
-        stored = self._control.store.get_revision(request.revision or self._control.revision)
-        return convert.routes(stored.revision, stored.at, DesiredState.from_json(stored.document), request.endpoint)
+        revision, at, state = self._control.routes_at(request.revision)
+        return convert.routes(revision, at, state, request.endpoint)
 
     def ListRevisions(self, request: pb.ListRevisionsRequest, context: Context) -> pb.ListRevisionsResponse:
         revisions = self._control.revisions(request.limit or 20)
@@ -90,8 +92,10 @@ class AdminServicer(pb_grpc.AdminServicer):
         return self._change(self._control.set_shadow, request, request.endpoint, request.version, request.percent)
 
     def GetShadowReport(self, request: pb.GetShadowReportRequest, context: Context) -> pb.ShadowReport:
+        endpoint = self._control.state.endpoint(request.endpoint)
         report, percent = self._shadow.report(
-            self._control.state.endpoint(request.endpoint),
+            endpoint.name,
+            endpoint.shadows,
             request.shadow_version,
             request.window_seconds or 3600,
             request.top or 10,
@@ -113,17 +117,14 @@ class AdminServicer(pb_grpc.AdminServicer):
         return self._change(self._control.set_fault, request, request.endpoint, request.version, fault)
 
     def StartRollout(self, request: pb.StartRolloutRequest, context: Context) -> pb.RolloutStatus:
-        endpoint = self._control.state.endpoint(request.endpoint)
-        rules = list(request.guardrails) or [r.text for r in endpoint.guardrails.rules]
-        at_least = request.at_least or (endpoint.guardrails.at_least if not request.guardrails else 1)
         state = self._rollouts.start(
             ACTOR.get(),
             request.endpoint,
             request.version,
-            steps=list(request.steps) or list(DEFAULT_STEPS),
-            step_seconds=request.step_seconds or 600,
-            rules=rules,
-            at_least=at_least,
+            steps=list(request.steps),
+            step_seconds=request.step_seconds,
+            rules=list(request.guardrails) or None,
+            at_least=request.at_least,
             reason=request.reason,
             dry_run=request.dry_run,
         )

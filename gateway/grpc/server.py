@@ -139,7 +139,7 @@ async def start_admin_server(gateway: Gateway, listen: str, tokens: AdminTokens)
         futures.ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="admin"),
         options=server_options(gateway.limits.max_message_bytes),
     )
-    servicer = AdminServicer(gateway.control, gateway.shadow, gateway.guardian)
+    servicer = AdminServicer(gateway.control, gateway.shadow, gateway.rollouts, gateway.incidents)
     admin_pb2_grpc.add_AdminServicer_to_server(
         guard_threaded_servicer(servicer, ADMIN, bearer_authenticator(tokens)), server
     )

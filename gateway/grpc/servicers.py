@@ -6,9 +6,9 @@ coroutine gRPC needs, with the error mapping around them.
 
 from __future__ import annotations
 
+from gateway.feedback import FeedbackJoin
 from gateway.grpc import converters
 from gateway.grpc.errors import CURRENT_SPAN, PENDING_DELAY
-from gateway.guardrails.feedback import FeedbackJoin
 from gateway.inference import InferenceService, InferResult
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc

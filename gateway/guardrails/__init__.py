@@ -1,1 +1,1 @@
-"""Guardrails: rules, the sequential CTR test, the guardian loop, rollouts and incidents."""
+"""Guardrail rules and statistics: the rule grammar and the sequential tests (pure, no I/O)."""

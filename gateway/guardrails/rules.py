@@ -200,12 +200,12 @@ def parse_rule(text: str) -> Rule:
 class RuleSet:
     """An endpoint's rules and how they combine: a breach needs `at_least` rules breaching.
 
-    `dry_run` (observe-only) records what would have fired without acting.
+    `observe_only` records what would have fired without acting.
     """
 
     rules: tuple[Rule, ...] = ()
     at_least: int = 1
-    dry_run: bool = False
+    observe_only: bool = False
 
     def __post_init__(self) -> None:
         if self.rules and not 1 <= self.at_least <= len(self.rules):
@@ -215,9 +215,9 @@ class RuleSet:
             )
 
     @classmethod
-    def parse(cls, lines: list[str], at_least: int = 1, dry_run: bool = False) -> RuleSet:
+    def parse(cls, lines: list[str], at_least: int = 1, observe_only: bool = False) -> RuleSet:
         """Parse rule lines."""
-        return cls(tuple(parse_rule(line) for line in lines), at_least, dry_run)
+        return cls(tuple(parse_rule(line) for line in lines), at_least, observe_only)
 
     @property
     def canary_rules(self) -> tuple[Rule, ...]:
@@ -243,4 +243,4 @@ class RuleSet:
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form (the rule lines as written)."""
-        return {"rules": [r.text for r in self.rules], "at_least": self.at_least, "dry_run": self.dry_run}
+        return {"rules": [r.text for r in self.rules], "at_least": self.at_least, "observe_only": self.observe_only}

@@ -16,15 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from gateway.config import ShadowCompareConfig
+
 _EPSILON = 1e-12
-
-
-@dataclass(frozen=True)
-class CompareSettings:
-    """How decisions are read from outputs."""
-
-    threshold: float = 0.5
-    top_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,7 +55,7 @@ def _compare_output(
     other: np.ndarray | None,
     starts: np.ndarray,
     rows: np.ndarray,
-    settings: CompareSettings,
+    settings: ShadowCompareConfig,
 ) -> dict[str, np.ndarray] | None:
     """Per-request arrays for one output (None when the shapes do not match)."""
     p = _rows(value.astype(np.float64, copy=False))
@@ -111,7 +105,7 @@ def compare_batch(
     primary: Mapping[str, np.ndarray],
     shadow: Mapping[str, np.ndarray],
     row_counts: Sequence[int],
-    settings: CompareSettings,
+    settings: ShadowCompareConfig,
 ) -> list[RequestDiff]:
     """Compare several requests run as one batch (their rows concatenated in order)."""
     rows = np.asarray(row_counts, dtype=np.int64)
@@ -146,7 +140,7 @@ def compare_batch(
 
 
 def compare_outputs(
-    primary: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarray], settings: CompareSettings
+    primary: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarray], settings: ShadowCompareConfig
 ) -> RequestDiff:
     """One request's comparison."""
     first = next(iter(primary.values()), np.zeros((0,)))

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 from opentelemetry.trace import SpanKind
 
-from gateway.desired import EndpointState
+from gateway.config import ShadowCompareConfig
 from gateway.errors import GatewayError, InvalidInput, NotFound
 from gateway.faults import FaultInjector
 from gateway.registry import ModelRegistry
-from gateway.shadow.compare import CompareSettings, RequestDiff, compare_batch
+from gateway.shadow.compare import RequestDiff, compare_batch
 from gateway.shadow.difflog import DiffLog, DivergentInputs
 from gateway.shadow.stats import ComparisonRecord, ShadowReport, ShadowStats
 from gateway.telemetry.metrics import Telemetry
@@ -157,7 +157,7 @@ class ShadowRunner:
         faults: FaultInjector | None = None,
         settings: ShadowSettings | None = None,
         *,
-        compare: Callable[[str], CompareSettings] = lambda _endpoint: CompareSettings(),
+        compare: Callable[[str], ShadowCompareConfig] = lambda _endpoint: ShadowCompareConfig(),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings or ShadowSettings()
@@ -336,24 +336,32 @@ class ShadowRunner:
     # --- reports -------------------------------------------------------------------------------
 
     def report(
-        self, endpoint: EndpointState, version: str = "", window_seconds: int = 3600, top: int = 10
+        self,
+        endpoint: str,
+        shadows: Mapping[str, int],
+        version: str = "",
+        window_seconds: int = 3600,
+        top: int = 10,
     ) -> tuple[ShadowReport, int]:
-        """A shadow's report and its configured percent; `version` may be empty when there is one shadow."""
+        """A shadow's report and its configured percent (`shadows`: the endpoint's shadows now).
+
+        `version` may be empty when there is one shadow.
+        """
         if not version:
-            configured = sorted(endpoint.shadows)
-            seen = sorted(v for e, v in self.stats.shadows() if e == endpoint.name)
+            configured = sorted(shadows)
+            seen = sorted(v for e, v in self.stats.shadows() if e == endpoint)
             candidates = configured or seen
             if len(candidates) != 1:
                 listed = ", ".join(candidates) or "(none)"
-                raise InvalidInput(f"{endpoint.name} has shadows {listed}; name the version to report on")
+                raise InvalidInput(f"{endpoint} has shadows {listed}; name the version to report on")
             version = candidates[0]
-        elif version not in endpoint.shadows and (endpoint.name, version) not in self.stats.shadows():
-            shadows = ", ".join(endpoint.shadows) or "(none)"
-            raise NotFound(f"{endpoint.name} {version} has never been a shadow; shadows: {shadows}")
+        elif version not in shadows and (endpoint, version) not in self.stats.shadows():
+            listed = ", ".join(shadows) or "(none)"
+            raise NotFound(f"{endpoint} {version} has never been a shadow; shadows: {listed}")
         if window_seconds <= 0:
             raise InvalidInput(f"window {window_seconds} s must be positive")
-        report = self.stats.report(endpoint.name, version, window_seconds, top)
-        return report, endpoint.shadows.get(version, 0)
+        report = self.stats.report(endpoint, version, window_seconds, top)
+        return report, shadows.get(version, 0)
 
     # --- lifecycle -------------------------------------------------------------------------------
 

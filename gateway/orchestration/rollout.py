@@ -10,8 +10,10 @@ The state is a record in the store, so a restarted gateway resumes where it was.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,13 +23,24 @@ from typing import Any
 from gateway.control import ControlPlane, Intent
 from gateway.desired import EndpointState
 from gateway.errors import FailedPrecondition, InvalidInput, NotFound
-from gateway.guardrails.evaluate import Status, Verdict
 from gateway.guardrails.rules import RuleSet
+from gateway.orchestration.evaluate import Status, Verdict
 from gateway.routing import CANARY, STABLE, format_traffic
 
 KIND = "rollout"
 DEFAULT_STEPS = (5, 25, 50, 100)
+DEFAULT_STEP_SECONDS = 600.0
 ACTOR = "rollout"
+
+
+class RolloutStatus(enum.StrEnum):
+    """Where a rollout is: `running` and `paused` are active; the rest are final."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ABORTED = "aborted"
 
 
 @dataclass
@@ -41,7 +54,7 @@ class Rollout:
     step_seconds: float
     rules: list[str]
     at_least: int = 1
-    status: str = "running"  # running | paused | completed | failed | aborted
+    status: RolloutStatus = RolloutStatus.RUNNING
     step_index: int = 0
     step_started_at: float = 0.0
     started_at: float = 0.0
@@ -49,10 +62,13 @@ class Rollout:
     reason: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.status = RolloutStatus(self.status)  # stored records hold the plain string
+
     @property
     def active(self) -> bool:
         """Running or paused."""
-        return self.status in ("running", "paused")
+        return self.status in (RolloutStatus.RUNNING, RolloutStatus.PAUSED)
 
     @property
     def share(self) -> int:
@@ -110,15 +126,23 @@ class RolloutDriver:
         endpoint: str,
         version: str,
         *,
-        steps: Sequence[int] = DEFAULT_STEPS,
-        step_seconds: float = 600,
-        rules: Sequence[str] = (),
-        at_least: int = 1,
+        steps: Sequence[int] = (),
+        step_seconds: float = 0,
+        rules: Sequence[str] | None = None,
+        at_least: int = 0,
         reason: str,
         dry_run: bool = False,
     ) -> Rollout:
-        """Begin ramping `version` against the current stable."""
+        """Begin ramping `version` against the current stable.
+
+        Empty `steps` means DEFAULT_STEPS, 0 `step_seconds` DEFAULT_STEP_SECONDS; `rules` None
+        means the endpoint's own guardrails (with their `at_least`), and 0 `at_least` means 1.
+        """
         state = self._control.state.endpoint(endpoint)
+        if rules is None:
+            rules, at_least = [r.text for r in state.guardrails.rules], at_least or state.guardrails.at_least
+        steps = steps or DEFAULT_STEPS
+        step_seconds = step_seconds or DEFAULT_STEP_SECONDS
         state.require_version(version)
         stable = state.labels.get(STABLE)
         if not stable:
@@ -130,9 +154,11 @@ class RolloutDriver:
             raise InvalidInput(f"steps {steps} must increase and end at 100, e.g. 5,25,50,100", field="steps")
         if steps[0] <= 0:
             raise InvalidInput(f"steps {steps} must start above 0", field="steps")
-        if step_seconds <= 0:
-            raise InvalidInput("step duration must be positive", field="step_duration")
-        rule_set = RuleSet.parse(list(rules), at_least if rules else 1)
+        if not math.isfinite(step_seconds) or step_seconds <= 0:
+            raise InvalidInput(
+                f"step duration {step_seconds} must be a positive number of seconds", field="step_duration"
+            )
+        rule_set = RuleSet.parse(list(rules), (at_least or 1) if rules else 1)
         if self.history_seconds:
             rule_set.check_history(self.history_seconds)
         with self._lock:
@@ -165,10 +191,10 @@ class RolloutDriver:
         """Hold the current step (traffic stays as it is)."""
         with self._lock:
             rollout = self.require(endpoint)
-            if rollout.status != "running":
+            if rollout.status != RolloutStatus.RUNNING:
                 raise FailedPrecondition(f"the rollout of {rollout.version} is {rollout.status}, not running")
             self._control.note(Intent(actor, "rollout-pause", endpoint, reason))
-            rollout.status = "paused"
+            rollout.status = RolloutStatus.PAUSED
             rollout.event(self._clock(), f"paused by {actor}: {reason}")
             self._save(rollout)
             return rollout
@@ -177,10 +203,10 @@ class RolloutDriver:
         """Continue a paused rollout; the step's clock restarts."""
         with self._lock:
             rollout = self.require(endpoint)
-            if rollout.status != "paused":
+            if rollout.status != RolloutStatus.PAUSED:
                 raise FailedPrecondition(f"the rollout of {rollout.version} is {rollout.status}, not paused")
             self._control.note(Intent(actor, "rollout-resume", endpoint, reason))
-            rollout.status = "running"
+            rollout.status = RolloutStatus.RUNNING
             rollout.step_started_at = self._clock()
             rollout.event(rollout.step_started_at, f"resumed by {actor}: {reason}")
             self._save(rollout)
@@ -199,7 +225,7 @@ class RolloutDriver:
                 to_version=rollout.baseline,
                 trigger="rollout",
             )
-            rollout.status = "aborted"
+            rollout.status = RolloutStatus.ABORTED
             rollout.event(self._clock(), f"aborted by {actor}: {reason}")
             self._save(rollout)
             return rollout
@@ -212,7 +238,7 @@ class RolloutDriver:
             rollout = self.get(endpoint)
             if rollout is None or not rollout.active:
                 return None
-            rollout.status = "failed"
+            rollout.status = RolloutStatus.FAILED
             rollout.event(self._clock(), why)
             self._save(rollout)
             return rollout
@@ -230,7 +256,7 @@ class RolloutDriver:
             if rollout is None or not rollout.active or current is None or _on_plan(current, rollout):
                 return rollout
             promoted = current.labels.get(STABLE) == rollout.version
-            rollout.status = "completed" if promoted else "aborted"
+            rollout.status = RolloutStatus.COMPLETED if promoted else RolloutStatus.ABORTED
             why = f"traffic changed outside the rollout (now {format_traffic(current.weights)})"
             self._control.note(Intent(ACTOR, "rollout-end", ep.name, f"rollout of {rollout.version} ended: {why}"))
             rollout.event(self._clock(), f"ended ({rollout.status}): {why}")
@@ -244,15 +270,15 @@ class RolloutDriver:
         step (observe-only rules never do). `rollout` is the record as the caller read it.
         """
         now = self._clock()
-        if rollout.status != "running" or now - rollout.step_started_at < rollout.step_seconds:
+        if rollout.status != RolloutStatus.RUNNING or now - rollout.step_started_at < rollout.step_seconds:
             return None
-        gates = () if rules.dry_run else rules.canary_rules
+        gates = () if rules.observe_only else rules.canary_rules
         mine = [v for v in verdicts if v.candidate == rollout.version]
         if gates and (len(mine) < len(gates) or any(v.status is not Status.PASS for v in mine)):
             return None  # breaching or inconclusive: hold the step
         with self._lock:
             current = self.get(rollout.endpoint)
-            if current is None or (current.status, current.step_index) != ("running", rollout.step_index):
+            if current is None or (current.status, current.step_index) != (RolloutStatus.RUNNING, rollout.step_index):
                 return None  # changed since the caller read it
             ep = self._control.state.endpoints.get(rollout.endpoint)
             if ep is None or not _on_plan(ep, current):
@@ -278,7 +304,7 @@ class RolloutDriver:
             # is no baseline traffic left to compare with, so the rules were checked one step before.)
             rollout.step_index = len(rollout.steps) - 1
             self._control.promote(ACTOR, endpoint, reason=f"rollout of {rollout.version} completed", trigger="rollout")
-            rollout.status = "completed"
+            rollout.status = RolloutStatus.COMPLETED
             rollout.event(now, f"promoted {rollout.version} to stable at 100%")
         self._save(rollout)
         return rollout

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import random
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,8 @@ import grpc
 import numpy as np
 
 from gateway.app import Gateway
-from gateway.config import parse_config
-from gateway.desired import DesiredState
+from gateway.clock import SimClock
+from gateway.desired import DesiredState, parse_route_file
 from gateway.faults import Fault
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
@@ -39,25 +38,8 @@ from gateway.state.sqlite import SqliteStore
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.windows import WindowStore
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 ENDPOINT = "ctr-ranker"
-
-
-class SimClock:
-    """A clock the simulation advances; shared by windows, feedback, guardian and rollouts."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        """The simulated time."""
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward."""
-        with self._lock:
-            self.now += seconds
 
 
 @dataclass(frozen=True)
@@ -217,7 +199,7 @@ async def play(scenario: Scenario, *, rate: int = 40, click_boost: float = 4.0, 
     clock = SimClock()
     outcome = Outcome(scenario, False, 0)
     with tempfile.TemporaryDirectory() as scratch:
-        config = parse_config(_route_file(scenario.traffic, scenario.guardrails), base_dir=MODELS)
+        config = parse_route_file(_route_file(scenario.traffic, scenario.guardrails), base_dir=MODELS)
         telemetry = Telemetry(WindowStore(3600, clock=clock))
         gateway = Gateway(config, SqliteStore(Path(scratch) / "state.db"), telemetry=telemetry, clock=clock)
         gateway.start()
@@ -227,7 +209,7 @@ async def play(scenario: Scenario, *, rate: int = 40, click_boost: float = 4.0, 
                 scenario.setup(gateway)
             if scenario.rollout:
                 plan = scenario.rollout
-                gateway.guardian.rollouts.start(
+                gateway.rollouts.start(
                     "gameday",
                     ENDPOINT,
                     plan.version,
@@ -249,7 +231,7 @@ async def play(scenario: Scenario, *, rate: int = 40, click_boost: float = 4.0, 
                     for incident in report.incidents:
                         outcome.timeline.append(f"t={second}s  INCIDENT {incident.id}: {incident.outcome}")
                         outcome.notes.append(incident.to_markdown())
-                    rollout = gateway.guardian.rollouts.get(ENDPOINT)
+                    rollout = gateway.rollouts.get(ENDPOINT)
                     last = rollout.history[-1] if rollout and rollout.history else None
                     if last and last["at"] == clock.now and last["event"].startswith(("advanced", "promoted")):
                         outcome.timeline.append(f"t={second}s  rollout: {last['event']}")
@@ -270,7 +252,7 @@ async def play(scenario: Scenario, *, rate: int = 40, click_boost: float = 4.0, 
 def _done(gateway: Gateway, scenario: Scenario) -> bool:
     ep = gateway.control.state.endpoint(ENDPOINT)
     if scenario.expect == "rollback":
-        return dict(ep.weights) == {"1.12": 100} and bool(gateway.guardian.incidents.list(ENDPOINT))
+        return dict(ep.weights) == {"1.12": 100} and bool(gateway.incidents.list(ENDPOINT))
     return ep.labels.get("stable") == "1.14" and dict(ep.weights) == {"1.14": 100}
 
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from gateway.control import ControlPlane
 from gateway.desired import EndpointState
 from gateway.errors import Conflict, FailedPrecondition, GatewayError
-from gateway.guardrails.evaluate import Status, Verdict, combine, evaluate
-from gateway.guardrails.incidents import Incident, IncidentLog
-from gateway.guardrails.rollout import Rollout, RolloutDriver
 from gateway.guardrails.rules import Action, Metric, RuleSet
 from gateway.guardrails.sequential import CtrExperiment
+from gateway.orchestration.evaluate import Status, Verdict, combine, evaluate
+from gateway.orchestration.incidents import Incident, IncidentLog
+from gateway.orchestration.rollout import Rollout, RolloutDriver, RolloutStatus
 from gateway.registry import ModelRegistry
 from gateway.routing import STABLE
 from gateway.telemetry.windows import SeriesKey, WindowStats, WindowStore
@@ -143,7 +143,7 @@ class Guardian:
             by_candidate = self.evaluate_endpoint(ep, rules) if rules.rules else {}
             for candidate, verdicts in by_candidate.items():
                 seen[f"{name}/{candidate}"] = verdicts
-                key = (name, candidate, rules.dry_run)
+                key = (name, candidate, rules.observe_only)
                 if not verdicts or not combine(rules, verdicts):
                     continue
                 if key not in self._holding:
@@ -178,14 +178,14 @@ class Guardian:
             baseline=ep.labels.get(STABLE, ""),
             verdicts=[v.to_dict() for v in verdicts],
             at_least=rules.at_least,
-            observe_only=rules.dry_run,
+            observe_only=rules.observe_only,
             revision_before=self._control.revision,
             traffic_before=dict(ep.weights),
         )
         rule_text = "; ".join(v.rule.text for v in breaching)
         hold = True
         touched: Rollout | None = None  # the rollout this incident changed or concerns
-        if rules.dry_run:
+        if rules.observe_only:
             incident.outcome = f"observe-only: would have done {action.value}"
         elif candidate in ep.shadows and candidate not in ep.weights:
             incident.outcome = f"alert: shadow {candidate} disagrees with the primary ({rule_text})"
@@ -193,7 +193,7 @@ class Guardian:
             hold, touched = self._rollback(ep, incident, rule_text)
         elif action is Action.PAUSE:
             incident.outcome = "alert (pause requested, but no rollout is running)"
-            if rollout is not None and rollout.status == "running":
+            if rollout is not None and rollout.status is RolloutStatus.RUNNING:
                 try:
                     touched = self.rollouts.pause(ACTOR, ep.name, reason=f"guardrail: {rule_text}")
                     incident.outcome = f"paused the rollout of {rollout.version} at {rollout.share}%"
