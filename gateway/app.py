@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import GatewayConfig, ShadowCompareConfig
@@ -20,18 +19,13 @@ from gateway.orchestration.rollout import RolloutDriver
 from gateway.registry import ModelRegistry, ModelVersion, VersionState
 from gateway.repository import ModelRepository
 from gateway.routing import Router, RouteTable
-from gateway.shadow.runner import ShadowRunner, ShadowSettings
+from gateway.settings import GatewaySettings
+from gateway.shadow.runner import ShadowRunner
 from gateway.state import StateStore
 from gateway.telemetry.metrics import Telemetry
+from gateway.telemetry.windows import WindowStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """Transport limits shared by every listener."""
-
-    max_message_bytes: int = 4 * 1024 * 1024
 
 
 class Gateway:
@@ -46,25 +40,23 @@ class Gateway:
         config: GatewayConfig,
         store: StateStore,
         *,
-        limits: ServerLimits | None = None,
+        settings: GatewaySettings | None = None,
         config_source: str = "route file",
         telemetry: Telemetry | None = None,
-        shadow_settings: ShadowSettings | None = None,
         clock: Callable[[], float] = time.time,
-        guardian_tick: float = 1.0,
     ) -> None:
         self.config = config
         self.config_source = config_source
         self.store = store
-        self.limits = limits or ServerLimits()
+        self.settings = settings or GatewaySettings.plain()
         self._owns_telemetry = telemetry is None
-        self.telemetry = telemetry or Telemetry()
+        self.telemetry = telemetry or Telemetry(WindowStore(self.settings.window_history, clock=clock))
         self.repository = ModelRepository(config.model_root)
         self.registry = ModelRegistry(self.repository)
         self.router = Router(RouteTable(0, {}))
         self.faults = FaultInjector()
         self.shadow = ShadowRunner(
-            self.registry, self.telemetry, self.faults, shadow_settings, compare=self._compare_settings
+            self.registry, self.telemetry, self.faults, self.settings.shadow, compare=self._compare_settings
         )
         self.control = ControlPlane(store, self.registry, self.router, history_seconds=self.telemetry.windows.horizon)
         self.feedback = FeedbackJoin(self.telemetry.windows, clock=clock)
@@ -77,7 +69,7 @@ class Gateway:
             self.rollouts,
             self.incidents,
             clock=clock,
-            tick_seconds=guardian_tick,
+            tick_seconds=self.settings.guardian_tick,
         )
         self.inference = InferenceService(
             self.registry,
@@ -126,25 +118,27 @@ class Gateway:
         path: Path,
         store: StateStore,
         *,
-        limits: ServerLimits | None = None,
+        settings: GatewaySettings | None = None,
         telemetry: Telemetry | None = None,
-        shadow_settings: ShadowSettings | None = None,
     ) -> Gateway:
         """Build from a route file (validated; raises ConfigError naming the field)."""
-        return cls(
-            load_route_file(path),
-            store,
-            limits=limits,
-            config_source=str(path),
-            telemetry=telemetry,
-            shadow_settings=shadow_settings,
-        )
+        return cls(load_route_file(path), store, settings=settings, config_source=str(path), telemetry=telemetry)
 
     def start(self) -> int:
-        """Restore (or seed) the desired state and load every version. Blocking; returns the revision."""
-        revision = self.control.start(
-            lambda: desired_from_config(self.config, self.repository), seed_source=self.config_source
-        )
+        """Start telemetry export and the shadow workers, restore (or seed) the desired state, load every version.
+
+        Blocking; returns the revision. A failed start stops what it started. The guardian is
+        started apart (`guardian.start()`): tests and drills tick it themselves.
+        """
+        self.telemetry.start()
+        self.shadow.start()
+        try:
+            revision = self.control.start(
+                lambda: desired_from_config(self.config, self.repository), seed_source=self.config_source
+            )
+        except BaseException:
+            self.shadow.shutdown()
+            raise
         return revision.revision
 
     def _compare_settings(self, endpoint: str) -> ShadowCompareConfig:

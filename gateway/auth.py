@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import os
 from pathlib import Path
 
 from gateway.errors import ConfigError, PermissionDenied, Unauthenticated
@@ -38,14 +37,14 @@ class AdminTokens:
         return cls(tokens)
 
     @classmethod
-    def load(cls, path: Path | None) -> AdminTokens:
-        """From a file when given, else from $GATEWAY_ADMIN_TOKENS (empty: no admin access)."""
+    def load(cls, path: Path | None, text: str = "") -> AdminTokens:
+        """From a file when given, else from `text` (the settings' $GATEWAY_ADMIN_TOKENS; empty: no admin access)."""
         if path is not None:
             try:
                 return cls.parse(path.read_text(), source=str(path))
             except OSError as err:
                 raise ConfigError(f"cannot read admin tokens file {path}: {err.strerror}") from None
-        return cls.parse(os.environ.get(ENV_TOKENS, ""), source=f"${ENV_TOKENS}")
+        return cls.parse(text, source=f"${ENV_TOKENS}")
 
     @property
     def names(self) -> list[str]:

@@ -16,7 +16,7 @@ unquoted decimal as the text that was written (`1.10` stays "1.10").
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -126,6 +126,9 @@ class GatewayConfig(BaseModel):
 
     model_root: Path = Path(".")
     endpoints: dict[str, EndpointConfig] = Field(min_length=1)
+    #: Process settings (`gateway serve --help` lists them), below flags and environment variables
+    #: in precedence; read when a gateway starts (`gateway.settings`), ignored by Apply.
+    server: dict[str, Any] = Field(default_factory=dict)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -23,6 +23,7 @@ from gateway import __version__
 from gateway.errors import GatewayError, InvalidInput, NotFound, TooLarge
 from gateway.faults import FaultInjector
 from gateway.feedback import FeedbackJoin
+from gateway.logs import REQUEST_ID
 from gateway.registry import ModelRegistry
 from gateway.routing import STABLE, EndpointRoutes, ModelRef, RouteDecision, Router, RouteTable, RoutingReason
 from gateway.runtime import OnnxModel
@@ -215,6 +216,7 @@ class InferenceService:
         table = self._router.table
         routes, decision = _route(table, request)
         request_id = request.request_id or self._new_request_id()
+        REQUEST_ID.set(request_id)  # log lines about this request carry its id (each call has its own context)
         if span is not None:
             span.attributes.update(
                 {

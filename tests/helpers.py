@@ -12,14 +12,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from gateway.app import Gateway, ServerLimits
+from gateway.app import Gateway
 from gateway.auth import AdminTokens
 from gateway.desired import parse_route_file
 from gateway.grpc.server import AdminServer, InferenceServer, start_admin_server, start_inference_server
 from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
-from gateway.shadow.runner import ShadowSettings
+from gateway.settings import GatewaySettings, ShadowSettings
 from gateway.state.sqlite import SqliteStore
 from gateway.telemetry.metrics import Telemetry
 
@@ -108,9 +108,10 @@ def running_gateway(
         gateway = Gateway(
             config,
             store,
-            limits=ServerLimits(max_message_bytes),
+            settings=GatewaySettings.plain(
+                max_message_bytes=max_message_bytes, shadow=shadow_settings or ShadowSettings(log_dir=None)
+            ),
             telemetry=telemetry,
-            shadow_settings=shadow_settings,
         )
         gateway.start()
         loop = LoopThread()

@@ -107,7 +107,10 @@ def test_tampered_artifact_stops_the_start(tmp_path: Path) -> None:
 def test_a_bad_window_history_stops_the_start(tmp_path: Path) -> None:
     result = run("serve", "--window-history", "forever", "--store", f"sqlite:///{tmp_path}/s.db")
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: --window-history: 'forever' is not a duration; write 30s, 5m, 2h or 1d"
+    assert result.stderr.strip() == (
+        "error: setting window_history (--window-history, $GATEWAY_WINDOW_HISTORY, server.window_history in the "
+        "route file): 'forever' is not a duration; write 30s, 5m, 2h or 1d"
+    )
 
 
 def test_help_lists_commands() -> None:

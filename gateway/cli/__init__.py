@@ -1,26 +1,28 @@
 """`gateway` command line: parsing and printing only; the work happens in the core.
 
-gateway serve ...                 run the gateway
-gateway predict ...               one prediction
-gateway admin ...                 change and inspect routes (authenticated)
+`gateway COMMAND --help` shows each command's options; `build_parser` registers them all.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from collections.abc import Sequence
 
 from gateway import __version__
 from gateway.cli import admin, batch, gameday, predict, report, rollout, serve
+from gateway.logs import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="gateway", description="A gRPC model gateway for safe ML releases.")
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="lowest level logged (default INFO)"
+    )
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], help="text (default) or one JSON object per line, for log shippers"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.register(commands)
     predict.register(commands)
@@ -35,10 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gateway` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level or "INFO", args.log_format or "text")
     code: int = args.handler(args)
     return code

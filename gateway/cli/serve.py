@@ -6,150 +6,91 @@ import argparse
 import asyncio
 import logging
 import signal
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
-from gateway.app import Gateway, ServerLimits
+from gateway.app import Gateway
 from gateway.auth import ENV_TOKENS, AdminTokens
 from gateway.cli.output import fail
-from gateway.errors import GatewayError, InvalidInput
-from gateway.guardrails.rules import parse_duration
+from gateway.errors import GatewayError
+from gateway.logs import configure_logging
 from gateway.routing import format_traffic
-from gateway.shadow.runner import ShadowSettings
-from gateway.state import DEFAULT_STORE_URL, open_store
+from gateway.settings import ENV_PREFIX, GatewaySettings, setting_flags
+from gateway.state import open_store
 from gateway.telemetry.setup import TelemetrySettings, build_telemetry
-from gateway.telemetry.tracing import Sampler
 
 log = logging.getLogger("gateway")
 
-DEFAULT_CONFIG = "models/gateway.yaml"
-DEFAULT_LISTEN = "127.0.0.1:8001"
-DEFAULT_ADMIN_LISTEN = "127.0.0.1:8002"
-
 
 def register(commands: Any) -> None:
-    """Add the `serve` subcommand."""
-    serve = commands.add_parser("serve", help="serve the models of a route file over gRPC")
-    serve.add_argument("--config", default=DEFAULT_CONFIG, help=f"route file (default {DEFAULT_CONFIG})")
-    serve.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT for inference; port 0 picks one")
-    serve.add_argument(
-        "--admin-listen", default=DEFAULT_ADMIN_LISTEN, help="HOST:PORT for the admin API (default loopback)"
+    """Add the `serve` subcommand; its flags are made from `GatewaySettings` (one place for every setting)."""
+    serve = commands.add_parser(
+        "serve",
+        help="serve the models of a route file over gRPC",
+        description=(
+            "Serve the models of a route file over gRPC. Every setting is a flag, an environment variable "
+            f"({ENV_PREFIX}NAME) or a key of the route file's server: section, in that order of precedence."
+        ),
     )
-    serve.add_argument(
-        "--admin-tokens-file",
-        type=Path,
-        help=f"NAME=TOKEN lines for admin callers (default: ${ENV_TOKENS}, comma-separated)",
-    )
-    serve.add_argument(
-        "--store",
-        default=DEFAULT_STORE_URL,
-        help="state store: sqlite:///relative/path.db or sqlite:////absolute/path.db (default %(default)s)",
-    )
-    serve.add_argument(
-        "--metrics-listen",
-        default="",
-        help="HOST:PORT for the Prometheus /metrics endpoint (off when not set)",
-    )
-    serve.add_argument(
-        "--otlp-endpoint",
-        default="",
-        help="OTLP/gRPC collector for traces and metrics (default $OTEL_EXPORTER_OTLP_ENDPOINT; else off)",
-    )
-    serve.add_argument(
-        "--trace-sample",
-        type=float,
-        default=None,
-        help="share of requests traced, 0..1 (default: $OTEL_TRACES_SAMPLER[_ARG], else 1.0)",
-    )
-    serve.add_argument("--shadow-workers", type=int, default=1, help="threads that run shadow copies (default 1)")
-    serve.add_argument(
-        "--shadow-queue",
-        type=int,
-        default=1024,
-        help="shadow copies waiting at most; more are dropped and counted",
-    )
-    serve.add_argument(
-        "--shadow-log-dir",
-        default="var/shadow",
-        help="shadow diff log directory (JSON lines, rotated); empty turns it off (default %(default)s)",
-    )
-    serve.add_argument(
-        "--shadow-cpu-share",
-        type=float,
-        default=0.1,
-        help="most CPU per shadow worker (share of a core); past it copies wait or are shed (default 0.1)",
-    )
-    serve.add_argument("--shadow-log-max-bytes", type=int, default=10 * 1024 * 1024, help="rotate the diff log here")
-    serve.add_argument(
-        "--shadow-keep-divergent",
-        type=int,
-        default=0,
-        help="keep the inputs of the N most divergent shadowed requests (.npz, for replay; default off)",
-    )
-    serve.add_argument(
-        "--guardian-tick", type=float, default=1.0, help="seconds between guardrail evaluations (default 1)"
-    )
-    serve.add_argument(
-        "--window-history",
-        default="30m",
-        help="how far back the guardrail windows reach; a rule's window may not be longer (default %(default)s)",
-    )
-    serve.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
-    serve.add_argument("--grace", type=float, default=5.0, help="seconds to finish in-flight calls on stop")
+    for flag, dotted, info in setting_flags():
+        default = info.get_default(call_default_factory=True)
+        env = ENV_PREFIX + dotted.upper().replace(".", "__")
+        shown = "" if default in (None, "") else f"; default {default}"
+        kwargs: dict[str, Any] = {"dest": _dest(dotted), "default": None, "metavar": "VALUE"}
+        choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
+        if choices:
+            kwargs.update(choices=choices, metavar=None)
+        serve.add_argument(flag, help=f"{info.description} (${env}{shown})", **kwargs)
     serve.set_defaults(handler=run)
 
 
-async def _serve(args: argparse.Namespace) -> int:
+def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (nested for shadow.*); unset flags leave lower sources in charge."""
+    values: dict[str, Any] = {}
+    for _flag, dotted, _info in setting_flags():
+        value = getattr(args, _dest(dotted), None)
+        if value is None:
+            continue
+        target = values
+        *parents, leaf = dotted.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    for name in ("log_level", "log_format"):  # `gateway --log-level ... serve` works too
+        if name not in values and getattr(args, name, None):
+            values[name] = getattr(args, name)
+    return values
+
+
+def _dest(dotted: str) -> str:
+    # Apart from the top-level namespace: `gateway --log-level` and `serve --log-level` must not collide.
+    return "setting__" + dotted.replace(".", "__")
+
+
+async def _serve(settings: GatewaySettings) -> int:
     from gateway.grpc.server import start_admin_server, start_inference_server
 
-    tokens = AdminTokens.load(args.admin_tokens_file)
+    tokens = AdminTokens.load(settings.admin_tokens_file, settings.admin_tokens.get_secret_value())
+    runtime = build_telemetry(TelemetrySettings.of(settings))
+    store = open_store(settings.store)
     try:
-        history = parse_duration(args.window_history, bare_seconds=True)
-    except InvalidInput as err:
-        raise InvalidInput(f"--window-history: {err.message}") from None
-    sampler = Sampler(ratio=args.trace_sample) if args.trace_sample is not None else None
-    runtime = build_telemetry(
-        TelemetrySettings(
-            metrics_listen=args.metrics_listen,
-            otlp_endpoint=args.otlp_endpoint,
-            window_horizon_seconds=history,
-            sampler=sampler,
-        )
-    )
-    store = open_store(args.store)
-    try:
-        gateway = Gateway.from_file(
-            Path(args.config),
-            store,
-            limits=ServerLimits(args.max_message_bytes),
-            telemetry=runtime.telemetry,
-            shadow_settings=ShadowSettings(
-                queue_size=args.shadow_queue,
-                workers=args.shadow_workers,
-                log_dir=Path(args.shadow_log_dir) if args.shadow_log_dir else None,
-                log_max_bytes=args.shadow_log_max_bytes,
-                keep_divergent=args.shadow_keep_divergent,
-                max_cpu_share=args.shadow_cpu_share,
-            ),
-        )
+        gateway = Gateway.from_file(settings.config, store, settings=settings, telemetry=runtime.telemetry)
         revision = await asyncio.to_thread(gateway.start)
-        gateway.guardian.tick_seconds = args.guardian_tick
         gateway.guardian.start()
-        inference = await start_inference_server(gateway, args.listen)
-        admin = await start_admin_server(gateway, args.admin_listen, tokens)
+        inference = await start_inference_server(gateway, settings.listen)
+        admin = await start_admin_server(gateway, settings.admin_listen, tokens)
     except BaseException:
         store.close()
         runtime.shutdown()
         raise
     if not tokens.names:
         log.warning("no admin tokens configured (%s or --admin-tokens-file): admin calls will be refused", ENV_TOKENS)
-    host = args.listen.rsplit(":", 1)[0]
-    admin_host = args.admin_listen.rsplit(":", 1)[0]
+    host = settings.listen.rsplit(":", 1)[0]
+    admin_host = settings.admin_listen.rsplit(":", 1)[0]
     summary = "; ".join(
         f"{name} {format_traffic(routes.weights)}" for name, routes in gateway.router.table.endpoints.items()
     )
     metrics = (
-        f", metrics on {args.metrics_listen.rsplit(':', 1)[0]}:{runtime.metrics_port}" if runtime.prometheus else ""
+        f", metrics on {settings.metrics_listen.rsplit(':', 1)[0]}:{runtime.metrics_port}" if runtime.prometheus else ""
     )
     print(
         f"gateway ready: inference on {host}:{inference.port}, admin on {admin_host}:{admin.port}{metrics} "
@@ -162,7 +103,7 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
-    await asyncio.gather(inference.stop(grace=args.grace), admin.stop(grace=args.grace))
+    await asyncio.gather(inference.stop(grace=settings.grace), admin.stop(grace=settings.grace))
     gateway.close()
     runtime.shutdown()
     return 0
@@ -171,6 +112,8 @@ async def _serve(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     """Start the gateway and serve until SIGINT/SIGTERM."""
     try:
-        return asyncio.run(_serve(args))
+        settings = GatewaySettings.load(_flag_values(args))
+        configure_logging(settings.log_level, settings.log_format)
+        return asyncio.run(_serve(settings))
     except GatewayError as err:
         return fail(err.message, 2)

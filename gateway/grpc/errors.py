@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from gateway.errors import ErrorCode, GatewayError
+from gateway.logs import TRACE_ID
 from gateway.telemetry.tracing import SpanRecord, SpanRecorder
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,12 @@ def _traced(
     untraced = guard(method, behavior)
 
     async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        span = spans.start(name, context.invocation_metadata())
+        span = spans.start_span(name, context.invocation_metadata())
         if span is None:  # not sampled
             return await untraced(request, context)
         span.attributes.update(static)
         CURRENT_SPAN.set(span)  # each RPC runs in its own task, so this stays within the call
+        TRACE_ID.set(span.trace_id_hex)
         try:
             response = behavior(request, context)
         except GatewayError as err:

@@ -62,7 +62,7 @@ def bind(server: grpc.aio.Server, listen: str) -> int:
 
 async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServer:
     """Build and start the inference listener (Predict, Open Inference Protocol, health, reflection)."""
-    server = grpc.aio.server(options=server_options(gateway.limits.max_message_bytes))
+    server = grpc.aio.server(options=server_options(gateway.settings.max_message_bytes))
     spans = gateway.telemetry.spans
     inference_pb2_grpc.add_InferenceServicer_to_server(
         guard_servicer(
@@ -137,7 +137,7 @@ async def start_admin_server(gateway: Gateway, listen: str, tokens: AdminTokens)
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="admin"),
-        options=server_options(gateway.limits.max_message_bytes),
+        options=server_options(gateway.settings.max_message_bytes),
     )
     servicer = AdminServicer(gateway.control, gateway.shadow, gateway.rollouts, gateway.incidents)
     admin_pb2_grpc.add_AdminServicer_to_server(

@@ -23,7 +23,6 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _string
-from pathlib import Path
 
 import numpy as np
 from opentelemetry.trace import SpanKind
@@ -32,6 +31,7 @@ from gateway.config import ShadowCompareConfig
 from gateway.errors import GatewayError, InvalidInput, NotFound
 from gateway.faults import FaultInjector
 from gateway.registry import ModelRegistry
+from gateway.settings import ShadowSettings
 from gateway.shadow.compare import RequestDiff, compare_batch
 from gateway.shadow.difflog import DiffLog, DivergentInputs
 from gateway.shadow.stats import ComparisonRecord, ShadowReport, ShadowStats
@@ -40,26 +40,6 @@ from gateway.telemetry.tracing import SpanRecord
 from gateway.telemetry.windows import SeriesKey
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShadowSettings:
-    """The shadow runner's budget and outputs."""
-
-    queue_size: int = 1024
-    workers: int = 1
-    log_dir: Path | None = None
-    log_max_bytes: int = 10 * 1024 * 1024
-    log_backups: int = 3
-    keep_divergent: int = 0
-    keep_divergent_max_bytes: int = 50 * 1024 * 1024
-    records: int = 100_000
-    #: Copies run as one onnxruntime batch when they queue up together.
-    batch_size: int = 64
-    #: Most CPU the shadow workers may use, as a share of one core each (0: no limit).
-    max_cpu_share: float = 0.1
-    #: How often idle workers look for queued copies (the longest a copy waits when idle).
-    poll_seconds: float = 0.005
 
 
 class CpuBudget:
@@ -173,15 +153,23 @@ class ShadowRunner:
         self._running = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        log_dir = self.settings.log_dir
-        self._difflog = DiffLog(log_dir, self.settings.log_max_bytes, self.settings.log_backups) if log_dir else None
-        self._divergent = (
-            DivergentInputs(log_dir / "divergent", self.settings.keep_divergent, self.settings.keep_divergent_max_bytes)
-            if log_dir and self.settings.keep_divergent
-            else None
-        )
+        self._difflog: DiffLog | None = None
+        self._divergent: DivergentInputs | None = None
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Open the diff log and start the workers (once). Copies offered before wait in the queue."""
+        if self._threads:
+            return
+        settings = self.settings
+        if settings.log_dir:
+            self._difflog = DiffLog(settings.log_dir, settings.log_max_bytes, settings.log_backups)
+            if settings.keep_divergent:
+                self._divergent = DivergentInputs(
+                    settings.log_dir / "divergent", settings.keep_divergent, settings.keep_divergent_max_bytes
+                )
         self._threads = [
-            threading.Thread(target=self._work, name=f"shadow-{i}", daemon=True) for i in range(self.settings.workers)
+            threading.Thread(target=self._work, name=f"shadow-{i}", daemon=True) for i in range(settings.workers)
         ]
         for thread in self._threads:
             thread.start()
@@ -375,8 +363,9 @@ class ShadowRunner:
         return True
 
     def shutdown(self) -> None:
-        """Stop the workers after the queued work."""
-        self.drain(10)
+        """Stop the workers after the queued work (copies queued before `start` are dropped)."""
+        if self._threads:
+            self.drain(10)
         self._stop.set()
         for thread in self._threads:
             thread.join(2)

@@ -213,6 +213,11 @@ class Telemetry:
         with self._lock:
             return dict(self._counts)
 
+    def start(self) -> None:
+        """Start background export (spans); idempotent."""
+        if self.spans is not None:
+            self.spans.start()
+
     def shutdown(self) -> None:
         """Flush spans and metrics."""
         if self.spans is not None:

@@ -1,16 +1,15 @@
-"""Build the telemetry of a gateway process from settings and the standard OTEL_* variables.
+"""Build the telemetry of a gateway process from its settings (`GatewaySettings`).
 
 - Prometheus: `--metrics-listen HOST:PORT` serves `/metrics` (off when not set).
-- OTLP over gRPC: `--otlp-endpoint URL`, or `OTEL_EXPORTER_OTLP_ENDPOINT`; traces and metrics
+- OTLP over gRPC: `--otlp-endpoint URL` (or `OTEL_EXPORTER_OTLP_ENDPOINT`); traces and metrics
   go there (`OTEL_TRACES_EXPORTER=none` / `OTEL_METRICS_EXPORTER=none` turn one off).
-- `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` name the service; `OTEL_TRACES_SAMPLER`
-  and `OTEL_TRACES_SAMPLER_ARG` choose the sampling (default: parent-based, always on).
+- `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` name the service (read by the SDK's
+  resource detection); the sampler comes from the settings (default: parent-based, always on).
 - With no trace exporter, no spans are made at all; with no metric reader, no instruments.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from typing import Any
@@ -21,6 +20,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from gateway.errors import ConfigError
+from gateway.settings import GatewaySettings
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.otlp import OtlpSpanSink
 from gateway.telemetry.tracing import Sampler, SdkSpanSink, SpanRecorder, SpanSink
@@ -39,6 +39,20 @@ class TelemetrySettings:
     metric_readers: list[MetricReader] = field(default_factory=list)
     span_exporter: SpanExporter | None = None
     sampler: Sampler | None = None
+    export_traces: bool = True
+    export_metrics: bool = True
+
+    @classmethod
+    def of(cls, settings: GatewaySettings) -> TelemetrySettings:
+        """What a gateway process's settings ask for."""
+        return cls(
+            metrics_listen=settings.metrics_listen,
+            otlp_endpoint=settings.otlp_endpoint,
+            window_horizon_seconds=settings.window_history,
+            sampler=Sampler.named(settings.trace_sampler, settings.trace_sample),
+            export_traces=settings.traces_exporter != "none",
+            export_metrics=settings.metrics_exporter != "none",
+        )
 
 
 @dataclass
@@ -89,18 +103,18 @@ def build_telemetry(settings: TelemetrySettings) -> TelemetryRuntime:
     """Telemetry as the settings and environment ask for."""
     readers = list(settings.metric_readers)
     prometheus = _prometheus(settings.metrics_listen, readers) if settings.metrics_listen else None
-    endpoint = settings.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    endpoint = settings.otlp_endpoint
     resource = _resource()
     sink: SpanSink | None = SdkSpanSink(settings.span_exporter, resource) if settings.span_exporter else None
     if endpoint:
-        if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").lower() != "none":
+        if settings.export_metrics:
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
             exporter = OTLPMetricExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"))
             readers.append(PeriodicExportingMetricReader(exporter))
-        if sink is None and os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() != "none":
+        if sink is None and settings.export_traces:
             sink = OtlpSpanSink(endpoint, resource)
     meter_provider = MeterProvider(metric_readers=readers, resource=resource) if readers else None
-    spans = SpanRecorder(sink, sampler=settings.sampler or Sampler.from_env()) if sink else None
+    spans = SpanRecorder(sink, sampler=settings.sampler or Sampler()) if sink else None
     telemetry = Telemetry(WindowStore(settings.window_horizon_seconds), meter_provider=meter_provider, spans=spans)
     return TelemetryRuntime(telemetry, prometheus)

@@ -15,7 +15,6 @@ Sampling follows the standard `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -60,16 +59,20 @@ class Sampler:
     parent_based: bool = True
 
     @classmethod
-    def from_env(cls, default_ratio: float = 1.0) -> Sampler:
-        """From OTEL_TRACES_SAMPLER (always_on, always_off, traceidratio, parentbased_*) and _ARG."""
-        name = os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
-        try:
-            arg = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", default_ratio))
-        except ValueError:
-            arg = default_ratio
+    def named(cls, name: str, ratio: float | None = None) -> Sampler:
+        """An OpenTelemetry sampler name (always_on, always_off, traceidratio, parentbased_*) and its ratio.
+
+        A ratio given with an always_on sampler (the default) samples that share.
+        """
+        name = name.strip().lower()
         base = name.removeprefix("parentbased_")
-        ratio = {"always_on": 1.0, "always_off": 0.0}.get(base, min(max(arg, 0.0), 1.0))
-        return cls(ratio=ratio, parent_based=name.startswith("parentbased_"))
+        if base == "always_off":
+            share = 0.0
+        elif base == "always_on" and ratio is None:
+            share = 1.0
+        else:
+            share = min(max(1.0 if ratio is None else ratio, 0.0), 1.0)
+        return cls(ratio=share, parent_based=name.startswith("parentbased_"))
 
     def sampled(self, trace_id: int, parent_sampled: bool | None) -> bool:
         """Whether to record a trace."""
@@ -192,10 +195,15 @@ class SpanRecorder:
         self._stop = threading.Event()
         self._flush_lock = threading.Lock()
         self.dropped = 0
-        self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
-    def start(
+    def start(self) -> None:
+        """Start the export thread (once; spans recorded before it wait in the queue)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
+            self._thread.start()
+
+    def start_span(
         self,
         name: str,
         metadata: Iterable[tuple[str, Any]] | None = None,
@@ -215,10 +223,6 @@ class SpanRecorder:
         if not self.sampler.sampled(trace_id, parent_sampled):
             return None
         return SpanRecord(name, trace_id, random.getrandbits(64), parent_span, kind)
-
-    def child(self, parent: SpanRecord, name: str, *, kind: SpanKind = SpanKind.INTERNAL) -> SpanRecord:
-        """A span in the same trace as `parent` (for work done on its behalf)."""
-        return SpanRecord(name, parent.trace_id, random.getrandbits(64), parent.span_id, kind)
 
     def linked(self, to: SpanRecord, name: str, *, kind: SpanKind = SpanKind.INTERNAL) -> SpanRecord:
         """A span in a new trace, linked to `to` (for work off the request's critical path)."""
@@ -257,6 +261,7 @@ class SpanRecorder:
         """Export what is left and stop."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(5)
+        if self._thread is not None:
+            self._thread.join(5)
         self.flush()
         self.sink.shutdown()
