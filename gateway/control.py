@@ -1,6 +1,6 @@
 """`ControlPlane`: the single writer of routes.
 
-Admin RPCs, the CLI and (later) the guardian all change traffic through it.
+Admin RPCs, the CLI, rollouts and the guardian all change traffic through it.
 
 Every change follows the same steps: compute the new desired state from the current one,
 validate it (routes compile, versions that gain traffic are ready), diff it; on a dry run

@@ -1,7 +1,8 @@
 """The domain error tree.
 
 Every error the gateway means to show a caller is a `GatewayError` with a transport-free
-`ErrorCode`; the gRPC layer maps codes to statuses in one place (the error interceptor).
+`ErrorCode`; the gRPC layer maps codes to statuses in one place (`gateway/grpc/errors.py`, applied to every RPC
+at registration).
 Messages say what was wrong and what is valid; they never carry secrets or stack traces.
 """
 

@@ -208,11 +208,6 @@ class Telemetry:
     def _observe_traffic(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(share, {"endpoint": e, "version": v}) for (e, v), share in self._traffic.items()]
 
-    def counts(self) -> dict[tuple[str, str, str, str], int]:
-        """Cumulative request counts by (endpoint, version, arm, code)."""
-        with self._lock:
-            return dict(self._counts)
-
     def start(self) -> None:
         """Start background export (spans); idempotent."""
         if self.spans is not None:
