@@ -89,6 +89,15 @@ class NotReady(GatewayError):
     code = ErrorCode.UNAVAILABLE
 
 
+class StoreUnavailable(GatewayError):
+    """The state store cannot be reached (or refused the call): routes keep serving, changes wait.
+
+    The message names the store (its URL without credentials) and what failed.
+    """
+
+    code = ErrorCode.UNAVAILABLE
+
+
 class DeadlineExceeded(GatewayError):
     """The caller's deadline passed before the work could finish."""
 

@@ -8,7 +8,10 @@ the old revision or the new one with its audit entry, never a mix.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,7 +61,10 @@ class AuditEntry:
 
 
 class StateStore(Protocol):
-    """Where desired state and the audit log live (SQLite today; a store for replicas implements the same calls)."""
+    """Where desired state and the audit log live: SQLite for one host, etcd for many.
+
+    Every call may raise StoreUnavailable (naming the store) when the store cannot be reached.
+    """
 
     url: str
 
@@ -95,16 +101,90 @@ class StateStore(Protocol):
     def list_records(self, kind: str, limit: int = 100) -> list[tuple[str, float, str]]:
         """(key, at, body) of a kind, newest first."""
 
+    def wait_for_change(self, after: int, timeout: float, stop: threading.Event) -> list[Revision]:
+        """Revisions newer than `after`, oldest first; when there are none, wait up to `timeout` seconds for one.
+
+        Returns early (possibly empty) once `stop` is set and `wake()` is called. Every
+        process sharing the store calls this in a loop from the revision it serves, so a
+        change committed by any of them reaches all.
+        """
+
+    def wake(self) -> None:
+        """Make the `wait_for_change` calls in progress whose `stop` is set return now."""
+
     def close(self) -> None:
         """Release connections."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    """Whether this process reaches its store, as last seen."""
+
+    url: str
+    connected: bool
+    #: When the state last changed (seconds since the epoch).
+    since: float
+    #: The last failure, when not connected.
+    error: str = ""
+
+
+class StoreHealth:
+    """Owns this process's view of the store connection: every store call's outcome updates it.
+
+    The control plane reports a refused change here at once, and the follower reports each
+    wait, so operators see a lost store in `gateway admin routes` and in a metric.
+    """
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._status = StoreStatus(url, True, clock())
+        self._listeners: list[Callable[[StoreStatus], None]] = []
+
+    def on_change(self, listener: Callable[[StoreStatus], None]) -> None:
+        """Call `listener(status)` when the store becomes reachable or unreachable."""
+        self._listeners.append(listener)
+
+    @property
+    def status(self) -> StoreStatus:
+        """The latest status (an immutable snapshot)."""
+        return self._status
+
+    def reached(self) -> None:
+        """A store call succeeded."""
+        self._set(True, "")
+
+    def lost(self, error: str) -> None:
+        """A store call failed because the store could not be reached."""
+        self._set(False, error)
+
+    def _set(self, connected: bool, error: str) -> None:
+        with self._lock:
+            old = self._status
+            if old.connected == connected and old.error == error:
+                return
+            since = old.since if old.connected == connected else self._clock()
+            self._status = StoreStatus(old.url, connected, since, error)
+        if old.connected != connected:
+            for listener in self._listeners:
+                listener(self._status)
 
 
 #: Where `gateway serve` and the batch tools keep state unless told otherwise.
 DEFAULT_STORE_URL = "sqlite:///var/gateway.db"
 
 
-def open_store(url: str) -> StateStore:
-    """A store from its URL: `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`."""
+def open_store(url: str, environ: Mapping[str, str] | None = None) -> StateStore:
+    """A store from its URL.
+
+    - `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`: one host (several processes may share the file);
+    - `etcd://HOST:PORT[,HOST:PORT...][/prefix]` (`etcds://` for TLS, with `?cacert=&cert=&key=` files):
+      many hosts; user and password come from `GATEWAY_ETCD_USER` and `GATEWAY_ETCD_PASSWORD`.
+    """
+    if url.startswith(("etcd://", "etcds://")):
+        from gateway.state.etcd import EtcdStore
+
+        return EtcdStore.from_url(url, os.environ if environ is None else environ)
     if url.startswith("sqlite:///"):
         from gateway.state.sqlite import SqliteStore
 
@@ -112,4 +192,7 @@ def open_store(url: str) -> StateStore:
         if not path:
             raise InvalidInput(f"store URL {url!r} has no path; use {DEFAULT_STORE_URL}")
         return SqliteStore(Path(path), url=url)
-    raise InvalidInput(f"store URL {url!r} is not supported; use sqlite:///PATH (relative) or sqlite:////PATH")
+    raise InvalidInput(
+        f"store URL {url!r} is not supported; use sqlite:///PATH (relative), sqlite:////PATH (absolute) "
+        "or etcd://HOST:PORT[,HOST:PORT...][/prefix]"
+    )

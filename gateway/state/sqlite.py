@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import Conflict, NotFound
+from gateway.errors import Conflict, NotFound, StoreUnavailable
 from gateway.state import AuditDraft, AuditEntry, Revision
+
+#: How often a waiting follower checks for another process's commit.
+POLL_SECONDS = 0.02
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS revisions (
@@ -220,6 +224,31 @@ class SqliteStore:
                 "SELECT key, at, body FROM records WHERE kind = ? ORDER BY at DESC LIMIT ?", (kind, limit)
             ).fetchall()
         return [(row[0], row[1], row[2]) for row in rows]
+
+    def wait_for_change(self, after: int, timeout: float, stop: threading.Event) -> list[Revision]:
+        """Poll `PRAGMA data_version` until a revision newer than `after` exists, `timeout` passes or `stop` is set."""
+        deadline = time.monotonic() + timeout
+        seen = None
+        while True:
+            try:
+                with self._lock:
+                    (version,) = self._db.execute("PRAGMA data_version").fetchone()
+                    if version != seen:
+                        rows = self._db.execute(
+                            "SELECT revision, at, document FROM revisions WHERE revision > ? ORDER BY revision",
+                            (after,),
+                        ).fetchall()
+                        if rows:
+                            return [Revision(*row) for row in rows]
+                        seen = version
+            except sqlite3.Error as err:
+                raise StoreUnavailable(f"the state store {self.url} cannot be read: {err}") from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or stop.wait(min(POLL_SECONDS, remaining)):
+                return []
+
+    def wake(self) -> None:
+        """Nothing to do: a waiting poll sees `stop` within POLL_SECONDS."""
 
     def close(self) -> None:
         """Close the connection."""
