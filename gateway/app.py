@@ -12,6 +12,7 @@ from gateway.control import ControlPlane
 from gateway.desired import DesiredState, desired_from_config, load_route_file
 from gateway.faults import FaultInjector
 from gateway.feedback import FeedbackJoin
+from gateway.follower import StoreFollower
 from gateway.inference import InferenceService
 from gateway.orchestration.guardian import Guardian
 from gateway.orchestration.incidents import IncidentLog
@@ -59,6 +60,7 @@ class Gateway:
             self.registry, self.telemetry, self.faults, self.settings.shadow, compare=self._compare_settings
         )
         self.control = ControlPlane(store, self.registry, self.router, history_seconds=self.telemetry.windows.horizon)
+        self.follower = StoreFollower(self.control)
         self.feedback = FeedbackJoin(self.telemetry.windows, clock=clock)
         self.rollouts = RolloutDriver(self.control, clock=clock, history_seconds=self.telemetry.windows.horizon)
         self.incidents = IncidentLog(store)
@@ -105,6 +107,7 @@ class Gateway:
                 {(name, version): fault for name, ep in state.endpoints.items() for version, fault in ep.faults.items()}
             )
 
+        self.control.health.on_change(lambda status: telemetry.store_changed(status.connected))
         self.registry.on_change(loaded)
         self.control.on_change(routed)
         self.control.on_change(faults)
@@ -146,7 +149,8 @@ class Gateway:
         return state.compare if state else ShadowCompareConfig()
 
     def close(self) -> None:
-        """Stop the guardian and shadow workers; release the store (and the telemetry this gateway made)."""
+        """Stop following the store, the guardian and shadow workers; release the store (and owned telemetry)."""
+        self.follower.stop()
         self.guardian.stop()
         self.shadow.shutdown()
         self.store.close()

@@ -18,17 +18,25 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway import edits
 from gateway.desired import Change, DesiredState, diff, endpoint_from_config, parse_route_file
-from gateway.errors import AlreadyExists, Conflict, FailedPrecondition, GatewayError, InvalidInput, NotFound
+from gateway.errors import (
+    AlreadyExists,
+    Conflict,
+    FailedPrecondition,
+    GatewayError,
+    InvalidInput,
+    NotFound,
+    StoreUnavailable,
+)
 from gateway.faults import Fault
 from gateway.guardrails.rules import RuleSet
 from gateway.registry import ModelRegistry, VersionState
 from gateway.repository import Artifact
 from gateway.routing import VERSION_NAME, Router, RouteTable, labels_on
-from gateway.state import AuditDraft, AuditEntry, Revision, StateStore
+from gateway.state import AuditDraft, AuditEntry, Revision, StateStore, StoreHealth
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,7 @@ class Intent:
     trigger: str = "manual"
 
 
+_T = TypeVar("_T")
 Listener = Callable[[int, DesiredState], None]
 CommitListener = Callable[[Intent, int], None]
 
@@ -101,6 +110,9 @@ class ControlPlane:
         self._lock = threading.RLock()
         self._state = DesiredState({})
         self._revision = 0
+        self._committed_at = 0.0
+        #: Whether this process reaches the store; every store call here reports to it.
+        self.health = StoreHealth(store.url, clock=clock)
         self._listeners: list[Listener] = []
         self._commit_listeners: list[CommitListener] = []
 
@@ -120,25 +132,31 @@ class ControlPlane:
         `seed` is only called when the store is empty: after that the store is the truth.
         """
         latest = self.store.latest()
+        seeded = False
         if latest is None:
             state = seed()
             state.route_table(1)  # validate before anything is written
-            latest, _ = self.store.commit(
-                0,
-                state.to_json(),
-                self._draft(
-                    Intent(SYSTEM_ACTOR, "seed", ",".join(sorted(state.endpoints)), f"seeded from {seed_source}"),
+            try:
+                latest, _ = self.store.commit(
                     0,
-                    diff(DesiredState({}), state),
-                ),
-            )
-            log.info("seeded the store %s from %s (revision 1)", self.store.url, seed_source)
-        else:
+                    state.to_json(),
+                    self._draft(
+                        Intent(SYSTEM_ACTOR, "seed", ",".join(sorted(state.endpoints)), f"seeded from {seed_source}"),
+                        0,
+                        diff(DesiredState({}), state),
+                    ),
+                )
+                seeded = True
+                log.info("seeded the store %s from %s (revision 1)", self.store.url, seed_source)
+            except Conflict:  # another process sharing the store seeded it first: its state is the truth
+                latest = self.store.latest()
+                assert latest is not None
+        if not seeded:
             log.info("restoring revision %d from %s", latest.revision, self.store.url)
         state = DesiredState.from_json(latest.document)
         self._load_all(state)
         with self._lock:
-            self._install(latest.revision, state)
+            self._install(latest.revision, state, committed_at=latest.at)
         return latest
 
     def _load_all(self, state: DesiredState) -> None:
@@ -152,10 +170,12 @@ class ControlPlane:
                     raise  # a version that takes traffic must load, or the start fails
                 log.error("%s %s failed to load and takes no traffic: %s", endpoint.name, artifact.version, err)
 
-    def _install(self, revision: int, state: DesiredState, table: RouteTable | None = None) -> None:
+    def _install(
+        self, revision: int, state: DesiredState, table: RouteTable | None = None, *, committed_at: float
+    ) -> None:
         if table is None or table.revision != revision:
             table = state.route_table(revision)
-        self._state, self._revision = state, revision
+        self._state, self._revision, self._committed_at = state, revision, committed_at
         self.router.swap(table)
         for listener in self._listeners:
             listener(revision, state)
@@ -207,8 +227,13 @@ class ControlPlane:
         return infos
 
     def routes_at(self, revision: int = 0) -> tuple[int, float, DesiredState]:
-        """(revision, committed at, desired state) of a stored revision; 0 means the one being served."""
-        stored = self.store.get_revision(revision or self._revision)
+        """(revision, committed at, desired state) of a stored revision; 0 means the one being served.
+
+        The one being served comes from memory, so it can be shown while the store is unreachable.
+        """
+        if not revision or revision == self._revision:
+            return self._revision, self._committed_at, self._state
+        stored = self.store.get_revision(revision)
         return stored.revision, stored.at, DesiredState.from_json(stored.document)
 
     def audit(self, endpoint: str = "", limit: int = 100) -> list[AuditEntry]:
@@ -482,16 +507,16 @@ class ControlPlane:
         changes = diff(current, updated)
         draft = self._draft(intent, self._revision, changes)
         if intent.dry_run:
-            entry = self.store.append_audit(draft)
+            entry = self._reaching_store(lambda: self.store.append_audit(draft))
             return ChangeResult(self._revision, True, changes, entry.id, "dry run: nothing changed")
         if not changes:
             return ChangeResult(self._revision, False, [], 0, "no change: the routes are already like that")
         try:
-            revision, entry = self.store.commit(self._revision, updated.to_json(), draft)
+            revision, entry = self._reaching_store(lambda: self.store.commit(self._revision, updated.to_json(), draft))
         except Conflict:
             self._catch_up()  # another writer committed first: serve its revision, so a retry can succeed
             raise
-        self._install(revision.revision, updated, table)
+        self._install(revision.revision, updated, table, committed_at=revision.at)
         for listener in self._commit_listeners:
             listener(intent, revision.revision)
         log.info(
@@ -505,19 +530,50 @@ class ControlPlane:
         )
         return ChangeResult(revision.revision, False, changes, entry.id)
 
+    def _reaching_store(self, call: Callable[[], _T]) -> _T:
+        """Run a store call, reporting whether the store answered; a lost store refuses the change by name."""
+        try:
+            result = call()
+        except StoreUnavailable as err:
+            self.health.lost(err.message)
+            raise StoreUnavailable(
+                f"{err.message}; nothing was changed, and this gateway keeps serving revision {self._revision}"
+            ) from None
+        self.health.reached()
+        return result
+
     def _catch_up(self) -> None:
         """Install the store's newest revision (written by another gateway sharing the store)."""
         latest = self.store.latest()
-        if latest is None or latest.revision == self._revision:
-            return
-        state = DesiredState.from_json(latest.document)
-        try:
-            self._load_all(state)
-        except GatewayError as err:
-            log.error("cannot serve revision %d written by another gateway: %s", latest.revision, err)
-            return
-        self._install(latest.revision, state)
-        log.info("caught up with revision %d written by another gateway", latest.revision)
+        if latest is not None:
+            self.follow(latest)
+
+    def follow(self, latest: Revision) -> bool:
+        """Serve a revision another process committed, when it is newer than the one served.
+
+        Versions it names that this process lacks are loaded first (the old routes serve
+        meanwhile); versions it no longer names are unloaded after the swap. Returns whether
+        it was installed: a version that takes traffic and cannot load here keeps this
+        process on its current revision (logged), rather than routing to a missing model.
+        """
+        with self._lock:
+            if latest.revision <= self._revision:
+                return False
+            state = DesiredState.from_json(latest.document)
+            try:
+                self._load_all(state)
+            except GatewayError as err:
+                log.error("cannot serve revision %d written by another gateway: %s", latest.revision, err)
+                return False
+            before = self._state
+            self._install(latest.revision, state, committed_at=latest.at)
+            for name, endpoint in before.endpoints.items():
+                kept = state.endpoints.get(name)
+                for version in endpoint.artifacts:
+                    if kept is None or version not in kept.artifacts:
+                        self.registry.unload(name, version)
+        log.info("now serving revision %d, committed by another gateway", latest.revision)
+        return True
 
     def _draft(self, intent: Intent, revision: int, changes: list[Change]) -> AuditDraft:
         return AuditDraft(

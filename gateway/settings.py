@@ -101,7 +101,7 @@ class GatewaySettings(BaseSettings):
     admin_tokens_file: Annotated[Path | None, BeforeValidator(_optional_path)] = None
     """File of NAME=TOKEN lines for admin callers (instead of GATEWAY_ADMIN_TOKENS)."""
     store: str = DEFAULT_STORE_URL
-    """State store: sqlite:///relative/path.db or sqlite:////absolute/path.db."""
+    """State store: sqlite:///relative/path.db, sqlite:////absolute/path.db, or etcd://HOST:PORT[,...][/prefix]."""
     metrics_listen: str = ""
     """HOST:PORT for the Prometheus /metrics endpoint; off when empty."""
     otlp_endpoint: str = Field(
@@ -142,6 +142,10 @@ class GatewaySettings(BaseSettings):
     """Largest request or response message on every listener; larger ones get RESOURCE_EXHAUSTED."""
     grace: float = Field(default=5.0, ge=0, le=3600)
     """Seconds to finish in-flight calls on SIGTERM/SIGINT before the process exits."""
+    workers: int = Field(default=1, ge=1, le=256)
+    """Gateway processes sharing the listen addresses and the store, e.g. one per core."""
+    reuse_port: bool = False
+    """Share the listen ports with other gateway processes (SO_REUSEPORT); --workers sets it for its workers."""
     log_format: Literal["text", "json"] = "text"
     """`json`: one JSON object per log line, for log shippers."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

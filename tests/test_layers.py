@@ -17,7 +17,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "signals": ("gateway.telemetry",),
     "models": ("gateway.registry", "gateway.runtime", "gateway.repository"),
     "data plane": ("gateway.inference", "gateway.routing", "gateway.shadow", "gateway.faults", "gateway.feedback"),
-    "control": ("gateway.control", "gateway.edits", "gateway.desired"),
+    "control": ("gateway.control", "gateway.edits", "gateway.desired", "gateway.follower"),
     "batch": ("gateway.batch",),
     "orchestration": ("gateway.orchestration",),
     "composition": ("gateway.app",),

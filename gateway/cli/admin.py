@@ -115,10 +115,21 @@ def _print_routes(routes: pb.Routes, as_json: bool) -> None:
         }
         for e in routes.endpoints
     ]
+    store = routes.store if routes.HasField("store") else None
     if as_json:
-        print_json({"revision": routes.revision, "committed_at": routes.committed_at, "endpoints": endpoints})
+        document: dict[str, Any] = {"revision": routes.revision, "committed_at": routes.committed_at}
+        if store is not None:
+            document["store"] = {"url": store.url, "connected": store.connected, "since": store.since}
+            document["store"] |= {"error": store.error} if store.error else {}
+            document["process"] = routes.process
+        print_json({**document, "endpoints": endpoints})
         return
     print(f"revision {routes.revision} (committed {when(routes.committed_at)})")
+    if store is not None:
+        state = "connected" if store.connected else f"DISCONNECTED since {when(store.since)}: {store.error}"
+        print(f"store {store.url}: {state} (answered by {routes.process})")
+        if not store.connected:
+            print("  serving the last routes this process saw; changes are refused until the store is back")
     rows = []
     for e in endpoints:
         for version in e["versions"]:

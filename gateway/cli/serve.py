@@ -76,6 +76,7 @@ async def _serve(settings: GatewaySettings) -> int:
         gateway = Gateway.from_file(settings.config, store, settings=settings, telemetry=runtime.telemetry)
         revision = await asyncio.to_thread(gateway.start)
         gateway.guardian.start()
+        gateway.follower.start()
         inference = await start_inference_server(gateway, settings.listen)
         admin = await start_admin_server(gateway, settings.admin_listen, tokens)
     except BaseException:
@@ -110,10 +111,14 @@ async def _serve(settings: GatewaySettings) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start the gateway and serve until SIGINT/SIGTERM."""
+    """Start the gateway (or `--workers` of them) and serve until SIGINT/SIGTERM."""
     try:
         settings = GatewaySettings.load(_flag_values(args))
         configure_logging(settings.log_level, settings.log_format)
+        if settings.workers > 1:
+            from gateway.cli.workers import supervise
+
+            return supervise(args, settings)
         return asyncio.run(_serve(settings))
     except GatewayError as err:
         return fail(err.message, 2)

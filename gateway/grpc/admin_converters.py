@@ -12,7 +12,7 @@ from gateway.orchestration.incidents import Incident
 from gateway.orchestration.rollout import Rollout
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.shadow.stats import ShadowReport
-from gateway.state import AuditEntry
+from gateway.state import AuditEntry, StoreStatus
 
 
 def _json(value: Any) -> str:
@@ -28,6 +28,11 @@ def change_response(result: ChangeResult) -> pb.ChangeResponse:
         audit_id=result.audit_id,
         message=result.message,
     )
+
+
+def store_status(status: StoreStatus) -> pb.StoreStatus:
+    """A process's view of its store."""
+    return pb.StoreStatus(url=status.url, connected=status.connected, since=status.since, error=status.error)
 
 
 def routes(revision: int, committed_at: float, state: DesiredState, endpoint: str = "") -> pb.Routes:

@@ -7,6 +7,8 @@ predictions, and no call pays an executor hand-off.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -24,6 +26,8 @@ from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
 from gateway.shadow.runner import ShadowRunner
 
 Context: TypeAlias = grpc.ServicerContext
+#: Which process answers, for operators of many processes behind one address.
+PROCESS = f"{socket.gethostname()} pid {os.getpid()}"
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -45,7 +49,11 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     def GetRoutes(self, request: pb.GetRoutesRequest, context: Context) -> pb.Routes:
         revision, at, state = self._control.routes_at(request.revision)
-        return convert.routes(revision, at, state, request.endpoint)
+        routes = convert.routes(revision, at, state, request.endpoint)
+        if revision == self._control.revision:
+            routes.store.CopyFrom(convert.store_status(self._control.health.status))
+            routes.process = PROCESS
+        return routes
 
     def ListRevisions(self, request: pb.ListRevisionsRequest, context: Context) -> pb.ListRevisionsResponse:
         revisions = self._control.revisions(request.limit or 20)

@@ -40,12 +40,16 @@ class InferenceServer:
         await self.server.stop(grace)
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Channel arguments shared by the gateway's listeners."""
+def server_options(max_message_bytes: int, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """Channel arguments shared by the gateway's listeners.
+
+    SO_REUSEPORT is off unless asked for, so a second gateway started on a taken port fails
+    instead of silently taking half its connections; `--workers N` asks for it.
+    """
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
 
 
@@ -62,7 +66,7 @@ def bind(server: grpc.aio.Server, listen: str) -> int:
 
 async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServer:
     """Build and start the inference listener (Predict, Open Inference Protocol, health, reflection)."""
-    server = grpc.aio.server(options=server_options(gateway.settings.max_message_bytes))
+    server = grpc.aio.server(options=server_options(gateway.settings.max_message_bytes, gateway.settings.reuse_port))
     spans = gateway.telemetry.spans
     inference_pb2_grpc.add_InferenceServicer_to_server(
         guard_servicer(
@@ -137,7 +141,7 @@ async def start_admin_server(gateway: Gateway, listen: str, tokens: AdminTokens)
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="admin"),
-        options=server_options(gateway.settings.max_message_bytes),
+        options=server_options(gateway.settings.max_message_bytes, gateway.settings.reuse_port),
     )
     servicer = AdminServicer(gateway.control, gateway.shadow, gateway.rollouts, gateway.incidents)
     admin_pb2_grpc.add_AdminServicer_to_server(

@@ -153,7 +153,8 @@ class EtcdStore:
                 "limit": str(limit),
             },
         )
-        return [AuditEntry(id=int(kv["create_revision"]), **json.loads(decode(kv["value"]))) for kv in answer.get("kvs", [])]
+        kvs = answer.get("kvs", [])
+        return [AuditEntry(id=int(kv["create_revision"]), **json.loads(decode(kv["value"]))) for kv in kvs]
 
     # --- records -----------------------------------------------------------------------------
 
@@ -232,4 +233,3 @@ def _present(key: str) -> dict[str, Any]:
 def _numbered(entry: Mapping[str, Any], answer: Mapping[str, Any]) -> AuditEntry:
     """The entry with its id: the etcd revision of the write that created it."""
     return AuditEntry(id=int(answer["header"]["revision"]), **entry)
-

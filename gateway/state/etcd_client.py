@@ -16,6 +16,7 @@ StoreUnavailable naming the store for anything that keeps a call from completing
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import ssl
@@ -51,7 +52,7 @@ def prefix_end(prefix: str) -> str:
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
-class Compacted(Exception):  # noqa: N818 - a signal between client and store, not an error for callers
+class Compacted(Exception):  # a signal between client and store, never shown to a caller
     """A watch asked for history etcd has compacted away; re-read the current state."""
 
     def __init__(self, compact_revision: int) -> None:
@@ -104,7 +105,16 @@ class EtcdSettings:
         password = environ.get("GATEWAY_ETCD_PASSWORD", "")
         if password and not user:
             raise InvalidInput("GATEWAY_ETCD_PASSWORD is set but GATEWAY_ETCD_USER is not")
-        return cls(endpoints, prefix, parts.scheme == "etcds", user=user, password=password, **files)
+        return cls(
+            endpoints,
+            prefix,
+            parts.scheme == "etcds",
+            cacert=files.get("cacert", ""),
+            cert=files.get("cert", ""),
+            key=files.get("key", ""),
+            user=user,
+            password=password,
+        )
 
     @property
     def url(self) -> str:
@@ -217,7 +227,8 @@ class EtcdClient:
         is set and `wake()` called. Raises Compacted when `start_revision` is compacted away.
         """
         create = {"key": encode(key), "range_end": encode(range_end), "start_revision": str(start_revision)}
-        timeout_config = httpx.Timeout(self.settings.request_timeout, connect=self.settings.connect_timeout, read=timeout)
+        settings = self.settings
+        timeout_config = httpx.Timeout(settings.request_timeout, connect=settings.connect_timeout, read=timeout)
         last = ""
         for _ in range(2 * len(self._bases)):
             base = self._bases[self._current]
@@ -279,10 +290,8 @@ class EtcdClient:
         with self._lock:
             sockets = [sock for sock, stop in self._watching.items() if stop.is_set()]
         for sock in sockets:
-            try:
+            with contextlib.suppress(OSError):  # already closed
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed
 
     def close(self) -> None:
         """Close the connection pool."""

@@ -7,6 +7,8 @@ Instruments (Prometheus names in brackets):
 - `gateway.request.errors` counter by endpoint, version, arm, code, with every error code of
   every loaded version present at 0 before the first error [`gateway_request_errors_total`];
 - `gateway.route.revision` gauge [`gateway_route_revision`];
+- `gateway.store.connected` gauge, 1 while the state store answers, 0 while this process
+  serves its last known routes without it [`gateway_store_connected`];
 - `gateway.version.traffic` gauge, percent by endpoint and version [`gateway_version_traffic_percent`];
 - `gateway.admin.changes` counter by endpoint, action, trigger [`gateway_admin_changes_total`];
 - `gateway.rollbacks` counter by endpoint and trigger [`gateway_rollbacks_total`];
@@ -58,6 +60,7 @@ class Telemetry:
         self._nulls: dict[tuple[str, str, str, str], int] = {}
         self._attributes: dict[tuple[str, str, str, str], dict[str, str]] = {}
         self._revision = 0
+        self._store_connected = 1
         self._traffic: dict[tuple[str, str], int] = {}
         self._duration: Any = None
         if meter_provider is not None:
@@ -83,6 +86,11 @@ class Telemetry:
         )
         meter.create_observable_gauge(
             "gateway.route.revision", [self._observe_revision], description="Route revision being served"
+        )
+        meter.create_observable_gauge(
+            "gateway.store.connected",
+            [lambda _options: [Observation(self._store_connected)]],
+            description="1 while the state store answers; 0 while serving the last known routes without it",
         )
         meter.create_observable_gauge(
             "gateway.version.traffic",
@@ -160,6 +168,10 @@ class Telemetry:
                     for code in ERROR_CODES:
                         self._counts.setdefault((endpoint, version, series_arm, code), 0)
             self._traffic = traffic
+
+    def store_changed(self, connected: bool) -> None:
+        """The state store became reachable (or unreachable)."""
+        self._store_connected = int(connected)
 
     def model_loaded(self, endpoint: str, version: str, seconds: float) -> None:
         """A version finished loading."""

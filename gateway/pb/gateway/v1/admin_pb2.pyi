@@ -600,24 +600,71 @@ class Routes(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     COMMITTED_AT_FIELD_NUMBER: _builtins.int
     ENDPOINTS_FIELD_NUMBER: _builtins.int
+    STORE_FIELD_NUMBER: _builtins.int
+    PROCESS_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     committed_at: _builtins.float
+    process: _builtins.str
+    """For the revision being served: which process answered ("HOST pid PID"); with
+    `gateway serve --workers N` any worker may answer, and all follow the same store.
+    """
     @_builtins.property
     def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___EndpointRoutes]: ...
+    @_builtins.property
+    def store(self) -> Global___StoreStatus:
+        """For the revision being served: whether the answering process reaches the state store."""
+
     def __init__(
         self,
         *,
         revision: _builtins.int = ...,
         committed_at: _builtins.float = ...,
         endpoints: _abc.Iterable[Global___EndpointRoutes] | None = ...,
+        store: Global___StoreStatus | None = ...,
+        process: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["store", b"store"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at", "endpoints", b"endpoints", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at", "endpoints", b"endpoints", "process", b"process", "revision", b"revision", "store", b"store"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Routes: _TypeAlias = Routes  # noqa: Y015
+
+@_typing.final
+class StoreStatus(_message.Message):
+    """A process's view of its state store. While disconnected it serves the last routes it
+    knows and refuses changes with UNAVAILABLE.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """The store's URL, without credentials."""
+    connected: _builtins.bool
+    since: _builtins.float
+    """Since when (seconds since the epoch) it has been connected, or disconnected."""
+    error: _builtins.str
+    """The last failure, while disconnected."""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        connected: _builtins.bool = ...,
+        since: _builtins.float = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "error", b"error", "since", b"since", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreStatus: _TypeAlias = StoreStatus  # noqa: Y015
 
 @_typing.final
 class ListRevisionsRequest(_message.Message):
