@@ -6,52 +6,28 @@ Every change follows the same steps: compute the new desired state from the curr
 validate it (routes compile, versions that gain traffic are ready), diff it; on a dry run
 record the diff as a dry-run audit entry and stop; otherwise commit it to the store with
 compare-and-swap together with its audit entry, then swap the in-process route table. The
-data plane never waits: it keeps reading the old table until the one-attribute swap.
+data plane never waits: it keeps reading the old table until the one-attribute swap. The
+commit path, and following other processes' commits, are `RouteReplica` (`replica.py`);
+this module holds the commands built on it.
 
 Methods block (store I/O, model loading): call them off the event loop.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 from gateway import edits
-from gateway.desired import Change, DesiredState, diff, endpoint_from_config, parse_route_file
-from gateway.errors import (
-    AlreadyExists,
-    Conflict,
-    FailedPrecondition,
-    GatewayError,
-    InvalidInput,
-    NotFound,
-    StoreUnavailable,
-)
+from gateway.desired import DesiredState, endpoint_from_config, parse_route_file
+from gateway.errors import AlreadyExists, FailedPrecondition, GatewayError, InvalidInput, NotFound
 from gateway.faults import Fault
 from gateway.guardrails.rules import RuleSet
-from gateway.registry import ModelRegistry, VersionState
+from gateway.replica import SYSTEM_ACTOR, ChangeResult, Intent, RouteReplica
 from gateway.repository import Artifact
-from gateway.routing import VERSION_NAME, Router, RouteTable, labels_on
-from gateway.state import AuditDraft, AuditEntry, Revision, StateStore, StoreHealth
+from gateway.routing import VERSION_NAME, labels_on
 
-log = logging.getLogger(__name__)
-
-SYSTEM_ACTOR = "system"
-
-
-@dataclass(frozen=True)
-class ChangeResult:
-    """What a mutating call did (or, on a dry run, would do)."""
-
-    revision: int
-    dry_run: bool
-    changes: list[Change]
-    audit_id: int
-    message: str = ""
+__all__ = ["SYSTEM_ACTOR", "ChangeResult", "ControlPlane", "Intent", "VersionInfo"]
 
 
 @dataclass(frozen=True)
@@ -70,127 +46,11 @@ class VersionInfo:
     error: str = ""
 
 
-@dataclass(frozen=True)
-class Intent:
-    """Who asks for which change, why, and whether only to see its diff."""
+class ControlPlane(RouteReplica):
+    """The single writer of routes: every operator-facing change, validated, through one commit path.
 
-    actor: str
-    action: str
-    endpoint: str
-    reason: str
-    dry_run: bool = False
-    detail: dict[str, Any] = field(default_factory=dict)
-    #: What asked: `manual` (an operator or pipeline), `guardrail`, `rollout`, `system`.
-    trigger: str = "manual"
-
-
-_T = TypeVar("_T")
-Listener = Callable[[int, DesiredState], None]
-CommitListener = Callable[[Intent, int], None]
-
-
-class ControlPlane:
-    """Owns the desired state, its durable revisions and audit log, and the route-table swap."""
-
-    def __init__(
-        self,
-        store: StateStore,
-        registry: ModelRegistry,
-        router: Router,
-        *,
-        clock: Callable[[], float] = time.time,
-        history_seconds: int = 0,
-    ) -> None:
-        self.store = store
-        #: Seconds of traffic history the windows keep: guardrail windows may not look further back.
-        self.history_seconds = history_seconds
-        self.registry = registry
-        self.router = router
-        self._clock = clock
-        self._lock = threading.RLock()
-        self._state = DesiredState({})
-        self._revision = 0
-        self._committed_at = 0.0
-        #: Whether this process reaches the store; every store call here reports to it.
-        self.health = StoreHealth(store.url, clock=clock)
-        self._listeners: list[Listener] = []
-        self._commit_listeners: list[CommitListener] = []
-
-    # --- lifecycle ------------------------------------------------------------------------
-
-    def on_change(self, listener: Listener) -> None:
-        """Call `listener(revision, state)` after every committed change (and at start)."""
-        self._listeners.append(listener)
-
-    def on_commit(self, listener: CommitListener) -> None:
-        """Call `listener(intent, revision)` after every committed change (not dry runs, not no-ops)."""
-        self._commit_listeners.append(listener)
-
-    def start(self, seed: Callable[[], DesiredState], *, seed_source: str) -> Revision:
-        """Restore the newest committed revision, or seed an empty store; then load every version.
-
-        `seed` is only called when the store is empty: after that the store is the truth.
-        """
-        latest = self.store.latest()
-        seeded = False
-        if latest is None:
-            state = seed()
-            state.route_table(1)  # validate before anything is written
-            try:
-                latest, _ = self.store.commit(
-                    0,
-                    state.to_json(),
-                    self._draft(
-                        Intent(SYSTEM_ACTOR, "seed", ",".join(sorted(state.endpoints)), f"seeded from {seed_source}"),
-                        0,
-                        diff(DesiredState({}), state),
-                    ),
-                )
-                seeded = True
-                log.info("seeded the store %s from %s (revision 1)", self.store.url, seed_source)
-            except Conflict:  # another process sharing the store seeded it first: its state is the truth
-                latest = self.store.latest()
-                assert latest is not None
-        if not seeded:
-            log.info("restoring revision %d from %s", latest.revision, self.store.url)
-        state = DesiredState.from_json(latest.document)
-        self._load_all(state)
-        with self._lock:
-            self._install(latest.revision, state, committed_at=latest.at)
-        return latest
-
-    def _load_all(self, state: DesiredState) -> None:
-        for endpoint, artifact in state.artifacts():
-            if self.registry.is_ready(endpoint.name, artifact.version):
-                continue
-            try:
-                self.registry.load(artifact, intra_op_threads=endpoint.intra_op_threads)
-            except GatewayError as err:
-                if endpoint.weights.get(artifact.version, 0) > 0:
-                    raise  # a version that takes traffic must load, or the start fails
-                log.error("%s %s failed to load and takes no traffic: %s", endpoint.name, artifact.version, err)
-
-    def _install(
-        self, revision: int, state: DesiredState, table: RouteTable | None = None, *, committed_at: float
-    ) -> None:
-        if table is None or table.revision != revision:
-            table = state.route_table(revision)
-        self._state, self._revision, self._committed_at = state, revision, committed_at
-        self.router.swap(table)
-        for listener in self._listeners:
-            listener(revision, state)
-
-    # --- reads ----------------------------------------------------------------------------
-
-    @property
-    def revision(self) -> int:
-        """The revision the data plane is serving."""
-        return self._revision
-
-    @property
-    def state(self) -> DesiredState:
-        """The desired state of the current revision."""
-        return self._state
+    Admin RPCs, the CLI, rollouts and the guardian all change traffic through it.
+    """
 
     def versions(self, endpoint: str = "") -> list[VersionInfo]:
         """Every version (of one endpoint, when given) with its state and traffic share."""
@@ -226,24 +86,6 @@ class ControlPlane:
                 )
         return infos
 
-    def routes_at(self, revision: int = 0) -> tuple[int, float, DesiredState]:
-        """(revision, committed at, desired state) of a stored revision; 0 means the one being served.
-
-        The one being served comes from memory, so it can be shown while the store is unreachable.
-        """
-        if not revision or revision == self._revision:
-            return self._revision, self._committed_at, self._state
-        stored = self.store.get_revision(revision)
-        return stored.revision, stored.at, DesiredState.from_json(stored.document)
-
-    def audit(self, endpoint: str = "", limit: int = 100) -> list[AuditEntry]:
-        """The audit log, newest first."""
-        return self.store.audit(endpoint or None, limit)
-
-    def revisions(self, limit: int = 50) -> list[Revision]:
-        """Route revisions, newest first."""
-        return self.store.revisions(limit)
-
     # --- changes --------------------------------------------------------------------------
 
     def set_traffic(
@@ -264,11 +106,6 @@ class ControlPlane:
         detail = {"weights": dict(weights)}
         intent = Intent(actor, "set-traffic", endpoint, reason, dry_run, detail, trigger)
         return self._change(intent, edits.set_weights(weights, labels))
-
-    def note(self, intent: Intent) -> AuditEntry:
-        """Record an event that changes no route (a rollout started, paused, aborted) in the audit log."""
-        self._check_reason(intent.reason)
-        return self.store.append_audit(self._draft(intent, self._revision, []))
 
     def set_label(
         self, actor: str, endpoint: str, label: str, version: str, *, reason: str, dry_run: bool = False
@@ -330,6 +167,7 @@ class ControlPlane:
         The version is labelled `canary` so `promote` makes it stable and `rollback` returns
         to stable in one revision.
         """
+        self._fresh()
         self._state.endpoint(endpoint).require_version(version)
         self._require_ready(endpoint, version)
         if not dry_run:
@@ -351,6 +189,7 @@ class ControlPlane:
         """All traffic to `stable` (default), to a named version, or the endpoint as it was at a revision."""
         if to_version and to_revision:
             raise InvalidInput("give either a version or a revision to roll back to, not both")
+        self._fresh()
         if not to_revision:
             intent = Intent(actor, "rollback", endpoint, reason, dry_run, {"to_version": to_version}, trigger)
             return self._change(intent, edits.all_traffic_to(to_version))
@@ -374,6 +213,7 @@ class ControlPlane:
         dry_run: bool = False,
     ) -> ChangeResult:
         """Register, verify, load and warm a new artifact at run time; it takes no traffic yet."""
+        self._fresh()
         current = self._state.endpoint(endpoint)
         if not VERSION_NAME.match(version):
             raise InvalidInput(f"version {version!r} is invalid: letters, digits, '.', '_' or '-'")
@@ -415,6 +255,7 @@ class ControlPlane:
         config = parse_route_file(document, source=source or "applied route file")
         self._check_reason(reason)
         with self._lock:
+            self._fresh()
             current = self._state
             loaded: list[Artifact] = []
             to_load: set[tuple[str, str]] = set()  # on a dry run: versions the real apply would load
@@ -460,130 +301,3 @@ class ControlPlane:
                 f"{fresh.sha256[:12]}; versions are immutable, use a new version name"
             )
         return known or fresh
-
-    # --- the one way a change happens -------------------------------------------------------
-
-    @staticmethod
-    def _check_reason(reason: str) -> None:
-        if not reason.strip():
-            raise InvalidInput("reason is required: say why (it goes into the audit log)", field="reason")
-
-    def _require_ready(self, endpoint: str, version: str) -> None:
-        try:
-            snapshot = self.registry.get(endpoint, version)
-        except NotFound:
-            raise FailedPrecondition(f"{endpoint} {version} is not loaded in this gateway") from None
-        if snapshot.state is not VersionState.READY:
-            detail = f" ({snapshot.error})" if snapshot.error else ""
-            raise FailedPrecondition(
-                f"{endpoint} {version} is {snapshot.state.value}, not ready; it cannot take traffic{detail}"
-            )
-
-    def _change(self, intent: Intent, edit: edits.Edit) -> ChangeResult:
-        self._check_reason(intent.reason)
-        with self._lock:
-            current = self._state
-            return self._commit(intent, current, current.update(intent.endpoint, edit))
-
-    def _commit(
-        self,
-        intent: Intent,
-        current: DesiredState,
-        updated: DesiredState,
-        *,
-        assume_ready: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset(),
-    ) -> ChangeResult:
-        table = updated.route_table(self._revision + 1)  # validates: raises InvalidInput naming the field
-        for name, ep in updated.endpoints.items():
-            before = current.endpoints.get(name)
-            # Live traffic and mirrored traffic are checked apart: a shadow may have failed to load.
-            for share, had in (
-                (ep.weights, before.weights if before else {}),
-                (ep.shadows, before.shadows if before else {}),
-            ):
-                for version, percent in share.items():
-                    if percent > had.get(version, 0) and (name, version) not in assume_ready:
-                        self._require_ready(name, version)
-        changes = diff(current, updated)
-        draft = self._draft(intent, self._revision, changes)
-        if intent.dry_run:
-            entry = self._reaching_store(lambda: self.store.append_audit(draft))
-            return ChangeResult(self._revision, True, changes, entry.id, "dry run: nothing changed")
-        if not changes:
-            return ChangeResult(self._revision, False, [], 0, "no change: the routes are already like that")
-        try:
-            revision, entry = self._reaching_store(lambda: self.store.commit(self._revision, updated.to_json(), draft))
-        except Conflict:
-            self._catch_up()  # another writer committed first: serve its revision, so a retry can succeed
-            raise
-        self._install(revision.revision, updated, table, committed_at=revision.at)
-        for listener in self._commit_listeners:
-            listener(intent, revision.revision)
-        log.info(
-            "revision %d: %s %s by %s (%s): %s",
-            revision.revision,
-            intent.action,
-            intent.endpoint,
-            intent.actor,
-            intent.reason,
-            "; ".join(c.render() for c in changes),
-        )
-        return ChangeResult(revision.revision, False, changes, entry.id)
-
-    def _reaching_store(self, call: Callable[[], _T]) -> _T:
-        """Run a store call, reporting whether the store answered; a lost store refuses the change by name."""
-        try:
-            result = call()
-        except StoreUnavailable as err:
-            self.health.lost(err.message)
-            raise StoreUnavailable(
-                f"{err.message}; nothing was changed, and this gateway keeps serving revision {self._revision}"
-            ) from None
-        self.health.reached()
-        return result
-
-    def _catch_up(self) -> None:
-        """Install the store's newest revision (written by another gateway sharing the store)."""
-        latest = self.store.latest()
-        if latest is not None:
-            self.follow(latest)
-
-    def follow(self, latest: Revision) -> bool:
-        """Serve a revision another process committed, when it is newer than the one served.
-
-        Versions it names that this process lacks are loaded first (the old routes serve
-        meanwhile); versions it no longer names are unloaded after the swap. Returns whether
-        it was installed: a version that takes traffic and cannot load here keeps this
-        process on its current revision (logged), rather than routing to a missing model.
-        """
-        with self._lock:
-            if latest.revision <= self._revision:
-                return False
-            state = DesiredState.from_json(latest.document)
-            try:
-                self._load_all(state)
-            except GatewayError as err:
-                log.error("cannot serve revision %d written by another gateway: %s", latest.revision, err)
-                return False
-            before = self._state
-            self._install(latest.revision, state, committed_at=latest.at)
-            for name, endpoint in before.endpoints.items():
-                kept = state.endpoints.get(name)
-                for version in endpoint.artifacts:
-                    if kept is None or version not in kept.artifacts:
-                        self.registry.unload(name, version)
-        log.info("now serving revision %d, committed by another gateway", latest.revision)
-        return True
-
-    def _draft(self, intent: Intent, revision: int, changes: list[Change]) -> AuditDraft:
-        return AuditDraft(
-            at=self._clock(),
-            actor=intent.actor,
-            action=intent.action,
-            endpoint=intent.endpoint,
-            reason=intent.reason,
-            dry_run=intent.dry_run,
-            revision_before=revision,
-            changes=[c.to_dict() for c in changes],
-            detail=intent.detail,
-        )

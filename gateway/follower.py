@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from gateway.control import ControlPlane
+from gateway.replica import RouteReplica
 from gateway.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class StoreFollower:
 
     def __init__(
         self,
-        control: ControlPlane,
+        control: RouteReplica,
         *,
         wait_seconds: float = 30.0,
         retry_seconds: float = 0.1,
@@ -70,20 +70,23 @@ class StoreFollower:
 
     def step(self) -> bool:
         """Wait once and install what came; False when the store failed or a revision could not be served."""
+        health = self._control.health
+        # While the store is lost, wait briefly: the first answer then says at once that it is back.
+        timeout = self.wait_seconds if health.status.connected else self.retry_seconds
         try:
-            revisions = self._store.wait_for_change(self._control.revision, self.wait_seconds, self._stop)
+            revisions = self._store.wait_for_change(self._control.revision, timeout, self._stop)
         except StoreUnavailable as err:
             if not self._stop.is_set():
-                if self._control.health.status.connected:
+                if health.status.connected:
                     log.warning("%s; serving revision %d until it is back", err.message, self._control.revision)
-                self._control.health.lost(err.message)
+                health.lost(err.message)
             return False
         except Exception:
             log.exception("following the store failed; retrying")
             return False
-        if not self._control.health.status.connected:
+        if not health.status.connected:
             log.warning("the state store %s is reachable again", self._store.url)
-        self._control.health.reached()
+        health.reached()
         newest = revisions[-1] if revisions else None
         if newest is None or newest.revision <= self._control.revision:
             return True

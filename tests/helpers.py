@@ -166,7 +166,7 @@ def scores(response: gw.PredictResponse) -> np.ndarray:
 class GatewayProcess:
     """`gateway serve` as users run it: a real process on free ports, with the demo route file."""
 
-    def __init__(self, store: Path, *extra: str) -> None:
+    def __init__(self, store: Path | str, *extra: str) -> None:
         import os
         import re
         import subprocess
@@ -175,7 +175,8 @@ class GatewayProcess:
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "serve", "--config", str(DEMO_CONFIG),
-                "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--store", f"sqlite:///{store}",
+                "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                "--store", store if isinstance(store, str) else f"sqlite:///{store}",
                 "--shadow-log-dir", "", *extra,
             ],
             stdout=subprocess.PIPE,
@@ -186,11 +187,13 @@ class GatewayProcess:
         )  # fmt: skip
         assert self.process.stdout is not None
         self.ready_line = self.process.stdout.readline()
-        match = re.search(r"inference on (\S+), admin on (\S+) ", self.ready_line)
+        match = re.search(r"inference on (\S+), admin on ([^\s,]+)", self.ready_line)
         if match is None:
             stderr = self.process.stderr.read() if self.process.stderr and self.process.poll() is not None else ""
             raise AssertionError(f"gateway did not start: {self.ready_line!r} {stderr[-2000:]}")
         self.target, self.admin_target = match.group(1), match.group(2)
+        metrics = re.search(r"metrics on (\S+) ", self.ready_line)
+        self.metrics_target = metrics.group(1) if metrics else ""
 
     def stop(self) -> int:
         """SIGTERM and wait; returns the exit code."""

@@ -242,12 +242,34 @@ def test_compare_and_swap_between_two_writers(model_root: Path, tmp_path: Path) 
     db = tmp_path / "state.db"
     one = make_gateway(model_root, db)
     two = make_gateway(model_root, db)
-    one.control.set_traffic("a", "ctr-ranker", {"1.12": 80, "1.13": 20}, reason="x")
+    commit = two.store.commit
+
+    def raced(*args, **kwargs):  # type: ignore[no-untyped-def]
+        """Fault injection: the other writer commits between two's read and its compare-and-swap."""
+        two.store.commit = commit  # type: ignore[method-assign]
+        one.control.set_traffic("a", "ctr-ranker", {"1.12": 80, "1.13": 20}, reason="x")
+        return commit(*args, **kwargs)
+
+    two.store.commit = raced  # type: ignore[method-assign]
     with pytest.raises(Conflict, match=r"revision 2, expected 1"):
         two.control.set_traffic("b", "ctr-ranker", {"1.12": 70, "1.13": 30}, reason="y")
     # The losing writer now serves the winner's revision, so its retry commits on top of it.
     assert (two.router.table.revision, weights(two)) == (2, {"1.12": 80, "1.13": 20})
     assert two.control.set_traffic("b", "ctr-ranker", {"1.12": 70, "1.13": 30}, reason="y").revision == 3
+    one.close()
+    two.close()
+
+
+def test_a_writer_behind_the_store_changes_the_newest_state(model_root: Path, tmp_path: Path) -> None:
+    """A change through a process that has not yet followed another's commit builds on that commit."""
+    db = tmp_path / "state.db"
+    one = make_gateway(model_root, db)
+    two = make_gateway(model_root, db)
+    one.control.set_traffic("a", "ctr-ranker", {"1.12": 80, "1.13": 20}, reason="x")
+    assert two.router.table.revision == 1  # no follower running: two is behind
+    result = two.control.set_label("b", "ctr-ranker", "candidate", "1.14", reason="y")
+    assert result.revision == 3
+    assert weights(two) == {"1.12": 80, "1.13": 20}  # one's change kept, not overwritten from stale state
     one.close()
     two.close()
 

@@ -48,6 +48,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         return convert.change_response(result)
 
     def GetRoutes(self, request: pb.GetRoutesRequest, context: Context) -> pb.Routes:
+        if not request.revision:
+            self._control.refresh()
         revision, at, state = self._control.routes_at(request.revision)
         routes = convert.routes(revision, at, state, request.endpoint)
         if revision == self._control.revision:
@@ -62,6 +64,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         )
 
     def ListVersions(self, request: pb.ListVersionsRequest, context: Context) -> pb.ListVersionsResponse:
+        self._control.refresh()
         return convert.versions(self._control.versions(request.endpoint))
 
     def LoadVersion(self, request: pb.LoadVersionRequest, context: Context) -> pb.ChangeResponse:
