@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -37,12 +38,14 @@ def free_port() -> int:
 class EtcdServer:
     """One etcd member; `kill()` and `start()` again keep its ports and data (a restart)."""
 
-    def __init__(self, data_dir: Path, *extra: str) -> None:
+    def __init__(self, data_dir: Path, *extra: str, tls_client: tuple[Path, Path, Path] | None = None) -> None:
         self.binary = require_etcd()
         self.data_dir = data_dir
         self.client_port = free_port()
         self.peer_port = free_port()
         self.extra = extra
+        #: (CA, client certificate, key) to check readiness over TLS.
+        self.tls_client = tls_client
         self.process: subprocess.Popen[bytes] | None = None
         self.log = data_dir.parent / f"etcd-{self.client_port}.log"
 
@@ -78,7 +81,7 @@ class EtcdServer:
                 raise RuntimeError(f"etcd exited: {self.log.read_text()[-2000:]}")
             try:
                 with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.5):
-                    if self.scheme == "https" or self._ready():
+                    if self._ready():
                         return self
             except OSError:
                 pass
@@ -86,8 +89,13 @@ class EtcdServer:
         raise RuntimeError(f"etcd did not start: {self.log.read_text()[-2000:]}")
 
     def _ready(self) -> bool:
+        verify: ssl.SSLContext | bool = False
+        if self.tls_client is not None:
+            ca, cert, key = self.tls_client
+            verify = ssl.create_default_context(cafile=str(ca))
+            verify.load_cert_chain(str(cert), str(key))
         try:
-            return httpx.get(f"http://{self.endpoint}/health", timeout=1).status_code == 200
+            return httpx.get(f"{self.scheme}://{self.endpoint}/health", timeout=1, verify=verify).status_code == 200
         except httpx.HTTPError:
             return False
 
