@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from gateway.replica import RouteReplica
 from gateway.errors import StoreUnavailable
+from gateway.replica import RouteReplica
 
 log = logging.getLogger(__name__)
 
