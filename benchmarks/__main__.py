@@ -11,7 +11,7 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks import batch, control, guardrails, serving, shadow, telemetry
+from benchmarks import batch, control, fleet, guardrails, serving, shadow, telemetry
 
 SUITES = {
     "serving": serving,
@@ -20,6 +20,7 @@ SUITES = {
     "shadow": shadow,
     "guardrails": guardrails,
     "batch": batch,
+    "fleet": fleet,
 }
 
 

@@ -1,7 +1,10 @@
 """Closed-loop load: N concurrent callers on one grpc.aio channel, each sending batch-1 Predicts
 for the ctr-ranker endpoint, every request with a routing key.
 
-Usage: python -m benchmarks.loadgen TARGET CONCURRENCY SECONDS [--warmup S]
+Usage: python -m benchmarks.loadgen TARGET CONCURRENCY SECONDS [--warmup S] [--channels K]
+
+`--channels K` spreads the callers over K connections (as K clients would): with
+`gateway serve --workers N` the kernel hands each connection to one worker.
 Prints "measuring" when the measured window starts, then one JSON line: requests, errors,
 seconds, latency quantiles in ms.
 """
@@ -37,50 +40,65 @@ def request(key: str) -> gw.PredictRequest:
 
 
 async def closed_loop(
-    target: str, concurrency: int, seconds: float, warmup: float, record: Record
+    target: str, concurrency: int, seconds: float, warmup: float, record: Record, channels: int = 1
 ) -> tuple[int, float]:
     """Run the callers: `warmup` seconds unrecorded, then print "measuring" and record for `seconds`.
 
     Returns the failed calls in the measured window and its length in seconds.
     """
-    async with grpc.aio.insecure_channel(target) as channel:
-        predict = gw_grpc.InferenceStub(channel).Predict
-        requests = [request(f"user-{i}") for i in range(1000)]
-        errors = 0
-        measuring = False
-        deadline = 0.0
-
-        async def caller(index: int) -> None:
-            nonlocal errors
-            i = index
-            while True:
-                started = time.monotonic()
-                if deadline and started >= deadline:
-                    return
-                try:
-                    response = await predict(requests[i % len(requests)], timeout=10)
-                except grpc.aio.AioRpcError:
-                    errors += measuring
-                    continue
-                finally:
-                    i += concurrency
-                if measuring:
-                    record(started, time.monotonic(), response)
-
-        tasks = [asyncio.create_task(caller(i)) for i in range(concurrency)]
-        await asyncio.sleep(warmup)
-        measuring = True
-        print("measuring", flush=True)  # the driver samples the server's CPU time now and at the result
-        begin = time.monotonic()
-        deadline = begin + seconds
-        await asyncio.gather(*tasks)
-        return errors, time.monotonic() - begin
+    # A local subchannel pool per channel: otherwise channels to one target share one connection.
+    opened = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)] if channels > 1 else None)
+        for _ in range(channels)
+    ]
+    try:
+        return await _callers([gw_grpc.InferenceStub(c).Predict for c in opened], concurrency, seconds, warmup, record)
+    finally:
+        for channel in opened:
+            await channel.close()
 
 
-async def run(target: str, concurrency: int, seconds: float, warmup: float) -> dict[str, float]:
+async def _callers(
+    stubs: list[Callable[..., object]], concurrency: int, seconds: float, warmup: float, record: Record
+) -> tuple[int, float]:
+    """The callers of `closed_loop`, caller i on stub i mod len(stubs)."""
+    requests = [request(f"user-{i}") for i in range(1000)]
+    errors = 0
+    measuring = False
+    deadline = 0.0
+
+    async def caller(index: int) -> None:
+        nonlocal errors
+        i = index
+        predict = stubs[index % len(stubs)]
+        while True:
+            started = time.monotonic()
+            if deadline and started >= deadline:
+                return
+            try:
+                response = await predict(requests[i % len(requests)], timeout=10)  # type: ignore[misc]
+            except grpc.aio.AioRpcError:
+                errors += measuring
+                continue
+            finally:
+                i += concurrency
+            if measuring:
+                record(started, time.monotonic(), response)
+
+    tasks = [asyncio.create_task(caller(i)) for i in range(concurrency)]
+    await asyncio.sleep(warmup)
+    measuring = True
+    print("measuring", flush=True)  # the driver samples the server's CPU time now and at the result
+    begin = time.monotonic()
+    deadline = begin + seconds
+    await asyncio.gather(*tasks)
+    return errors, time.monotonic() - begin
+
+
+async def run(target: str, concurrency: int, seconds: float, warmup: float, channels: int = 1) -> dict[str, float]:
     latencies: list[float] = []
     errors, elapsed = await closed_loop(
-        target, concurrency, seconds, warmup, lambda started, ended, _: latencies.append(ended - started)
+        target, concurrency, seconds, warmup, lambda started, ended, _: latencies.append(ended - started), channels
     )
     lat = np.asarray(latencies) * 1000
     result = {
@@ -101,8 +119,9 @@ def main() -> None:
     parser.add_argument("concurrency", type=int)
     parser.add_argument("seconds", type=float)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--channels", type=int, default=1)
     args = parser.parse_args()
-    asyncio.run(run(args.target, args.concurrency, args.seconds, args.warmup))
+    asyncio.run(run(args.target, args.concurrency, args.seconds, args.warmup, args.channels))
 
 
 if __name__ == "__main__":
