@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.pb.gateway.v1 import admin_pb2 as admin_pb
 from tests.etcd_server import EtcdServer
@@ -22,6 +23,7 @@ from tests.fleet import Member, propagation_seconds, start_members, wait_until
 from tests.helpers import bearer
 
 pytestmark = pytest.mark.slow
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_change_through_any_of_three_processes_reaches_all(etcd: EtcdServer) -> None:
@@ -96,6 +98,8 @@ def test_etcd_restart_in_a_stream_of_changes(own_etcd: EtcdServer) -> None:
             assert "gateway_store_connected{" in httpx.get(metrics).text
             assert _gauge(httpx.get(metrics).text, "gateway_store_connected") == 0.0
             assert wait_until(lambda: traffic.served > served_before + 30)  # serving goes on without the store
+            health = health_pb2_grpc.HealthStub(members[0].channel)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
             own_etcd.start()
             assert all(wait_until(lambda m=m: _store_connected(m)) for m in members)
             assert _gauge(httpx.get(metrics).text, "gateway_store_connected") == 1.0
