@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from gateway.control import ControlPlane
 from gateway.desired import EndpointState
-from gateway.errors import Conflict, FailedPrecondition, GatewayError
+from gateway.errors import Conflict, FailedPrecondition, GatewayError, StoreUnavailable
 from gateway.guardrails.rules import Action, Metric, RuleSet
 from gateway.guardrails.sequential import CtrExperiment
 from gateway.orchestration.evaluate import Status, Verdict, combine, evaluate
@@ -250,9 +250,15 @@ class Guardian:
         self._thread.start()
 
     def _run(self) -> None:
+        lost = ""
         while not self._stop.wait(self.tick_seconds):
             try:
                 self.tick()
+                lost = ""
+            except StoreUnavailable as err:  # fail static: it acts again once the store is back
+                if err.message != lost:
+                    log.warning("guardian paused: %s", err.message)
+                lost = err.message
             except Exception:  # a failed tick must not stop the guardian
                 log.exception("guardian tick failed")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -29,6 +30,9 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 from gateway.errors import InvalidInput, StoreUnavailable
+
+# httpx logs every request at INFO: for a store polled by the guardian each second, that is noise.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 #: etcd's gRPC status codes that the gateway returns in its JSON errors.
 _UNAUTHENTICATED = 16
@@ -268,7 +272,9 @@ class EtcdClient:
                     continue
                 message = json.loads(line)
                 if "error" in message:
-                    raise StoreUnavailable(f"the state store {self.url} ended a watch: {message['error']}")
+                    error = message["error"]
+                    detail = error.get("message", error) if isinstance(error, dict) else error
+                    raise StoreUnavailable(f"the state store {self.url} ended a watch: {detail}")
                 result = message.get("result", {})
                 if result.get("canceled"):
                     if result.get("compact_revision"):
