@@ -75,7 +75,7 @@ def test_two_workers_share_addresses_follow_one_store_and_drain_on_sigterm(tmp_p
         assert set(served) == {"0", "1"} and sum(served.values()) >= 40
 
         # Drain: slow requests in flight on both workers when SIGTERM reaches the supervisor.
-        fault = admin_pb.SetFaultRequest(endpoint="ctr-ranker", version="1.12", latency_ms=3000, reason="drain test")
+        fault = admin_pb.SetFaultRequest(endpoint="ctr-ranker", version="1.12", latency_ms=5000, reason="drain test")
         revision = _admin_call(gateway.admin_target, "SetFault", fault).revision
         assert all(r.revision == revision for r in _routes_by_worker(gateway.admin_target).values())
         results: list[object] = []
@@ -89,7 +89,7 @@ def test_two_workers_share_addresses_follow_one_store_and_drain_on_sigterm(tmp_p
         threads = [threading.Thread(target=slow) for _ in range(16)]
         for thread in threads:
             thread.start()
-        time.sleep(1.0)  # let them reach the workers; each then waits 3 s inside its worker
+        time.sleep(2.0)  # let them reach the workers; each then waits 5 s inside its worker
         assert gateway.stop() == 0
         for thread in threads:
             thread.join(30)
