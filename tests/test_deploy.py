@@ -15,7 +15,9 @@ import yaml
 
 from gateway import __version__
 from gateway.cli import build_parser
+from gateway.cli.serve import _flag_values
 from gateway.desired import parse_route_file
+from gateway.settings import GatewaySettings
 from gateway.state import open_store
 from gateway.state.etcd import EtcdStore
 from tests.helpers import ROOT
@@ -55,10 +57,11 @@ def _container() -> dict[str, Any]:
     return one("Deployment")["spec"]["template"]["spec"]["containers"][0]  # type: ignore[no-any-return]
 
 
-def _serve_args() -> Any:
+def _serve_args() -> GatewaySettings:
+    """The settings `gateway serve` makes of the container's args (the image's entrypoint is `gateway serve`)."""
     config = one("ConfigMap")["data"]
     args = [arg.replace("$(GATEWAY_STORE)", config["store"]) for arg in _container()["args"]]
-    return build_parser().parse_args(["serve", *args])
+    return GatewaySettings.plain(**_flag_values(build_parser().parse_args(["serve", *args])))
 
 
 def test_the_deployment_runs_the_gateway_with_flags_it_has() -> None:
@@ -72,7 +75,7 @@ def test_the_deployment_runs_the_gateway_with_flags_it_has() -> None:
     assert str(route_file.parent) == mounts["routes"]
     config = parse_route_file(one("ConfigMap")["data"][route_file.name], source="configmap")
     assert str(config.model_root) == mounts["models"]  # the model repository is the mounted volume
-    assert args.shadow_log_dir.startswith(mounts["scratch"])  # the only writable path
+    assert str(args.shadow.log_dir).startswith(mounts["scratch"])  # the only writable path
 
 
 def test_probes_drain_and_ports_line_up() -> None:
