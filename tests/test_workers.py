@@ -102,6 +102,24 @@ def test_two_workers_share_addresses_follow_one_store_and_drain_on_sigterm(tmp_p
             gateway.kill()
 
 
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    gateway = GatewayProcess(tmp_path / "state.db", "--workers", "2")
+    pids = _worker_pids(gateway.process.pid)
+    assert len(pids) == 2
+    gateway.kill()  # SIGKILL: the supervisor cannot forward anything
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
 def test_workers_must_be_positive(tmp_path: Path) -> None:
     from gateway.cli import main
 

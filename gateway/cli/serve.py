@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args, get_origin
 from gateway.app import Gateway
 from gateway.auth import ENV_TOKENS, AdminTokens
 from gateway.cli.output import fail
+from gateway.cli.workers import follow_supervisor, supervise
 from gateway.errors import GatewayError
 from gateway.logs import configure_logging
 from gateway.routing import format_traffic
@@ -116,9 +117,8 @@ def run(args: argparse.Namespace) -> int:
         settings = GatewaySettings.load(_flag_values(args))
         configure_logging(settings.log_level, settings.log_format)
         if settings.workers > 1:
-            from gateway.cli.workers import supervise
-
             return supervise(args, settings)
+        follow_supervisor()
         return asyncio.run(_serve(settings))
     except GatewayError as err:
         return fail(err.message, 2)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
+import os
 import re
 import signal
 import socket
@@ -37,6 +39,9 @@ from gateway.settings import GatewaySettings
 log = logging.getLogger("gateway.workers")
 
 _READY = re.compile(r"gateway ready: inference on \S+, admin on (\S+?),? (?:metrics on 127\.0\.0\.1:(\d+) )?\((.*)\)")
+_PR_SET_PDEATHSIG = 1
+#: Set in each worker's environment: the supervisor's pid.
+SUPERVISOR_ENV = "MODEL_GATEWAY_SUPERVISOR_PID"
 #: A worker that keeps dying is not restarted faster than this.
 RESTART_SECONDS = 1.0
 
@@ -55,7 +60,8 @@ class Worker:
     def start(self) -> None:
         """Start the process; a thread waits for its ready line, then relays its output."""
         self.started.clear()
-        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, text=True)
+        env = {**os.environ, SUPERVISOR_ENV: str(os.getpid())}
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, text=True, env=env)
         threading.Thread(target=self._read, args=(self.process,), name=f"worker-{self.index}", daemon=True).start()
 
     def _read(self, process: subprocess.Popen[str]) -> None:
@@ -70,6 +76,21 @@ class Worker:
             else:
                 print(f"[worker {self.index}] {line}", end="", flush=True)
         self.started.set()  # exited before it was ready: the supervisor sees the exit code
+
+
+def follow_supervisor() -> None:
+    """In a worker: get SIGTERM (and so drain) when the supervisor dies, even by SIGKILL, so none outlives it.
+
+    Linux's PR_SET_PDEATHSIG, set by the worker itself rather than between fork and exec
+    (the supervisor has threads).
+    """
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if not supervisor:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(supervisor):  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _reserve(listen: str) -> tuple[str, socket.socket | None]:
