@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
+PROTO_TOOLS := .venv-proto
+STAMP_PROTO := $(PROTO_TOOLS)/.installed
 CONFIG ?= models/gateway.yaml
 LISTEN ?= 127.0.0.1:8001
 ARGS ?=
@@ -24,6 +26,12 @@ $(STAMP_DEV): pyproject.toml | $(PY)
 
 venv: $(STAMP_DEV)
 
+# The protobuf code generator lives in its own venv: its protobuf (< 6) must not decide the project's.
+$(STAMP_PROTO): scripts/proto-tools.txt
+	$(PYTHON) -m venv $(PROTO_TOOLS)
+	$(PROTO_TOOLS)/bin/python -m pip install -q -r scripts/proto-tools.txt
+	touch $@
+
 # A development admin token for the local demo; production sets its own (see README).
 GATEWAY_ADMIN_TOKENS ?= dev=dev-admin-token-change-me
 export GATEWAY_ADMIN_TOKENS
@@ -37,12 +45,12 @@ test: $(STAMP_DEV) proto-check
 bench: $(STAMP_DEV)
 	$(PY) -m benchmarks $(ARGS)
 
-proto: $(STAMP_DEV)
-	PYTHON=$(PY) scripts/gen_proto.sh
+proto: $(STAMP_DEV) $(STAMP_PROTO)
+	PYTHON=$(PY) PROTOC_PYTHON=$(PROTO_TOOLS)/bin/python scripts/gen_proto.sh
 
 # Fails when the checked-in generated code differs from what proto/ produces.
-proto-check: $(STAMP_DEV)
-	@PYTHON=$(PY) scripts/gen_proto.sh
+proto-check: $(STAMP_DEV) $(STAMP_PROTO)
+	@PYTHON=$(PY) PROTOC_PYTHON=$(PROTO_TOOLS)/bin/python scripts/gen_proto.sh
 	@git diff --quiet --exit-code -- gateway/pb && test -z "$$(git status --porcelain -- gateway/pb)" \
 		|| { echo "gateway/pb is stale: run 'make proto' and commit the result"; git status --short -- gateway/pb; exit 1; }
 
@@ -59,4 +67,4 @@ models: $(STAMP_DEV)
 	$(PY) models/make_demo_models.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PROTO_TOOLS) var .pytest_cache .mypy_cache .ruff_cache
