@@ -1,13 +1,25 @@
+"""grpc.health.v1 and server reflection (v1 and v1alpha) on both listeners, through real channels."""
+
 from __future__ import annotations
+
+import queue
+import threading
+from types import ModuleType
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from google.protobuf import descriptor_pb2
 
-from tests.helpers import RunningGateway
+from gateway.pb.grpc.health.v1 import health_pb2, health_pb2_grpc
+from gateway.pb.grpc.reflection.v1 import reflection_pb2 as v1
+from gateway.pb.grpc.reflection.v1 import reflection_pb2_grpc as v1_grpc
+from gateway.pb.grpc.reflection.v1alpha import reflection_pb2 as v1alpha
+from gateway.pb.grpc.reflection.v1alpha import reflection_pb2_grpc as v1alpha_grpc
+from tests.helpers import RunningGateway, running_gateway
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+REFLECTION = {"v1": (v1, v1_grpc), "v1alpha": (v1alpha, v1alpha_grpc)}
 
 
 def test_health_overall_and_per_endpoint(demo: RunningGateway) -> None:
@@ -17,10 +29,75 @@ def test_health_overall_and_per_endpoint(demo: RunningGateway) -> None:
     with pytest.raises(grpc.RpcError) as err:
         stub.Check(health_pb2.HealthCheckRequest(service="no-such-endpoint"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    listed = stub.List(health_pb2.HealthListRequest()).statuses
+    assert listed["ctr-ranker"].status == SERVING and listed[""].status == SERVING
 
 
-def test_reflection_lists_services(demo: RunningGateway) -> None:
-    stub = reflection_pb2_grpc.ServerReflectionStub(demo.channel)
-    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-    names = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"gateway.v1.Inference", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+def test_health_watch_sees_shutdown() -> None:
+    seen: queue.Queue[int] = queue.Queue()
+    with running_gateway() as gw:
+        stream = health_pb2_grpc.HealthStub(gw.channel).Watch(health_pb2.HealthCheckRequest(service="ctr-ranker"))
+
+        def follow() -> None:
+            try:
+                for response in stream:
+                    seen.put(response.status)
+            except grpc.RpcError:
+                pass
+
+        thread = threading.Thread(target=follow, daemon=True)
+        thread.start()
+        assert seen.get(timeout=10) == SERVING
+        gw.loop.run(gw.server.health.shut_down())
+        assert seen.get(timeout=10) == NOT_SERVING
+        stream.cancel()
+        thread.join(10)
+
+
+def _ask(channel: grpc.Channel, version: str, **question: object) -> list[object]:
+    pb, pb_grpc = REFLECTION[version]
+    stub = pb_grpc.ServerReflectionStub(channel)
+    return list(stub.ServerReflectionInfo(iter([pb.ServerReflectionRequest(**question)]), timeout=10))
+
+
+def _services(channel: grpc.Channel, version: str) -> set[str]:
+    (response,) = _ask(channel, version, list_services="")
+    return {s.name for s in response.list_services_response.service}  # type: ignore[attr-defined]
+
+
+def _symbols(response: object, pb: ModuleType) -> set[str]:
+    names = set()
+    for blob in response.file_descriptor_response.file_descriptor_proto:  # type: ignore[attr-defined]
+        file = descriptor_pb2.FileDescriptorProto.FromString(blob)
+        names.update(f"{file.package}.{m.name}" for m in file.message_type)
+        names.update(f"{file.package}.{s.name}" for s in file.service)
+    return names
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_on_the_inference_listener(demo: RunningGateway, version: str) -> None:
+    assert {
+        "gateway.v1.Inference",
+        "inference.GRPCInferenceService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= _services(demo.channel, version)
+    (response,) = _ask(demo.channel, version, file_containing_symbol="inference.GRPCInferenceService")
+    assert {"inference.GRPCInferenceService", "inference.ModelInferRequest"} <= _symbols(
+        response, REFLECTION[version][0]
+    )
+    # Every listed service can be described (what `grpcurl describe` does for each).
+    for name in _services(demo.channel, version):
+        (response,) = _ask(demo.channel, version, file_containing_symbol=name)
+        assert name in _symbols(response, REFLECTION[version][0]), name
+    (missing,) = _ask(demo.channel, version, file_containing_symbol="no.such.Service")
+    assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_on_the_admin_listener(demo: RunningGateway, version: str) -> None:
+    services = _services(demo.admin_channel, version)
+    assert {"gateway.v1.Admin", "grpc.reflection.v1.ServerReflection"} <= services
+    (response,) = _ask(demo.admin_channel, version, file_containing_symbol="gateway.v1.Admin")
+    assert "gateway.v1.Admin" in _symbols(response, REFLECTION[version][0])

@@ -8,8 +8,6 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from gateway.app import Gateway
 from gateway.auth import AdminTokens
@@ -17,8 +15,10 @@ from gateway.errors import InvalidInput
 from gateway.grpc.admin_servicer import AdminServicer
 from gateway.grpc.errors import guard_servicer, guard_threaded_servicer
 from gateway.grpc.health import HealthReporter
+from gateway.grpc.reflection import enable_reflection
 from gateway.grpc.servicers import OpenInferenceServicer, PredictServicer, stamp_model_infer, stamp_predict
 from gateway.pb.gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+from gateway.pb.grpc.health.v1 import health_pb2, health_pb2_grpc
 from gateway.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
@@ -88,13 +88,8 @@ async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServ
     )
     health = HealthReporter(gateway.inference, asyncio.get_running_loop())
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    reflection.enable_server_reflection(
-        [
-            INFERENCE.full_name,
-            OPEN_INFERENCE.full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
+    enable_reflection(
+        [INFERENCE.full_name, OPEN_INFERENCE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
         server,
     )
     port = bind(server, listen)
@@ -147,7 +142,7 @@ async def start_admin_server(gateway: Gateway, listen: str, tokens: AdminTokens)
     admin_pb2_grpc.add_AdminServicer_to_server(
         guard_threaded_servicer(servicer, ADMIN, bearer_authenticator(tokens)), server
     )
-    reflection.enable_server_reflection([ADMIN.full_name, reflection.SERVICE_NAME], server)
+    enable_reflection([ADMIN.full_name], server)
     port = bind(server, listen)
     server.start()
     return AdminServer(server, port)
