@@ -128,6 +128,20 @@ def test_model_infer_errors(stub: oip_grpc.GRPCInferenceServiceStub, mutate, cod
     assert message in err.value.details()
 
 
+def test_raw_input_with_an_empty_contents_is_the_raw_tensor(stub: oip_grpc.GRPCInferenceServiceStub) -> None:
+    """What MLServer's NumpyRequestCodec(use_raw=True) sends: raw bytes and an empty `contents {}`."""
+    x = features(2, seed=4)
+    request = infer_request(x, version="1.12")
+    request.inputs[0].contents.SetInParent()
+    assert request.inputs[0].HasField("contents")
+    np.testing.assert_array_equal(output(stub.ModelInfer(request)), direct("1.12", x))
+    request.inputs[0].contents.fp32_contents.extend(x.ravel().tolist())
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has values in both contents and raw_input_contents" in err.value.details()
+
+
 def test_typed_contents_count_must_match_shape(stub: oip_grpc.GRPCInferenceServiceStub) -> None:
     request = infer_request(features(1), raw=False)
     request.inputs[0].contents.fp32_contents.append(1.0)

@@ -128,8 +128,9 @@ def model_infer_request(request: oip.ModelInferRequest) -> InferRequest:
             raise InvalidInput(f"{what} is given twice; each input tensor must appear once")
         datatype = DataType.parse(tensor.datatype, what=what)
         if raw:
-            if tensor.HasField("contents"):
-                raise InvalidInput(f"{what} has both contents and raw_input_contents; use one")
+            # An empty `contents {}` beside the raw bytes (MLServer's raw codec sends one) is no conflict.
+            if tensor.HasField("contents") and tensor.contents.ByteSize():
+                raise InvalidInput(f"{what} has values in both contents and raw_input_contents; use one")
             inputs[tensor.name] = array_from_bytes(raw[index], datatype.numpy, tensor.shape, name=tensor.name)
         else:
             inputs[tensor.name] = array_from_values(
