@@ -110,7 +110,7 @@ def test_shadow_span_is_linked_to_the_primary() -> None:
         assert gw.gateway.shadow.drain(10)
         runtime.telemetry.spans.flush()  # type: ignore[union-attr]
         spans = {s.name: s for s in exporter.get_finished_spans()}
-        shadow, primary = spans["shadow"], spans["Predict"]
+        shadow, primary = spans["shadow"], spans["gateway.v1.Inference/Predict"]
         assert f"{primary.context.trace_id:032x}" == response.trace_id
         (link,) = shadow.links
         assert (link.context.trace_id, link.context.span_id) == (

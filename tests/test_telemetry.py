@@ -64,7 +64,7 @@ def test_predict_span_has_routing_attributes_and_its_trace_id_in_the_response(ob
     gw, exporter, _, _ = observed
     exporter.clear()
     response = gw.predict_stub.Predict(predict_request(routing_key="user-5", rows=3), timeout=10)
-    (span,) = [s for s in finished(gw, exporter) if s.name == "Predict"]
+    (span,) = [s for s in finished(gw, exporter) if s.name == "gateway.v1.Inference/Predict"]
     assert response.trace_id == f"{span.context.trace_id:032x}"
     assert span.kind is SpanKind.SERVER
     attrs = dict(span.attributes)
@@ -76,11 +76,15 @@ def test_predict_span_has_routing_attributes_and_its_trace_id_in_the_response(ob
     assert attrs["gateway.batch_size"] == 3
     assert attrs["gateway.request_id"] == response.request_id
     assert attrs["rpc.grpc.status_code"] == 0 and attrs["rpc.service"] == "gateway.v1.Inference"
+    assert (attrs["rpc.system"], attrs["rpc.method"]) == ("grpc", "Predict")
+    assert (attrs["server.address"], attrs["server.port"]) == ("127.0.0.1", gw.port)
+    assert attrs["network.peer.address"] == "127.0.0.1" and attrs["network.peer.port"] > 0
     assert span.status.status_code is StatusCode.UNSET
     assert span.resource.attributes["service.name"] == "model-gateway"
 
 
-def test_failed_call_span_has_error_status_and_its_trace_id(observed) -> None:  # type: ignore[no-untyped-def]
+def test_refused_call_span_keeps_unset_status_and_its_trace_id(observed) -> None:  # type: ignore[no-untyped-def]
+    """A client error is not a server error: the code is recorded, the span status stays UNSET."""
     gw, exporter, _, _ = observed
     exporter.clear()
     with pytest.raises(grpc.RpcError) as err:
@@ -88,10 +92,16 @@ def test_failed_call_span_has_error_status_and_its_trace_id(observed) -> None:  
     trailer = dict(err.value.trailing_metadata())
     (span,) = finished(gw, exporter)
     assert trailer["trace-id"] == f"{span.context.trace_id:032x}"
-    assert span.status.status_code is StatusCode.ERROR
-    assert span.status.description.startswith("INVALID_ARGUMENT: ctr-ranker")
+    assert span.status.status_code is StatusCode.UNSET
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert span.attributes["gateway.version"] in {"1.12", "1.13"}
+    exporter.clear()
+    with pytest.raises(grpc.RpcError) as err:
+        gw.predict("ctr-ranker@0.9")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    (span,) = finished(gw, exporter)
+    assert span.status.status_code is StatusCode.UNSET
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 def test_internal_error_message_carries_the_trace_id(observed, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
@@ -106,6 +116,8 @@ def test_internal_error_message_carries_the_trace_id(observed, monkeypatch: pyte
     assert err.value.details() == f"internal error; trace id {trace_id}"
     (span,) = finished(gw, exporter)
     assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "INTERNAL: unexpected error"
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[0]
 
 
 def test_incoming_traceparent_makes_a_child_span(observed) -> None:  # type: ignore[no-untyped-def]
@@ -120,7 +132,7 @@ def test_incoming_traceparent_makes_a_child_span(observed) -> None:  # type: ign
     )
     assert response.parameters["trace_id"].string_param == parent_trace
     (span,) = finished(gw, exporter)
-    assert span.name == "ModelInfer"
+    assert span.name == "inference.GRPCInferenceService/ModelInfer"
     assert f"{span.context.trace_id:032x}" == parent_trace
     assert f"{span.parent.span_id:016x}" == parent_span
     assert span.attributes["gateway.routing"] == "pinned"
@@ -247,7 +259,7 @@ def test_otlp_export_to_a_collector() -> None:
     finally:
         server.stop(0)
     names = {s.name for s in collector.spans}
-    assert names == {"Predict"} and len(collector.spans) == 5
+    assert names == {"gateway.v1.Inference/Predict"} and len(collector.spans) == 5
     attributes = {kv.key: kv.value for kv in collector.spans[0].attributes}
     assert attributes["gateway.endpoint"].string_value == "ctr-ranker"
     assert {

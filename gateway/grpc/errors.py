@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from types import SimpleNamespace
 from typing import Any
@@ -58,10 +58,39 @@ TRACE_ID_KEY = "trace-id"
 
 
 Stamp = Callable[[Any, str], None]
+#: Builds a stream's in-band error reply: (request, status, message) -> response.
+Refuse = Callable[[Any, grpc.StatusCode, str], Any]
+
+_PEERS: dict[str, dict[str, Any]] = {}
+
+
+def peer_attributes(peer: str) -> dict[str, Any]:
+    """`network.peer.address` / `network.peer.port` from gRPC's peer string (cached per connection)."""
+    attributes = _PEERS.get(peer)
+    if attributes is None:
+        kind, _, rest = peer.partition(":")
+        if kind in ("ipv4", "ipv6"):
+            host, _, port = rest.rpartition(":")
+            attributes = {"network.peer.address": host.strip("[]")}
+            if port.isdigit():
+                attributes["network.peer.port"] = int(port)
+        else:
+            attributes = {"network.peer.address": rest or peer}
+        if len(_PEERS) > 10_000:
+            _PEERS.clear()
+        _PEERS[peer] = attributes
+    return attributes
+
+
+def _span_attributes(method: str, listener: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """(span name `package.Service/Method`, method name, the attributes every call of it shares)."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    static = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name, **listener}
+    return f"{service}/{name}", name, static
 
 
 def _traced(
-    method: str, behavior: Behavior, spans: SpanRecorder, stamp: Stamp
+    method: str, behavior: Behavior, spans: SpanRecorder, stamp: Stamp, listener: Mapping[str, Any]
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     """`guard` for a sync behavior, with a span per call.
 
@@ -69,15 +98,16 @@ def _traced(
     the `trace-id` trailing metadata when it fails: setting trailing metadata on every call
     costs the aio server more than the rest of the span work.
     """
-    service, _, name = method.rpartition("/")
-    static = {"rpc.system": "grpc", "rpc.service": service.lstrip("/"), "rpc.method": name}
+    span_name, _, static = _span_attributes(method, listener)
     untraced = guard(method, behavior)
 
     async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        span = spans.start_span(name, context.invocation_metadata())
+        span = spans.start_span(span_name, context.invocation_metadata())
         if span is None:  # not sampled
             return await untraced(request, context)
-        span.attributes.update(static)
+        attributes = span.attributes
+        attributes.update(static)
+        attributes.update(peer_attributes(context.peer()))
         CURRENT_SPAN.set(span)  # each RPC runs in its own task, so this stays within the call
         TRACE_ID.set(span.trace_id_hex)
         try:
@@ -94,12 +124,66 @@ def _traced(
             await context.abort(status, message, trailing_metadata=((TRACE_ID_KEY, span.trace_id_hex),))
         if PENDING_DELAY.get():
             await asyncio.sleep(PENDING_DELAY.get())
-        span.attributes["rpc.grpc.status_code"] = 0
+        attributes["rpc.grpc.status_code"] = 0
         spans.end(span)
         stamp(response, span.trace_id_hex)
         return response
 
     return traced
+
+
+def guard_stream(
+    method: str,
+    behavior: Behavior,
+    refuse: Refuse,
+    *,
+    spans: SpanRecorder | None = None,
+    stamp: Stamp | None = None,
+    listener: Mapping[str, Any] | None = None,
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    """A bidirectional stream that answers each message with `behavior`, in order.
+
+    A message that fails gets `refuse(request, status, message)` as its reply and the stream
+    goes on: one bad request must not end a stream that carries many. Each traced message has
+    its own span (the requests of one stream are routed one by one).
+    """
+    span_name, _, static = _span_attributes(method, listener or {})
+
+    async def streamed(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        peer = peer_attributes(context.peer()) if spans is not None else {}
+        metadata = context.invocation_metadata() if spans is not None else None
+        async for request in requests:
+            span = spans.start_span(span_name, metadata) if spans is not None else None
+            if span is not None:
+                span.attributes.update(static)
+                span.attributes.update(peer)
+                TRACE_ID.set(span.trace_id_hex)
+            CURRENT_SPAN.set(span)
+            trace_id = span.trace_id_hex if span is not None else ""
+            try:
+                response = behavior(request, context)
+            except GatewayError as err:
+                status, message = STATUS[err.code], err.message
+                response = refuse(request, status, message)
+            except Exception:
+                status, message = _abort_internal(method, trace_id)
+                response = refuse(request, status, message)
+            else:
+                status = grpc.StatusCode.OK
+                if PENDING_DELAY.get():
+                    await asyncio.sleep(PENDING_DELAY.get())
+                    PENDING_DELAY.set(0.0)
+            if span is not None:
+                if status is grpc.StatusCode.OK:
+                    span.attributes["rpc.grpc.status_code"] = 0
+                else:
+                    span.fail(status.value[0], status.name, message)
+                spans.end(span)  # type: ignore[union-attr]
+                if stamp is not None:
+                    stamp(response, trace_id)
+            yield response
+
+    return streamed
 
 
 #: The authenticated caller of the current RPC (set when a servicer is guarded with `authenticate`).
@@ -113,14 +197,16 @@ def guard(
     behavior: Behavior,
     spans: SpanRecorder | None = None,
     stamp: Stamp | None = None,
+    listener: Mapping[str, Any] | None = None,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     """Wrap one sync unary behavior with the error mapping (and a span, given `spans` and `stamp`).
 
     The behavior (pure CPU work, like Predict) runs inside the one coroutine gRPC needs
-    anyway, so the mapping costs no extra frame per call.
+    anyway, so the mapping costs no extra frame per call. `listener` holds the span
+    attributes of the listening socket (`server.address`, `server.port`).
     """
     if spans is not None and stamp is not None:
-        return _traced(method, behavior, spans, stamp)
+        return _traced(method, behavior, spans, stamp, listener or {})
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -163,18 +249,30 @@ def guard_servicer(
     *,
     spans: SpanRecorder | None = None,
     traced: Mapping[str, Stamp] | None = None,
+    streams: Mapping[str, Refuse] | None = None,
+    listener: Mapping[str, Any] | None = None,
 ) -> Any:
     """A stand-in for `servicer` whose every RPC of `service` is wrapped by `guard` (aio server).
 
     Applied once at registration instead of as a server interceptor: an aio interceptor
     costs an extra coroutine per call on the hot path, for the same mapping. With `spans`,
     the RPCs named in `traced` get a span each; their value puts the trace id into a
-    successful response.
+    successful response. The bidirectional streams named in `streams` answer message by
+    message (`guard_stream`); the servicer's method answers one message.
     """
     stamps = traced or {}
-    return SimpleNamespace(
-        **{m.name: guard(_path(m), getattr(servicer, m.name), spans, stamps.get(m.name)) for m in service.methods}
-    )
+    refusals = streams or {}
+    wrapped: dict[str, Callable[[Any, grpc.aio.ServicerContext], Any]] = {}
+    for m in service.methods:
+        behavior = getattr(servicer, m.name)
+        if m.name in refusals:
+            stamp = stamps.get(m.name)
+            wrapped[m.name] = guard_stream(
+                _path(m), behavior, refusals[m.name], spans=spans if stamp else None, stamp=stamp, listener=listener
+            )
+        else:
+            wrapped[m.name] = guard(_path(m), behavior, spans, stamps.get(m.name), listener)
+    return SimpleNamespace(**wrapped)
 
 
 def guard_threaded_servicer(servicer: object, service: ServiceDescriptor, authenticate: Authenticate) -> Any:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -64,9 +66,19 @@ def bind(server: grpc.aio.Server, listen: str) -> int:
     return port
 
 
+def listener_attributes(listen: str, port: int) -> dict[str, Any]:
+    """`server.address` and `server.port` of a listener, for its spans (the host name when bound to all)."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return {"server.address": host, "server.port": port}
+
+
 async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServer:
     """Build and start the inference listener (Predict, Open Inference Protocol, health, reflection)."""
     server = grpc.aio.server(options=server_options(gateway.settings.max_message_bytes, gateway.settings.reuse_port))
+    port = bind(server, listen)
+    listener = listener_attributes(listen, port)
     spans = gateway.telemetry.spans
     inference_pb2_grpc.add_InferenceServicer_to_server(
         guard_servicer(
@@ -74,6 +86,7 @@ async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServ
             INFERENCE,
             spans=spans,
             traced={"Predict": stamp_predict},
+            listener=listener,
         ),
         server,
     )
@@ -83,6 +96,7 @@ async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServ
             OPEN_INFERENCE,
             spans=spans,
             traced={"ModelInfer": stamp_model_infer},
+            listener=listener,
         ),
         server,
     )
@@ -92,7 +106,6 @@ async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServ
         [INFERENCE.full_name, OPEN_INFERENCE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
         server,
     )
-    port = bind(server, listen)
     await health.refresh()
     gateway.registry.on_change(lambda _snapshot: health.refresh_soon())
     gateway.control.on_change(lambda _revision, _state: health.refresh_soon())

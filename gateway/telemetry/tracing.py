@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _SCOPE = InstrumentationScope("gateway", __version__)
 _RATIO_MASK = (1 << 64) - 1
+#: gRPC codes that mark a server span as an error (OpenTelemetry RPC conventions): UNKNOWN,
+#: DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+SERVER_ERROR_CODES = frozenset({2, 4, 12, 13, 14, 15})
 
 
 def _parse_traceparent(value: str) -> tuple[int, int, bool] | None:
@@ -117,10 +120,16 @@ class SpanRecord:
         return f"{self.trace_id:032x}"
 
     def fail(self, code: int, name: str, message: str) -> None:
-        """Mark the span as failed with a gRPC status (numeric code and its name)."""
-        self.ok = False
-        self.message = f"{name}: {message}"
+        """Record a gRPC status other than OK (numeric code and its name) on the span.
+
+        By the OpenTelemetry RPC conventions a server span's status is ERROR only for the
+        codes that mean the server failed; a refused request (INVALID_ARGUMENT, NOT_FOUND, ...)
+        keeps UNSET, with its code in `rpc.grpc.status_code`.
+        """
         self.attributes["rpc.grpc.status_code"] = code
+        if code in SERVER_ERROR_CODES or self.kind is not SpanKind.SERVER:
+            self.ok = False
+            self.message = f"{name}: {message}"
 
 
 class SpanSink(Protocol):
