@@ -80,6 +80,8 @@ class EndpointMetadata:
     outputs: tuple[TensorSpec, ...]
     served_version: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
+    max_batch_size: int = 0
+    traffic: Mapping[str, int] = field(default_factory=dict)
 
 
 def _check_inputs(
@@ -352,6 +354,8 @@ class InferenceService:
             outputs=snapshot.outputs,
             served_version=served,
             labels=routes.labels,
+            max_batch_size=routes.max_batch_size,
+            traffic=routes.weights,
         )
 
     def is_ready(self, endpoint: str, version: str = "") -> bool:

@@ -115,7 +115,7 @@ def running_gateway(
         )
         gateway.start()
         loop = LoopThread()
-        server = loop.run(start_inference_server(gateway, "127.0.0.1:0"))
+        server = loop.run(start_inference_server(gateway, "127.0.0.1:0", TOKENS))
         admin = loop.run(start_admin_server(gateway, "127.0.0.1:0", TOKENS))
         running = RunningGateway(gateway, server, admin, loop)
         try:
@@ -166,7 +166,7 @@ def scores(response: gw.PredictResponse) -> np.ndarray:
 class GatewayProcess:
     """`gateway serve` as users run it: a real process on free ports, with the demo route file."""
 
-    def __init__(self, store: Path | str, *extra: str) -> None:
+    def __init__(self, store: Path | str, *extra: str, launcher: tuple[str, ...] = ()) -> None:
         import os
         import re
         import subprocess
@@ -174,8 +174,8 @@ class GatewayProcess:
 
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "serve", "--config", str(DEMO_CONFIG),
-                "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+                *(launcher or (sys.executable, "-m", "gateway.cli")), "--log-level", "WARNING", "serve",
+                "--config", str(DEMO_CONFIG), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
                 "--store", store if isinstance(store, str) else f"sqlite:///{store}",
                 "--shadow-log-dir", "", *extra,
             ],

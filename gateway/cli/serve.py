@@ -78,7 +78,7 @@ async def _serve(settings: GatewaySettings) -> int:
         revision = await asyncio.to_thread(gateway.start)
         gateway.guardian.start()
         gateway.follower.start()
-        inference = await start_inference_server(gateway, settings.listen)
+        inference = await start_inference_server(gateway, settings.listen, tokens)
         admin = await start_admin_server(gateway, settings.admin_listen, tokens)
     except BaseException:
         store.close()

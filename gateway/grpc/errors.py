@@ -8,6 +8,7 @@ with a generic message and an id that points at the logged traceback.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -207,6 +208,8 @@ def guard(
     """
     if spans is not None and stamp is not None:
         return _traced(method, behavior, spans, stamp, listener or {})
+    if inspect.iscoroutinefunction(behavior):
+        return _guard_async(method, behavior)
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -214,6 +217,20 @@ def guard(
             if PENDING_DELAY.get():
                 await asyncio.sleep(PENDING_DELAY.get())
             return response
+        except GatewayError as err:
+            await context.abort(STATUS[err.code], err.message)
+        except Exception:
+            await context.abort(*_abort_internal(method))
+
+    return guarded
+
+
+def _guard_async(method: str, behavior: Behavior) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """`guard` for a behavior that awaits (blocking work it hands to a thread)."""
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
         except GatewayError as err:
             await context.abort(STATUS[err.code], err.message)
         except Exception:

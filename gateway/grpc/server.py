@@ -17,6 +17,7 @@ from gateway.errors import InvalidInput
 from gateway.grpc.admin_servicer import AdminServicer
 from gateway.grpc.errors import guard_servicer, guard_threaded_servicer
 from gateway.grpc.health import HealthReporter
+from gateway.grpc.oip_extensions import stamp_stream, stream_refusal
 from gateway.grpc.reflection import enable_reflection
 from gateway.grpc.servicers import OpenInferenceServicer, PredictServicer, stamp_model_infer, stamp_predict
 from gateway.pb.gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -74,8 +75,12 @@ def listener_attributes(listen: str, port: int) -> dict[str, Any]:
     return {"server.address": host, "server.port": port}
 
 
-async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServer:
-    """Build and start the inference listener (Predict, Open Inference Protocol, health, reflection)."""
+async def start_inference_server(gateway: Gateway, listen: str, tokens: AdminTokens | None = None) -> InferenceServer:
+    """Build and start the inference listener (Predict, Open Inference Protocol, health, reflection).
+
+    `tokens` admit the Open Inference Protocol's repository load/unload, which are admin
+    operations; without them every such call is refused.
+    """
     server = grpc.aio.server(options=server_options(gateway.settings.max_message_bytes, gateway.settings.reuse_port))
     port = bind(server, listen)
     listener = listener_attributes(listen, port)
@@ -92,10 +97,13 @@ async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServ
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         guard_servicer(
-            OpenInferenceServicer(gateway.inference),
+            OpenInferenceServicer(
+                gateway.inference, gateway.control, gateway.telemetry, bearer_authenticator(tokens or AdminTokens({}))
+            ),
             OPEN_INFERENCE,
             spans=spans,
-            traced={"ModelInfer": stamp_model_infer},
+            traced={"ModelInfer": stamp_model_infer, "ModelStreamInfer": stamp_stream},
+            streams={"ModelStreamInfer": stream_refusal},
             listener=listener,
         ),
         server,
@@ -113,10 +121,10 @@ async def start_inference_server(gateway: Gateway, listen: str) -> InferenceServ
     return InferenceServer(server, port, health)
 
 
-def bearer_authenticator(tokens: AdminTokens) -> Callable[[grpc.ServicerContext], str]:
+def bearer_authenticator(tokens: AdminTokens) -> Callable[[Any], str]:
     """Reads `authorization` metadata and returns the caller's name (raises on bad credentials)."""
 
-    def authenticate(context: grpc.ServicerContext) -> str:
+    def authenticate(context: Any) -> str:  # grpc.ServicerContext or its aio counterpart
         authorization = None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":

@@ -23,7 +23,9 @@ at collection time, so the hot path makes one instrument call (the histogram).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -41,6 +43,19 @@ LATENCY_BUCKETS = (
 ERROR_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL")
 
 
+@dataclass
+class VersionTotals:
+    """A version's requests since the process started: successes and failures with their time."""
+
+    success_count: int = 0
+    success_seconds: float = 0.0
+    success_rows: int = 0
+    fail_count: int = 0
+    fail_seconds: float = 0.0
+    #: Wall-clock time of the last request (0: none yet).
+    last_at: float = 0.0
+
+
 class Telemetry:
     """Owns the windows, the OpenTelemetry instruments and the span recorder of one gateway."""
 
@@ -56,6 +71,8 @@ class Telemetry:
         self.spans = spans
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str, str, str], int] = {}
+        # Per (endpoint, version, arm, code): [seconds, rows, wall time of the last request].
+        self._sums: dict[tuple[str, str, str, str], list[float]] = {}
         self._rows: dict[tuple[str, str, str], int] = {}
         self._nulls: dict[tuple[str, str, str, str], int] = {}
         self._attributes: dict[tuple[str, str, str, str], dict[str, str]] = {}
@@ -140,6 +157,12 @@ class Telemetry:
         rows_key = (series.endpoint, series.version, arm)
         with self._lock:
             self._counts[key] = self._counts.get(key, 0) + 1
+            sums = self._sums.get(key)
+            if sums is None:
+                sums = self._sums[key] = [0.0, 0, 0.0]
+            sums[0] += seconds
+            sums[1] += rows
+            sums[2] = time.time()
             self._rows[rows_key] = self._rows.get(rows_key, 0) + rows
             if nan_per_feature is not None:
                 for name, count in zip(features, nan_per_feature, strict=False):
@@ -224,6 +247,23 @@ class Telemetry:
         """Start background export (spans); idempotent."""
         if self.spans is not None:
             self.spans.start()
+
+    def version_totals(self) -> dict[tuple[str, str], VersionTotals]:
+        """Cumulative totals per (endpoint, version), over every arm, since the process started."""
+        with self._lock:
+            items = [(key, self._counts[key], sums[0], sums[1], sums[2]) for key, sums in self._sums.items()]
+        totals: dict[tuple[str, str], VersionTotals] = {}
+        for (endpoint, version, _arm, code), count, seconds, rows, last in items:
+            t = totals.setdefault((endpoint, version), VersionTotals())
+            if code == "OK":
+                t.success_count += count
+                t.success_seconds += seconds
+                t.success_rows += int(rows)
+            else:
+                t.fail_count += count
+                t.fail_seconds += seconds
+            t.last_at = max(t.last_at, last)
+        return totals
 
     def shutdown(self) -> None:
         """Flush spans and metrics."""
