@@ -129,6 +129,14 @@ class Telemetry:
             "gateway.admin.changes", description="Route changes by endpoint, action and trigger"
         )
         self._rollbacks = meter.create_counter("gateway.rollbacks", description="Rollbacks by endpoint and trigger")
+        if self.spans is not None:
+            spans = self.spans
+            meter.create_observable_counter(
+                "gateway.spans.dropped",
+                [lambda _options: [Observation(spans.dropped)]],
+                unit="{span}",
+                description="Spans not exported: the export buffer was full or the collector refused them",
+            )
         self._load_duration = meter.create_histogram(
             "gateway.model.load.duration",
             unit="s",

@@ -26,11 +26,23 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import SpanKind
 
 from gateway import __version__
-from gateway.telemetry.tracing import SpanRecord
+from gateway.telemetry.tracing import ExportError, SpanRecord
 
 log = logging.getLogger(__name__)
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+#: Codes after which OTLP says to send the batch again, with backoff (RESOURCE_EXHAUSTED only with
+#: RetryInfo, which this exporter does not read).
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 _KIND = {
     SpanKind.INTERNAL: 1,
     SpanKind.SERVER: 2,
@@ -126,18 +138,21 @@ def _setting(name: str, default: str = "") -> str:
 
 
 class OtlpSpanSink:
-    """Sends encoded batches to an OTLP/gRPC collector. Failures are logged and counted, never raised."""
+    """Sends encoded batches to an OTLP/gRPC collector; the recorder keeps and retries what failed."""
 
     def __init__(self, endpoint: str, resource: Resource) -> None:
         self.encoder = SpanEncoder(resource)
         target = endpoint.split("://", 1)[-1].rstrip("/")
         secure = endpoint.startswith("https://")
+        # Reconnect within a couple of seconds of a collector coming back (gRPC's default backoff
+        # grows to two minutes, and calls fail fast until the next attempt).
+        options = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
         if secure:
             certificate = _setting("CERTIFICATE")
             roots = Path(certificate).read_bytes() if certificate else None
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots))
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
         else:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(target, options=options)
         self._metadata = tuple(
             (key.strip().lower(), value.strip())
             for key, _, value in (h.partition("=") for h in _setting("HEADERS").split(",") if "=" in h)
@@ -153,17 +168,19 @@ class OtlpSpanSink:
         self.failures = 0
 
     def __call__(self, records: Sequence[SpanRecord]) -> None:
-        """Export one batch."""
+        """Export one batch; ExportError says whether sending it again may succeed (OTLP's retryable codes)."""
         try:
             self._export(
                 self.encoder.request(records),
                 metadata=self._metadata,
                 timeout=self._timeout,
                 compression=self._compression,
+                wait_for_ready=True,  # a call made while reconnecting waits for the channel, within the timeout
             )
         except grpc.RpcError as err:
             self.failures += 1
-            log.warning("OTLP span export failed (%s); %d spans dropped", err.code().name, len(records))
+            code = err.code()
+            raise ExportError(f"OTLP {code.name}", retryable=code in RETRYABLE) from None
 
     def shutdown(self) -> None:
         """Close the channel."""

@@ -132,11 +132,20 @@ class SpanRecord:
             self.message = f"{name}: {message}"
 
 
+class ExportError(Exception):
+    """A batch was not exported; `retryable` when sending it again later may succeed (collector down)."""
+
+    def __init__(self, reason: str, *, retryable: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+
+
 class SpanSink(Protocol):
     """Where finished span records go, a batch at a time (called from the export thread)."""
 
     def __call__(self, records: Sequence[SpanRecord]) -> None:
-        """Export one batch."""
+        """Export one batch; raise ExportError when it was not delivered."""
 
     def shutdown(self) -> None:
         """Release resources."""
@@ -184,7 +193,14 @@ class SdkSpanSink:
 
 
 class SpanRecorder:
-    """Starts span records cheaply and exports them from a background thread in batches."""
+    """Starts span records cheaply and exports them from a background thread in batches.
+
+    Finished spans wait in a bounded buffer (`max_queue`). A batch the sink could not deliver
+    for a passing reason (the collector restarting) stays at the head of the buffer and is
+    sent again with exponential backoff, so a collector outage shorter than the buffer's span
+    loses nothing. What does not fit is dropped, oldest first, and counted (`dropped`, the
+    `gateway.spans.dropped` metric), with one log line per `log_interval`, never one per span.
+    """
 
     def __init__(
         self,
@@ -194,16 +210,26 @@ class SpanRecorder:
         max_queue: int = 20_000,
         batch_size: int = 256,
         interval: float = 0.5,
+        max_backoff: float = 5.0,
+        log_interval: float = 60.0,
     ) -> None:
         self.sink = sink
         self.sampler = sampler or Sampler()
         self._queue: deque[SpanRecord] = deque(maxlen=max_queue)
         self._batch_size = batch_size
         self._interval = interval
+        self._max_backoff = max_backoff
+        self._log_interval = log_interval
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._flush_lock = threading.Lock()
-        self.dropped = 0
+        #: A batch that failed for a passing reason; sent before anything newer.
+        self._retry: list[SpanRecord] = []
+        self._failing = ""
+        self._dropped_full = 0  # counted by request threads (end)
+        self._dropped_export = 0  # counted by the export thread
+        self.exported = 0
+        self._dropped_logged = 0
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -240,37 +266,88 @@ class SpanRecorder:
         return record
 
     def end(self, record: SpanRecord) -> None:
-        """Finish a span; it is exported later. Never blocks: a full queue drops the oldest."""
+        """Finish a span; it is exported later. Never blocks: a full buffer drops the oldest."""
         record.end_ns = time.time_ns()
         if len(self._queue) == self._queue.maxlen:
-            self.dropped += 1
+            self._dropped_full += 1
         self._queue.append(record)
-        if len(self._queue) == self._batch_size:  # wake the exporter once per batch, not per span
+        if len(self._queue) == self._batch_size and not self._failing:  # once per batch, not per span
             self._wake.set()
 
-    def flush(self) -> None:
-        """Export everything queued now (tests, shutdown)."""
+    def flush(self) -> bool:
+        """Export everything buffered now; False when the sink failed for a passing reason (kept for a retry)."""
         with self._flush_lock:
-            while self._queue:
-                batch: list[SpanRecord] = []
-                while self._queue and len(batch) < self._batch_size:
-                    batch.append(self._queue.popleft())
+            while self._retry or self._queue:
+                batch = self._retry
+                if not batch:
+                    while self._queue and len(batch) < self._batch_size:
+                        batch.append(self._queue.popleft())
+                self._retry = []
                 try:
                     self.sink(batch)
+                except ExportError as err:
+                    if err.retryable and not self._stop.is_set():
+                        self._retry = batch
+                        self._note_failure(err.reason, len(batch))
+                        return False
+                    self._dropped_export += len(batch)
+                    log.warning("span export refused (%s); %d spans dropped", err.reason, len(batch))
                 except Exception:  # an exporter failure must not stop the thread
-                    log.exception("span export failed; %d spans lost", len(batch))
+                    self._dropped_export += len(batch)
+                    log.exception("span export failed; %d spans dropped", len(batch))
+                else:
+                    self.exported += len(batch)
+                    if self._failing:
+                        log.info("span export recovered after %s", self._failing)
+                        self._failing = ""
+            return True
+
+    def _note_failure(self, reason: str, count: int) -> None:
+        if not self._failing:
+            log.warning(
+                "span export failing (%s); keeping up to %d spans and retrying with backoff", reason, self._capacity
+            )
+        self._failing = reason
+
+    @property
+    def dropped(self) -> int:
+        """Spans dropped since start: the buffer was full, or the collector refused them for good."""
+        return self._dropped_full + self._dropped_export
+
+    @property
+    def _capacity(self) -> int:
+        return (self._queue.maxlen or 0) + self._batch_size
+
+    def _report_drops(self) -> None:
+        """One log line per interval for the spans dropped in it."""
+        dropped = self.dropped - self._dropped_logged
+        if dropped:
+            self._dropped_logged = self.dropped
+            log.warning(
+                "%d spans dropped in the last %.0f s (buffer of %d full or collector refused them); %d in total",
+                dropped,
+                self._log_interval,
+                self._capacity,
+                self.dropped,
+            )
 
     def _run(self) -> None:
+        delay = self._interval
+        next_report = time.monotonic() + self._log_interval
         while not self._stop.is_set():
-            self._wake.wait(self._interval)
+            self._wake.wait(delay)
             self._wake.clear()
-            self.flush()
+            delay = self._interval if self.flush() else min(max(delay, self._interval) * 2, self._max_backoff)
+            if time.monotonic() >= next_report:
+                self._report_drops()
+                next_report = time.monotonic() + self._log_interval
 
     def shutdown(self) -> None:
-        """Export what is left and stop."""
+        """Export what is left (one try) and stop."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(5)
         self.flush()
+        self._report_drops()
         self.sink.shutdown()
