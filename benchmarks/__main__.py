@@ -11,7 +11,7 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks import batch, control, fleet, guardrails, serving, shadow, telemetry
+from benchmarks import batch, control, fleet, guardrails, serving, shadow, streaming, telemetry
 
 SUITES = {
     "serving": serving,
@@ -21,6 +21,7 @@ SUITES = {
     "guardrails": guardrails,
     "batch": batch,
     "fleet": fleet,
+    "streaming": streaming,
 }
 
 
