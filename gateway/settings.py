@@ -140,6 +140,8 @@ class GatewaySettings(BaseSettings):
     """How far back the guardrail windows reach (30m, 2h, or seconds); a rule's window may not be longer."""
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1 << 31)
     """Largest request or response message on every listener; larger ones get RESOURCE_EXHAUSTED."""
+    server_name: str = Field(default="model-gateway", min_length=1, max_length=64)
+    """Name in the Open Inference Protocol's ServerMetadata; `triton` for clients that check for Triton."""
     grace: float = Field(default=5.0, ge=0, le=3600)
     """Seconds to finish in-flight calls on SIGTERM/SIGINT before the process exits."""
     workers: int = Field(default=1, ge=1, le=256)

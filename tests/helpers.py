@@ -98,6 +98,7 @@ def running_gateway(
     model_root: Path | None = None,
     telemetry: Telemetry | None = None,
     shadow_settings: ShadowSettings | None = None,
+    server_name: str = "model-gateway",
 ) -> Iterator[RunningGateway]:
     """Start a real gateway (SQLite store, models loaded, gRPC on 127.0.0.1:0) and stop it afterwards."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -109,7 +110,9 @@ def running_gateway(
             config,
             store,
             settings=GatewaySettings.plain(
-                max_message_bytes=max_message_bytes, shadow=shadow_settings or ShadowSettings(log_dir=None)
+                max_message_bytes=max_message_bytes,
+                shadow=shadow_settings or ShadowSettings(log_dir=None),
+                server_name=server_name,
             ),
             telemetry=telemetry,
         )

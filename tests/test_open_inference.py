@@ -59,6 +59,7 @@ def test_liveness_readiness_and_metadata(stub: oip_grpc.GRPCInferenceServiceStub
     assert not stub.ModelReady(oip.ModelReadyRequest(name="nope")).ready
     server = stub.ServerMetadata(oip.ServerMetadataRequest())
     assert server.name == "model-gateway"
+    assert {"model_configuration", "model_repository", "statistics"} <= set(server.extensions)
     meta = stub.ModelMetadata(oip.ModelMetadataRequest(name="ctr-ranker"))
     assert (meta.name, list(meta.versions), meta.platform) == (
         "ctr-ranker",

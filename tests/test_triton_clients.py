@@ -54,7 +54,8 @@ endpoints:
 
 @pytest.fixture(scope="module")
 def triton(model_root: Path) -> Iterator[RunningGateway]:
-    with running_gateway(ROUTES.format(root=model_root), model_root=model_root) as gw:
+    # Named `triton`, as Triton's health/metadata example checks (gateway serve --server-name triton).
+    with running_gateway(ROUTES.format(root=model_root), model_root=model_root, server_name="triton") as gw:
         yield gw
 
 
@@ -91,7 +92,7 @@ def test_aio_and_async_examples(triton: RunningGateway) -> None:
 def test_health_metadata_example(triton: RunningGateway) -> None:
     seen = probe(triton, "health_metadata")
     assert seen["live"] and seen["ready"] and seen["model_ready"]
-    assert seen["server_name"] == "model-gateway"  # Triton's example expects "triton" here
+    assert seen["server_name"] == "triton"
     assert seen["model_name"] == "simple"
     assert seen["unknown_model"]["status"] == "StatusCode.NOT_FOUND"
     assert "Request for unknown model: 'wrong_model_name' is not found" in seen["unknown_model"]["message"]

@@ -98,7 +98,11 @@ async def start_inference_server(gateway: Gateway, listen: str, tokens: AdminTok
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         guard_servicer(
             OpenInferenceServicer(
-                gateway.inference, gateway.control, gateway.telemetry, bearer_authenticator(tokens or AdminTokens({}))
+                gateway.inference,
+                gateway.control,
+                gateway.telemetry,
+                bearer_authenticator(tokens or AdminTokens({})),
+                server_name=gateway.settings.server_name,
             ),
             OPEN_INFERENCE,
             spans=spans,

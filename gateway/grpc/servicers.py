@@ -24,6 +24,8 @@ from gateway.pb.inference import grpc_service_pb2_grpc as oip_grpc
 from gateway.telemetry.metrics import Telemetry
 
 TRACE_ID_PARAMETER = "trace_id"
+#: The protocol extensions this servicer answers (Triton's names for them).
+EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 #: The audit log's reason for repository changes made without a `reason` parameter.
 REPOSITORY_REASON = "RepositoryModelLoad/Unload over the Open Inference Protocol"
 
@@ -66,8 +68,10 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         control: ControlPlane,
         telemetry: Telemetry,
         authenticate: Callable[[Any], str],
+        server_name: str = "",
     ) -> None:
         self._service = service
+        self._server_name = server_name
         self._infer = service.infer
         self._control = control
         self._telemetry = telemetry
@@ -167,7 +171,9 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     def ServerMetadata(self, request: oip.ServerMetadataRequest, context: object) -> oip.ServerMetadataResponse:
         name, version, extensions = self._service.server_metadata()
-        return oip.ServerMetadataResponse(name=name, version=version, extensions=list(extensions))
+        return oip.ServerMetadataResponse(
+            name=self._server_name or name, version=version, extensions=[*extensions, *EXTENSIONS]
+        )
 
     def _known(self, name: str) -> str:
         """An endpoint a model call names, or NotFound in the words Triton's clients look for."""
