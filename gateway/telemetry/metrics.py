@@ -18,6 +18,11 @@ Instruments (Prometheus names in brackets):
 
 The request count and error counters are observed from the gateway's own cumulative counts
 at collection time, so the hot path makes one instrument call (the histogram).
+
+Units follow the OpenTelemetry conventions: seconds for durations (as `rpc.server.call.duration`),
+`{request}`-style annotations for counts (Prometheus names leave them out). The duration is per
+model request with the gateway's attributes; a second, RPC-level histogram would cost another
+record per call for the same figure.
 """
 
 from __future__ import annotations
@@ -94,11 +99,13 @@ class Telemetry:
         meter.create_observable_counter(
             "gateway.requests",
             [self._observe_requests],
+            unit="{request}",
             description="Requests by endpoint, version, arm and code",
         )
         meter.create_observable_counter(
             "gateway.request.errors",
             [self._observe_errors],
+            unit="{request}",
             description="Failed requests by endpoint, version, arm and code (0 for every loaded version)",
         )
         meter.create_observable_gauge(
@@ -118,17 +125,21 @@ class Telemetry:
         meter.create_observable_counter(
             "gateway.input.rows",
             [self._observe_rows],
+            unit="{row}",
             description="Input rows (batch items) by version and arm",
         )
         meter.create_observable_counter(
             "gateway.input.nulls",
             [self._observe_nulls],
+            unit="{value}",
             description="NaN (missing) input values by version, arm and feature",
         )
         self._admin_changes = meter.create_counter(
-            "gateway.admin.changes", description="Route changes by endpoint, action and trigger"
+            "gateway.admin.changes", unit="{change}", description="Route changes by endpoint, action and trigger"
         )
-        self._rollbacks = meter.create_counter("gateway.rollbacks", description="Rollbacks by endpoint and trigger")
+        self._rollbacks = meter.create_counter(
+            "gateway.rollbacks", unit="{rollback}", description="Rollbacks by endpoint and trigger"
+        )
         if self.spans is not None:
             spans = self.spans
             meter.create_observable_counter(
