@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.pb.gateway.v1 import admin_pb2 as admin_pb
+from gateway.pb.grpc.health.v1 import health_pb2, health_pb2_grpc
 from tests.etcd_server import EtcdServer
 from tests.fleet import Member, propagation_seconds, start_members, wait_until
 from tests.helpers import bearer
