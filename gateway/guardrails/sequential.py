@@ -1,4 +1,4 @@
-"""An always-valid test for a drop in a rate (CTR), safe to check at every tick.
+"""Always-valid tests for a drop in a rate (CTR) or a mean (value per request), safe to check at every tick.
 
 Checking a fixed-sample p-value every second inflates false alarms far above alpha. This is
 the mixture sequential probability ratio test (mSPRT) of Johari, Pekelis and Walsh ("Always
@@ -14,6 +14,14 @@ Lambda is a nonnegative martingale with mean 1 when the rates are equal, so for 
 stopping rule P(p ever falls below alpha) <= alpha: the guardian may look every tick.
 `tau` is the scale of drops worth detecting; the default (relative to the pooled rate)
 suits drops of about 10%. Measured: tests/test_guardrails_stats.py.
+
+The same test on a mean (`value_drop`: revenue or watch time per request): d is the difference
+of the two arms' mean values and V = s_c^2 / n_c + s_s^2 / n_s (Welch's variance, from each
+arm's count, sum and sum of squares, so the inputs stay mergeable counts); tau is
+TAU_RELATIVE of the pooled mean. With the variance estimated rather than known the guarantee
+is asymptotic; `min N` keeps the first looks away from small samples (default 1000 values per
+arm), and the false-alarm rate is measured through the guardian on heavy-tailed values
+(benchmarks/guardrails.py, tests/test_guardrails_stats.py).
 
 The guarantee needs counts that accumulate from the test's start. Sliding-window counts forget,
 so the running minimum would get a fresh chance to dip every window (an A/A false-alarm rate of
@@ -32,7 +40,7 @@ TAU_RELATIVE = 0.1
 
 @dataclass(frozen=True)
 class RateTest:
-    """One evaluation: the arms' rates, the relative drop and the always-valid p-value."""
+    """One evaluation: the arms' rates (or means), the relative drop and the always-valid p-value."""
 
     canary_rate: float
     stable_rate: float
@@ -40,6 +48,21 @@ class RateTest:
     p_value: float
     canary_n: int
     stable_n: int
+
+
+def _one_sided_msprt(diff: float, variance: float, tau: float) -> float:
+    """1 / Lambda for an observed difference with known variance, mixing over drops only."""
+    tau2 = tau * tau
+    spread = math.sqrt(variance * (variance + tau2))
+    one_sided = 0.5 * math.erfc(diff * tau / spread / math.sqrt(2))  # Phi(-d tau / spread)
+    if one_sided <= 0:
+        return 1.0
+    log_lambda = (
+        math.log(2 * one_sided)
+        + 0.5 * math.log(variance / (variance + tau2))
+        + tau2 * diff * diff / (2 * variance * (variance + tau2))
+    )
+    return 1.0 if log_lambda <= 0 else math.exp(-log_lambda)
 
 
 def msprt_p_value(
@@ -53,19 +76,43 @@ def msprt_p_value(
     variance = pooled * (1 - pooled) * (1 / canary_n + 1 / stable_n)
     if variance <= 0:
         return 1.0
-    tau = tau if tau is not None else max(TAU_RELATIVE * pooled, 1e-6)
-    tau2 = tau * tau
-    diff = p_c - p_s
-    spread = math.sqrt(variance * (variance + tau2))
-    one_sided = 0.5 * math.erfc(diff * tau / spread / math.sqrt(2))  # Phi(-d tau / spread)
-    if one_sided <= 0:
+    return _one_sided_msprt(p_c - p_s, variance, tau if tau is not None else max(TAU_RELATIVE * pooled, 1e-6))
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Count, sum and sum of squares of some values: a mean and its variance, mergeable by adding."""
+
+    n: int = 0
+    total: float = 0.0
+    squares: float = 0.0
+
+    def __sub__(self, other: Moments) -> Moments:
+        return Moments(self.n - other.n, self.total - other.total, self.squares - other.squares)
+
+    @property
+    def mean(self) -> float:
+        """The mean (NaN without values)."""
+        return self.total / self.n if self.n else math.nan
+
+    @property
+    def variance(self) -> float:
+        """The sample variance (0 with fewer than two values; never negative)."""
+        if self.n < 2:
+            return 0.0
+        return max(0.0, (self.squares - self.total * self.total / self.n) / (self.n - 1))
+
+
+def mean_msprt_p_value(canary: Moments, stable: Moments, tau: float | None = None) -> float:
+    """1 / Lambda for a drop of the canary's mean below stable's (take the running minimum)."""
+    if canary.n < 2 or stable.n < 2:
         return 1.0
-    log_lambda = (
-        math.log(2 * one_sided)
-        + 0.5 * math.log(variance / (variance + tau2))
-        + tau2 * diff * diff / (2 * variance * (variance + tau2))
-    )
-    return 1.0 if log_lambda <= 0 else math.exp(-log_lambda)
+    variance = canary.variance / canary.n + stable.variance / stable.n
+    if variance <= 0:
+        return 1.0
+    pooled = (canary.total + stable.total) / (canary.n + stable.n)
+    scale = tau if tau is not None else TAU_RELATIVE * abs(pooled)
+    return _one_sided_msprt(canary.mean - stable.mean, variance, max(scale, 1e-12))
 
 
 class SequentialDropTest:
@@ -83,6 +130,21 @@ class SequentialDropTest:
         stable_rate = stable_clicks / stable_n if stable_n else math.nan
         drop = (stable_rate - canary_rate) / stable_rate if stable_n and stable_rate > 0 else math.nan
         return RateTest(canary_rate, stable_rate, drop, self.p_value, canary_n, stable_n)
+
+
+class SequentialMeanDropTest:
+    """Running state of one canary-vs-stable comparison of means: the always-valid p-value so far."""
+
+    def __init__(self, tau: float | None = None) -> None:
+        self.tau = tau
+        self.p_value = 1.0
+
+    def update(self, canary: Moments, stable: Moments) -> RateTest:
+        """Fold in the current cumulative moments; the p-value never increases."""
+        self.p_value = min(self.p_value, mean_msprt_p_value(canary, stable, self.tau))
+        c, s = canary.mean, stable.mean
+        drop = (s - c) / s if stable.n and s > 0 else math.nan
+        return RateTest(c, s, drop, self.p_value, canary.n, stable.n)
 
 
 class OutcomeSeries(Protocol):
@@ -112,4 +174,27 @@ class CtrExperiment:
         stable_n, stable_sum = self._stable.outcome_totals()
         return self._test.update(
             canary_sum - canary_sum0, canary_n - canary_n0, stable_sum - stable_sum0, stable_n - stable_n0
+        )
+
+
+class ValueSeries(Protocol):
+    """A series with running totals of business values (a `SlidingWindow`)."""
+
+    def value_totals(self) -> Moments:
+        """Count, sum and sum of squares of the values since the series began."""
+        ...
+
+
+class ValueExperiment:
+    """A canary-vs-stable comparison of value per request from its creation on (like `CtrExperiment`)."""
+
+    def __init__(self, canary: ValueSeries, stable: ValueSeries, tau: float | None = None) -> None:
+        self._canary, self._stable = canary, stable
+        self._start = canary.value_totals(), stable.value_totals()
+        self._test = SequentialMeanDropTest(tau)
+
+    def update(self) -> RateTest:
+        """Look once more: the test on the values since the experiment began."""
+        return self._test.update(
+            self._canary.value_totals() - self._start[0], self._stable.value_totals() - self._start[1]
         )
