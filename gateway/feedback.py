@@ -1,9 +1,10 @@
 """Business outcomes joined to the requests that earned them.
 
-`Feedback(request_id, outcome)` arrives after the response (a click is 1, no click 0). The
+`Feedback(request_id, outcome[, value])` arrives after the response (a click is 1, no click 0;
+the value is revenue, watch time or another business value per request, when there is one). The
 join keeps, for a bounded time and number of requests, which endpoint, version and arm served
 each request id; an outcome for a known id goes into that series' sliding window (CTR per
-arm comes from there). Late or unknown ids are counted, not errors.
+arm and value per request come from there). Late or unknown ids are counted, not errors.
 """
 
 from __future__ import annotations
@@ -63,12 +64,14 @@ class FeedbackJoin:
                     break
                 served.popitem(last=False)
 
-    def feedback(self, request_id: str, outcome: float) -> FeedbackResult:
-        """Join one outcome; an unknown or expired id is counted and reported, not an error."""
+    def feedback(self, request_id: str, outcome: float, value: float | None = None) -> FeedbackResult:
+        """Join one outcome (and its business value); an unknown or expired id is counted and reported, not an error."""
         if not request_id:
             raise InvalidInput("request_id is empty; send the id the Predict response carried")
         if math.isnan(outcome) or math.isinf(outcome):
             raise InvalidInput(f"outcome {outcome} must be a finite number (1 for a click, 0 for none)")
+        if value is not None and not math.isfinite(value):
+            raise InvalidInput(f"value {value} must be a finite number (revenue, watch time, ...), or left unset")
         with self._lock:
             entry = self._served.pop(request_id, None)
             if entry is None or self._clock() - entry[2] > self._ttl:
@@ -76,5 +79,5 @@ class FeedbackJoin:
                 return FeedbackResult(False)
             self.joined += 1
         series, arm, _ = entry
-        self._windows.window(series).record_outcome(outcome)
+        self._windows.window(series).record_outcome(outcome, value)
         return FeedbackResult(True, series.endpoint, series.version, arm)

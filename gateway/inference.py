@@ -13,14 +13,14 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 
 from gateway import __version__
-from gateway.errors import GatewayError, InvalidInput, NotFound, TooLarge
+from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, NotFound, TooLarge
 from gateway.faults import FaultInjector
 from gateway.feedback import FeedbackJoin
 from gateway.logs import REQUEST_ID
@@ -165,6 +165,38 @@ def _rows_and_nans(model: OnnxModel, inputs: Mapping[str, np.ndarray]) -> tuple[
     return rows, nan, model.feature_names
 
 
+def _wanted_outputs(
+    routes: EndpointRoutes, decision: RouteDecision, model: OnnxModel, names: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The outputs a request asked for (all when none), or InvalidInput naming the unknown one."""
+    for name in names:
+        if name not in model.output_names:
+            raise InvalidInput(
+                f"{routes.name} {decision.version} has no output {name!r}; outputs: {', '.join(model.output_names)}"
+            )
+    return names or model.output_names
+
+
+def _run_within(  # noqa: PLR0917 - per request: positional is cheaper
+    time_left: Callable[[], float | None],
+    routes: EndpointRoutes,
+    decision: RouteDecision,
+    model: OnnxModel,
+    inputs: Mapping[str, np.ndarray],
+    wanted: tuple[str, ...],
+) -> list[np.ndarray]:
+    """Run the model unless the caller's deadline has passed; DEADLINE_EXCEEDED if it passes meanwhile."""
+    where = f"{routes.name} {decision.version}: the caller's deadline passed"
+    remaining = time_left()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded(f"{where} before the model ran; it was not run")
+    arrays = model.run(inputs, wanted)
+    remaining = time_left()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded(f"{where} while the model ran; the answer was dropped")
+    return arrays
+
+
 def _datatype_name(array: np.ndarray) -> str:
     try:
         return DataType.of(array.dtype).value
@@ -212,8 +244,15 @@ class InferenceService:
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = itertools.count()
 
-    def infer(self, request: InferRequest, span: SpanRecord | None = None) -> InferResult:
-        """Route and run one request; every routed request is measured, failed or not."""
+    def infer(
+        self, request: InferRequest, span: SpanRecord | None = None, time_left: Callable[[], float | None] | None = None
+    ) -> InferResult:
+        """Route and run one request; every routed request is measured, failed or not.
+
+        `time_left` gives the seconds left before the caller's deadline (None: no deadline): a
+        request whose deadline has passed is not run, and one whose deadline passed while the
+        model ran fails with DEADLINE_EXCEEDED (the caller is gone); both count as timeouts.
+        """
         started = time.perf_counter()
         table = self._router.table
         routes, decision = _route(table, request)
@@ -250,17 +289,11 @@ class InferenceService:
             model = self._registry.runnable(routes.name, decision.version)
             _check_inputs(routes, decision, model.inputs, request.inputs)
             rows, nan, features = _rows_and_nans(model, request.inputs)
-            wanted = request.output_names
-            if wanted:
-                for name in wanted:
-                    if name not in model.output_names:
-                        raise InvalidInput(
-                            f"{routes.name} {decision.version} has no output {name!r}; "
-                            f"outputs: {', '.join(model.output_names)}"
-                        )
+            wanted = _wanted_outputs(routes, decision, model, request.output_names)
+            if time_left is None:
+                arrays = model.run(request.inputs, wanted)
             else:
-                wanted = model.output_names
-            arrays = model.run(request.inputs, wanted)
+                arrays = _run_within(time_left, routes, decision, model, request.inputs, wanted)
         except GatewayError as err:
             self._measure(series, decision.arm, err.code.name, started, rows, nan, features, span)
             raise
@@ -271,6 +304,15 @@ class InferenceService:
         if self._feedback is not None:
             self._feedback.served(request_id, series, decision.arm)
         outputs = dict(zip(wanted, arrays, strict=True))
+        if not pinned:
+            self._telemetry.drift.observe(
+                routes.name,
+                decision.version,
+                decision.arm,
+                model.float_inputs,
+                request.inputs,
+                outputs.get(model.output_names[0]),
+            )
         if routes.mirror and self._shadow is not None and decision.reason in _MIRRORED:
             self._mirror(routes, decision, request, request_id, outputs, seconds, span)
         return InferResult(
@@ -328,6 +370,11 @@ class InferenceService:
         if span is not None:
             span.attributes["gateway.batch_size"] = rows
         return seconds
+
+    def abandoned(self, result: InferResult) -> None:
+        """The caller of a request already answered had gone before the answer left (a timeout)."""
+        pinned = result.reason is RoutingReason.PINNED or result.reason is RoutingReason.LABEL
+        self._telemetry.abandoned(self._series(result.endpoint, result.version, pinned))
 
     def _series(self, endpoint: str, version: str, pinned: bool) -> SeriesKey:
         key = (endpoint, version, pinned)

@@ -55,6 +55,8 @@ def _abort_internal(method: str, trace_id: str = "") -> tuple[grpc.StatusCode, s
 CURRENT_SPAN: ContextVar[SpanRecord | None] = ContextVar("span", default=None)
 #: Seconds the current RPC must wait before answering (an injected latency fault); 0 almost always.
 PENDING_DELAY: ContextVar[float] = ContextVar("pending_delay", default=0.0)
+#: Told when the caller of the current RPC leaves (deadline or cancellation) while its answer waits.
+ON_ABANDON: ContextVar[Callable[[], None] | None] = ContextVar("on_abandon", default=None)
 TRACE_ID_KEY = "trace-id"
 
 
@@ -124,7 +126,13 @@ def _traced(
             spans.end(span)
             await context.abort(status, message, trailing_metadata=((TRACE_ID_KEY, span.trace_id_hex),))
         if PENDING_DELAY.get():
-            await asyncio.sleep(PENDING_DELAY.get())
+            try:
+                await _wait(context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.CANCELLED
+                span.fail(code.value[0], code.name, "the caller left before the answer")
+                spans.end(span)
+                raise
         attributes["rpc.grpc.status_code"] = 0
         spans.end(span)
         stamp(response, span.trace_id_hex)
@@ -172,8 +180,9 @@ def guard_stream(
             else:
                 status = grpc.StatusCode.OK
                 if PENDING_DELAY.get():
-                    await asyncio.sleep(PENDING_DELAY.get())
+                    await _wait(context)
                     PENDING_DELAY.set(0.0)
+                    ON_ABANDON.set(None)
             if span is not None:
                 if status is grpc.StatusCode.OK:
                     span.attributes["rpc.grpc.status_code"] = 0
@@ -185,6 +194,22 @@ def guard_stream(
             yield response
 
     return streamed
+
+
+async def _wait(context: grpc.aio.ServicerContext) -> None:
+    """Wait out an injected delay; a caller that leaves meanwhile is reported to `ON_ABANDON`."""
+    try:
+        await asyncio.sleep(PENDING_DELAY.get())
+    except asyncio.CancelledError:
+        abandoned = ON_ABANDON.get()
+        if abandoned is not None:
+            abandoned()
+        raise
+
+
+def _expired(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
 
 
 #: The authenticated caller of the current RPC (set when a servicer is guarded with `authenticate`).
@@ -215,7 +240,7 @@ def guard(
         try:
             response = behavior(request, context)
             if PENDING_DELAY.get():
-                await asyncio.sleep(PENDING_DELAY.get())
+                await _wait(context)
             return response
         except GatewayError as err:
             await context.abort(STATUS[err.code], err.message)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.control import ControlPlane
 from gateway.errors import FailedPrecondition, InvalidInput, NotFound
 from gateway.feedback import FeedbackJoin
 from gateway.grpc import converters
 from gateway.grpc import oip_extensions as extensions
-from gateway.grpc.errors import CURRENT_SPAN, PENDING_DELAY
+from gateway.grpc.errors import CURRENT_SPAN, ON_ABANDON, PENDING_DELAY
 from gateway.inference import InferenceService, InferResult
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
@@ -30,10 +30,22 @@ EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 REPOSITORY_REASON = "RepositoryModelLoad/Unload over the Open Inference Protocol"
 
 
-def _delay(result: InferResult) -> InferResult:
-    """Hand an injected delay (a fault drill) to the guard, which waits without blocking the loop."""
+class Context(Protocol):
+    """What the inference RPCs use of a gRPC servicer context."""
+
+    def time_remaining(self) -> float | None:
+        """Seconds before the caller's deadline (None without one)."""
+        ...
+
+
+def _delay(result: InferResult, service: InferenceService) -> InferResult:
+    """Hand an injected delay (a fault drill) to the guard, which waits without blocking the loop.
+
+    A caller that leaves during the wait (its deadline, or a cancellation) is a timeout of the version.
+    """
     if result.delay_seconds:
         PENDING_DELAY.set(result.delay_seconds)
+        ON_ABANDON.set(lambda: service.abandoned(result))
     return result
 
 
@@ -41,16 +53,19 @@ class PredictServicer(gw_grpc.InferenceServicer):
     """`gateway.v1.Inference`."""
 
     def __init__(self, service: InferenceService, feedback: FeedbackJoin | None = None) -> None:
+        self._service = service
         self._infer = service.infer
         self._feedback = feedback
 
-    def Predict(self, request: gw.PredictRequest, context: object) -> gw.PredictResponse:
-        return converters.predict_response(_delay(self._infer(converters.predict_request(request), CURRENT_SPAN.get())))
+    def Predict(self, request: gw.PredictRequest, context: Context) -> gw.PredictResponse:
+        result = self._infer(converters.predict_request(request), CURRENT_SPAN.get(), context.time_remaining)
+        return converters.predict_response(_delay(result, self._service))
 
     def Feedback(self, request: gw.FeedbackRequest, context: object) -> gw.FeedbackResponse:
         if self._feedback is None:
             return gw.FeedbackResponse(joined=False)
-        joined = self._feedback.feedback(request.request_id, request.outcome)
+        value = request.value if request.HasField("value") else None
+        joined = self._feedback.feedback(request.request_id, request.outcome, value)
         return gw.FeedbackResponse(joined=joined.joined, model=joined.endpoint, version=joined.version, arm=joined.arm)
 
 
@@ -77,12 +92,12 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self._telemetry = telemetry
         self._authenticate = authenticate
 
-    def ModelInfer(self, request: oip.ModelInferRequest, context: object) -> oip.ModelInferResponse:
-        result = _delay(self._infer(converters.model_infer_request(request), CURRENT_SPAN.get()))
-        return converters.model_infer_response(result)
+    def ModelInfer(self, request: oip.ModelInferRequest, context: Context) -> oip.ModelInferResponse:
+        result = self._infer(converters.model_infer_request(request), CURRENT_SPAN.get(), context.time_remaining)
+        return converters.model_infer_response(_delay(result, self._service))
 
     def ModelStreamInfer(  # type: ignore[override]  # per message: guard_stream iterates the stream
-        self, request: oip.ModelInferRequest, context: object
+        self, request: oip.ModelInferRequest, context: Context
     ) -> oip.ModelStreamInferResponse:
         """One message of the stream (the guard iterates the stream and sends errors in-band)."""
         return extensions.stream_reply(self.ModelInfer(request, context))

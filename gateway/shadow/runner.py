@@ -291,6 +291,8 @@ class ShadowRunner:
         self._telemetry.windows.window(SeriesKey(endpoint, version)).record_comparison(
             sum(r.agree for r in records), sum(r.rows for r in records)
         )
+        score = next(iter(outputs))  # the first output: the score the drift rules compare
+        self._telemetry.drift.observe_shadow(endpoint, version, outputs[score], primary[score])
         if self._difflog is not None:
             self._difflog.write_many(lines)
 

@@ -14,7 +14,9 @@ Instruments (Prometheus names in brackets):
 - `gateway.rollbacks` counter by endpoint and trigger [`gateway_rollbacks_total`];
 - `gateway.model.load.duration` histogram by endpoint and version [`gateway_model_load_duration_seconds`];
 - `gateway.input.rows` and `gateway.input.nulls` (by feature) counters, for null rates
-  [`gateway_input_rows_total`, `gateway_input_nulls_total`].
+  [`gateway_input_rows_total`, `gateway_input_nulls_total`];
+- the release guardrails' instruments (timeouts, feedback values, what the guardian saw,
+  process memory): `gateway/telemetry/guardrail_metrics.py`.
 
 The request count and error counters are observed from the gateway's own cumulative counts
 at collection time, so the hot path makes one instrument call (the histogram).
@@ -37,6 +39,9 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
 from gateway import __version__
+from gateway.telemetry import guardrail_metrics
+from gateway.telemetry.drift import DriftTracker
+from gateway.telemetry.memory import MemoryWindow
 from gateway.telemetry.tracing import SpanRecorder
 from gateway.telemetry.windows import SeriesKey, WindowStore
 
@@ -62,7 +67,11 @@ class VersionTotals:
 
 
 class Telemetry:
-    """Owns the windows, the OpenTelemetry instruments and the span recorder of one gateway."""
+    """Owns the windows, the OpenTelemetry instruments and the span recorder of one gateway.
+
+    Beside the windows: the drift histograms (`drift`), the process memory samples (`memory`)
+    and the guardian's last observations (`gauges`), all on the windows' clock.
+    """
 
     def __init__(
         self,
@@ -70,8 +79,13 @@ class Telemetry:
         *,
         meter_provider: MeterProvider | None = None,
         spans: SpanRecorder | None = None,
+        memory: MemoryWindow | None = None,
     ) -> None:
         self.windows = windows or WindowStore()
+        self.drift = DriftTracker(self.windows.horizon, clock=self.windows.clock)
+        self.memory = memory or MemoryWindow(self.windows.horizon, clock=self.windows.clock)
+        self.gauges = guardrail_metrics.GuardrailGauges()
+        self._arms: dict[tuple[str, str], str] = {}
         self.meter_provider = meter_provider
         self.spans = spans
         self._lock = threading.Lock()
@@ -148,6 +162,9 @@ class Telemetry:
                 unit="{span}",
                 description="Spans not exported: the export buffer was full or the collector refused them",
             )
+        guardrail_metrics.register(
+            meter, self.windows, self.gauges, self.memory, lambda e, v: self._arms.get((e, v), v)
+        )
         self._load_duration = meter.create_histogram(
             "gateway.model.load.duration",
             unit="s",
@@ -197,6 +214,10 @@ class Telemetry:
                 )
             self._duration.record(seconds, attributes)
 
+    def abandoned(self, series: SeriesKey) -> None:
+        """A request already recorded whose caller had gone (deadline or cancellation) when its answer was ready."""
+        self.windows.window(series).record_abandoned()
+
     # --- changes and lifecycle --------------------------------------------------------------
 
     def routes_changed(self, revision: int, versions: Iterable[tuple[str, str, str, int]]) -> None:
@@ -206,6 +227,7 @@ class Telemetry:
             self._revision = revision
             for endpoint, version, arm, share in versions:
                 traffic[(endpoint, version)] = share
+                self._arms[(endpoint, version)] = arm
                 for series_arm in (arm, "pinned"):
                     for code in ERROR_CODES:
                         self._counts.setdefault((endpoint, version, series_arm, code), 0)

@@ -1,12 +1,14 @@
 """Sliding windows per series: per-second slots in a ring, an injectable clock, bounded memory.
 
-A series counts requests, errors (server-side failures), client errors, a latency histogram
-with logarithmic bins (a quantile estimate within `RELATIVE_ERROR` of the true value, like
-DDSketch), rows and NaN counts per input feature, shadow comparisons (compared / agreeing)
-and business outcomes. Memory is a fixed number of slots of fixed size, whatever the
-traffic: each slot that saw traffic holds one snapshot of the running totals (about 1.8 KB,
-mostly the `BINS` 32-bit latency counters), so a series costs at most `horizon x 1.8 KB`
-(3.2 MB for the default 30 minutes) and an idle one almost nothing.
+A series counts requests, errors (server-side failures), client errors, timeouts (the caller's
+deadline passed or it cancelled), a latency histogram with logarithmic bins (a quantile
+estimate within `RELATIVE_ERROR` of the true value, like DDSketch), rows and NaN counts per
+input feature, shadow comparisons (compared / agreeing), business outcomes and business
+values (count, sum and sum of squares, for the value-per-request test). Memory is a fixed
+number of slots of fixed size, whatever the traffic: each slot that saw traffic holds one
+snapshot of the running totals (about 1.8 KB, mostly the `BINS` 32-bit latency counters), so
+a series costs at most `horizon x 1.8 KB` (3.2 MB for the default 30 minutes) and an idle one
+almost nothing. Input and score histograms for the drift rules live beside, in `drift.py`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from gateway.guardrails.sequential import Moments
 
 #: Quantiles are estimated within this relative error (2%).
 RELATIVE_ERROR = 0.02
@@ -33,6 +37,8 @@ BINS = math.ceil(math.log(MAX_LATENCY) / _LOG_GAMMA) - _OFFSET + 1
 #: Server-side failures that count as errors for the error-rate guardrail; other non-OK
 #: codes (bad input, unknown names) are the caller's and are counted as client errors.
 SERVER_ERROR_CODES = frozenset({"INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN", "DATA_LOSS"})
+#: Requests whose caller did not get the answer: its deadline passed, or it cancelled.
+TIMEOUT_CODES = frozenset({"DEADLINE_EXCEEDED", "CANCELLED"})
 
 
 _EMPTY_BINS = array("I", bytes(4 * BINS))
@@ -52,19 +58,20 @@ def bin_value(index: int) -> float:
     return 2 * upper / (_GAMMA + 1)
 
 
-_COUNTERS = ("requests", "errors", "client_errors", "rows", "compared", "agree", "outcomes", "outcome_sum")
+_COUNTERS = ("requests", "errors", "client_errors", "rows", "compared", "agree", "outcomes", "outcome_sum",
+             "timeouts", "values", "value_sum", "value_squares")  # fmt: skip
 
 
 class _Totals:
     """Running totals of a series since it started (a snapshot of them marks each second)."""
 
     __slots__ = ("agree", "client_errors", "compared", "errors", "latency", "nan", "outcome_sum", "outcomes",
-                 "requests", "rows")  # fmt: skip
+                 "requests", "rows", "timeouts", "value_squares", "value_sum", "values")  # fmt: skip
 
     def __init__(self, features: int) -> None:
         self.requests = self.errors = self.client_errors = self.rows = self.compared = self.agree = 0
-        self.outcomes = 0
-        self.outcome_sum = 0.0
+        self.outcomes = self.timeouts = self.values = 0
+        self.outcome_sum = self.value_sum = self.value_squares = 0.0
         self.latency = _EMPTY_BINS[:]
         self.nan = [0] * features
 
@@ -102,11 +109,20 @@ class WindowStats:
     latency_bins: np.ndarray = field(repr=False)
     outcomes: int = 0
     outcome_sum: float = 0.0
+    timeouts: int = 0
+    values: int = 0
+    value_sum: float = 0.0
+    value_squares: float = 0.0
 
     @property
     def error_rate(self) -> float:
         """Server-side errors / requests (0 when there were none)."""
         return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def timeout_rate(self) -> float:
+        """Requests whose caller's deadline passed or that it cancelled / requests (0 when there were none)."""
+        return self.timeouts / self.requests if self.requests else 0.0
 
     def quantile(self, q: float) -> float:
         """Latency quantile in seconds (NaN when no latency was recorded)."""
@@ -160,6 +176,8 @@ class SlidingWindow:
                     totals.errors += 1
                 else:
                     totals.client_errors += 1
+                if code in TIMEOUT_CODES:
+                    totals.timeouts += 1
             totals.latency[latency_bin(seconds)] += 1
             totals.rows += rows
             if nan_per_feature is not None:
@@ -188,17 +206,40 @@ class SlidingWindow:
             totals.compared += decisions
             totals.agree += agree
 
-    def record_outcome(self, value: float) -> None:
-        """One business outcome (a click is 1, no click 0) joined to a request this series served."""
+    def record_abandoned(self) -> None:
+        """A request already recorded whose caller had gone (deadline or cancellation) before the answer left."""
+        with self._lock:
+            self._tick(self._clock()).timeouts += 1
+
+    def record_outcome(self, outcome: float, value: float | None = None) -> None:
+        """One business outcome (a click is 1, no click 0) joined to a request this series served.
+
+        `value` is its business value (revenue, watch time) when the caller sent one.
+        """
         with self._lock:
             totals = self._tick(self._clock())
             totals.outcomes += 1
-            totals.outcome_sum += value
+            totals.outcome_sum += outcome
+            if value is not None:
+                totals.values += 1
+                totals.value_sum += value
+                totals.value_squares += value * value
+
+    def running(self, *names: str) -> tuple[float, ...]:
+        """Running totals of the named counters since the series began (for cumulative metrics)."""
+        with self._lock:
+            return tuple(getattr(self._totals, name) for name in names)
 
     def outcome_totals(self) -> tuple[int, float]:
         """(outcomes, their sum) since the series began: the running totals, not a window."""
         with self._lock:
             return self._totals.outcomes, self._totals.outcome_sum
+
+    def value_totals(self) -> Moments:
+        """Count, sum and sum of squares of the business values since the series began (not a window)."""
+        with self._lock:
+            totals = self._totals
+            return Moments(totals.values, totals.value_sum, totals.value_squares)
 
     def _start_of(self, first: int, now: int) -> _Totals | None:
         """The running totals at the beginning of second `first` (None: nothing happened since)."""
@@ -240,7 +281,7 @@ class WindowStore:
 
     def __init__(self, horizon_seconds: int = 1800, *, clock: Callable[[], float] = time.time) -> None:
         self.horizon = horizon_seconds
-        self._clock = clock
+        self.clock = clock
         self._windows: dict[SeriesKey, SlidingWindow] = {}
         self._lock = threading.Lock()
 
@@ -251,7 +292,7 @@ class WindowStore:
             with self._lock:
                 window = self._windows.get(key)
                 if window is None:
-                    window = SlidingWindow(self.horizon, features=features, clock=self._clock)
+                    window = SlidingWindow(self.horizon, features=features, clock=self.clock)
                     self._windows[key] = window
         window.track_features(features)
         return window
