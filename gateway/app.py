@@ -53,7 +53,7 @@ class Gateway:
         self._owns_telemetry = telemetry is None
         self.telemetry = telemetry or Telemetry(WindowStore(self.settings.window_history, clock=clock))
         self.repository = ModelRepository(config.model_root)
-        self.registry = ModelRegistry(self.repository)
+        self.registry = ModelRegistry(self.repository, clock=clock)
         self.router = Router(RouteTable(0, {}))
         self.faults = FaultInjector()
         self.shadow = ShadowRunner(
@@ -72,6 +72,9 @@ class Gateway:
             self.incidents,
             clock=clock,
             tick_seconds=self.settings.guardian_tick,
+            drift=self.telemetry.drift,
+            memory=self.telemetry.memory,
+            gauges=self.telemetry.gauges,
         )
         self.inference = InferenceService(
             self.registry,

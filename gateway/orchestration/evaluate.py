@@ -1,7 +1,10 @@
 """Rules -> verdicts. Pure: windows' statistics in, a verdict per rule out.
 
 A candidate (the canary, or a shadow) is compared with the baseline (stable) over the same
-window. A rule without enough samples in either arm is `inconclusive`, never `pass`.
+window. A rule without enough samples in either arm is `inconclusive`, never `pass`. The
+drift rules read the candidate's and the baseline's histograms (`gateway/telemetry/drift.py`),
+value_drop its running sequential test, memory_growth the guardian's attribution of process
+memory growth (`memory.py`).
 """
 
 from __future__ import annotations
@@ -12,8 +15,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.guardrails.rules import Metric, Rule, RuleSet
-from gateway.guardrails.sequential import CtrExperiment, SequentialDropTest
+import numpy as np
+
+from gateway.guardrails.drift import ks, psi
+from gateway.guardrails.rules import Metric, Rule, RuleSet, Statistic
+from gateway.guardrails.sequential import (
+    CtrExperiment,
+    Moments,
+    SequentialDropTest,
+    SequentialMeanDropTest,
+    ValueExperiment,
+)
+from gateway.orchestration.memory import MemoryEvidence
+from gateway.telemetry.drift import FEATURE_BINS, HistogramStats
 from gateway.telemetry.windows import WindowStats
 
 
@@ -83,6 +97,10 @@ class Comparison:
     c: WindowStats
     feature_names: Sequence[str] = ()
     ctr_test: CtrExperiment | None = None
+    value_test: ValueExperiment | None = None
+    histograms: tuple[HistogramStats | None, HistogramStats | None] = (None, None)
+    drift_note: str = ""
+    memory: MemoryEvidence | None = None
 
     def verdict(self, observed: float, samples: dict[str, int], **kw: Any) -> Verdict:
         """A verdict on an observed value."""
@@ -98,18 +116,30 @@ def evaluate(
     *,
     feature_names: Sequence[str] = (),
     ctr_test: CtrExperiment | None = None,
+    value_test: ValueExperiment | None = None,
+    histograms: tuple[HistogramStats | None, HistogramStats | None] = (None, None),
+    drift_note: str = "",
+    memory: MemoryEvidence | None = None,
 ) -> Verdict:
     """Evaluate one rule on the candidate's and the baseline's windows.
 
-    `ctr_test` is the candidate's running CTR experiment (the guardian keeps one per candidate and
-    share); without it a ctr_drop rule takes one look at the windows' counts.
+    `ctr_test` and `value_test` are the candidate's running experiments (the guardian keeps one
+    per candidate and share); without them ctr_drop and value_drop take one look at the
+    windows' counts. `histograms` are the candidate's and the baseline's over the rule's window
+    (a shadow's baseline is None: it is compared with its primary's scores on the same
+    requests), `drift_note` why there are none; `memory` the process's growth and to whom the
+    guardian attributes it.
     """
     problem = rule.history_problem(candidate_stats.seconds)
     if problem:  # the window was cut to the history kept: never judge on less than the rule says
         return Verdict(rule, candidate, baseline, Status.INCONCLUSIVE, math.nan, {}, detail=problem)
-    comparison = Comparison(rule, candidate, baseline, candidate_stats, feature_names, ctr_test)
-    if rule.metric in (Metric.SHADOW_DISAGREEMENT, Metric.ERROR_RATE, Metric.LATENCY_P95_MS):
+    comparison = Comparison(
+        rule, candidate, baseline, candidate_stats, feature_names, ctr_test, value_test, histograms, drift_note, memory
+    )
+    if rule.metric in _ABSOLUTE:
         return _ABSOLUTE[rule.metric](comparison)
+    if rule.metric is Metric.SCORE_DRIFT and baseline_stats is None and histograms[0] is not None:
+        return _shadow_score_drift(comparison)
     if baseline_stats is None:
         return Verdict(
             rule,
@@ -185,16 +215,107 @@ def _ctr(x: Comparison, b: WindowStats) -> Verdict:
     return x.verdict(result.relative_drop, samples, p_value=result.p_value, values=values)
 
 
+def _timeout_rate(x: Comparison) -> Verdict:
+    values = {"candidate_timeouts": float(x.c.timeouts), "candidate_requests": float(x.c.requests)}
+    return x.verdict(x.c.timeout_rate if x.c.requests else math.nan, {x.candidate: x.c.requests}, values=values)
+
+
+def _value(x: Comparison, b: WindowStats) -> Verdict:
+    c = x.c
+    if x.value_test is not None:
+        result = x.value_test.update()
+    else:
+        result = SequentialMeanDropTest().update(
+            Moments(c.values, c.value_sum, c.value_squares), Moments(b.values, b.value_sum, b.value_squares)
+        )
+    samples = {x.candidate: result.canary_n, x.baseline: result.stable_n}
+    if not result.canary_n or not result.stable_n:
+        return x.verdict(math.nan, samples, detail="no Feedback values yet (FeedbackRequest.value)")
+    values = {"candidate_value_per_request": result.canary_rate, "baseline_value_per_request": result.stable_rate}
+    return x.verdict(result.relative_drop, samples, p_value=result.p_value, values=values)
+
+
+def _distance(rule: Rule, baseline: np.ndarray, candidate: np.ndarray) -> float:
+    if rule.statistic is Statistic.KS:
+        return ks(baseline[:-1], candidate[:-1])  # the last bin holds missing values: no place in an order
+    return psi(baseline, candidate)
+
+
+def _no_histograms(x: Comparison) -> Verdict:
+    detail = x.drift_note or "no histograms in the window yet"
+    return Verdict(x.rule, x.candidate, x.baseline, Status.INCONCLUSIVE, math.nan, {}, detail=detail)
+
+
+def _feature_drift(x: Comparison, b: WindowStats) -> Verdict:
+    ch, bh = x.histograms
+    if ch is None or bh is None:
+        return _no_histograms(x)
+    samples = {x.candidate: ch.rows, x.baseline: bh.rows}
+    count = min(len(ch.features), len(bh.features))
+    names = list(x.feature_names[:count]) or [str(i) for i in range(count)]
+    indices = range(count)
+    if x.rule.feature:
+        if x.rule.feature not in names:
+            listed = ", ".join(names[:8]) + ("..." if len(names) > 8 else "")
+            detail = f"no feature {x.rule.feature!r}; features: {listed}"
+            return Verdict(x.rule, x.candidate, x.baseline, Status.INCONCLUSIVE, math.nan, samples, detail=detail)
+        indices = range(names.index(x.rule.feature), names.index(x.rule.feature) + 1)
+    drifts = sorted(((_distance(x.rule, bh.features[i], ch.features[i]), i) for i in indices), reverse=True)
+    drifts = [(d, i) for d, i in drifts if not math.isnan(d)]
+    if not drifts:
+        return x.verdict(math.nan, samples)
+    worst, index = drifts[0]
+    statistic = x.rule.statistic.value if x.rule.statistic else "psi"
+    values = {f"{statistic} {names[i]}": d for d, i in drifts[:3]}
+    values[f"candidate_null_share {names[index]}"] = float(ch.features[index][FEATURE_BINS]) / max(ch.rows, 1)
+    return x.verdict(worst, samples, detail=f"feature {names[index]}", values=values)
+
+
+def _score_drift(x: Comparison, b: WindowStats) -> Verdict:
+    ch, bh = x.histograms
+    if ch is None or bh is None:
+        return _no_histograms(x)
+    samples = {x.candidate: ch.scored, x.baseline: bh.scored}
+    return x.verdict(_distance(x.rule, bh.scores, ch.scores) if ch.scored and bh.scored else math.nan, samples)
+
+
+def _shadow_score_drift(x: Comparison) -> Verdict:
+    ch = x.histograms[0]
+    assert ch is not None
+    samples = {x.candidate: ch.scored, "primary": ch.paired}
+    observed = _distance(x.rule, ch.paired_scores, ch.scores) if ch.scored and ch.paired else math.nan
+    return _verdict(
+        x.rule, x.candidate, "primary", observed, samples, detail="on the same mirrored requests as the primary"
+    )
+
+
+def _memory(x: Comparison) -> Verdict:
+    m = x.memory
+    if m is None:
+        return Verdict(x.rule, x.candidate, x.baseline, Status.INCONCLUSIVE, math.nan, {}, detail="no memory samples")
+    samples = {"process": m.samples}
+    if not m.attributed:
+        return Verdict(
+            x.rule, x.candidate, x.baseline, Status.INCONCLUSIVE, m.grown_mb, samples, detail=m.detail, values=m.values
+        )
+    return x.verdict(m.grown_mb, samples, detail=m.detail, values=m.values)
+
+
 _ABSOLUTE = {
     Metric.SHADOW_DISAGREEMENT: _shadow,
     Metric.ERROR_RATE: _error_rate,
+    Metric.TIMEOUT_RATE: _timeout_rate,
     Metric.LATENCY_P95_MS: _latency_ms,
+    Metric.MEMORY_GROWTH: _memory,
 }
 _RELATIVE = {
     Metric.LATENCY_P95_RATIO: _latency_ratio,
     Metric.LATENCY_P99_RATIO: _latency_ratio,
     Metric.FEATURE_NULL_RATE_DELTA: _null_rate,
     Metric.CTR_DROP: _ctr,
+    Metric.VALUE_DROP: _value,
+    Metric.FEATURE_DRIFT: _feature_drift,
+    Metric.SCORE_DRIFT: _score_drift,
 }
 
 

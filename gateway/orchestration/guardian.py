@@ -2,15 +2,17 @@
 
 Per endpoint, every version that takes weighted traffic besides `stable` is a candidate,
 compared with stable over the same sliding window; shadow versions are checked against
-`shadow_disagreement` rules. When at least `at_least` rules breach, the most severe action of
-the breaching rules runs: `rollback` (through the control plane: all traffic to stable, in
-the same tick), `pause` (holds a running rollout), or `alert-only`. Observe-only rule sets
-record what would have fired. Every breach writes an incident record. A breach is acted on
-once while it lasts (observe-only and enforcing count apart), except a rollback that
-happened (a candidate routed to again is judged afresh) or lost a race with another writer
-(tried again next tick). The
-guardian also ends rollouts whose traffic an operator changed, and advances those whose step
-is due and whose rules all pass.
+`shadow_disagreement` and `score_drift` rules (against their primary). When at least
+`at_least` rules breach, the most severe action of the breaching rules runs: `rollback`
+(through the control plane: all traffic to stable, in the same tick), `pause` (holds a
+running rollout), or `alert-only`. Observe-only rule sets record what would have fired.
+Every breach writes an incident record. A breach is acted on once while it lasts
+(observe-only and enforcing count apart), except a rollback that happened (a candidate
+routed to again is judged afresh) or lost a race with another writer (tried again next
+tick). The guardian also ends rollouts whose traffic an operator changed, and advances those
+whose step is due and whose rules all pass. Each tick also samples the process's memory
+(memory_growth), tells the drift histograms which endpoints have drift rules, and publishes
+what it measured (`gateway.guardrail.observed`).
 """
 
 from __future__ import annotations
@@ -20,17 +22,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.control import ControlPlane
 from gateway.desired import EndpointState
 from gateway.errors import Conflict, FailedPrecondition, GatewayError, StoreUnavailable
-from gateway.guardrails.rules import Action, Metric, RuleSet
-from gateway.guardrails.sequential import CtrExperiment
+from gateway.guardrails.rules import Action, Metric, Rule, RuleSet
+from gateway.guardrails.sequential import CtrExperiment, ValueExperiment
 from gateway.orchestration.evaluate import Status, Verdict, combine, evaluate
 from gateway.orchestration.incidents import Incident, IncidentLog
+from gateway.orchestration.memory import MemoryAttribution, MemoryEvidence
 from gateway.orchestration.rollout import Rollout, RolloutDriver, RolloutStatus
 from gateway.registry import ModelRegistry
 from gateway.routing import STABLE
+from gateway.telemetry.drift import DriftTracker, HistogramStats
+from gateway.telemetry.guardrail_metrics import GuardrailGauges
+from gateway.telemetry.memory import MemoryWindow
 from gateway.telemetry.windows import SeriesKey, WindowStats, WindowStore
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,8 @@ class TickReport:
 
 #: (endpoint, candidate, observe-only): a breach the guardian acted on.
 _Breach = tuple[str, str, bool]
+_DRIFT = (Metric.FEATURE_DRIFT, Metric.SCORE_DRIFT)
+_Experiment = CtrExperiment | ValueExperiment
 
 
 class Guardian:
@@ -64,15 +73,21 @@ class Guardian:
         *,
         clock: Callable[[], float] = time.time,
         tick_seconds: float = 1.0,
+        drift: DriftTracker | None = None,
+        memory: MemoryWindow | None = None,
+        gauges: GuardrailGauges | None = None,
     ) -> None:
         self._control = control
         self._windows = windows
         self._registry = registry
+        self._drift = drift or DriftTracker(windows.horizon, clock=clock)
+        self.memory = MemoryAttribution(memory or MemoryWindow(windows.horizon, clock=clock), registry, clock)
+        self._gauges = gauges
         self.rollouts = rollouts
         self.incidents = incidents
         self._clock = clock
         self.tick_seconds = tick_seconds
-        self._experiments: dict[tuple[str, str, str, int], CtrExperiment] = {}
+        self._experiments: dict[tuple[str, str, str, int], _Experiment] = {}
         self._evaluated: set[tuple[str, str, str, int]] = set()
         # Breaches acted on that were still breaching at the last tick: not acted on again until
         # they stop (see `_rollback` for when a rollback holds).
@@ -89,17 +104,39 @@ class Guardian:
             return ()
         return model.feature_names
 
-    def _experiment(self, endpoint: str, candidate: str, stable: str, rule: str, share: int) -> CtrExperiment:
+    def _experiment(self, endpoint: str, candidate: str, stable: str, rule: Rule, share: int) -> _Experiment:
         # A new experiment (the candidate's share changed) starts a new sequential test, counting
         # outcomes from now on.
-        key = (endpoint, candidate, rule, share)
+        key = (endpoint, candidate, rule.text, share)
         self._evaluated.add(key)
         experiment = self._experiments.get(key)
         if experiment is None:
-            experiment = self._experiments[key] = CtrExperiment(
+            kind = CtrExperiment if rule.metric is Metric.CTR_DROP else ValueExperiment
+            experiment = self._experiments[key] = kind(
                 self._windows.window(SeriesKey(endpoint, candidate)), self._windows.window(SeriesKey(endpoint, stable))
             )
         return experiment
+
+    def _histograms(
+        self, endpoint: str, candidate: str, baseline: str, seconds: int
+    ) -> tuple[HistogramStats | None, HistogramStats | None]:
+        c = self._drift.window(endpoint, candidate, seconds)
+        return c, self._drift.window(endpoint, baseline, seconds) if baseline else None
+
+    def _evidence(self, ep: EndpointState, rule: Rule, candidate: str, stable: str) -> dict[str, object]:
+        """What a rule needs beyond the windows: its running test, histograms, memory attribution."""
+        if rule.metric in (Metric.CTR_DROP, Metric.VALUE_DROP) and stable:
+            test = self._experiment(ep.name, candidate, stable, rule, ep.weights[candidate])
+            return {"ctr_test" if rule.metric is Metric.CTR_DROP else "value_test": test}
+        if rule.metric in _DRIFT:
+            return {
+                "histograms": self._histograms(ep.name, candidate, stable, rule.window_seconds),
+                "drift_note": self._drift.status(ep.name),
+            }
+        if rule.metric is Metric.MEMORY_GROWTH:
+            evidence: MemoryEvidence = self.memory.evidence(ep.name, candidate, rule.window_seconds)
+            return {"memory": evidence}
+        return {}
 
     def evaluate_endpoint(self, ep: EndpointState, rules: RuleSet) -> dict[str, list[Verdict]]:
         """Verdicts per candidate (canaries and shadows)."""
@@ -120,15 +157,24 @@ class Guardian:
             for rule in rules.canary_rules:
                 c = stats(candidate, rule.window_seconds)
                 b = stats(stable, rule.window_seconds) if stable else None
-                test = None
-                if rule.metric is Metric.CTR_DROP and stable:
-                    test = self._experiment(ep.name, candidate, stable, rule.text, ep.weights[candidate])
-                verdicts.append(evaluate(rule, candidate, stable, c, b, feature_names=feature_names, ctr_test=test))
+                extra: Any = self._evidence(ep, rule, candidate, stable)
+                verdicts.append(evaluate(rule, candidate, stable, c, b, feature_names=feature_names, **extra))
             out[candidate] = verdicts
         for shadow in ep.shadows if rules.shadow_rules else ():
             out.setdefault(shadow, [])
             for rule in rules.shadow_rules:
-                out[shadow].append(evaluate(rule, shadow, "", stats(shadow, rule.window_seconds), None))
+                histograms = (self._drift.window(ep.name, shadow, rule.window_seconds), None)
+                out[shadow].append(
+                    evaluate(
+                        rule,
+                        shadow,
+                        "",
+                        stats(shadow, rule.window_seconds),
+                        None,
+                        histograms=histograms,
+                        drift_note=self._drift.status(ep.name),
+                    )
+                )
         return out
 
     def tick(self) -> TickReport:
@@ -137,12 +183,19 @@ class Guardian:
         incidents: list[Incident] = []
         holding: set[_Breach] = set()
         self._evaluated = set()
-        for name, ep in self._control.state.endpoints.items():
+        state = self._control.state
+        self.memory.observe(state)
+        drifting: set[str] = set()
+        observed: dict[tuple[str, str, str, str], Verdict] = {}
+        for name, ep in state.endpoints.items():
             rollout = _active(self.rollouts.reconcile(ep, self.rollouts.get(name)))
             rules = rollout.rule_set() if rollout is not None and rollout.rules else ep.guardrails
+            if rules.uses(*_DRIFT):
+                drifting.add(name)
             by_candidate = self.evaluate_endpoint(ep, rules) if rules.rules else {}
             for candidate, verdicts in by_candidate.items():
                 seen[f"{name}/{candidate}"] = verdicts
+                observed.update({(name, candidate, v.rule.metric.value, v.rule.text): v for v in verdicts})
                 key = (name, candidate, rules.observe_only)
                 if not verdicts or not combine(rules, verdicts):
                     continue
@@ -156,6 +209,9 @@ class Guardian:
             if rollout is not None:
                 self.rollouts.advance(rollout, rules, by_candidate.get(rollout.version, []))
         self._holding = holding
+        self._drift.track(drifting)  # histograms for the endpoints with drift rules, from the next request
+        if self._gauges is not None:
+            self._gauges.publish({key: (v.observed, v.rule.threshold) for key, v in observed.items()})
         # Experiments of pairs no longer evaluated (no traffic, rule removed, share changed) end.
         self._experiments = {k: v for k, v in self._experiments.items() if k in self._evaluated}
         return TickReport(seen, incidents)
