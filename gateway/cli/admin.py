@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from gateway.cli.output import fail, print_json, rpc_failure, table, when
+from gateway.guardrails.rules import RuleSet
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
 from gateway.routing import format_traffic
@@ -364,6 +365,13 @@ def _usage_problem(args: argparse.Namespace) -> str:
     return ""
 
 
+def _explain_rules(args: argparse.Namespace) -> None:
+    """Each rule as the guardian reads it (the server accepted them, so they parse)."""
+    print("the guardian reads these rules as:")
+    for line in RuleSet.parse(args.guardrail, args.at_least, args.observe_only).describe():
+        print(f"  {line}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch one admin subcommand."""
     args.json = getattr(args, "json", False)
@@ -379,6 +387,8 @@ def run(args: argparse.Namespace) -> int:
         if mutation is not None:
             method, request = mutation
             _print_change(client.call(method, request), args.json)
+            if args.admin_command == "guardrails" and not args.json and not args.clear:
+                _explain_rules(args)
         elif args.admin_command == "routes":
             _print_routes(_routes(client, args), args.json)
         elif args.admin_command == "revisions":
