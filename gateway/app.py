@@ -23,6 +23,7 @@ from gateway.routing import Router, RouteTable
 from gateway.settings import GatewaySettings
 from gateway.shadow.runner import ShadowRunner
 from gateway.state import StateStore
+from gateway.telemetry.drift import DriftBins, load_reference
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.windows import WindowStore
 
@@ -111,8 +112,21 @@ class Gateway:
             )
 
         self.control.health.on_change(lambda status: telemetry.store_changed(status.connected))
+
+        references: dict[str, str] = {}
+
+        def drift_references(_revision: int, state: DesiredState) -> None:
+            wanted = {name: ep.drift_reference for name, ep in state.endpoints.items() if ep.drift_reference}
+            if wanted != references:
+                references.clear()
+                references.update(wanted)
+                telemetry.drift.set_references(
+                    {name: self._drift_reference(name, path) for name, path in wanted.items()}
+                )
+
         self.registry.on_change(loaded)
         self.control.on_change(routed)
+        self.control.on_change(drift_references)
         self.control.on_change(faults)
         self.control.on_commit(
             lambda intent, _revision: telemetry.admin_change(intent.endpoint, intent.action, intent.trigger)
@@ -146,6 +160,17 @@ class Gateway:
             self.shadow.shutdown()
             raise
         return revision.revision
+
+    def _drift_reference(self, endpoint: str, path: str) -> DriftBins | str:
+        """An endpoint's drift bins from its reference file, or what is wrong with the file."""
+        file = (self.repository.root / path).resolve()
+        try:
+            if not file.is_relative_to(self.repository.root):
+                raise ValueError(f"drift reference {path} is outside the model root {self.repository.root}")
+            return load_reference(file)
+        except ValueError as err:
+            log.error("%s: %s; its drift rules stay inconclusive", endpoint, err)
+            return str(err)
 
     def _compare_settings(self, endpoint: str) -> ShadowCompareConfig:
         state = self.control.state.endpoints.get(endpoint)

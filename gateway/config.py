@@ -89,6 +89,19 @@ class EndpointConfig(BaseModel):
     shadow_compare: ShadowCompareConfig = Field(default_factory=ShadowCompareConfig)
     guardrails: GuardrailsConfig | list[str] = Field(default_factory=list)
     batch_gates: BatchGatesConfig = Field(default_factory=BatchGatesConfig)
+    #: Reference inputs that place the drift rules' bins, relative to the model root: a `.npy`
+    #: of rows [rows, features] in the model's feature order, or a `.npz` with `features` (and
+    #: optionally `scores`). Without it the bins are learnt from stable's first served rows.
+    drift_reference: str | None = None
+
+    @field_validator("drift_reference")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        if value is not None and not value.endswith((".npy", ".npz")):
+            raise ValueError(
+                f"{value!r} must be a .npy file of reference rows or a .npz with 'features' (and 'scores')"
+            )
+        return value
 
     @field_validator("versions")
     @classmethod

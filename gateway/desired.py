@@ -43,6 +43,8 @@ class EndpointState:
     compare: ShadowCompareConfig = field(default_factory=ShadowCompareConfig)
     guardrails: RuleSet = field(default_factory=RuleSet)
     faults: Mapping[str, Fault] = field(default_factory=dict)
+    #: Reference rows for the drift bins, relative to the model root ("": learnt from stable's traffic).
+    drift_reference: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "artifacts", _frozen(self.artifacts))
@@ -97,6 +99,7 @@ class EndpointState:
             "shadow_compare": self.compare.model_dump(),
             "guardrails": self.guardrails.to_dict(),
             "faults": {v: f.to_dict() for v, f in sorted(self.faults.items())},
+            **({"drift_reference": self.drift_reference} if self.drift_reference else {}),
         }
 
     @classmethod
@@ -114,6 +117,7 @@ class EndpointState:
             compare=ShadowCompareConfig.model_validate(data.get("shadow_compare", {})),
             guardrails=_rule_set(data.get("guardrails", {})),
             faults={str(v): Fault(**f) for v, f in data.get("faults", {}).items()},
+            drift_reference=str(data.get("drift_reference", "")),
         )
 
 
@@ -248,6 +252,7 @@ def endpoint_from_config(name: str, config: EndpointConfig, artifacts: Mapping[s
         shadows=dict(config.shadows),
         compare=config.shadow_compare,
         guardrails=config.rule_set(),
+        drift_reference=config.drift_reference or "",
     )
 
 

@@ -7,6 +7,7 @@ real inference (onnxruntime), real windows and histograms, real SQLite, a SimClo
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -277,3 +278,40 @@ def test_memory_growth_after_another_version_was_loaded_is_not_pinned_on_the_can
     assert "attributed by timing to ctr-ranker 1.14, not 1.13" in verdict.detail
     assert weights(gateway) == {"1.12": 90, "1.13": 10}
     gateway.close()
+
+
+def test_a_reference_file_in_the_route_file_places_the_bins_without_a_warm_up(tmp_path: Path, clock: SimClock) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(MODELS / "ctr-ranker", root / "ctr-ranker")
+    rng = np.random.default_rng(9)
+    np.savez(root / "ctr-ranker" / "reference.npz", features=rng.normal(size=(5000, 32)), scores=rng.random(5000) * 0.1)
+    np.save(root / "broken.npy", np.zeros(3))
+    text = config_text(
+        guardrails='["feature_drift[any] > 0.2 psi for 10m min 200"]',
+        traffic='{"1.12": 50, "1.13": 50}',
+        drift_reference="ctr-ranker/reference.npz",
+    ).replace(str(MODELS), str(root))
+    config = parse_route_file(text, base_dir=root)
+    gateway = Gateway(
+        config,
+        SqliteStore(tmp_path / "state.db"),
+        telemetry=Telemetry(WindowStore(3600, clock=clock)),
+        clock=clock,
+    )
+    gateway.start()
+    assert gateway.control.state.endpoint("ctr-ranker").drift_reference == "ctr-ranker/reference.npz"
+    gateway.guardian.tick()
+    (first,) = run(gateway, clock, 60, per_second=20, shift=unit_change_on("1.13")) or [None]
+    assert first is not None  # 200 rows per arm: ten seconds, not the 1000-row warm-up
+    assert gateway.telemetry.drift.source("ctr-ranker").endswith("ctr-ranker/reference.npz")
+    gateway.control.apply("ci", text.replace("ctr-ranker/reference.npz", "broken.npy"), reason="bad file")
+    gateway.control.set_traffic("ci", "ctr-ranker", {"1.12": 50, "1.13": 50}, reason="again")
+    run(gateway, clock, 30, per_second=20)
+    (verdict,) = gateway.guardian.tick().verdicts["ctr-ranker/1.13"]
+    assert verdict.status is Status.INCONCLUSIVE and "expected numeric rows [rows >= 10, features]" in verdict.detail
+    gateway.close()
+
+
+def test_a_reference_that_is_not_numpy_is_refused_with_the_field() -> None:
+    with pytest.raises(GatewayError, match=r"drift_reference.*must be a \.npy file"):
+        parse_route_file(config_text(drift_reference="ref.csv"), base_dir=MODELS)

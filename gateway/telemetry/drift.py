@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -198,6 +199,31 @@ class DriftBins:
         )
 
 
+def load_reference(path: Path) -> DriftBins:
+    """Bins from a reference file: a `.npy` of rows [rows, features], or a `.npz` with `features` (and `scores`).
+
+    ValueError says what is wrong with the file.
+    """
+    scores = None
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                rows = archive["features"]
+                scores = archive["scores"] if "scores" in archive.files else None
+        else:
+            rows = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"drift reference {path}: cannot read reference rows ({err})") from None
+    if rows.ndim != 2 or rows.shape[0] < FEATURE_BINS or rows.dtype.kind not in "fiu":
+        raise ValueError(
+            f"drift reference {path}: expected numeric rows [rows >= {FEATURE_BINS}, features], got "
+            f"{rows.dtype} {list(rows.shape)}"
+        )
+    return DriftBins.from_sample(
+        rows, None if scores is None else np.asarray(scores, float).ravel(), f"reference {path}"
+    )
+
+
 class _Learner:
     """The first rows (and scores) stable serves, until there are enough to place the bins."""
 
@@ -223,6 +249,7 @@ class _Endpoint:
         self.source = reference.source if reference is not None else ""
         self.learner: _Learner | None = None
         self.problem = ""
+        self.unusable = False  # its reference file failed: no bins, and none learnt in its place
         self.series: dict[str, Histograms] = {}
 
 
@@ -244,7 +271,7 @@ class DriftTracker:
         self._clock = clock
         self._warmup = warmup_rows
         self._endpoints: dict[str, _Endpoint] = {}
-        self._references: dict[str, DriftBins] = {}
+        self._references: dict[str, DriftBins | str] = {}
         self._lock = threading.Lock()
 
     # --- configuration --------------------------------------------------------------------------
@@ -256,20 +283,28 @@ class DriftTracker:
             return
         with self._lock:
             current = self._endpoints
-            self._endpoints = {
-                name: current[name] if name in current else _Endpoint(self._references.get(name)) for name in wanted
-            }
+            self._endpoints = {name: current[name] if name in current else self._fresh(name) for name in wanted}
 
-    def set_references(self, references: Mapping[str, DriftBins]) -> None:
-        """Bins from the route file's reference files, by endpoint (an endpoint left out learns its bins)."""
+    def set_references(self, references: Mapping[str, DriftBins | str]) -> None:
+        """Bins from the route file's reference files by endpoint, or why a file could not be used.
+
+        An endpoint left out learns its bins from stable's traffic; one whose file failed has none.
+        """
         with self._lock:
             names = set(references) | set(self._references)
             changed = {n for n in names if references.get(n) is not self._references.get(n)}
             self._references = dict(references)
             self._endpoints = {
-                name: _Endpoint(self._references.get(name)) if name in changed else state
-                for name, state in self._endpoints.items()
+                name: self._fresh(name) if name in changed else state for name, state in self._endpoints.items()
             }
+
+    def _fresh(self, endpoint: str) -> _Endpoint:
+        reference = self._references.get(endpoint)
+        if isinstance(reference, str):
+            state = _Endpoint(None)
+            state.problem, state.unusable = reference, True
+            return state
+        return _Endpoint(reference)
 
     # --- the request path -----------------------------------------------------------------------
 
@@ -292,6 +327,8 @@ class DriftTracker:
         else:
             rows = np.concatenate([inputs[name].reshape(-1, width) for name, width in float_inputs], axis=1)
         scores = score.reshape(len(rows), -1)[:, 0] if score is not None and score.size >= len(rows) else None
+        if state.unusable:
+            return
         if arm == LEARN_FROM_ARM and (state.features is None or (state.scores is None and scores is not None)):
             self._learn(version, state, rows, scores)
         histograms = state.series.get(version) or self._histograms(endpoint, version, state, rows.shape[1])
