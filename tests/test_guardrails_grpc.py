@@ -167,12 +167,14 @@ def test_gameday_plays_every_scenario() -> None:
         capture_output=True, text=True, cwd=ROOT, timeout=420, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "game day: 4 of 4 scenarios went as the playbooks say" in result.stdout
+    assert "game day: 6 of 6 scenarios went as the playbooks say" in result.stdout
     for marker in (
         "(a) canary 1.13 lowers CTR",
         "(b) feature null-rate spike",
         "(c) error-rate fault",
         "(d) clean canary",
+        "(e) upstream feature shift",
+        "(f) canary 1.13 earns 20% less revenue per click, CTR flat",
     ):
         assert marker in result.stdout
-    assert result.stdout.count("INCIDENT") == 3 and "promoted 1.14 to stable" in result.stdout
+    assert result.stdout.count("INCIDENT") == 5 and "promoted 1.14 to stable" in result.stdout

@@ -10,6 +10,9 @@ the guardian ticks. Scenarios:
   b. a feature null-rate spike on a canary -> rollback on the null-rate guardrail
   c. an error-rate fault on the canary    -> rollback on the error-rate guardrail
   d. a clean canary ramps 5 -> 100%       -> promoted to stable
+  e. an upstream feature shift on a canary's inputs (a unit change, no nulls)
+                                          -> rollback on the feature drift guardrail
+  f. revenue per request drops, CTR flat  -> rollback on the value guardrail (the CTR one stays quiet)
 
 Each prints a timeline and its incident notes; the run fails when an expected outcome did not
 happen.
@@ -65,6 +68,10 @@ class Scenario:
     setup: Callable[[Gateway], object] | None = None
     nan_on: str = ""  # a version whose requests carry a missing feature
     rollout: RolloutPlan | None = None
+    shift_on: str = ""  # a version whose requests carry feature 3 in other units (x100)
+    click_rate: float = 0.0  # clicks at this rate on every version (0: from the served score)
+    value_factor: dict[str, float] | None = None  # revenue per click by version (None: no values sent)
+    fired_by: str = ""  # the metric whose rule must be the one that breached (the others stay quiet)
 
 
 @dataclass
@@ -88,6 +95,7 @@ def scenarios() -> list[Scenario]:
             ["ctr_drop > 5% p < 0.05 for 30m min 200", "error_rate > 2% for 5m min 100"],
             "rollback",
             1800,
+            fired_by="ctr_drop",
         ),
         Scenario(
             "b",
@@ -96,6 +104,7 @@ def scenarios() -> list[Scenario]:
             ["feature_null_rate_delta > 1pt for 10m min 200"],
             "rollback",
             900,
+            fired_by="feature_null_rate_delta",
             nan_on="1.14",
         ),
         Scenario(
@@ -105,6 +114,7 @@ def scenarios() -> list[Scenario]:
             ["error_rate > 2% for 5m min 50"],
             "rollback",
             900,
+            fired_by="error_rate",
             setup=lambda g: g.control.set_fault(
                 "gameday", ENDPOINT, "1.13", Fault(error_rate=0.1), reason="game day: inject errors"
             ),
@@ -126,6 +136,27 @@ def scenarios() -> list[Scenario]:
                     "feature_null_rate_delta > 1pt for 2m min 50",
                 ],
             ),
+        ),
+        Scenario(
+            "e",
+            "upstream feature shift on canary 1.14's inputs (feature 3 in cents, no nulls)",
+            {"1.12": 80, "1.14": 20},
+            ["feature_drift[any] > 0.2 psi for 10m", "feature_null_rate_delta > 1pt for 10m min 200"],
+            "rollback",
+            900,
+            fired_by="feature_drift",
+            shift_on="1.14",
+        ),
+        Scenario(
+            "f",
+            "canary 1.13 earns 20% less revenue per click, CTR flat (A/B at 50%)",
+            {"1.12": 50, "1.13": 50},
+            ["ctr_drop > 5% p < 0.05 for 30m", "value_drop > 3% p < 0.05 for 30m"],
+            "rollback",
+            1800,
+            fired_by="value_drop",
+            click_rate=0.12,
+            value_factor={"1.12": 1.0, "1.13": 0.8},
         ),
     ]
 
@@ -149,20 +180,26 @@ class Population:
         self.keys = [f"user-{i}" for i in range(users)]
         self.click_boost = click_boost
 
-    def request(self, user: int, nan_feature: bool) -> gw.PredictRequest:
-        """A user's Predict (with feature 7 missing when `nan_feature`)."""
+    def request(self, user: int, nan_feature: bool, shifted: bool = False) -> gw.PredictRequest:
+        """A user's Predict (with feature 7 missing when `nan_feature`, feature 3 x100 when `shifted`)."""
         row = self.features[user : user + 1].copy()
         if nan_feature:
             row[0, 7] = np.nan
+        if shifted:
+            row[0, 3] *= 100
         return gw.PredictRequest(
             model=ENDPOINT,
             routing_key=self.keys[user],
             inputs=[gw.Tensor(name="features", datatype=gw.DATA_TYPE_FP32, shape=[1, 32], data=row.tobytes())],
         )
 
-    def clicks(self, score: float) -> bool:
-        """Whether the user clicks, given the served score."""
-        return bool(self.rng.random() < min(1.0, score * self.click_boost))
+    def clicks(self, score: float, rate: float = 0.0) -> bool:
+        """Whether the user clicks, given the served score (or at a fixed `rate`)."""
+        return bool(self.rng.random() < (rate or min(1.0, score * self.click_boost)))
+
+    def revenue(self) -> float:
+        """What a click earns (lognormal, median about 20)."""
+        return float(self.rng.lognormal(3.0, 0.5))
 
 
 async def _second(
@@ -173,8 +210,9 @@ async def _second(
     users = population.rng.integers(0, len(population.keys), size=rate)
     calls = []
     for user in users:
-        nan = bool(scenario.nan_on) and table.choose(population.keys[user]).version == scenario.nan_on
-        calls.append(stub.Predict(population.request(int(user), nan and population.rng.random() < 0.05), timeout=10))
+        version = table.choose(population.keys[user]).version
+        nan = version == scenario.nan_on and population.rng.random() < 0.05
+        calls.append(stub.Predict(population.request(int(user), nan, version == scenario.shift_on), timeout=10))
     results = await asyncio.gather(*calls, return_exceptions=True)
     feedback, failed = [], 0
     for result in results:
@@ -182,8 +220,11 @@ async def _second(
             failed += 1
             continue
         score = float(np.frombuffer(result.outputs[0].data, dtype="<f4")[0])
-        outcome = 1.0 if population.clicks(score) else 0.0
-        feedback.append(stub.Feedback(gw.FeedbackRequest(request_id=result.request_id, outcome=outcome), timeout=10))
+        clicked = population.clicks(score, scenario.click_rate)
+        request = gw.FeedbackRequest(request_id=result.request_id, outcome=float(clicked))
+        if scenario.value_factor is not None:
+            request.value = population.revenue() * scenario.value_factor.get(result.version, 1.0) if clicked else 0.0
+        feedback.append(stub.Feedback(request, timeout=10))
     await asyncio.gather(*feedback)
     return len(results) - failed, failed
 
@@ -252,11 +293,13 @@ async def play(scenario: Scenario, *, rate: int = 40, click_boost: float = 4.0, 
 def _done(gateway: Gateway, scenario: Scenario) -> bool:
     ep = gateway.control.state.endpoint(ENDPOINT)
     if scenario.expect == "rollback":
-        return dict(ep.weights) == {"1.12": 100} and bool(gateway.incidents.list(ENDPOINT))
+        incidents = gateway.incidents.list(ENDPOINT)
+        fired = {v["metric"] for incident in incidents for v in incident.breached}
+        return dict(ep.weights) == {"1.12": 100} and bool(incidents) and fired == {scenario.fired_by}
     return ep.labels.get("stable") == "1.14" and dict(ep.weights) == {"1.14": 100}
 
 
-def run(names: str = "abcd", *, rate: int = 40, click_boost: float = 4.0, seed: int | None = None) -> list[Outcome]:
+def run(names: str = "abcdef", *, rate: int = 40, click_boost: float = 4.0, seed: int | None = None) -> list[Outcome]:
     """Play the chosen scenarios in order."""
     seed = seed if seed is not None else random.randrange(1 << 30)
     return [asyncio.run(play(s, rate=rate, click_boost=click_boost, seed=seed)) for s in scenarios() if s.name in names]

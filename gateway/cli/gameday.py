@@ -34,7 +34,11 @@ def register(commands: Any) -> None:
     gameday = commands.add_parser(
         "gameday", help="play the release playbooks end to end on a simulated clock (a gateway on free ports)"
     )
-    gameday.add_argument("--scenarios", default="abcd", help="which: a CTR drop, b null-rate, c errors, d clean ramp")
+    gameday.add_argument(
+        "--scenarios",
+        default="abcdef",
+        help="which: a CTR drop, b null-rate, c errors, d clean ramp, e feature shift, f revenue drop with CTR flat",
+    )
     gameday.add_argument("--rate", type=int, default=40, help="simulated requests per simulated second")
     gameday.add_argument("--click-boost", type=float, default=4.0, help="click probability = boost x served score")
     gameday.add_argument("--seed", type=int, default=7)
