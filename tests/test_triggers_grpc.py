@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
 
@@ -13,7 +14,7 @@ from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.telemetry.setup import TelemetrySettings, build_telemetry
 from gateway.telemetry.windows import SeriesKey
-from tests.helpers import config_text, predict_request, running_gateway
+from tests.helpers import ROOT, config_text, features, predict_request, running_gateway, tensor
 from tests.test_guardrails_grpc import cli
 
 
@@ -61,6 +62,16 @@ def test_callers_that_time_out_on_a_slow_canary_roll_it_back() -> None:
         observed = [s for s in metrics["gateway_guardrail_observed"] if s[0]["metric"] == "timeout_rate"]
         assert observed and observed[0][0]["rule"] == "timeout_rate > 1% for 5m min 20" and observed[0][1] == 1.0
         assert metrics["process_memory_usage_bytes"][0][1] > 10_000_000
+        # Every series the dashboard and the alert rules read is one the gateway exports.
+        row = features()
+        row[0, 3] = float("nan")
+        served = gw_.predict(routing_key="user-1", inputs=[tensor("features", row)])
+        gw_.predict_stub.Feedback(gw.FeedbackRequest(request_id=served.request_id, outcome=1.0, value=3.0), timeout=10)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{runtime.metrics_port}/metrics", timeout=10).read().decode()
+        exported = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+        for path in (ROOT / "deploy/grafana/model-gateway.json", ROOT / "deploy/prometheus/gateway-alerts.yaml"):
+            read = set(re.findall(r"\b((?:gateway|process)_[a-z0-9_]+)", path.read_text()))
+            assert read and read <= exported, (path.name, sorted(read - exported))
     runtime.shutdown()
 
 
