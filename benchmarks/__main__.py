@@ -11,7 +11,7 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks import batch, control, fleet, guardrails, serving, shadow, streaming, telemetry
+from benchmarks import batch, control, fleet, guardrails, serving, shadow, streaming, telemetry, triggers
 
 SUITES = {
     "serving": serving,
@@ -22,6 +22,7 @@ SUITES = {
     "batch": batch,
     "fleet": fleet,
     "streaming": streaming,
+    "triggers": triggers,
 }
 
 

@@ -315,3 +315,44 @@ def test_a_reference_file_in_the_route_file_places_the_bins_without_a_warm_up(tm
 def test_a_reference_that_is_not_numpy_is_refused_with_the_field() -> None:
     with pytest.raises(GatewayError, match=r"drift_reference.*must be a \.npy file"):
         parse_route_file(config_text(drift_reference="ref.csv"), base_dir=MODELS)
+
+
+def test_the_guardian_decides_value_drop_exactly_as_the_sequential_test(tmp_path: Path, clock: SimClock) -> None:
+    """The figures in tests/test_guardrails_stats.py hold for the guardian: same values in, same tick out."""
+    from gateway.guardrails.sequential import Moments, SequentialMeanDropTest
+
+    rng = np.random.default_rng(11)
+    for drop in (0.0, 0.15):
+        (tmp_path / str(drop)).mkdir()
+        gateway = make(
+            tmp_path / str(drop),
+            clock,
+            guardrails='["value_drop > 3% p < 0.05 for 30m"]',
+            traffic='{"1.12": 50, "1.13": 50}',
+        )
+        windows = gateway.telemetry.windows
+        canary = windows.window(SeriesKey("ctr-ranker", "1.13"))
+        stable = windows.window(SeriesKey("ctr-ranker", "1.12"))
+        gateway.guardian.tick()  # the experiment starts at the first tick that sees the rule
+        test, sums = SequentialMeanDropTest(), {"c": [0, 0.0, 0.0], "s": [0, 0.0, 0.0]}
+        expected = actual = None
+        for second in range(600):
+            for arm, window, factor in (("c", canary, 1 - drop), ("s", stable, 1.0)):
+                for _ in range(40):
+                    value = float(rng.lognormal(3, 1.0)) * factor if rng.random() < 0.12 else 0.0
+                    window.record_outcome(float(value > 0), value)
+                    total = sums[arm]
+                    total[0] += 1
+                    total[1] += value
+                    total[2] += value * value
+            result = test.update(Moments(*sums["c"]), Moments(*sums["s"]))  # type: ignore[arg-type]
+            if expected is None and result.canary_n >= 1000 and result.p_value < 0.05 and result.relative_drop > 0.03:
+                expected = second
+            clock.advance(1)
+            if gateway.guardian.tick().incidents:
+                actual = second
+                break
+        assert actual == expected, (drop, actual, expected)
+        if drop:
+            assert actual is not None and weights(gateway) == {"1.12": 100}
+        gateway.close()

@@ -10,7 +10,13 @@ from collections import deque
 
 import numpy as np
 
-from gateway.guardrails.sequential import CtrExperiment, SequentialDropTest, msprt_p_value
+from gateway.guardrails.sequential import (
+    CtrExperiment,
+    Moments,
+    SequentialDropTest,
+    SequentialMeanDropTest,
+    msprt_p_value,
+)
 
 RUNS = 200
 PER_ARM = 60_000
@@ -94,3 +100,44 @@ def test_a_a_with_a_window_shorter_than_the_run_keeps_the_false_alarm_rate() -> 
     print(f"\nA/A, {looks} looks, window {window}: {fired / runs:.1%} (window counts: {fired_on_windows / runs:.1%})")
     assert fired / runs <= 0.05
     assert fired_on_windows > 2 * max(fired, 1)  # this setup is one where window counts would mislead
+
+
+VALUE_RUNS, VALUE_LOOKS, VALUE_PER_LOOK = 200, 900, 40  # value per request: rollouts, looks, values per arm per look
+
+
+def value_rollouts(drop: float, sigma: float, seed: int) -> tuple[float, float]:
+    """Share of runs the value test rolls back (p < 0.05, drop > 3%, 1000 values per arm), and the median
+    values per arm at detection. 12% of requests convert; a conversion's value is lognormal(3, sigma)."""
+    rng = np.random.default_rng(seed)
+    fired, when = 0, []
+    for _ in range(VALUE_RUNS):
+        arms = []
+        for factor in (1 - drop, 1.0):
+            values = (rng.random((VALUE_LOOKS, VALUE_PER_LOOK)) < 0.12) * rng.lognormal(
+                3, sigma, (VALUE_LOOKS, VALUE_PER_LOOK)
+            )
+            values *= factor
+            arms.append((np.cumsum(values.sum(axis=1)), np.cumsum((values**2).sum(axis=1))))
+        test = SequentialMeanDropTest()
+        for look in range(VALUE_LOOKS):
+            n = (look + 1) * VALUE_PER_LOOK
+            (c_sum, c_sq), (s_sum, s_sq) = arms
+            result = test.update(Moments(n, c_sum[look], c_sq[look]), Moments(n, s_sum[look], s_sq[look]))
+            if n >= 1000 and result.p_value < 0.05 and result.relative_drop > 0.03:
+                fired += 1
+                when.append(n)
+                break
+    return fired / VALUE_RUNS, float(np.median(when)) if when else float("nan")
+
+
+def test_value_per_request_a_a_keeps_the_false_alarm_rate_on_heavy_tails() -> None:
+    for sigma, seed in ((0.5, 41), (1.5, 42)):
+        rate, _ = value_rollouts(0.0, sigma, seed)
+        print(f"\nvalue A/A, sigma {sigma}: {rate:.1%} of {VALUE_RUNS} rollouts rolled back ({VALUE_LOOKS} looks)")
+        assert rate <= 0.05
+
+
+def test_a_ten_percent_value_drop_is_detected() -> None:
+    power, median = value_rollouts(0.10, 0.5, seed=43)
+    print(f"\nvalue -10%: detected in {power:.1%} of {VALUE_RUNS} runs; median {median:.0f} values per arm")
+    assert power >= 0.90
