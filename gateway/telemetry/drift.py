@@ -336,6 +336,10 @@ class DriftTracker:
             histograms.add(rows, scores)
 
     def _learn(self, version: str, state: _Endpoint, rows: np.ndarray, scores: np.ndarray | None) -> None:
+        with self._lock:  # only during the warm-up: requests may run on several threads
+            self._learn_locked(version, state, rows, scores)
+
+    def _learn_locked(self, version: str, state: _Endpoint, rows: np.ndarray, scores: np.ndarray | None) -> None:
         if state.learner is None:
             state.learner = _Learner(rows.shape[1], self._warmup)
         if rows.shape[1] != state.learner.rows.shape[1] or not state.learner.add(rows, scores):
