@@ -69,15 +69,19 @@ def test_windows_forget_old_slots_and_batches_are_counted_whole() -> None:
     clock = SimClock(1_000_000.0)
     edges = np.tile(np.linspace(-1, 1, FEATURE_BINS - 1), (2, 1))
     histograms = Histograms(120, edges, np.linspace(0, 1, SCORE_BINS - 1), clock)
-    histograms.add(np.zeros((100, 2)), np.full(100, 0.5))  # one batch of 100 rows (more than the staging)
+    two = (("x", 2),)
+    for _ in range(100):  # more requests than are staged before binning
+        histograms.add(two, {"x": np.zeros((1, 2))}, np.full((1, 1), 0.5))
     clock.advance(60)
-    histograms.add(np.ones((3, 2)), None)
+    histograms.add(two, {"x": np.ones((3, 2))}, None)
     assert histograms.window(120).rows == 103 and histograms.window(120).scored == 100
     assert histograms.window(SLOT_SECONDS).rows == 3  # only this slot
     clock.advance(90)
-    histograms.add(np.ones((1, 2)), np.array([0.1]))
+    histograms.add(two, {"x": np.ones((1, 2))}, np.array([0.1]))
     assert histograms.window(120).rows == 4  # the first batch is older than the window
     assert histograms.window(10_000).seconds <= 120  # never more than the horizon
+    histograms.add((("a", 1), ("b", 1)), {"a": np.zeros(5), "b": np.ones(5)}, None)  # two inputs, one column each
+    assert histograms.window(SLOT_SECONDS).rows == 6
 
 
 def test_shadows_count_their_scores_and_the_primary_scores_on_the_same_requests() -> None:

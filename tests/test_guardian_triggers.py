@@ -155,12 +155,13 @@ def test_score_drift_of_a_shadow_is_measured_against_its_primary(tmp_path: Path,
     gateway.guardian.tick()
     incidents = []
     for _ in range(100):
-        run(gateway, clock, 1, per_second=40)
+        incidents += run(gateway, clock, 1, per_second=40)  # its tick may see the drained copies already
         assert gateway.shadow.drain(30)
-        incidents += gateway.guardian.tick().incidents
+        incidents += [i.id for i in gateway.guardian.tick().incidents]
         if incidents:
             break
-    (incident,) = incidents
+    (first,) = incidents
+    incident = gateway.incidents.get(first)
     (verdict,) = incident.verdicts
     assert (incident.candidate, verdict["baseline"], verdict["status"]) == ("1.14", "primary", "breach")
     assert verdict["samples"]["1.14"] == verdict["samples"]["primary"] >= 1000

@@ -34,11 +34,13 @@ from gateway.guardrails.drift import quantile_edges
 FEATURE_BINS = 10
 SCORE_BINS = 20
 SLOT_SECONDS = 10
-#: Rows a series stages before binning them together.
-STAGE_ROWS = 64
+#: Requests a series holds (by reference) before binning their rows together.
+STAGE_REQUESTS = 64
 WARMUP_ROWS = 1000
 #: Bins are learnt from the rows this arm serves (the route table's `stable` label).
 LEARN_FROM_ARM = "stable"
+#: A model's float inputs with their widths (features per row), in the model's order.
+FloatInputs = tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True)
@@ -67,15 +69,20 @@ class HistogramStats:
 
 
 class Histograms:
-    """One series' running histogram totals and their per-slot snapshots. Thread-safe.
+    """One version's running histogram totals and their per-slot snapshots. Thread-safe.
 
-    The request path only copies its rows into a small staging buffer; they are binned
-    `STAGE_ROWS` at a time (numpy's cost per call, not per row, dominates at batch 1), and
-    always before a snapshot is taken or a window read, so every row lands in its own slot.
+    The request path only keeps a reference to its (immutable) input and output arrays; they
+    are binned `STAGE_REQUESTS` requests at a time (numpy's cost per call, not per row,
+    dominates at batch 1), and always before a snapshot is taken or a window read, so every
+    row lands in its own slot.
     """
 
     def __init__(
-        self, horizon_seconds: int, edges: np.ndarray, score_edges: np.ndarray | None, clock: Callable[[], float]
+        self,
+        horizon_seconds: int,
+        edges: np.ndarray,
+        score_edges: np.ndarray | None,
+        clock: Callable[[], float],
     ) -> None:
         self.features = len(edges)
         # [FEATURE_BINS - 1, 1, features]: comparing rows [n, features] with it and summing over the
@@ -90,9 +97,7 @@ class Histograms:
         self._paired_at = self._score_at + SCORE_BINS + 1
         self._totals = np.zeros(self._paired_at + SCORE_BINS + 1, dtype=np.int64)
         self._slots: list[tuple[int, np.ndarray | None]] = [(-1, None)] * (horizon_seconds // SLOT_SECONDS + 1)
-        self._rows = np.empty((STAGE_ROWS, self.features))
-        self._scores = np.empty(STAGE_ROWS)
-        self._staged = self._staged_scores = 0
+        self._pending: list[tuple[FloatInputs, Mapping[str, np.ndarray], np.ndarray | None]] = []
         self._slot = -1
         self._lock = threading.Lock()
 
@@ -106,43 +111,39 @@ class Histograms:
                 self._slots[index] = (slot, self._totals.copy())
 
     def _flush(self) -> None:
-        totals = self._totals
-        if self._staged:
-            rows = self._rows[: self._staged]
-            bins = (rows > self._edges).sum(axis=0)
-            bins[np.isnan(rows)] = FEATURE_BINS
-            bins += self._offsets
-            totals[: self._score_at] += np.bincount(bins.ravel(), minlength=self._score_at)
-            self._staged = 0
-        if self._staged_scores and self._score_edges is not None:
-            scores = self._scores[: self._staged_scores]
-            totals[self._score_at : self._paired_at] += _score_histogram(scores, self._score_edges)
-        self._staged_scores = 0
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        matrices = [rows_of(float_inputs, inputs) for float_inputs, inputs, _ in pending]
+        self.count(np.concatenate(matrices) if len(matrices) > 1 else matrices[0])
+        if self._score_edges is not None:
+            scores = [
+                score.reshape(len(rows), -1)[:, 0]
+                for (_, _, score), rows in zip(pending, matrices, strict=True)
+                if score is not None and score.size >= len(rows)
+            ]
+            if scores:
+                histogram = _score_histogram(np.concatenate(scores), self._score_edges)
+                self._totals[self._score_at : self._paired_at] += histogram
 
-    def add(self, rows: np.ndarray, scores: np.ndarray | None) -> None:
-        """Count rows [n, features] and their scores [n] (or None)."""
-        count = len(rows)
+    def count(self, rows: np.ndarray) -> None:
+        """Bin rows [n, features] into the totals (callers hold the lock, or own the object alone)."""
+        bins = (rows > self._edges).sum(axis=0)
+        bins[np.isnan(rows)] = FEATURE_BINS
+        bins += self._offsets
+        self._totals[: self._score_at] += np.bincount(bins.ravel(), minlength=self._score_at)
+
+    def add(self, float_inputs: FloatInputs, inputs: Mapping[str, np.ndarray], score: np.ndarray | None) -> None:
+        """Count one request's rows (its float inputs) and scores (its first output, or None).
+
+        `float_inputs` names the float inputs with their widths, in the model's order.
+        """
         with self._lock:
-            self._tick()
-            if self._staged + count > STAGE_ROWS or self._staged_scores + count > STAGE_ROWS:
+            if int(self._clock()) // SLOT_SECONDS != self._slot:
+                self._tick()
+            self._pending.append((float_inputs, inputs, score))
+            if len(self._pending) >= STAGE_REQUESTS:
                 self._flush()
-                if count > STAGE_ROWS:  # a large batch is binned at once
-                    self._rows, staged = rows, self._rows
-                    self._staged = count
-                    if scores is not None:
-                        self._scores, staged_scores = scores, self._scores
-                        self._staged_scores = count
-                        self._flush()
-                        self._scores = staged_scores
-                    else:
-                        self._flush()
-                    self._rows = staged
-                    return
-            self._rows[self._staged : self._staged + count] = rows
-            self._staged += count
-            if scores is not None:
-                self._scores[self._staged_scores : self._staged_scores + count] = scores
-                self._staged_scores += count
 
     def add_scores(self, scores: np.ndarray, paired: np.ndarray) -> None:
         """Count a shadow's scores and its primary's on the same rows (shadow workers: already batched)."""
@@ -173,6 +174,14 @@ class Histograms:
             scores=counts[self._score_at : self._paired_at],
             paired_scores=counts[self._paired_at :],
         )
+
+
+def rows_of(float_inputs: FloatInputs, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A request's float inputs as rows [n, features], in the model's order."""
+    if len(float_inputs) == 1:
+        name, width = float_inputs[0]
+        return inputs[name].reshape(-1, width)
+    return np.concatenate([inputs[name].reshape(-1, width) for name, width in float_inputs], axis=1)
 
 
 def _score_histogram(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -313,29 +322,34 @@ class DriftTracker:
         endpoint: str,
         version: str,
         arm: str,
-        float_inputs: tuple[tuple[str, int], ...],
+        float_inputs: FloatInputs,
         inputs: Mapping[str, np.ndarray],
         score: np.ndarray | None,
     ) -> None:
-        """Count one weighted request's rows (its float inputs, in the model's order) and scores."""
-        state = self._endpoints.get(endpoint)
-        if state is None:
-            return
-        if len(float_inputs) == 1:
-            name, width = float_inputs[0]
-            rows = inputs[name].reshape(-1, width)
-        else:
-            rows = np.concatenate([inputs[name].reshape(-1, width) for name, width in float_inputs], axis=1)
-        scores = score.reshape(len(rows), -1)[:, 0] if score is not None and score.size >= len(rows) else None
-        if state.unusable:
-            return
-        if arm == LEARN_FROM_ARM and (state.features is None or (state.scores is None and scores is not None)):
-            self._learn(version, state, rows, scores)
-        histograms = state.series.get(version) or self._histograms(endpoint, version, state, rows.shape[1])
-        if histograms is not None:
-            histograms.add(rows, scores)
+        """Count one weighted request's rows (its float inputs, in the model's order) and scores.
 
-    def _learn(self, version: str, state: _Endpoint, rows: np.ndarray, scores: np.ndarray | None) -> None:
+        The arrays are kept by reference until they are binned: they must not change afterwards
+        (request inputs and model outputs never do).
+        """
+        state = self._endpoints.get(endpoint)
+        if state is None or state.unusable:
+            return
+        if arm == LEARN_FROM_ARM and (state.features is None or (state.scores is None and score is not None)):
+            self._learn(version, state, float_inputs, inputs, score)
+        histograms = state.series.get(version) or self._histograms(endpoint, version, state, float_inputs)
+        if histograms is not None:
+            histograms.add(float_inputs, inputs, score)
+
+    def _learn(
+        self,
+        version: str,
+        state: _Endpoint,
+        float_inputs: FloatInputs,
+        inputs: Mapping[str, np.ndarray],
+        score: np.ndarray | None,
+    ) -> None:
+        rows = rows_of(float_inputs, inputs)
+        scores = score.reshape(len(rows), -1)[:, 0] if score is not None and score.size >= len(rows) else None
         with self._lock:  # only during the warm-up: requests may run on several threads
             self._learn_locked(version, state, rows, scores)
 
@@ -360,14 +374,17 @@ class DriftTracker:
         rows = min(len(shadow), len(primary))
         if state is None or state.features is None or not rows:
             return
-        histograms = state.series.get(version) or self._histograms(endpoint, version, state, len(state.features))
+        histograms = state.series.get(version) or self._histograms(endpoint, version, state, ())
         if histograms is not None:
             histograms.add_scores(shadow.reshape(rows, -1)[:, 0], primary.reshape(rows, -1)[:, 0])
 
-    def _histograms(self, endpoint: str, version: str, state: _Endpoint, features: int) -> Histograms | None:
+    def _histograms(
+        self, endpoint: str, version: str, state: _Endpoint, float_inputs: FloatInputs
+    ) -> Histograms | None:
         if state.features is None:
             return None
-        if features != len(state.features):
+        features = sum(width for _, width in float_inputs)
+        if float_inputs and features != len(state.features):
             state.problem = (
                 f"{endpoint} {version} has {features} input features but the drift bins have "
                 f"{len(state.features)} ({state.source})"
