@@ -88,6 +88,7 @@ class Histograms:
         # [FEATURE_BINS - 1, 1, features]: comparing rows [n, features] with it and summing over the
         # first axis adds whole rows at a time (summing over a short last axis is ~6x slower).
         self._edges = np.ascontiguousarray(edges.T)[:, None, :]
+        self._edges32 = self._edges.astype(np.float32)  # float32 rows compare without widening to float64
         self._score_edges = score_edges
         self._clock = clock
         self._width = FEATURE_BINS + 1
@@ -114,21 +115,19 @@ class Histograms:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        matrices = [rows_of(float_inputs, inputs) for float_inputs, inputs, _ in pending]
-        self.count(np.concatenate(matrices) if len(matrices) > 1 else matrices[0])
+        rows = _stack([rows_of(float_inputs, inputs) for float_inputs, inputs, _ in pending])
+        self.count(rows)
         if self._score_edges is not None:
-            scores = [
-                score.reshape(len(rows), -1)[:, 0]
-                for (_, _, score), rows in zip(pending, matrices, strict=True)
-                if score is not None and score.size >= len(rows)
-            ]
-            if scores:
-                histogram = _score_histogram(np.concatenate(scores), self._score_edges)
+            scores = [score for _, _, score in pending if score is not None]
+            stacked = _stack(scores) if len(scores) == len(pending) else None
+            if stacked is not None and len(stacked) == len(rows):
+                histogram = _score_histogram(stacked.reshape(len(rows), -1)[:, 0], self._score_edges)
                 self._totals[self._score_at : self._paired_at] += histogram
 
     def count(self, rows: np.ndarray) -> None:
         """Bin rows [n, features] into the totals (callers hold the lock, or own the object alone)."""
-        bins = (rows > self._edges).sum(axis=0)
+        edges = self._edges32 if rows.dtype == np.float32 else self._edges
+        bins = np.add.reduce(rows > edges, axis=0, dtype=np.intp)
         bins[np.isnan(rows)] = FEATURE_BINS
         bins += self._offsets
         self._totals[: self._score_at] += np.bincount(bins.ravel(), minlength=self._score_at)
@@ -180,8 +179,14 @@ def rows_of(float_inputs: FloatInputs, inputs: Mapping[str, np.ndarray]) -> np.n
     """A request's float inputs as rows [n, features], in the model's order."""
     if len(float_inputs) == 1:
         name, width = float_inputs[0]
-        return inputs[name].reshape(-1, width)
+        array = inputs[name]
+        return array if array.ndim == 2 and array.shape[1] == width else array.reshape(-1, width)
     return np.concatenate([inputs[name].reshape(-1, width) for name, width in float_inputs], axis=1)
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """Arrays of one version's requests, one after the other along the batch axis."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def _score_histogram(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
