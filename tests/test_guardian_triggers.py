@@ -357,3 +357,22 @@ def test_the_guardian_decides_value_drop_exactly_as_the_sequential_test(tmp_path
         if drop:
             assert actual is not None and weights(gateway) == {"1.12": 100}
         gateway.close()
+
+
+def test_memory_growth_pinned_on_a_shadow_alerts_without_touching_traffic(tmp_path: Path, clock: SimClock) -> None:
+    leak = Leak()
+    gateway = make(
+        tmp_path,
+        clock,
+        memory=leak,
+        guardrails='["memory_growth > 200MB for 10m"]',
+        traffic='{"1.12": 100}',
+        shadows='{"1.14": 10}',
+    )
+    run(gateway, clock, 5, per_second=5)
+    leak.growing = True
+    (first,) = run(gateway, clock, 400, per_second=5) or [None]
+    incident = gateway.incidents.get(first)
+    assert incident.candidate == "1.14" and incident.outcome.startswith("alert: shadow 1.14: memory_growth > 200MB")
+    assert "--off" in incident.outcome and weights(gateway) == {"1.12": 100}
+    gateway.close()

@@ -99,6 +99,8 @@ DEFAULT_MIN_SAMPLES = 100
 #: (the PSI of two samples of 100 from one distribution is about 0.18 with 10 bins), and a mean
 #: of heavy-tailed values needs more than a rate.
 _DEFAULT_MIN = {Metric.FEATURE_DRIFT: 1000, Metric.SCORE_DRIFT: 1000, Metric.VALUE_DROP: 1000, Metric.MEMORY_GROWTH: 60}
+#: Metrics a shadow is judged on (it answers no caller: no errors, latency or outcomes of its own).
+_SHADOW_METRICS = frozenset({Metric.SHADOW_DISAGREEMENT, Metric.SCORE_DRIFT, Metric.MEMORY_GROWTH})
 #: Per-feature rules without a feature (or with `[any]`) judge the worst feature.
 ANY_FEATURE = "any"
 
@@ -369,8 +371,8 @@ class RuleSet:
 
     @property
     def shadow_rules(self) -> tuple[Rule, ...]:
-        """The rules that check a shadow against its primary (shadow_disagreement, score_drift)."""
-        return tuple(r for r in self.rules if r.metric in (Metric.SHADOW_DISAGREEMENT, Metric.SCORE_DRIFT))
+        """The rules that check a shadow: against its primary (shadow_disagreement, score_drift), or memory."""
+        return tuple(r for r in self.rules if r.metric in _SHADOW_METRICS)
 
     def uses(self, *metrics: Metric) -> bool:
         """Whether any rule measures one of `metrics`."""

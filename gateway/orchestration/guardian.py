@@ -163,18 +163,15 @@ class Guardian:
         for shadow in ep.shadows if rules.shadow_rules else ():
             out.setdefault(shadow, [])
             for rule in rules.shadow_rules:
-                histograms = (self._drift.window(ep.name, shadow, rule.window_seconds), None)
-                out[shadow].append(
-                    evaluate(
-                        rule,
-                        shadow,
-                        "",
-                        stats(shadow, rule.window_seconds),
-                        None,
-                        histograms=histograms,
-                        drift_note=self._drift.status(ep.name),
-                    )
-                )
+                extra = {}
+                if rule.metric is Metric.SCORE_DRIFT:
+                    extra = {
+                        "histograms": (self._drift.window(ep.name, shadow, rule.window_seconds), None),
+                        "drift_note": self._drift.status(ep.name),
+                    }
+                elif rule.metric is Metric.MEMORY_GROWTH:
+                    extra = {"memory": self.memory.evidence(ep.name, shadow, rule.window_seconds)}
+                out[shadow].append(evaluate(rule, shadow, "", stats(shadow, rule.window_seconds), None, **extra))
         return out
 
     def tick(self) -> TickReport:
@@ -244,7 +241,10 @@ class Guardian:
         if rules.observe_only:
             incident.outcome = f"observe-only: would have done {action.value}"
         elif candidate in ep.shadows and candidate not in ep.weights:
-            incident.outcome = f"alert: shadow {candidate} disagrees with the primary ({rule_text})"
+            incident.outcome = (
+                f"alert: shadow {candidate}: {rule_text} (a shadow answers no caller: nothing to roll back; "
+                f"`gateway admin shadow {ep.name} {candidate} --off` stops it)"
+            )
         elif action is Action.ROLLBACK:
             hold, touched = self._rollback(ep, incident, rule_text)
         elif action is Action.PAUSE:
