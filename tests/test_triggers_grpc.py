@@ -8,11 +8,13 @@ import urllib.request
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.telemetry.setup import TelemetrySettings, build_telemetry
+from gateway.telemetry.tracing import Sampler
 from gateway.telemetry.windows import SeriesKey
 from tests.helpers import ROOT, config_text, features, predict_request, running_gateway, tensor
 from tests.test_guardrails_grpc import cli
@@ -132,3 +134,32 @@ def test_new_rules_through_the_cli_say_what_they_mean() -> None:
             "memory_growth",
         ]
         assert all(v.status.value == "inconclusive" for v in verdicts)  # no traffic yet: never a pass
+
+
+def test_a_traced_call_whose_caller_leaves_during_an_injected_delay_ends_its_span_and_counts() -> None:
+    exporter = InMemorySpanExporter()
+    runtime = build_telemetry(TelemetrySettings(span_exporter=exporter, sampler=Sampler(1.0)))
+    with running_gateway(telemetry=runtime.telemetry) as gw_:
+        gw_.admin(
+            "SetFault", pb.SetFaultRequest(endpoint="ctr-ranker", version="1.14", latency_ms=2000, reason="drill")
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            gw_.predict_stub.Predict(predict_request("ctr-ranker@1.14"), timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        window = gw_.gateway.telemetry.windows.window(SeriesKey("ctr-ranker", "1.14", pinned=True))
+        for _ in range(50):
+            if window.stats(60).timeouts:
+                break
+            time.sleep(0.1)
+        assert window.stats(60).timeouts == window.stats(60).requests == 1
+        spans = []
+        for _ in range(50):
+            runtime.telemetry.spans.flush()  # type: ignore[union-attr]
+            spans = [s for s in exporter.get_finished_spans() if s.attributes.get("gateway.version") == "1.14"]
+            if spans:
+                break
+            time.sleep(0.1)
+        (span,) = spans
+        assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        assert "the caller left before the answer" in (span.status.description or "")
+    runtime.shutdown()
