@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import deque
 
 import numpy as np
+import pytest
 
 from gateway.guardrails.sequential import (
     CtrExperiment,
@@ -130,6 +131,7 @@ def value_rollouts(drop: float, sigma: float, seed: int) -> tuple[float, float]:
     return fired / VALUE_RUNS, float(np.median(when)) if when else float("nan")
 
 
+@pytest.mark.slow
 def test_value_per_request_a_a_keeps_the_false_alarm_rate_on_heavy_tails() -> None:
     for sigma, seed in ((0.5, 41), (1.5, 42)):
         rate, _ = value_rollouts(0.0, sigma, seed)
