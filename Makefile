@@ -55,13 +55,13 @@ proto-check: $(STAMP_DEV) $(STAMP_PROTO)
 		|| { echo "gateway/pb is stale: run 'make proto' and commit the result"; git status --short -- gateway/pb; exit 1; }
 
 lint: $(STAMP_DEV)
-	$(VENV)/bin/ruff check gateway tests benchmarks models scripts
-	$(VENV)/bin/ruff format --check gateway tests benchmarks models scripts
+	$(VENV)/bin/ruff check gateway testkit tests benchmarks models scripts
+	$(VENV)/bin/ruff format --check gateway testkit tests benchmarks models scripts
 	$(VENV)/bin/mypy gateway
 
 fmt: $(STAMP_DEV)
-	$(VENV)/bin/ruff format gateway tests benchmarks models scripts
-	$(VENV)/bin/ruff check --fix gateway tests benchmarks models scripts
+	$(VENV)/bin/ruff format gateway testkit tests benchmarks models scripts
+	$(VENV)/bin/ruff check --fix gateway testkit tests benchmarks models scripts
 
 models: $(STAMP_DEV)
 	$(PY) models/make_demo_models.py

@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import CONFIG, ROOT, STABLE_MODEL, alternate, paired_ratio
+from benchmarks.common import STABLE_MODEL, alternate, paired_ratio
+from testkit.gateways import DEMO_CONFIG, ROOT
 
 CHUNK = 65_536
 BIG, SMALL = 1_000_000, 100_000
@@ -64,7 +65,7 @@ def _gateway(data: Path, rows: int, scratch: Path, run_id: str) -> dict[str, flo
         sys.executable, "-m", "benchmarks.batch_cli", "batch", "score", "ctr-ranker", "--version", "1.12",
         "--input", str(data), "--run-id", run_id, "--columns", columns, "--keep-columns", "id",
         "--chunk-rows", str(CHUNK), "--json", "--store", f"sqlite:///{scratch}/state.db",
-        "--output-root", str(scratch / "out"), "--config", str(CONFIG),
+        "--output-root", str(scratch / "out"), "--config", str(DEMO_CONFIG),
     ], rows)  # fmt: skip
 
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = ROOT / "models"
-CONFIG = MODELS / "gateway.yaml"
+from testkit.gateways import MODELS, ROOT
+
 #: The stable version's model file: what the bare server and the batch baseline run.
 STABLE_MODEL = MODELS / "ctr-ranker" / "1.12" / "model.onnx"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

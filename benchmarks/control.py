@@ -22,18 +22,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from benchmarks.common import (
-    ADMIN_METADATA,
-    CONFIG,
-    ROOT,
-    admin_target,
-    alternate,
-    errors_checked,
-    paired_ratio,
-    start_gateway,
-)
+from benchmarks.common import ADMIN_METADATA, admin_target, alternate, errors_checked, paired_ratio, start_gateway
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
+from testkit.gateways import DEMO_CONFIG, ROOT
 
 CHANGES = 200
 CONCURRENCY = 8
@@ -134,7 +126,7 @@ def _swap_only(seconds: float, swaps: int) -> tuple[float, float, float]:
     from gateway.state.sqlite import SqliteStore
 
     with tempfile.TemporaryDirectory() as scratch:
-        gateway = Gateway(load_route_file(CONFIG), SqliteStore(Path(scratch) / "s.db"))
+        gateway = Gateway(load_route_file(DEMO_CONFIG), SqliteStore(Path(scratch) / "s.db"))
         gateway.start()
         state = gateway.control.state
         tables = [

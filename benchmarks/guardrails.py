@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import MODELS
 from gateway.app import Gateway
 from gateway.clock import SimClock
 from gateway.desired import parse_route_file
@@ -37,6 +36,7 @@ from gateway.inference import InferRequest
 from gateway.state.sqlite import SqliteStore
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.windows import WindowStore
+from testkit.gateways import MODELS
 
 SEEDS = (1, 2, 3, 4, 5)
 CTR_RULE = "ctr_drop > 5% p < 0.05 for 30m"

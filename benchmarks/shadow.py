@@ -17,8 +17,6 @@ import grpc
 
 from benchmarks.common import (
     ADMIN_METADATA,
-    CONFIG,
-    MODELS,
     Server,
     admin_target,
     alternate,
@@ -30,6 +28,7 @@ from benchmarks.common import (
 )
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
+from testkit.gateways import DEMO_CONFIG, MODELS
 
 NONE = "no shadow"
 
@@ -57,7 +56,7 @@ def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
     shedding: list[str] = []
     errors = 0.0
     with tempfile.TemporaryDirectory() as scratch:
-        base = CONFIG.read_text().replace("model_root: .", f"model_root: {MODELS}")
+        base = DEMO_CONFIG.read_text().replace("model_root: .", f"model_root: {MODELS}")
         plain, shadowed = Path(scratch) / "plain.yaml", Path(scratch) / "shadowed.yaml"
         plain.write_text(base)
         shadowed.write_text(base.replace("    nan_policy: allow", '    nan_policy: allow\n    shadows: {"1.14": 100}'))

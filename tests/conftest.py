@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.etcd_server import etcd, own_etcd  # noqa: F401 - fixtures
-from tests.helpers import RunningGateway, running_gateway
+from testkit.gateways import RunningGateway, running_gateway
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.repository import file_sha256
-from tests.helpers import CI_TOKEN, MODELS, ONCALL_TOKEN, RunningGateway, config_text, running_gateway
+from testkit.gateways import CI_TOKEN, MODELS, ONCALL_TOKEN, RunningGateway, config_text, running_gateway
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
-from tests.helpers import predict_request, running_gateway
+from testkit.gateways import predict_request, running_gateway
 
 CLIENTS = 32
 CHANGES = 200

@@ -25,7 +25,7 @@ from gateway.config import BatchGatesConfig
 from gateway.errors import AlreadyExists, ArtifactError, FailedPrecondition, InvalidInput, NotFound
 from gateway.repository import ModelRepository
 from gateway.state.sqlite import SqliteStore
-from tests.helpers import MODELS, ROOT
+from testkit.gateways import MODELS, ROOT
 
 FEATURES = [f"f{i}" for i in range(32)]
 

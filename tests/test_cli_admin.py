@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ONCALL_TOKEN, ROOT, GatewayProcess
+from testkit.gateways import ONCALL_TOKEN, ROOT, GatewayProcess
 
 GATEWAY = [sys.executable, "-m", "gateway.cli"]
 ROW = json.dumps([0.1] * 32)

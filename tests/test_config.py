@@ -9,7 +9,7 @@ from gateway.desired import desired_from_config, endpoint_from_config, load_rout
 from gateway.errors import ConfigError
 from gateway.repository import Artifact, ModelRepository
 from gateway.routing import EndpointRoutes
-from tests.helpers import DEMO_CONFIG, MODELS, config_text
+from testkit.gateways import DEMO_CONFIG, MODELS, config_text
 
 
 def test_demo_route_file() -> None:

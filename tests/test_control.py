@@ -14,7 +14,7 @@ from gateway.desired import parse_route_file
 from gateway.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidInput, NotFound
 from gateway.repository import file_sha256
 from gateway.state.sqlite import SqliteStore
-from tests.helpers import MODELS, config_text
+from testkit.gateways import MODELS, config_text
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from gateway.desired import DesiredState, diff
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
 from gateway.state.sqlite import SqliteStore
-from tests.helpers import GatewayProcess, bearer
+from testkit.gateways import GatewayProcess, bearer
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from tests.helpers import MODELS
+from testkit.gateways import MODELS
 
 
 def _generator():  # type: ignore[no-untyped-def]

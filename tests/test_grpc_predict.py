@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from gateway.pb.gateway.v1 import inference_pb2 as gw
-from tests.helpers import MODELS, RunningGateway, config_text, features, running_gateway, scores, tensor
+from testkit.gateways import MODELS, RunningGateway, config_text, features, running_gateway, scores, tensor
 
 
 def direct(version: str, x: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from gateway.routing import EndpointRoutes
 from gateway.state.sqlite import SqliteStore
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.windows import SeriesKey, WindowStore
-from tests.helpers import MODELS, config_text
+from testkit.gateways import MODELS, config_text
 
 
 def make(tmp_path: Path, clock: SimClock, **overrides: str) -> Gateway:

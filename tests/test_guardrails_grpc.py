@@ -16,7 +16,7 @@ from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.telemetry.setup import TelemetrySettings, build_telemetry
 from gateway.telemetry.tracing import Sampler
-from tests.helpers import ONCALL_TOKEN, ROOT, RunningGateway, running_gateway
+from testkit.gateways import ONCALL_TOKEN, ROOT, RunningGateway, running_gateway
 
 
 def cli(gw_: RunningGateway, *args: str) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,7 @@ from gateway.pb.grpc.reflection.v1 import reflection_pb2 as v1
 from gateway.pb.grpc.reflection.v1 import reflection_pb2_grpc as v1_grpc
 from gateway.pb.grpc.reflection.v1alpha import reflection_pb2 as v1alpha
 from gateway.pb.grpc.reflection.v1alpha import reflection_pb2_grpc as v1alpha_grpc
-from tests.helpers import RunningGateway, running_gateway
+from testkit.gateways import RunningGateway, running_gateway
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.helpers import ROOT
+from testkit.gateways import ROOT
 
 LAYERS: dict[str, tuple[str, ...]] = {
     "domain": ("gateway", "gateway.errors", "gateway.config", "gateway.tensors", "gateway.auth", "gateway.clock", "gateway.logs", "gateway.settings",
@@ -87,3 +87,28 @@ def test_imports_point_down_the_layers() -> None:
             if target != source and target not in MAY_IMPORT[source]:
                 wrong.append(f"{module} ({source}) imports {imported} ({target})")
     assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
+
+
+def _top_level_imports(folder: str) -> set[tuple[str, str]]:
+    found = set()
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            found.update((str(path.relative_to(ROOT)), name.split(".")[0]) for name in names)
+    return found
+
+
+def test_the_product_never_imports_test_code_and_benchmarks_never_import_tests() -> None:
+    forbidden = {"gateway": {"tests", "benchmarks", "testkit"}, "testkit": {"tests", "benchmarks"},
+                 "benchmarks": {"tests"}}  # fmt: skip
+    wrong = [
+        f"{path} imports {package}"
+        for folder, packages in forbidden.items()
+        for path, package in _top_level_imports(folder)
+        if package in packages
+    ]
+    assert not wrong, "shared test code lives in testkit/:\n" + "\n".join(wrong)

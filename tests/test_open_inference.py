@@ -14,7 +14,7 @@ import pytest
 
 from gateway.pb.inference import grpc_service_pb2 as oip
 from gateway.pb.inference import grpc_service_pb2_grpc as oip_grpc
-from tests.helpers import MODELS, RunningGateway, features
+from testkit.gateways import MODELS, RunningGateway, features
 
 HERE = Path(__file__).resolve().parent
 

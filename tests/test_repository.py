@@ -8,7 +8,7 @@ import pytest
 from gateway.errors import ArtifactError, InvalidInput, NotReady
 from gateway.registry import ModelRegistry, VersionState
 from gateway.repository import ModelRepository, check_sha256, file_sha256
-from tests.helpers import MODELS
+from testkit.gateways import MODELS
 
 
 @pytest.fixture

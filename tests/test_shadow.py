@@ -22,7 +22,7 @@ from gateway.shadow.runner import ShadowSettings
 from gateway.telemetry.setup import TelemetrySettings, build_telemetry
 from gateway.telemetry.tracing import Sampler
 from gateway.telemetry.windows import SeriesKey
-from tests.helpers import ONCALL_TOKEN, ROOT, RunningGateway, config_text, features, running_gateway, tensor
+from testkit.gateways import ONCALL_TOKEN, ROOT, RunningGateway, config_text, features, running_gateway, tensor
 
 SHADOWED = config_text(shadows='{"1.14": 100}')
 

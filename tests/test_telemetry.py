@@ -25,7 +25,7 @@ from gateway.pb.inference import grpc_service_pb2_grpc as oip_grpc
 from gateway.telemetry.setup import TelemetryRuntime, TelemetrySettings, build_telemetry
 from gateway.telemetry.tracing import Sampler
 from gateway.telemetry.windows import SeriesKey
-from tests.helpers import RunningGateway, features, predict_request, running_gateway, tensor
+from testkit.gateways import RunningGateway, features, predict_request, running_gateway, tensor
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,23 @@
-"""Test helpers: a real gateway on port 0 in a background event loop, and tensor builders."""
+"""Real gateways for tests and benchmarks: in process on port 0 or as `gateway serve`, and the requests to send them."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import Message
 
 from gateway.app import Gateway
 from gateway.auth import AdminTokens
@@ -23,6 +30,7 @@ from gateway.settings import GatewaySettings, ShadowSettings
 from gateway.state.sqlite import SqliteStore
 from gateway.telemetry.metrics import Telemetry
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 DEMO_CONFIG = MODELS / "gateway.yaml"
@@ -36,10 +44,12 @@ class LoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
-    def run(self, coro, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        """Run a coroutine on the loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
+        """Stop the loop and its thread."""
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
 
@@ -50,6 +60,7 @@ TOKENS = AdminTokens({"oncall": ONCALL_TOKEN, "ci": CI_TOKEN})
 
 
 def bearer(token: str = ONCALL_TOKEN) -> tuple[tuple[str, str], ...]:
+    """Call metadata presenting an admin token."""
     return (("authorization", f"Bearer {token}"),)
 
 
@@ -69,10 +80,13 @@ class RunningGateway:
         self.predict_stub = gw_grpc.InferenceStub(self.channel)
         self.admin_stub = admin_pb2_grpc.AdminStub(self.admin_channel)
 
-    def predict(self, model: str = "ctr-ranker", **kwargs):  # type: ignore[no-untyped-def]
-        return self.predict_stub.Predict(predict_request(model, **kwargs), timeout=10)
+    def predict(self, model: str = "ctr-ranker", **kwargs: Any) -> gw.PredictResponse:
+        """One Predict call (`predict_request`'s arguments)."""
+        response: gw.PredictResponse = self.predict_stub.Predict(predict_request(model, **kwargs), timeout=10)
+        return response
 
-    def admin(self, method: str, request, token: str = ONCALL_TOKEN):  # type: ignore[no-untyped-def]
+    def admin(self, method: str, request: Message, token: str = ONCALL_TOKEN) -> Any:
+        """One admin RPC by name, with an admin token."""
         return getattr(self.admin_stub, method)(request, metadata=bearer(token), timeout=30)
 
 
@@ -137,7 +151,8 @@ def features(rows: int = 1, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(rows, 32)).astype(np.float32)
 
 
-def tensor(name: str, array: np.ndarray, datatype: int = gw.DATA_TYPE_FP32) -> gw.Tensor:
+def tensor(name: str, array: np.ndarray, datatype: gw.DataType.ValueType = gw.DATA_TYPE_FP32) -> gw.Tensor:
+    """A gateway.v1 tensor holding an array's bytes."""
     return gw.Tensor(name=name, datatype=datatype, shape=array.shape, data=array.tobytes())
 
 
@@ -150,6 +165,7 @@ def predict_request(
     rows: int = 1,
     output_names: tuple[str, ...] = (),
 ) -> gw.PredictRequest:
+    """A Predict request; by default one row of demo features."""
     if inputs is None:
         inputs = [tensor("features", features(rows))]
     return gw.PredictRequest(
@@ -162,6 +178,7 @@ def predict_request(
 
 
 def scores(response: gw.PredictResponse) -> np.ndarray:
+    """The first output of a response as float32."""
     out = response.outputs[0]
     return np.frombuffer(out.data, dtype="<f4").reshape(out.shape)
 
@@ -170,11 +187,6 @@ class GatewayProcess:
     """`gateway serve` as users run it: a real process on free ports, with the demo route file."""
 
     def __init__(self, store: Path | str, *extra: str, launcher: tuple[str, ...] = ()) -> None:
-        import os
-        import re
-        import subprocess
-        import sys
-
         self.process = subprocess.Popen(
             [
                 *(launcher or (sys.executable, "-m", "gateway.cli")), "--log-level", "WARNING", "serve",
@@ -200,14 +212,10 @@ class GatewayProcess:
 
     def stop(self) -> int:
         """SIGTERM and wait; returns the exit code."""
-        import signal
-
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=15)
 
     def kill(self) -> None:
         """SIGKILL, as a crash."""
-        import signal
-
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=15)
