@@ -18,9 +18,10 @@ GATEWAY = [sys.executable, "-m", "gateway.cli"]
 ROW = json.dumps([0.1] * 32)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    gateway = GatewayProcess(tmp_path_factory.mktemp("admin-cli") / "gateway.db")
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A fresh gateway process per test: these tests change its routes, so none may see another's changes."""
+    gateway = GatewayProcess(tmp_path / "gateway.db")
     yield {
         "GATEWAY_ADMIN_TARGET": gateway.admin_target,
         "GATEWAY_ADMIN_TOKEN": ONCALL_TOKEN,
