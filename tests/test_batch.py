@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -186,16 +185,36 @@ def test_a_corrupted_run_cannot_be_published_or_pointed_to(env) -> None:  # type
         Run.load(tmp_path / "out" / "ctr-ranker" / "missing")
 
 
+#: `gateway batch ...` in a process that kills itself (SIGKILL) right after writing its third chunk.
+CRASH_AFTER_THIRD_CHUNK = """
+import os, signal, sys
+import pyarrow.parquet as pq
+from gateway.cli import main
+
+class Crashing(pq.ParquetWriter):
+    chunks = 0
+
+    def write_table(self, *args, **kwargs):
+        super().write_table(*args, **kwargs)
+        Crashing.chunks += 1
+        if Crashing.chunks == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+pq.ParquetWriter = Crashing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_a_crash_mid_score_leaves_no_run_and_the_pointer_where_it_was(tmp_path: Path) -> None:
-    data = tmp_path / "big.parquet"
-    pq.write_table(table(1_000_000, seed=4), data)
+    data = tmp_path / "data.parquet"
+    pq.write_table(table(5_000, seed=4), data)
     store = f"sqlite:///{tmp_path / 'state.db'}"
     base = [sys.executable, "-m", "gateway.cli", "batch"]
     common = ["--store", store, "--output-root", str(tmp_path / "out"), "--config", str(MODELS / "gateway.yaml"),
               "--columns", ",".join(FEATURES)]  # fmt: skip
     first = subprocess.run(
-        [*base, "score", "ctr-ranker", "--version", "1.12", "--input", str(data), "--run-id", "before", "--chunk-rows", "50000", *common],
+        [*base, "score", "ctr-ranker", "--version", "1.12", "--input", str(data), "--run-id", "before", "--chunk-rows", "500", *common],
         capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
     )  # fmt: skip
     assert first.returncode == 0, first.stderr
@@ -208,17 +227,13 @@ def test_a_crash_mid_score_leaves_no_run_and_the_pointer_where_it_was(tmp_path: 
         check=False,
     )
     assert published.returncode == 0, published.stderr
-    process = subprocess.Popen(
-        [*base, "score", "ctr-ranker", "--version", "1.13", "--input", str(data), "--run-id", "crashed", "--chunk-rows", "500", *common],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASH_AFTER_THIRD_CHUNK, "batch", "score", "ctr-ranker", "--version", "1.13",
+         "--input", str(data), "--run-id", "crashed", "--chunk-rows", "500", *common],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
     )  # fmt: skip
-    partial = tmp_path / "out" / "ctr-ranker" / ".crashed.partial" / "predictions.parquet"
-    deadline = time.time() + 60
-    while not partial.exists() and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(10)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr  # killed mid-score, 3 of 10 chunks written
+    assert (tmp_path / "out" / "ctr-ranker" / ".crashed.partial" / "predictions.parquet").exists()
     assert not (tmp_path / "out" / "ctr-ranker" / "crashed").exists()
     current = subprocess.run(
         [*base, "current", "ctr-ranker", "--json", *common[:-2]],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -16,6 +15,8 @@ from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
 from gateway.state.sqlite import SqliteStore
 from testkit.gateways import GatewayProcess, bearer
 
+KILL_AFTER = 20  # acknowledged changes before the kill
+
 
 @pytest.mark.slow
 def test_sigkill_mid_changes_keeps_whole_revisions_with_their_audit(tmp_path: Path) -> None:
@@ -23,7 +24,7 @@ def test_sigkill_mid_changes_keeps_whole_revisions_with_their_audit(tmp_path: Pa
     gateway = GatewayProcess(db)
     admin = gateway.admin_target
     acknowledged: list[int] = []
-    stop = threading.Event()
+    stop, enough = threading.Event(), threading.Event()
 
     def writer() -> None:
         with grpc.insecure_channel(admin) as channel:
@@ -36,17 +37,19 @@ def test_sigkill_mid_changes_keeps_whole_revisions_with_their_audit(tmp_path: Pa
                 )
                 try:
                     acknowledged.append(stub.SetTraffic(request, metadata=bearer(), timeout=5).revision)
+                    if len(acknowledged) >= KILL_AFTER:
+                        enough.set()
                 except grpc.RpcError:
                     return
                 i += 1
 
     thread = threading.Thread(target=writer)
     thread.start()
-    time.sleep(1.5)
-    gateway.kill()
+    assert enough.wait(60), f"the writer made {len(acknowledged)} changes in 60 s"
+    gateway.kill()  # the writer is still sending: the kill lands among changes in flight
     stop.set()
     thread.join(10)
-    assert len(acknowledged) > 5, "the writer made too few changes before the kill"
+    assert len(acknowledged) >= KILL_AFTER
 
     restarted = GatewayProcess(db)
     try:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -27,13 +27,9 @@ from testkit.gateways import ONCALL_TOKEN, ROOT, RunningGateway, config_text, fe
 SHADOWED = config_text(shadows='{"1.14": 100}')
 
 
-def drive(gw: RunningGateway, n: int, prefix: str = "user") -> list[float]:
-    latencies = []
+def drive(gw: RunningGateway, n: int, prefix: str = "user") -> None:
     for i in range(n):
-        started = time.perf_counter()
         gw.predict(routing_key=f"{prefix}-{i}")
-        latencies.append(time.perf_counter() - started)
-    return latencies
 
 
 def test_every_copy_is_accounted_for_and_logged(tmp_path: Path) -> None:
@@ -76,30 +72,36 @@ def test_an_erroring_shadow_never_fails_the_primary() -> None:
         assert mirrored == compared + dropped + sum(errors.values())
 
 
-@pytest.mark.slow
-def test_a_slow_shadow_sheds_copies_and_leaves_primary_latency_alone() -> None:
-    settings = ShadowSettings(queue_size=4, workers=1, log_dir=None)
+def test_a_stuck_shadow_sheds_copies_beyond_its_queue_and_never_holds_a_primary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The shadow's one worker is held inside the shadow model until the test lets it go: every
+    primary still returns, the queue holds exactly `queue_size` copies, the rest are dropped and
+    counted, and once released every copy is accounted for. (Latency with a slow shadow is
+    measured in benchmarks/shadow.py, not asserted here.)"""
+    settings = ShadowSettings(queue_size=4, workers=1, batch_size=1, log_dir=None)
     with running_gateway(SHADOWED, shadow_settings=settings) as gw:
-        drive(gw, 30, "warm")
-        gw.admin(
-            "SetShadow",
-            pb.SetShadowRequest(endpoint="ctr-ranker", version="1.14", percent=0, reason="baseline"),
-        )
-        baseline = drive(gw, 150, "base")
-        gw.admin(
-            "SetShadow",
-            pb.SetShadowRequest(endpoint="ctr-ranker", version="1.14", percent=100, reason="slow"),
-        )
-        gw.gateway.faults.replace({("ctr-ranker", "1.14"): Fault(latency_ms=50)})
-        with_shadow = drive(gw, 150, "slow")
-        _, _, dropped, _ = gw.gateway.shadow.stats.totals("ctr-ranker", "1.14")
+        shadow_model = gw.gateway.registry.runnable("ctr-ranker", "1.14")
+        original = shadow_model.run
+        entered, release = threading.Event(), threading.Event()
+
+        def stuck(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            release.wait(60)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(shadow_model, "run", stuck)
+        gw.predict(routing_key="first")
+        assert entered.wait(10), "the shadow worker never took the first copy"
+        drive(gw, 20, "while-stuck")  # each returns although the shadow worker cannot move
+        assert not release.is_set()
+        mirrored, compared, dropped, errors = gw.gateway.shadow.stats.totals("ctr-ranker", "1.14")
+        assert dropped == 20 - settings.queue_size  # 4 queued behind the stuck one, the rest shed
+        assert compared == 0 and errors == {}
+        release.set()
         assert gw.gateway.shadow.drain(10)
-        mirrored, compared, dropped_after, errors = gw.gateway.shadow.stats.totals("ctr-ranker", "1.14")
-    assert dropped > 100  # shedding, not queueing
-    assert mirrored == compared + dropped_after + sum(errors.values())
-    base, slow = statistics.median(baseline), statistics.median(with_shadow)
-    assert slow < base * 1.5 + 0.001, (base, slow)  # the primary never waits for the 50 ms shadow
-    assert max(with_shadow) < 0.05 * 4  # no request waited out several shadow runs
+        mirrored, compared, dropped, errors = gw.gateway.shadow.stats.totals("ctr-ranker", "1.14")
+    assert (mirrored, compared, dropped, errors) == (21, 1 + settings.queue_size, 20 - settings.queue_size, {})
 
 
 def test_shadow_span_is_linked_to_the_primary() -> None:
