@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 from types import ModuleType
@@ -52,6 +53,54 @@ def test_health_watch_sees_shutdown() -> None:
         assert seen.get(timeout=10) == NOT_SERVING
         stream.cancel()
         thread.join(10)
+
+
+SERVICES = ("", "ctr-ranker", "gateway.v1.Inference", "inference.GRPCInferenceService")
+
+
+class Watch:
+    """A Health.Watch stream: the server pushes each change of status (the first is the current one)."""
+
+    def __init__(self, stub: health_pb2_grpc.HealthStub, service: str) -> None:
+        self.call = stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=30)
+
+    def next(self) -> int:
+        status: int = next(self.call).status
+        return status
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+def test_an_endpoint_whose_weighted_versions_are_not_ready_is_not_serving() -> None:
+    """A version that drops out of the registry (as a failed reload would leave it) takes the endpoint,
+    and the server overall, to NOT_SERVING; loading it again brings both back."""
+    with running_gateway() as gw:
+        stub = health_pb2_grpc.HealthStub(gw.channel)
+        endpoint, overall = Watch(stub, "ctr-ranker"), Watch(stub, "")
+        assert (endpoint.next(), overall.next()) == (SERVING, SERVING)
+        registry = gw.gateway.registry
+        artifact = gw.gateway.control.state.endpoint("ctr-ranker").artifacts["1.12"]
+        registry.unload("ctr-ranker", "1.12")  # stable, 90% of the traffic
+        assert (endpoint.next(), overall.next()) == (NOT_SERVING, NOT_SERVING)
+        assert stub.Check(health_pb2.HealthCheckRequest(service="gateway.v1.Inference")).status == NOT_SERVING
+        registry.load(artifact)
+        assert (endpoint.next(), overall.next()) == (SERVING, SERVING)
+        endpoint.cancel()
+        overall.cancel()
+
+
+def test_stopping_the_listener_reports_not_serving_everywhere_while_calls_drain() -> None:
+    with running_gateway() as gw:
+        stub = health_pb2_grpc.HealthStub(gw.channel)
+        watches = {service: Watch(stub, service) for service in SERVICES}
+        assert {service: watch.next() for service, watch in watches.items()} == dict.fromkeys(SERVICES, SERVING)
+        stopping = asyncio.run_coroutine_threadsafe(gw.server.stop(grace=30), gw.loop.loop)
+        assert {service: watch.next() for service, watch in watches.items()} == dict.fromkeys(SERVICES, NOT_SERVING)
+        assert not stopping.done()  # still draining: the open watches are calls in flight
+        for watch in watches.values():
+            watch.cancel()
+        stopping.result(30)
 
 
 def _ask(channel: grpc.Channel, version: str, **question: object) -> list[object]:
