@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -301,11 +302,15 @@ def test_cli_validate_exit_codes_and_history(tmp_path: Path) -> None:
     assert zero.stderr.startswith("error: INVALID_ARGUMENT: command line: ks_max: Input should be greater than 0")
     validate = batch("validate", "ctr-ranker", "b")
     assert validate.returncode == 1
-    assert "ks_statistic" in validate.stdout and "FAIL" in validate.stdout
+    verdicts = {line.split()[0]: "FAIL" in line.split() for line in validate.stdout.splitlines()[1:] if line.strip()}
+    assert verdicts["ks_statistic"] and not verdicts["row_count"] and not verdicts["files_intact"], validate.stdout
     refused = batch("publish", "ctr-ranker", "b")
     assert refused.returncode == 1 and "failed its gates" in refused.stderr
     history = batch("history", "ctr-ranker")
-    assert "failed-gates" in history.stdout and "batch-publish" in history.stdout
+    runs = {line.split()[0]: line.split() for line in history.stdout.splitlines() if line.startswith(("b ", "g "))}
+    assert (runs["b"][5], runs["g"][5]) == ("failed-gates", "published"), history.stdout
+    assert "ks_statistic:FAIL," in runs["b"] and "ks_statistic:FAIL," not in runs["g"]
+    assert re.search(r"batch +batch-publish +None -> g +gates passed", history.stdout), history.stdout
 
 
 def cli_batch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.cli import build_parser
 from testkit.gateways import ROOT, GatewayProcess, config_text
 
 GATEWAY = [sys.executable, "-m", "gateway.cli"]
@@ -113,10 +114,20 @@ def test_a_bad_window_history_stops_the_start(tmp_path: Path) -> None:
     )
 
 
-def test_help_lists_commands() -> None:
+def test_help_lists_every_command_with_a_summary_and_the_readme_shows_each(capsys: pytest.CaptureFixture[str]) -> None:
     result = run("--help")
-    assert result.returncode == 0
-    assert "serve" in result.stdout and "predict" in result.stdout
+    assert result.returncode == 0, result.stderr
+    listed = dict(re.findall(r"^    ([a-z]+) +(\S.*)$", result.stdout, re.MULTILINE))
+    expected = {"serve", "predict", "admin", "report", "rollout", "incidents", "gameday", "batch"}
+    assert set(listed) == expected, result.stdout
+    readme = (ROOT / "README.md").read_text()
+    undocumented = sorted(name for name in listed if f"gateway {name} " not in readme)
+    assert not undocumented, f"commands the README never shows: {undocumented}"
+    capsys.readouterr()
+    for name in sorted(expected):  # each command's own help (in process: one interpreter start is enough)
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args([name, "--help"])
+        assert exited.value.code == 0 and capsys.readouterr().out.startswith(f"usage: gateway {name}"), name
 
 
 def test_ci_entry_point_is_executable() -> None:

@@ -141,4 +141,6 @@ def test_apply_file(served: dict[str, str], tmp_path: Path) -> None:
     path.write_text(document)
     result = gateway(served, "admin", "apply", "-f", str(path), "--reason", "declarative 60/40")
     assert result.returncode == 0, result.stderr
-    assert "ctr-ranker traffic 1.13: " in result.stdout and "-> 40" in result.stdout
+    assert result.stdout == "revision 2\n  ctr-ranker traffic 1.12: 90 -> 60\n  ctr-ranker traffic 1.13: 10 -> 40\n"
+    routes = json.loads(gateway(served, "admin", "routes", "ctr-ranker", "--json").stdout)
+    assert routes["endpoints"][0]["traffic"] == {"1.12": 60, "1.13": 40}

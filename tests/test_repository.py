@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
+from gateway.clock import SimClock
 from gateway.errors import ArtifactError, InvalidInput, NotReady
 from gateway.registry import ModelRegistry, VersionState
 from gateway.repository import ModelRepository, check_sha256, file_sha256
@@ -97,10 +99,15 @@ def test_check_sha256() -> None:
 
 def test_versions_load_side_by_side_and_warm(model_root: Path) -> None:
     repository = ModelRepository(model_root)
-    registry = ModelRegistry(repository)
+    clock = SimClock()
+    registry = ModelRegistry(repository, clock=clock)
     for version in ("1.12", "1.13", "1.14"):
+        clock.advance(60)
+        started = time.perf_counter()
         snapshot = registry.load(repository.from_manifest("ctr-ranker", version))
+        took = time.perf_counter() - started
         assert snapshot.state is VersionState.READY
-        assert snapshot.load_seconds > 0
+        assert snapshot.loaded_at == clock.now  # when it became ready, on the registry's clock
+        assert 0 < snapshot.load_seconds <= took  # the load's own duration, in seconds, within the call
     assert [v.version for v in registry.versions_of("ctr-ranker")] == ["1.12", "1.13", "1.14"]
     assert all(registry.is_ready("ctr-ranker", v) for v in ("1.12", "1.13", "1.14"))

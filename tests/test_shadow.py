@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -22,7 +23,7 @@ from gateway.shadow.runner import ShadowSettings
 from gateway.telemetry.setup import TelemetrySettings, build_telemetry
 from gateway.telemetry.tracing import Sampler
 from gateway.telemetry.windows import SeriesKey
-from testkit.gateways import ONCALL_TOKEN, ROOT, RunningGateway, config_text, features, running_gateway, tensor
+from testkit.gateways import MODELS, ONCALL_TOKEN, ROOT, RunningGateway, config_text, features, running_gateway, tensor
 
 SHADOWED = config_text(shadows='{"1.14": 100}')
 
@@ -33,15 +34,33 @@ def drive(gw: RunningGateway, n: int, prefix: str = "user") -> None:
 
 
 def test_every_copy_is_accounted_for_and_logged(tmp_path: Path) -> None:
-    with running_gateway(SHADOWED, shadow_settings=ShadowSettings(log_dir=tmp_path)) as gw:
-        drive(gw, 60)
+    sessions = {
+        v: ort.InferenceSession(str(MODELS / "ctr-ranker" / v / "model.onnx")) for v in ("1.12", "1.13", "1.14")
+    }
+    expected: dict[str, tuple[str, float, bool]] = {}  # request id -> (primary, |primary - shadow|, same decision)
+    threshold = 0.05  # a CTR decision threshold: the demo's scores straddle it, so decisions sometimes differ
+    config = config_text(shadows='{"1.14": 100}', shadow_compare=f"{{threshold: {threshold}}}")
+    with running_gateway(config, shadow_settings=ShadowSettings(log_dir=tmp_path)) as gw:
+        for i in range(60):
+            x = features(1, seed=i)
+            response = gw.predict(inputs=[tensor("features", x)], routing_key=f"user-{i}")
+            primary, shadow = (
+                float(sessions[v].run(None, {"features": x})[0][0, 0]) for v in (response.version, "1.14")
+            )
+            expected[response.request_id] = (
+                response.version,
+                abs(primary - shadow),
+                (primary >= threshold) == (shadow >= threshold),
+            )
         gw.predict("ctr-ranker@1.12")  # pinned: not mirrored
         assert gw.gateway.shadow.drain(10)
         mirrored, compared, dropped, errors = gw.gateway.shadow.stats.totals("ctr-ranker", "1.14")
         assert mirrored == 60 == compared + dropped + sum(errors.values())
         assert compared == 60 and dropped == 0 and errors == {}
         window = gw.gateway.telemetry.windows.window(SeriesKey("ctr-ranker", "1.14")).stats(600)
-        assert window.compared == 60 and 0.0 <= window.agreement_rate <= 1.0
+        agreeing = sum(same for _, _, same in expected.values())
+        assert 0 < agreeing < 60  # both kinds occur in these inputs, so the count below tells them apart
+        assert (window.compared, window.agree) == (60, agreeing)
         report = gw.admin("GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker"))
         assert (report.shadow_version, report.percent, report.mirrored, report.compared) == (
             "1.14",
@@ -49,17 +68,20 @@ def test_every_copy_is_accounted_for_and_logged(tmp_path: Path) -> None:
             60,
             60,
         )
-        assert report.decisions == 60 and report.agree <= 60
-        assert report.agreement_ci_low <= report.agreement_rate <= report.agreement_ci_high
-        assert set(report.primary_versions) <= {"1.12", "1.13"}
-        assert report.diff.max > 0  # 1.14 differs slightly from both primaries
+        assert (report.decisions, report.agree) == (60, agreeing)
+        assert report.agreement_rate == pytest.approx(agreeing / 60)
+        assert report.agreement_ci_low < report.agreement_rate < report.agreement_ci_high
+        assert sorted(report.primary_versions) == sorted({v for v, _, _ in expected.values()})
+        assert report.diff.max == pytest.approx(max(d for _, d, _ in expected.values()), rel=1e-4)
     lines = [json.loads(line) for line in (tmp_path / "shadow-diffs.jsonl").read_text().splitlines()]
     assert len(lines) == 60
-    first = lines[0]
-    assert first["shadow_version"] == "1.14" and first["primary_version"] in {"1.12", "1.13"}
-    assert len(first["routing_key_hash"]) == 16 and "user-" not in json.dumps(first)
-    assert first["outputs"][0]["name"] == "score" and first["outputs"][0]["max_abs"] >= 0
-    assert first["primary_ms"] > 0 and first["shadow_ms"] > 0 and first["request_id"]
+    for line in lines:
+        version, diff, same = expected[line["request_id"]]
+        assert (line["shadow_version"], line["primary_version"], line["agree"]) == ("1.14", version, int(same))
+        assert line["outputs"][0]["name"] == "score"
+        assert line["outputs"][0]["max_abs"] == pytest.approx(diff, rel=1e-4, abs=1e-7)
+        assert len(line["routing_key_hash"]) == 16 and "user-" not in json.dumps(line)
+        assert line["primary_ms"] > 0 and line["shadow_ms"] > 0
 
 
 def test_an_erroring_shadow_never_fails_the_primary() -> None:
