@@ -57,7 +57,7 @@ proto-check: $(STAMP_DEV) $(STAMP_PROTO)
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check gateway testkit tests benchmarks models scripts
 	$(VENV)/bin/ruff format --check gateway testkit tests benchmarks models scripts
-	$(VENV)/bin/mypy gateway
+	$(VENV)/bin/mypy gateway testkit tests benchmarks
 
 fmt: $(STAMP_DEV)
 	$(VENV)/bin/ruff format gateway testkit tests benchmarks models scripts

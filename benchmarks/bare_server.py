@@ -34,6 +34,10 @@ class Bare(gw_grpc.InferenceServicer):
         response.outputs.add(name="score", datatype=gw.DATA_TYPE_FP32, shape=score.shape, data=score.tobytes())
         return response
 
+    async def Feedback(self, request: gw.FeedbackRequest, context: grpc.aio.ServicerContext) -> gw.FeedbackResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the bare server serves Predict only")
+        raise AssertionError("abort raises")
+
 
 async def main(path: str) -> None:
     server = grpc.aio.server()

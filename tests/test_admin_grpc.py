@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.repository import file_sha256
@@ -163,7 +164,7 @@ def test_versions_load_and_unload(gw: RunningGateway, tmp_path: Path) -> None:
         ("GetRoutes", pb.GetRoutesRequest(revision=42), "NOT_FOUND", "no revision 42"),
     ],
 )
-def test_admin_errors(gw: RunningGateway, method: str, request_: object, code: str, message: str) -> None:
+def test_admin_errors(gw: RunningGateway, method: str, request_: Message, code: str, message: str) -> None:
     err = rpc_error(lambda: gw.admin(method, request_))
     assert err.code() == getattr(grpc.StatusCode, code), err.details()
     assert message in err.details()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import onnxruntime as ort
@@ -9,7 +10,7 @@ import onnxruntime as ort
 from testkit.gateways import MODELS
 
 
-def _generator():  # type: ignore[no-untyped-def]
+def _generator() -> ModuleType:
     spec = importlib.util.spec_from_file_location("make_demo_models", MODELS / "make_demo_models.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.orchestration.incidents import Incident, IncidentLog, format_traffic
+from gateway.orchestration.incidents import Incident, IncidentLog
+from gateway.routing import format_traffic
 from gateway.state.sqlite import SqliteStore
 
 AT = 1_800_000_000.0

@@ -54,6 +54,7 @@ def finished(gw: RunningGateway, exporter: InMemorySpanExporter) -> list[Any]:
 
 def points(reader: InMemoryMetricReader, name: str) -> list[Any]:
     data = reader.get_metrics_data()
+    assert data is not None
     return [
         point
         for resource in data.resource_metrics
