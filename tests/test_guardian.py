@@ -22,6 +22,7 @@ from gateway.state.sqlite import SqliteStore
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.windows import SeriesKey, WindowStore
 from testkit.gateways import MODELS, config_text
+from testkit.simulation import CTR_RULE
 
 
 def make(tmp_path: Path, clock: SimClock, **overrides: str) -> Gateway:
@@ -168,6 +169,39 @@ def test_ctr_drop_from_feedback(tmp_path: Path, clock: SimClock) -> None:
     assert verdict["values"]["candidate_ctr"] < verdict["values"]["baseline_ctr"]
     assert weights(gateway) == {"1.12": 100}
     assert gateway.feedback.feedback("never-served", 1.0).joined is False and gateway.feedback.unknown >= 1
+    gateway.close()
+
+
+def test_a_canary_routed_again_after_a_ctr_rollback_starts_a_new_experiment(tmp_path: Path, clock: SimClock) -> None:
+    """Found by measuring the CTR rule through the guardian (testkit/simulation.py): the experiment that
+    rolled a canary back outlived the rollback, so routing the canary again at the same share, before
+    a tick saw it at 0%, resumed the old evidence and rolled the new canary back on its first tick."""
+    gateway = make(tmp_path, clock, guardrails=f'["{CTR_RULE}"]', traffic='{"1.12": 50, "1.13": 50}')
+    windows = {v: gateway.telemetry.windows.window(SeriesKey("ctr-ranker", v)) for v in ("1.12", "1.13")}
+
+    def second(canary_ctr: float) -> None:  # 1,000 outcomes per arm, the clicks exactly at the rates
+        for version, ctr in (("1.13", canary_ctr), ("1.12", 0.05)):
+            clicks = round(1000 * ctr)
+            for outcome in [1.0] * clicks + [0.0] * (1000 - clicks):
+                windows[version].record_outcome(outcome)
+        clock.advance(1)
+
+    gateway.guardian.tick()  # the experiment starts
+    for _ in range(30):
+        second(canary_ctr=0.03)
+        if gateway.guardian.tick().incidents:
+            break
+    assert weights(gateway) == {"1.12": 100}  # a 40% drop: rolled back
+    gateway.control.set_traffic("oncall", "ctr-ranker", {"1.12": 50, "1.13": 50}, reason="fixed build, try again")
+    second(canary_ctr=0.05)  # the new canary is as good as stable
+    report = gateway.guardian.tick()  # a new experiment: it counts from this tick on
+    assert report.incidents == [] and weights(gateway) == {"1.12": 50, "1.13": 50}
+    assert report.verdicts["ctr-ranker/1.13"][0].samples == {"1.13": 0, "1.12": 0}
+    second(canary_ctr=0.05)
+    report = gateway.guardian.tick()
+    assert report.incidents == [] and weights(gateway) == {"1.12": 50, "1.13": 50}
+    (verdict,) = report.verdicts["ctr-ranker/1.13"]
+    assert verdict.status is Status.PASS and verdict.samples == {"1.13": 1000, "1.12": 1000}
     gateway.close()
 
 

@@ -290,6 +290,10 @@ class Guardian:
             return True, None
         incident.revision_after = result.revision
         incident.traffic_after = dict(self._control.state.endpoint(ep.name).weights)
+        # The endpoint's CTR experiments end with the rollback: a canary routed again, even before
+        # the next tick, is judged on new evidence, not on the evidence that rolled it back.
+        self._experiments = {k: v for k, v in self._experiments.items() if k[0] != ep.name}
+        self._evaluated = {k for k in self._evaluated if k[0] != ep.name}
         incident.outcome = f"rolled back to {ep.labels[STABLE]}"
         failed = self.rollouts.failed(ep.name, f"failed: guardrail {rule_text} (incident {incident.id})")
         if failed is not None:
