@@ -1,4 +1,4 @@
-"""Sliding windows with a fake clock: expiry, quantile error bound, memory bound, NaN rates."""
+"""Sliding windows on a simulated clock: expiry, quantile error bound, memory bound, NaN rates."""
 
 from __future__ import annotations
 
@@ -9,22 +9,12 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from gateway.clock import SimClock
 from gateway.telemetry.windows import BINS, RELATIVE_ERROR, SeriesKey, SlidingWindow, WindowStore
 
 
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def test_counts_expire_after_the_window() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     window = SlidingWindow(300, clock=clock)
     for _ in range(10):
         window.record(0.001, "OK")
@@ -46,7 +36,7 @@ def test_counts_expire_after_the_window() -> None:
 
 
 def test_a_slot_is_reused_after_a_full_lap() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     window = SlidingWindow(10, clock=clock)
     window.record(0.001, "OK")
     clock.advance(10)  # same slot index, a different second
@@ -63,7 +53,7 @@ def test_quantiles_are_within_the_relative_error_bound(distribution: str) -> Non
         "uniform": rng.uniform(0.0005, 0.05, size=50_000),
         "bimodal": np.concatenate([rng.normal(0.002, 0.0002, 40_000), rng.normal(0.2, 0.02, 10_000)]).clip(1e-5),
     }[distribution]
-    clock = FakeClock()
+    clock = SimClock()
     window = SlidingWindow(600, clock=clock)
     for i, value in enumerate(values):
         if i % 1000 == 0:
@@ -77,7 +67,7 @@ def test_quantiles_are_within_the_relative_error_bound(distribution: str) -> Non
 
 
 def test_memory_is_bounded_and_independent_of_traffic() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     rng = random.Random(3)
 
     def footprint(requests: int) -> int:
@@ -100,7 +90,7 @@ def test_memory_is_bounded_and_independent_of_traffic() -> None:
 
 
 def test_nan_rates_per_feature() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     window = SlidingWindow(600, features=3, clock=clock)
     window.record(0.001, "OK", rows=100, nan_per_feature=[0, 5, 0])
     window.record(0.001, "OK", rows=100, nan_per_feature=None)
@@ -110,7 +100,7 @@ def test_nan_rates_per_feature() -> None:
 
 
 def test_shadow_agreement() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     window = SlidingWindow(60, clock=clock)
     for agree in (1, 1, 1, 0):
         window.record_comparison(agree)
@@ -120,7 +110,7 @@ def test_shadow_agreement() -> None:
 
 
 def test_store_keeps_weighted_and_pinned_series_apart() -> None:
-    store = WindowStore(60, clock=FakeClock())
+    store = WindowStore(60, clock=SimClock())
     store.window(SeriesKey("ctr-ranker", "1.13")).record(0.001, "INTERNAL")
     store.window(SeriesKey("ctr-ranker", "1.13", pinned=True)).record(0.001, "OK")
     assert store.window(SeriesKey("ctr-ranker", "1.13")).stats(60).errors == 1
@@ -129,7 +119,7 @@ def test_store_keeps_weighted_and_pinned_series_apart() -> None:
 
 
 def test_a_window_made_before_any_request_counts_nans_once_features_arrive() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     store = WindowStore(600, clock=clock)
     window = store.window(SeriesKey("ctr-ranker", "1.13"))  # the guardian looked first: no features known
     window.record(0.001, "OK", rows=10)
@@ -144,10 +134,39 @@ def test_a_window_made_before_any_request_counts_nans_once_features_arrive() -> 
 
 
 def test_outcome_totals_outlive_the_window() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     window = SlidingWindow(10, clock=clock)
     for value in (1.0, 0.0, 1.0):
         window.record_outcome(value)
         clock.advance(10)
     assert window.stats(10).outcomes == 0
     assert window.outcome_totals() == (3, 2.0)
+
+
+class CountingSlots(list):  # type: ignore[type-arg]
+    """The window's ring, counting how many slots a query reads."""
+
+    reads = 0
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+        CountingSlots.reads += 1
+        return super().__getitem__(index)
+
+
+def test_a_query_reaching_before_the_first_event_or_after_the_last_reads_few_slots() -> None:
+    """The docstring's O(1) per query held only once a window was full of traffic: a new canary's
+    30-minute window walked up to 1,800 empty seconds on every guardian tick (found measuring the
+    CTR rule through the guardian, where it was most of a tick's time)."""
+    clock = SimClock()
+    window = SlidingWindow(1800, clock=clock)
+    window._slots = CountingSlots(window._slots)
+    for _ in range(10):  # a new series: ten seconds of traffic
+        window.record(0.001, "OK")
+        clock.advance(1)
+    CountingSlots.reads = 0
+    assert window.stats(1800).requests == 10
+    assert CountingSlots.reads <= 2
+    clock.advance(1200)  # idle since
+    CountingSlots.reads = 0
+    assert window.stats(60).requests == 0 and window.stats(1800).requests == 10
+    assert CountingSlots.reads <= 2

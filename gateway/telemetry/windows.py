@@ -157,6 +157,10 @@ class SlidingWindow:
         self._slots = [_Slot() for _ in range(horizon_seconds)]
         self._totals = _Totals(features)
         self._lock = threading.Lock()
+        # The first and the latest second that saw an event: a window reaching back before the
+        # first (a new canary's, for a whole window) or starting after the latest (an idle
+        # series) is answered without walking its empty seconds.
+        self._first_second = self._last_second = -1
 
     def _tick(self, now: float) -> _Totals:
         second = int(now)
@@ -164,6 +168,9 @@ class SlidingWindow:
         if slot.second != second:
             slot.second = second
             slot.start = self._totals.copy()
+            if self._first_second < 0:
+                self._first_second = second
+            self._last_second = second
         return self._totals
 
     def record(self, seconds: float, code: str, rows: int = 0, nan_per_feature: Sequence[int] | None = None) -> None:
@@ -243,7 +250,9 @@ class SlidingWindow:
 
     def _start_of(self, first: int, now: int) -> _Totals | None:
         """The running totals at the beginning of second `first` (None: nothing happened since)."""
-        for second in range(first, now + 1):
+        if self._last_second < first:
+            return None
+        for second in range(max(first, self._first_second), now + 1):
             slot = self._slots[second % self.horizon]
             if slot.second == second:
                 return slot.start
