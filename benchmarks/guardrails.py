@@ -1,4 +1,4 @@
-"""Issue 6's figures: breach onset to rollback, the guardian's CPU per tick, and the CTR test.
+"""Issue 6's figures: breach onset to rollback, the guardian's CPU per tick, and the CTR rule.
 
 All on a simulated clock with the real gateway core (onnxruntime, SQLite, windows, guardian):
 
@@ -10,12 +10,15 @@ All on a simulated clock with the real gateway core (onnxruntime, SQLite, window
 - guardian CPU per tick: 10 endpoints x 3 versions, 4 rules each, windows filled for 30
   minutes with Feedback outcomes for every request; process CPU time per tick, median of 50
   ticks, one simulated second of traffic between ticks (outside the timed region).
-- the CTR test: the A/A false-rollback rate and the power for 5.0% -> 4.5% by 60,000 per arm.
+- the CTR rule through the guardian (testkit.simulation.ctr_rollouts): back-to-back 50/50
+  canaries, outcomes into the sliding windows every simulated second, the guardian ticking
+  every second with the rule as written; the A/A false-rollback rate and the power for
+  5.0% -> 4.5% by 60,000 outcomes per arm. At 25 outcomes per arm per second a run lasts
+  40 minutes, beyond the rule's 30-minute window and the windows' 30-minute history.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
 import shutil
 import statistics
@@ -27,54 +30,13 @@ import numpy as np
 
 from gateway.app import Gateway
 from gateway.clock import SimClock
-from gateway.desired import parse_route_file
-from gateway.errors import GatewayError
 from gateway.faults import Fault
-from gateway.guardrails.rules import parse_rule
-from gateway.guardrails.sequential import SequentialDropTest
-from gateway.inference import InferRequest
-from gateway.state.sqlite import SqliteStore
-from gateway.telemetry.metrics import Telemetry
-from gateway.telemetry.windows import WindowStore
 from testkit.gateways import MODELS
+from testkit.simulation import CTR_RULE, CtrSetup, ctr_rollouts, drive, endpoint_yaml, sim_gateway
 
 SEEDS = (1, 2, 3, 4, 5)
-CTR_RULE = "ctr_drop > 5% p < 0.05 for 30m"
 FILL_SECONDS, TICKS = 1800, 50  # guardian CPU: simulated seconds of traffic before the timed ticks, timed ticks
-RUNS, PER_ARM, PER_TICK = 200, 60_000, 500  # CTR simulation: rollouts, outcomes per arm, outcomes between looks
-
-
-def _gateway(scratch: Path, text: str, clock: SimClock, root: Path = MODELS) -> Gateway:
-    config = parse_route_file(text, base_dir=root).model_copy(update={"model_root": root})
-    gateway = Gateway(
-        config, SqliteStore(scratch / "state.db"), telemetry=Telemetry(WindowStore(3600, clock=clock)), clock=clock
-    )
-    gateway.start()
-    return gateway
-
-
-def _endpoint(name: str, rules: list[str], traffic: str = '{"1.12": 90, "1.13": 10}') -> str:
-    quoted = ", ".join(f'"{r}"' for r in rules)
-    return (
-        f'  {name}:\n    versions: ["1.12", "1.13", "1.14"]\n    traffic: {traffic}\n'
-        f'    labels: {{stable: "1.12", canary: "1.13"}}\n    guardrails: [{quoted}]\n'
-    )
-
-
-def _drive(
-    gateway: Gateway, clock: SimClock, endpoint: str, rng: np.random.Generator, nan_on: str = "", ctr: float = 0.0
-) -> None:
-    """One simulated second of traffic (50 requests); with `ctr`, each request gets a Feedback outcome."""
-    routes = gateway.router.table.endpoint(endpoint)
-    for i in range(50):
-        key = f"u{clock.now:.0f}-{i}"
-        x = rng.normal(size=(1, 32)).astype(np.float32)
-        if nan_on and routes.choose(key).version == nan_on:
-            x[0, 5] = np.nan
-        with contextlib.suppress(GatewayError):
-            result = gateway.inference.infer(InferRequest(endpoint, {"features": x}, routing_key=key))
-            if ctr:
-                gateway.feedback.feedback(result.request_id, float(rng.random() < ctr))
+CTR_RUNS = 200  # simulated canaries per CTR figure
 
 
 def _weights(gateway: Gateway) -> dict[str, int]:
@@ -88,12 +50,12 @@ def onset_to_rollback(rule: str, fault: Fault | None, nan_on: str, seed: int) ->
     rng = np.random.default_rng(seed)
     random.seed(seed)  # gateway.faults draws injected errors from `random`
     with tempfile.TemporaryDirectory() as scratch:
-        gateway = _gateway(Path(scratch), f"endpoints:\n{_endpoint('ctr-ranker', [rule])}", clock)
+        gateway = sim_gateway(Path(scratch), "endpoints:\n" + endpoint_yaml("ctr-ranker", [rule]), clock)
         try:
             before = _weights(gateway)
             rules = gateway.control.state.endpoint("ctr-ranker").guardrails
             for _ in range(max(r.window_seconds for r in rules.rules)):  # healthy traffic fills every window
-                _drive(gateway, clock, "ctr-ranker", rng)
+                drive(gateway, clock, rng)
                 clock.advance(1)
                 gateway.guardian.tick()
             if _weights(gateway) != before:
@@ -103,7 +65,7 @@ def onset_to_rollback(rule: str, fault: Fault | None, nan_on: str, seed: int) ->
             onset = clock.now
             window = rules.rules[0].window_seconds
             while clock.now - onset < window * 3:
-                _drive(gateway, clock, "ctr-ranker", rng, nan_on)
+                drive(gateway, clock, rng, nan_on=nan_on)
                 clock.advance(1)
                 gateway.guardian.tick()
                 if _weights(gateway) == {"1.12": 100}:
@@ -136,14 +98,14 @@ def guardian_cpu_per_tick(fill_seconds: int = FILL_SECONDS, ticks: int = TICKS) 
         for i in range(10):
             shutil.copytree(MODELS / "ctr-ranker", root / f"ep-{i}")
         text = "endpoints:\n" + "".join(
-            _endpoint(f"ep-{i}", rules, '{"1.12": 80, "1.13": 10, "1.14": 10}') for i in range(10)
+            endpoint_yaml(f"ep-{i}", rules, '{"1.12": 80, "1.13": 10, "1.14": 10}') for i in range(10)
         )
-        gateway = _gateway(Path(scratch), text, clock, root)
+        gateway = sim_gateway(Path(scratch), text, clock, model_root=root)
         try:
 
             def second() -> None:
                 for i in range(10):
-                    _drive(gateway, clock, f"ep-{i}", rng, ctr=0.05)
+                    drive(gateway, clock, rng, endpoint=f"ep-{i}", ctr=0.05)
                 clock.advance(1)
 
             gateway.guardian.tick()  # starts each canary's CTR experiment: it counts outcomes from here on
@@ -162,29 +124,6 @@ def guardian_cpu_per_tick(fill_seconds: int = FILL_SECONDS, ticks: int = TICKS) 
         finally:
             gateway.close()
     return statistics.median(samples), min(ctr_verdicts), incidents
-
-
-def ctr_rollouts(canary_ctr: float, seed: int) -> tuple[float, float]:
-    """Simulated rollouts of the CTR rule's sequential test (stable at 5%): the share that roll back
-    (p below the rule's alpha and a drop above its threshold, looked at every PER_TICK outcomes per
-    arm up to PER_ARM), and the median outcomes per arm at detection."""
-    rule = parse_rule(CTR_RULE)
-    assert rule.alpha is not None
-    rng = np.random.default_rng(seed)
-    fired, when = 0, []
-    for _ in range(RUNS):
-        test = SequentialDropTest()
-        canary = stable = n = 0
-        while n < PER_ARM:
-            canary += rng.binomial(PER_TICK, canary_ctr)
-            stable += rng.binomial(PER_TICK, 0.05)
-            n += PER_TICK
-            result = test.update(canary, n, stable, n)
-            if result.p_value < rule.alpha and result.relative_drop > rule.threshold:
-                fired += 1
-                when.append(n)
-                break
-    return fired / RUNS, float(np.median(when)) if when else float("nan")
 
 
 def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
@@ -208,8 +147,10 @@ def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
             verdict += f" ({len(times)} of {len(SEEDS)} seeds measured)"
         rows.append(f"| `{rule}` | {what} | {figures} | {bound} s | {false_alarms} | {verdict} |")
     cpu, ctr_verdicts, incidents = guardian_cpu_per_tick()
-    aa, _ = ctr_rollouts(0.05, seed=11)
-    power, median = ctr_rollouts(0.045, seed=12)
+    setup = CtrSetup()
+    aa = ctr_rollouts(0.05, CTR_RUNS, seed=11, setup=setup)
+    power = ctr_rollouts(0.045, CTR_RUNS, seed=12, setup=setup)
+    minutes = power.median_at / setup.per_second / 60
     return (
         f"Onset -> rollback: {len(SEEDS)} seeds per rule (seeding the traffic and the injected faults), each after "
         "healthy traffic for the rule's window; median and range over the seeds.\n\n"
@@ -221,7 +162,11 @@ def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
         f"**{cpu * 1000:.1f} ms** (median of {TICKS} ticks; a tick is 1 s). "
         f"CTR verdicts with a p-value per timed tick: at least {ctr_verdicts} of 20; "
         f"incidents in the timed ticks: {incidents}.\n\n"
-        f"CTR test (`{CTR_RULE}`, {RUNS} simulated rollouts each, looked at every {PER_TICK} outcomes per arm): "
-        f"A/A false rollbacks **{aa:.1%}** (alpha 0.05); a 5.0% -> 4.5% drop detected in **{power:.1%}** of runs "
-        f"by {PER_ARM:,} per arm (median {median:.0f} per arm at detection)."
+        f"CTR rule through the guardian (`{CTR_RULE}`; {CTR_RUNS} back-to-back 50/50 canaries per figure on one "
+        f"gateway; {setup.per_second} outcomes per arm per simulated second into the sliding windows, a guardian "
+        f"tick every second, up to {setup.per_arm:,} outcomes per arm = {setup.seconds // 60} minutes per run, "
+        f"windows keeping {setup.window_history // 60} minutes): A/A false rollbacks **{aa.rollback_rate:.1%}** "
+        f"(alpha 0.05); a 5.0% -> 4.5% drop rolled back in **{power.rollback_rate:.1%}** of runs by "
+        f"{setup.per_arm:,} per arm (median {power.median_at:,.0f} per arm at the rollback, "
+        f"{minutes:.0f} simulated minutes)."
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -10,28 +9,19 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.clock import SimClock
-from gateway.desired import parse_route_file
-from gateway.errors import GatewayError, InvalidInput
+from gateway.errors import InvalidInput
 from gateway.faults import Fault
 from gateway.guardrails.rules import RuleSet
 from gateway.inference import InferRequest
 from gateway.orchestration.evaluate import Status
 from gateway.orchestration.rollout import RolloutDriver
-from gateway.routing import EndpointRoutes
-from gateway.state.sqlite import SqliteStore
-from gateway.telemetry.metrics import Telemetry
-from gateway.telemetry.windows import SeriesKey, WindowStore
-from testkit.gateways import MODELS, config_text
-from testkit.simulation import CTR_RULE
+from gateway.telemetry.windows import SeriesKey
+from testkit.gateways import config_text
+from testkit.simulation import CTR_RULE, drive, sim_gateway
 
 
 def make(tmp_path: Path, clock: SimClock, **overrides: str) -> Gateway:
-    config = parse_route_file(config_text(**overrides), base_dir=MODELS)
-    gateway = Gateway(
-        config, SqliteStore(tmp_path / "state.db"), telemetry=Telemetry(WindowStore(3600, clock=clock)), clock=clock
-    )
-    gateway.start()
-    return gateway
+    return sim_gateway(tmp_path, config_text(**overrides), clock)
 
 
 @pytest.fixture
@@ -42,16 +32,8 @@ def clock() -> SimClock:
 def traffic(gateway: Gateway, clock: SimClock, seconds: int, per_second: int = 50, nan_on: str = "") -> None:
     """Requests through the real inference path, `per_second` per simulated second."""
     rng = np.random.default_rng(0)
-    routes: EndpointRoutes = gateway.router.table.endpoint("ctr-ranker")
-    for second in range(seconds):
-        for i in range(per_second):
-            key = f"user-{second}-{i}"
-            x = rng.normal(size=(1, 32)).astype(np.float32)
-            if nan_on and routes.choose(key).version == nan_on:
-                x[0, 3] = np.nan
-            # Injected faults fail requests; the guardian sees the failures in the windows.
-            with contextlib.suppress(GatewayError):
-                gateway.inference.infer(InferRequest("ctr-ranker", {"features": x}, routing_key=key))
+    for _ in range(seconds):
+        drive(gateway, clock, rng, per_second=per_second, nan_on=nan_on, nan_feature=3)
         clock.advance(1)
 
 

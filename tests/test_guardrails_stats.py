@@ -1,7 +1,12 @@
-"""The CTR test keeps its false-alarm rate although it is checked every tick, and has the power asked for.
+"""The CTR rule keeps its false-rollback rate although the guardian checks it every tick, and has the
+power asked for, measured through the guardian itself (testkit.simulation.ctr_rollouts: outcomes in
+the sliding windows every simulated second, a guardian tick every second, the rule as written, a
+rollback being the guardian moving the traffic to stable).
 
-Figures reported (`pytest tests/test_guardrails_stats.py -s` prints them):
-A/A false-rollback rate and detection power of a 5.0% -> 4.5% CTR drop by 60,000 requests per arm.
+Figures reported (`pytest tests/test_guardrails_stats.py -s` prints them; benchmarks/guardrails.py
+measures them at a production pace, beyond the 30-minute window): the A/A false-rollback rate and
+the share of 5.0% -> 4.5% canaries rolled back by 60,000 outcomes per arm. The value-per-request test
+(`value_drop`) is checked on the statistic alone below.
 """
 
 from __future__ import annotations
@@ -18,41 +23,29 @@ from gateway.guardrails.sequential import (
     SequentialMeanDropTest,
     msprt_p_value,
 )
-
-RUNS = 200
-PER_ARM = 60_000
-PER_TICK = 500  # outcomes per arm between two looks (120 looks per run)
+from testkit.simulation import CtrSetup, ctr_rollouts
 
 
-def rollouts(canary_ctr: float, seed: int) -> tuple[float, float]:
-    """Share of runs that roll back (p < 0.05 and drop > 5%), and the median requests per arm at detection."""
-    rng = np.random.default_rng(seed)
-    fired, when = 0, []
-    for _ in range(RUNS):
-        test = SequentialDropTest()
-        canary = stable = n = 0
-        while n < PER_ARM:
-            canary += rng.binomial(PER_TICK, canary_ctr)
-            stable += rng.binomial(PER_TICK, 0.05)
-            n += PER_TICK
-            result = test.update(canary, n, stable, n)
-            if result.p_value < 0.05 and result.relative_drop > 0.05:
-                fired += 1
-                when.append(n)
-                break
-    return fired / RUNS, float(np.median(when)) if when else float("nan")
+@pytest.mark.slow
+def test_a_a_canaries_through_the_guardian_keep_the_false_rollback_rate() -> None:
+    # A 1-minute rule and 1 minute of window history, so that each 200-second run outlives its window
+    # three times over (the sliding windows wrap; the experiment must count from its start regardless).
+    setup = CtrSetup(per_arm=20_000, per_second=100, rule="ctr_drop > 5% p < 0.05 for 1m", window_history=60)
+    result = ctr_rollouts(0.05, runs=200, seed=11, setup=setup)
+    print(f"\nA/A through the guardian: {result.rollback_rate:.1%} of {result.runs} canaries rolled back")
+    assert result.runs == 200
+    assert result.rollback_rate <= 0.05
 
 
-def test_a_a_rollouts_keep_the_false_alarm_rate() -> None:
-    rate, _ = rollouts(0.05, seed=11)
-    print(f"\nA/A: {rate:.1%} of {RUNS} rollouts rolled back (checked every {PER_TICK} outcomes per arm)")
-    assert rate <= 0.05
-
-
-def test_a_ten_percent_drop_is_detected_by_60k_per_arm() -> None:
-    power, median = rollouts(0.045, seed=12)
-    print(f"\n5.0% -> 4.5%: detected in {power:.1%} of {RUNS} runs; median {median:.0f} requests per arm")
-    assert power >= 0.90
+@pytest.mark.slow
+def test_a_ten_percent_ctr_drop_is_rolled_back_by_60k_per_arm_through_the_guardian() -> None:
+    setup = CtrSetup(per_second=500)  # the rule as written; the guardian looks every 500 outcomes per arm
+    result = ctr_rollouts(0.045, runs=100, seed=12, setup=setup)
+    print(
+        f"\n5.0% -> 4.5%: {result.rollback_rate:.1%} of {result.runs} canaries rolled back, median {result.median_at:.0f} per arm"
+    )
+    assert result.rollback_rate >= 0.90
+    assert max(result.detected_at) <= setup.per_arm
 
 
 def test_p_value_is_one_without_evidence_and_small_with_it() -> None:
