@@ -42,6 +42,10 @@ run: $(STAMP_RUN)
 test: $(STAMP_DEV) proto-check
 	$(PY) -m pytest -q $(ARGS)
 
+# The suite without the tests marked slow (processes, load, statistics): for quick iterations. CI runs make test.
+test-fast: $(STAMP_DEV)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
 bench: $(STAMP_DEV)
 	$(PY) -m benchmarks $(ARGS)
 

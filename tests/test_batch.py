@@ -261,6 +261,7 @@ def test_a_crash_mid_score_leaves_no_run_and_the_pointer_where_it_was(tmp_path: 
     assert retry.returncode == 0, retry.stderr  # a crashed attempt's leftovers do not block the re-run
 
 
+@pytest.mark.slow
 def test_cli_validate_exit_codes_and_history(tmp_path: Path) -> None:
     good, bad = tmp_path / "good.parquet", tmp_path / "bad.parquet"
     pq.write_table(table(3_000, seed=5), good)
@@ -322,6 +323,7 @@ def cli_batch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_list_column_of_the_wrong_width_and_a_string_column(tmp_path: Path) -> None:
     narrow = tmp_path / "narrow.parquet"
     x = np.zeros((10, 16), np.float32)

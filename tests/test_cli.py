@@ -15,6 +15,8 @@ import pytest
 from gateway.cli import build_parser
 from testkit.gateways import ROOT, GatewayProcess, config_text
 
+pytestmark = pytest.mark.slow  # `gateway` as users run it: one or more processes per test
+
 GATEWAY = [sys.executable, "-m", "gateway.cli"]
 ROW = json.dumps([0.1] * 32)
 

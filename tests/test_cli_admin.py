@@ -8,26 +8,51 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from gateway.state.sqlite import SqliteStore
 from testkit.gateways import ONCALL_TOKEN, ROOT, GatewayProcess
 
 GATEWAY = [sys.executable, "-m", "gateway.cli"]
 ROW = json.dumps([0.1] * 32)
 
 
+pytestmark = pytest.mark.slow  # each test runs the CLI as processes against a gateway process
+
+
+@contextmanager
+def gateway_process(store: Path) -> Iterator[dict[str, str]]:
+    gateway = GatewayProcess(store)
+    try:
+        yield {
+            "GATEWAY_ADMIN_TARGET": gateway.admin_target,
+            "GATEWAY_ADMIN_TOKEN": ONCALL_TOKEN,
+            "INFERENCE": gateway.target,
+        }
+    finally:
+        assert gateway.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One gateway for the tests that only read or are refused: none of them may change its state."""
+    store = tmp_path_factory.mktemp("admin-cli") / "gateway.db"
+    with gateway_process(store) as env:
+        yield env
+    state = SqliteStore(store)
+    revisions = state.revisions(limit=10)
+    state.close()
+    assert [r.revision for r in revisions] == [1], "a test changed the shared gateway: give it `fresh`"
+
+
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A fresh gateway process per test: these tests change its routes, so none may see another's changes."""
-    gateway = GatewayProcess(tmp_path / "gateway.db")
-    yield {
-        "GATEWAY_ADMIN_TARGET": gateway.admin_target,
-        "GATEWAY_ADMIN_TOKEN": ONCALL_TOKEN,
-        "INFERENCE": gateway.target,
-    }
-    assert gateway.stop() == 0
+def fresh(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A gateway of the test's own, for tests that change routes (no other test sees the change)."""
+    with gateway_process(tmp_path / "gateway.db") as env:
+        yield env
 
 
 def gateway(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -52,11 +77,11 @@ def test_routes_and_versions_tables(served: dict[str, str]) -> None:
     assert {v["version"]: v["state"] for v in body} == {"1.12": "ready", "1.13": "ready", "1.14": "ready"}
 
 
-def test_the_2am_rollback(served: dict[str, str]) -> None:
-    ramp = gateway(served, "admin", "set-traffic", "ctr-ranker", "1.12=75", "1.13=25", "--reason", "ramp")
+def test_the_2am_rollback(fresh: dict[str, str]) -> None:
+    ramp = gateway(fresh, "admin", "set-traffic", "ctr-ranker", "1.12=75", "1.13=25", "--reason", "ramp")
     assert ramp.returncode == 0, ramp.stderr
     assert "ctr-ranker traffic 1.13: 10 -> 25" in ramp.stdout
-    rollback = gateway(served, "admin", "rollback", "ctr-ranker", "--reason", "CTR drop", "--json")
+    rollback = gateway(fresh, "admin", "rollback", "ctr-ranker", "--reason", "CTR drop", "--json")
     assert rollback.returncode == 0, rollback.stderr
     change = json.loads(rollback.stdout)
     assert change["dry_run"] is False and change["revision"] >= 3
@@ -64,7 +89,7 @@ def test_the_2am_rollback(served: dict[str, str]) -> None:
     # The very next request is served by stable, whatever its key.
     for key in ("a", "b", "c", "d", "e"):
         served_by = gateway(
-            served,
+            fresh,
             "predict",
             "ctr-ranker",
             "--features",
@@ -72,32 +97,32 @@ def test_the_2am_rollback(served: dict[str, str]) -> None:
             "--routing-key",
             key,
             "--target",
-            served["INFERENCE"],
+            fresh["INFERENCE"],
             "--json",
         )
         assert json.loads(served_by.stdout)["version"] == "1.12"
-    audit = gateway(served, "admin", "audit", "ctr-ranker", "--json")
+    audit = gateway(fresh, "admin", "audit", "ctr-ranker", "--json")
     newest = json.loads(audit.stdout)[0]
     assert (newest["actor"], newest["action"], newest["reason"]) == ("oncall", "rollback", "CTR drop")
 
 
-def test_dry_run_and_label(served: dict[str, str]) -> None:
-    dry = gateway(served, "admin", "switch", "ctr-ranker", "1.14", "--reason", "try", "--dry-run")
+def test_dry_run_and_label(fresh: dict[str, str]) -> None:
+    dry = gateway(fresh, "admin", "switch", "ctr-ranker", "1.14", "--reason", "try", "--dry-run")
     assert dry.returncode == 0 and dry.stdout.startswith("dry run against revision")
-    label = gateway(served, "admin", "label", "ctr-ranker", "shadowy", "1.14", "--reason", "tag")
+    label = gateway(fresh, "admin", "label", "ctr-ranker", "shadowy", "1.14", "--reason", "tag")
     assert label.returncode == 0 and 'label shadowy: (none) -> "1.14"' in label.stdout
-    missing = gateway(served, "admin", "label", "ctr-ranker", "shadowy", "--reason", "x")
+    missing = gateway(fresh, "admin", "label", "ctr-ranker", "shadowy", "--reason", "x")
     assert missing.returncode == 2 and "--remove" in missing.stderr
 
 
-def test_label_remove_deletes_the_label(served: dict[str, str]) -> None:
-    label = gateway(served, "admin", "label", "ctr-ranker", "doomed", "1.13", "--reason", "tag")
+def test_label_remove_deletes_the_label(fresh: dict[str, str]) -> None:
+    label = gateway(fresh, "admin", "label", "ctr-ranker", "doomed", "1.13", "--reason", "tag")
     assert label.returncode == 0, label.stderr
-    both = gateway(served, "admin", "label", "ctr-ranker", "doomed", "1.14", "--remove", "--reason", "x")
+    both = gateway(fresh, "admin", "label", "ctr-ranker", "doomed", "1.14", "--remove", "--reason", "x")
     assert both.returncode == 2 and "--remove deletes the label: give no VERSION" in both.stderr
-    removed = gateway(served, "admin", "label", "ctr-ranker", "doomed", "--remove", "--reason", "untag")
+    removed = gateway(fresh, "admin", "label", "ctr-ranker", "doomed", "--remove", "--reason", "untag")
     assert removed.returncode == 0 and 'label doomed: "1.13" -> (none)' in removed.stdout
-    routes = json.loads(gateway(served, "admin", "routes", "ctr-ranker", "--json").stdout)
+    routes = json.loads(gateway(fresh, "admin", "routes", "ctr-ranker", "--json").stdout)
     assert "doomed" not in routes["endpoints"][0]["labels"]
 
 
@@ -133,14 +158,14 @@ def test_reason_is_required_by_the_cli(served: dict[str, str]) -> None:
     assert result.returncode == 2 and "--reason" in result.stderr
 
 
-def test_apply_file(served: dict[str, str], tmp_path: Path) -> None:
+def test_apply_file(fresh: dict[str, str], tmp_path: Path) -> None:
     document = (
         (ROOT / "models" / "gateway.yaml").read_text().replace('{"1.12": 90, "1.13": 10}', '{"1.12": 60, "1.13": 40}')
     )
     path = tmp_path / "routes.yaml"
     path.write_text(document)
-    result = gateway(served, "admin", "apply", "-f", str(path), "--reason", "declarative 60/40")
+    result = gateway(fresh, "admin", "apply", "-f", str(path), "--reason", "declarative 60/40")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "revision 2\n  ctr-ranker traffic 1.12: 90 -> 60\n  ctr-ranker traffic 1.13: 10 -> 40\n"
-    routes = json.loads(gateway(served, "admin", "routes", "ctr-ranker", "--json").stdout)
+    routes = json.loads(gateway(fresh, "admin", "routes", "ctr-ranker", "--json").stdout)
     assert routes["endpoints"][0]["traffic"] == {"1.12": 60, "1.13": 40}

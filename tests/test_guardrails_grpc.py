@@ -83,6 +83,7 @@ def test_fault_is_audited_flagged_in_routes_and_spans_and_adds_latency() -> None
     runtime.shutdown()
 
 
+@pytest.mark.slow
 def test_guardrails_rollout_and_incidents_over_the_api_and_cli() -> None:
     with running_gateway() as gw_:
         bad = cli(gw_, "admin", "guardrails", "ctr-ranker", "--guardrail", "error_rate > lots for 5m", "--reason", "x")

@@ -66,6 +66,7 @@ def test_quantiles_are_within_the_relative_error_bound(distribution: str) -> Non
         assert abs(estimate - exact) <= RELATIVE_ERROR * exact * 1.01, (q, exact, estimate)
 
 
+@pytest.mark.slow
 def test_memory_is_bounded_and_independent_of_traffic() -> None:
     clock = SimClock()
     rng = random.Random(3)
