@@ -1,10 +1,12 @@
 """Issue 5's benchmark: the primary's latency and throughput with a 100% shadow vs none.
 
-Three gateways side by side (same models and weights): no shadow; every live request
-mirrored to 1.14; and the same with a shadow queue of 16, so the CPU budget's pauses show
-up as shed copies. Closed loop, batch 1, concurrency 1, 8 and 32, alternating over rounds
-(the order reversed on odd rounds); ratios are the median of per-round ratios. After each
-concurrency the shadows' reports give mirrored / compared / dropped copies.
+Four gateways side by side (same models and weights): no shadow; every live request
+mirrored to 1.14; the same with a shadow queue of 16, so the CPU budget's pauses show up as
+shed copies; and every request mirrored to a shadow that takes 50 ms longer (an injected
+latency fault), which must shed copies rather than slow the primary. Closed loop, batch 1,
+concurrency 1, 8 and 32, alternating over rounds (the order reversed on odd rounds); ratios
+are the median of per-round ratios. After each concurrency the shadows' reports give
+mirrored / compared / dropped copies.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
 from testkit.gateways import DEMO_CONFIG, MODELS
 
 NONE = "no shadow"
+SLOW = "shadow 100%, 50 ms slower"
 
 
 def _totals(server: Server) -> tuple[int, int, int]:
@@ -39,6 +42,16 @@ def _totals(server: Server) -> tuple[int, int, int]:
             pb.GetShadowReportRequest(endpoint="ctr-ranker", window_seconds=86400), metadata=ADMIN_METADATA, timeout=10
         )
     return report.mirrored, report.compared, report.dropped
+
+
+def _slow_down_the_shadow(server: Server) -> None:
+    """Every shadow run of 1.14 waits 50 ms first (an injected fault): the primary must not notice."""
+    with grpc.insecure_channel(admin_target(server)) as channel:
+        pb_grpc.AdminStub(channel).SetFault(
+            pb.SetFaultRequest(endpoint="ctr-ranker", version="1.14", latency_ms=50, reason="slow shadow"),
+            metadata=ADMIN_METADATA,
+            timeout=10,
+        )
 
 
 def _row(concurrency: int, name: str, runs: list[dict[str, float]], off: list[dict[str, float]]) -> str:
@@ -64,6 +77,8 @@ def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
             servers.append(start_gateway(NONE, ["--config", str(plain)]))
             servers.append(start_gateway("shadow 100%", ["--config", str(shadowed)]))
             servers.append(start_gateway("shadow 100%, queue 16", ["--config", str(shadowed), "--shadow-queue", "16"]))
+            servers.append(start_gateway(SLOW, ["--config", str(shadowed)]))
+            _slow_down_the_shadow(servers[-1])
             for concurrency in concurrencies:
                 before = [_totals(s) for s in servers[1:]]
                 results = alternate(servers, rounds, partial(load, concurrency=concurrency, seconds=seconds))
