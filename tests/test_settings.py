@@ -17,7 +17,7 @@ from gateway.cli.serve import register
 from gateway.errors import ConfigError
 from gateway.logs import REQUEST_ID, TRACE_ID, configure_logging
 from gateway.settings import GatewaySettings, ShadowSettings, setting_flags
-from tests.helpers import ROOT, config_text
+from testkit.gateways import ROOT, config_text
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_secrets_have_no_flag_and_every_other_setting_has_one_with_its_docstring
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    help_text = parser._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    help_text = parser._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr,index]
     assert "Seconds between guardrail evaluations" in help_text and "$GATEWAY_GUARDIAN_TICK" in help_text
 
 
@@ -158,7 +158,7 @@ def test_an_unexpected_failure_is_logged_with_its_request_id(
 ) -> None:
     import grpc
 
-    from tests.helpers import running_gateway
+    from testkit.gateways import running_gateway
 
     configure_logging("INFO", "json", stream=log_buffer)
     with running_gateway() as gw:

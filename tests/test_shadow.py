@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from gateway.faults import Fault
 from gateway.pb.gateway.v1 import admin_pb2 as pb
-from gateway.shadow.runner import ShadowSettings
+from gateway.settings import ShadowSettings
 from gateway.telemetry.setup import TelemetrySettings, build_telemetry
 from gateway.telemetry.tracing import Sampler
 from gateway.telemetry.windows import SeriesKey
