@@ -27,7 +27,6 @@ import numpy as np
 
 from benchmarks.common import (
     ADMIN_METADATA,
-    ROOT,
     Server,
     admin_target,
     alternate,
@@ -39,6 +38,7 @@ from benchmarks.loadgen import request
 from gateway.pb.gateway.v1 import admin_pb2 as admin_pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
+from testkit.gateways import ROOT
 
 CHANGES = 100
 PROCESSES = 3
@@ -63,7 +63,8 @@ def _propagation(store: str) -> dict[str, float]:
         probe = request("probe")
         for predict in predicts:
             predict(probe, timeout=10)
-        each, slowest = [], []
+        each: list[float] = []
+        slowest: list[float] = []
         for change in range(CHANGES):
             canary = 11 + change % 50
             weights = {"1.12": 100 - canary, "1.13": canary}
@@ -117,7 +118,7 @@ def _load(server: Server, concurrency: int, seconds: float) -> dict[str, float]:
 
 
 def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
-    from tests.etcd_server import EtcdServer
+    from testkit.etcd import EtcdServer
 
     lines = [
         f"Propagation: {PROCESSES} processes, {CHANGES} changes, each through the next process's admin port; "

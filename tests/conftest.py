@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.etcd_server import etcd, own_etcd  # noqa: F401 - fixtures
+from testkit.etcd import EtcdServer
 from testkit.gateways import RunningGateway, running_gateway
 
 
@@ -13,3 +14,19 @@ def demo() -> Iterator[RunningGateway]:
     """The demo gateway (90% 1.12 stable, 10% 1.13 canary, 1.14 loaded) on a free port."""
     with running_gateway() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """One etcd for the session; tests keep apart by prefix (`etcd.url()`)."""
+    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data").start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """An etcd this test may kill and restart."""
+    server = EtcdServer(tmp_path / "etcd-data").start()
+    yield server
+    server.kill()

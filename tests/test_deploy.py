@@ -20,7 +20,7 @@ from gateway.desired import parse_route_file
 from gateway.settings import GatewaySettings
 from gateway.state import open_store
 from gateway.state.etcd import EtcdStore
-from tests.helpers import ROOT
+from testkit.gateways import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
 #: The oldest Kubernetes these manifests promise to work on (native gRPC probes are GA from 1.27).

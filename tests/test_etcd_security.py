@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from gateway.errors import StoreUnavailable
 from gateway.state import AuditDraft, open_store
 from gateway.state.etcd import EtcdStore
 from gateway.state.etcd_client import encode, prefix_end
-from tests.etcd_server import EtcdServer
+from testkit.etcd import EtcdServer
 
 PREFIX = "/secure"
 
@@ -25,7 +26,7 @@ def draft(before: int = 0) -> AuditDraft:
 @pytest.fixture
 def auth_etcd(own_etcd: EtcdServer) -> EtcdServer:
     """root (root role) and `gw`, who may read and write only under /secure; auth on."""
-    for path, body in [
+    steps: list[tuple[str, dict[str, Any]]] = [
         ("/v3/auth/role/add", {"name": "root"}),
         ("/v3/auth/user/add", {"name": "root", "password": "rootpw"}),
         ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
@@ -40,7 +41,8 @@ def auth_etcd(own_etcd: EtcdServer) -> EtcdServer:
         ("/v3/auth/user/add", {"name": "gw", "password": "gwpw"}),
         ("/v3/auth/user/grant", {"user": "gw", "role": "gateway"}),
         ("/v3/auth/enable", {}),
-    ]:
+    ]
+    for path, body in steps:
         own_etcd.call(path, body)
     return own_etcd
 

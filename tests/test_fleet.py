@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import threading
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -18,9 +19,9 @@ import pytest
 
 from gateway.pb.gateway.v1 import admin_pb2 as admin_pb
 from gateway.pb.grpc.health.v1 import health_pb2, health_pb2_grpc
-from tests.etcd_server import EtcdServer
-from tests.fleet import Member, propagation_seconds, start_members, wait_until
-from tests.helpers import bearer
+from testkit.etcd import EtcdServer
+from testkit.fleet import Member, propagation_seconds, start_members, wait_until
+from testkit.gateways import bearer
 
 pytestmark = pytest.mark.slow
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -70,6 +71,10 @@ class Traffic:
         self._thread.join(10)
 
 
+def _disconnected(member: Member) -> bool:
+    return not _store_connected(member)
+
+
 def _store_connected(member: Member) -> bool:
     return member.routes().store.connected
 
@@ -91,7 +96,7 @@ def test_etcd_restart_in_a_stream_of_changes(own_etcd: EtcdServer) -> None:
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert f"the state store etcd://{own_etcd.endpoint}/restart is unreachable" in refused.value.details()
                 assert "keeps serving revision 4" in refused.value.details()
-            assert all(wait_until(lambda m=m: not _store_connected(m)) for m in members)
+            assert all(wait_until(partial(_disconnected, m)) for m in members)
             routes = members[0].routes()
             assert (routes.revision, routes.store.connected) == (4, False)
             assert routes.store.url == url and routes.store.error
@@ -101,7 +106,7 @@ def test_etcd_restart_in_a_stream_of_changes(own_etcd: EtcdServer) -> None:
             health = health_pb2_grpc.HealthStub(members[0].channel)
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
             own_etcd.start()
-            assert all(wait_until(lambda m=m: _store_connected(m)) for m in members)
+            assert all(wait_until(partial(_store_connected, m)) for m in members)
             assert _gauge(httpx.get(metrics).text, "gateway_store_connected") == 1.0
             for change in range(3):
                 propagation_seconds(members, members[(change + 1) % 3], canary=30 + change)

@@ -11,7 +11,7 @@ import pytest
 from gateway.errors import NotFound, StoreUnavailable
 from gateway.repository import file_sha256
 from gateway.state import Revision
-from tests.fleet import wait_until
+from testkit.fleet import wait_until
 from tests.test_control import make_gateway, model_root, weights
 
 __all__ = ["model_root"]

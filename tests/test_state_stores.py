@@ -13,7 +13,7 @@ from gateway.state import AuditDraft, StateStore, StoreHealth, open_store
 from gateway.state.etcd import EtcdStore
 from gateway.state.etcd_client import EtcdSettings
 from gateway.state.sqlite import SqliteStore
-from tests.etcd_server import EtcdServer, free_port
+from testkit.etcd import EtcdServer, free_port
 
 
 def draft(action: str = "set-traffic", endpoint: str = "ctr-ranker", before: int = 0, at: float = 1.0) -> AuditDraft:
@@ -96,7 +96,12 @@ def test_wait_for_change_returns_what_another_writer_commits(store: StateStore, 
 def test_a_stopping_wait_ends_when_woken(store: StateStore) -> None:
     stop = threading.Event()
     done = threading.Event()
-    waiter = threading.Thread(target=lambda: (store.wait_for_change(0, 120, stop), done.set()))
+
+    def wait() -> None:
+        store.wait_for_change(0, 120, stop)
+        done.set()
+
+    waiter = threading.Thread(target=wait)
     waiter.start()
     stop.set()
     store.wake()

@@ -1,4 +1,4 @@
-"""A real etcd for tests: started on 127.0.0.1 with free ports and a temporary data dir.
+"""A real etcd for tests and benchmarks: started on 127.0.0.1 with free ports and a temporary data dir.
 
 `.ci/run` installs Debian's `etcd-server` when it is missing; without it the etcd tests skip
 and say so.
@@ -14,6 +14,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,12 +25,14 @@ ETCD = shutil.which("etcd") or ("/usr/bin/etcd" if Path("/usr/bin/etcd").exists(
 
 
 def require_etcd() -> str:
+    """The etcd binary, or skip the test that needs it (saying how to install it)."""
     if ETCD is None:
         pytest.skip("etcd is not installed (apt-get install etcd-server; .ci/run does this)")
     return ETCD
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -51,10 +54,12 @@ class EtcdServer:
 
     @property
     def endpoint(self) -> str:
+        """HOST:PORT of its client listener."""
         return f"127.0.0.1:{self.client_port}"
 
     @property
     def scheme(self) -> str:
+        """Https when started with a server certificate, else http."""
         return "https" if "--cert-file" in " ".join(self.extra) else "http"
 
     def url(self, prefix: str = "") -> str:
@@ -62,6 +67,7 @@ class EtcdServer:
         return f"etcd://{self.endpoint}/{prefix or 'test-' + uuid.uuid4().hex[:12]}"
 
     def start(self) -> EtcdServer:
+        """Start (or restart) the member and wait until it answers /health."""
         peer = f"http://127.0.0.1:{self.peer_port}"
         client = f"{self.scheme}://{self.endpoint}"
         with self.log.open("ab") as log:
@@ -100,11 +106,13 @@ class EtcdServer:
             return False
 
     def kill(self) -> None:
+        """SIGKILL, as a crash; `start()` brings it back with its data."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
 
-    def call(self, path: str, body: dict) -> dict:  # type: ignore[type-arg]
+    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST to etcd's JSON gateway (v3 API) and return its answer."""
         response = httpx.post(f"http://{self.endpoint}{path}", json=body, timeout=10)
         response.raise_for_status()
         return response.json()  # type: ignore[no-any-return]
@@ -114,19 +122,3 @@ class EtcdServer:
         revision = int(self.call("/v3/kv/range", {"key": encode("/")})["header"]["revision"])
         self.call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
         return revision
-
-
-@pytest.fixture(scope="session")
-def etcd(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """One etcd for the session; tests keep apart by prefix (`etcd.url()`)."""
-    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data").start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-def own_etcd(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """An etcd this test may kill and restart."""
-    server = EtcdServer(tmp_path / "etcd-data").start()
-    yield server
-    server.kill()

@@ -12,7 +12,7 @@ import grpc
 from gateway.pb.gateway.v1 import admin_pb2 as admin_pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
-from tests.helpers import GatewayProcess, bearer, predict_request
+from testkit.gateways import GatewayProcess, bearer, predict_request
 
 
 class Member:
@@ -37,11 +37,19 @@ class Member:
         return int(self.admin_stub.SetTraffic(request, metadata=bearer(), timeout=30).revision)
 
     def routes(self) -> admin_pb.Routes:
-        return self.admin_stub.GetRoutes(admin_pb.GetRoutesRequest(), metadata=bearer(), timeout=10)
+        """The member's routes as its admin API reports them."""
+        routes: admin_pb.Routes = self.admin_stub.GetRoutes(admin_pb.GetRoutesRequest(), metadata=bearer(), timeout=10)
+        return routes
 
     def close(self) -> None:
+        """Close the member's channels (the process is stopped apart)."""
         self.channel.close()
         self.admin_channel.close()
+
+
+def _stop_if_running(process: GatewayProcess) -> None:
+    if process.process.poll() is None:
+        process.stop()
 
 
 def start_members(stack: ExitStack, store: Path | str, count: int, *extra: str) -> list[Member]:
@@ -49,7 +57,7 @@ def start_members(stack: ExitStack, store: Path | str, count: int, *extra: str) 
     members = []
     for _ in range(count):
         process = GatewayProcess(store, *extra)
-        stack.callback(lambda p=process: p.process.poll() is None and p.stop())
+        stack.callback(_stop_if_running, process)
         member = Member(process)
         stack.callback(member.close)
         members.append(member)
