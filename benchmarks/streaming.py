@@ -10,7 +10,8 @@ import json
 import subprocess
 import sys
 
-from benchmarks.common import ROOT, Server, cpu_seconds, errors_checked, paired_ratio, start_gateway, summarize
+from benchmarks.common import Server, cpu_seconds, errors_checked, paired_ratio, start_gateway, summarize
+from testkit.gateways import ROOT
 
 MODES = ("unary", "stream")
 

@@ -15,7 +15,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def snippet() -> str:
     """The README's Python block that uses tritonclient."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    (code,) = [b for b in blocks if "tritonclient" in b]
+    (code,) = [str(b) for b in blocks if "tritonclient" in b]
     return code
 
 

@@ -18,7 +18,7 @@ IR_VERSION = 8
 
 def write_simple(root: Path, endpoint: str = "simple", version: str = "1") -> str:
     """Write root/<endpoint>/<version>/model.onnx with its manifest; returns the sha256."""
-    shape = ["batch", 16]
+    shape: list[str | int | None] = ["batch", 16]
     graph = helper.make_graph(
         nodes=[
             helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),

@@ -115,7 +115,7 @@ def _services(channel: grpc.Channel, version: str) -> set[str]:
 
 
 def _symbols(response: object, pb: ModuleType) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for blob in response.file_descriptor_response.file_descriptor_proto:  # type: ignore[attr-defined]
         file = descriptor_pb2.FileDescriptorProto.FromString(blob)
         names.update(f"{file.package}.{m.name}" for m in file.message_type)

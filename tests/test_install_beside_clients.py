@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.helpers import MODELS, ROOT, GatewayProcess
+from testkit.gateways import MODELS, ROOT, GatewayProcess
 
 HERE = Path(__file__).resolve().parent
 CLIENTS = ("tritonclient[grpc]", "kserve", "mlserver")

@@ -22,7 +22,7 @@ import pytest
 
 from gateway.pb.inference import grpc_service_pb2 as oip
 from gateway.pb.inference import grpc_service_pb2_grpc as oip_grpc
-from tests.helpers import CI_TOKEN, MODELS, ONCALL_TOKEN, RunningGateway, bearer, features, running_gateway
+from testkit.gateways import CI_TOKEN, MODELS, ONCALL_TOKEN, RunningGateway, bearer, features, running_gateway
 from tests.simple_model import write_simple
 
 HERE = Path(__file__).resolve().parent
@@ -181,7 +181,8 @@ def test_statistics_count_successes_and_failures_per_version(
 ) -> None:
     def stats() -> oip.ModelStatistics:
         (one,) = stub.ModelStatistics(oip.ModelStatisticsRequest(name="ctr-ranker", version="1.12")).model_stats
-        return one
+        statistics: oip.ModelStatistics = one
+        return statistics
 
     before = stats()
     request = oip.ModelInferRequest(model_name="ctr-ranker")

@@ -170,7 +170,7 @@ def stream(target: str) -> dict[str, Any]:
         client.async_stream_infer(model_name="wrong_model_name", inputs=inputs, request_id="bad")
         for i in range(3, 5):
             client.async_stream_infer(model_name=MODEL, inputs=inputs, outputs=outputs, request_id=f"r{i}")
-        seen = []
+        seen: list[object] = []
         deadline = time.time() + 20
         while len(seen) < 6 and time.time() < deadline:
             item = replies.get(timeout=20)
