@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import MODELS
 from gateway.app import Gateway
 from gateway.clock import SimClock
 from gateway.desired import parse_route_file
@@ -41,6 +40,7 @@ from gateway.telemetry.drift import DriftTracker
 from gateway.telemetry.memory import MemoryWindow
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.windows import SeriesKey, WindowStore
+from testkit.gateways import MODELS
 
 VALUE_RULE = "value_drop > 3% p < 0.05 for 30m"
 RUNS, SECONDS, PER_SECOND = 200, 900, 40  # value test: rollouts, simulated seconds each, values per arm per second

@@ -24,7 +24,7 @@ from gateway.state.sqlite import SqliteStore
 from gateway.telemetry.memory import MemoryWindow
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.windows import SeriesKey, WindowStore
-from tests.helpers import MODELS, config_text
+from testkit.gateways import MODELS, config_text
 
 Row = Callable[[str, np.ndarray], np.ndarray]
 
@@ -98,8 +98,8 @@ def test_an_upstream_feature_shift_on_the_canary_rolls_back(tmp_path: Path, cloc
         guardrails='["feature_drift[any] > 0.2 psi for 10m"]',
         traffic='{"1.12": 50, "1.13": 50}',
     )
-    (first,) = run(gateway, clock, 200, shift=unit_change_on("1.13")) or [None]
-    assert first is not None and weights(gateway) == {"1.12": 100}
+    (first,) = run(gateway, clock, 200, shift=unit_change_on("1.13")) or [""]
+    assert first and weights(gateway) == {"1.12": 100}
     incident = gateway.incidents.get(first)
     (verdict,) = incident.verdicts
     assert verdict["status"] == "breach" and verdict["detail"] == "feature features[3]" and verdict["observed"] > 0.2
@@ -187,8 +187,8 @@ def test_revenue_drop_with_flat_ctr_rolls_back_on_value_drop(tmp_path: Path, clo
         guardrails='["ctr_drop > 5% p < 0.05 for 30m", "value_drop > 3% p < 0.05 for 30m"]',
         traffic='{"1.12": 50, "1.13": 50}',
     )
-    (first,) = run(gateway, clock, 1800, per_second=60, feedback=revenue(0.75), seed=5) or [None]
-    assert first is not None and weights(gateway) == {"1.12": 100}
+    (first,) = run(gateway, clock, 1800, per_second=60, feedback=revenue(0.75), seed=5) or [""]
+    assert first and weights(gateway) == {"1.12": 100}
     ctr, value = gateway.incidents.get(first).verdicts
     assert ctr["status"] != "breach" and value["status"] == "breach"
     assert value["p_value"] < 0.05 and value["observed"] > 0.03 and value["samples"]["1.13"] >= 1000
@@ -220,7 +220,7 @@ def test_timeouts_on_the_canary_roll_back(tmp_path: Path, clock: SimClock) -> No
             with contextlib.suppress(GatewayError):
                 gateway.inference.infer(
                     InferRequest("ctr-ranker", {"features": x}, routing_key=key),
-                    time_left=lambda late=late: 0.0 if late else 5.0,
+                    time_left=(lambda: 0.0) if late else (lambda: 5.0),
                 )
         clock.advance(1)
     canary = gateway.telemetry.windows.window(SeriesKey("ctr-ranker", "1.13")).stats(60)
@@ -252,12 +252,13 @@ def test_memory_growth_rolls_back_the_version_that_started_serving_last(tmp_path
     (verdict,) = gateway.guardian.tick().verdicts["ctr-ranker/1.13"]
     assert verdict.status is Status.PASS and verdict.observed == 0
     leak.growing = True
-    (first,) = run(gateway, clock, 400, per_second=5) or [None]
-    assert first is not None and weights(gateway) == {"1.12": 100}
-    (verdict,) = gateway.incidents.get(first).verdicts
-    assert verdict["status"] == "breach" and 200 < verdict["observed"] < 210
+    (first,) = run(gateway, clock, 400, per_second=5) or [""]
+    assert first and weights(gateway) == {"1.12": 100}
+    (recorded,) = gateway.incidents.get(first).verdicts
+    assert recorded["status"] == "breach" and 200 < recorded["observed"] < 210
     assert (
-        "attributed to 1.13 by timing only" in verdict["detail"] and "per process, not per version" in verdict["detail"]
+        "attributed to 1.13 by timing only" in recorded["detail"]
+        and "per process, not per version" in recorded["detail"]
     )
     gateway.close()
 
@@ -302,8 +303,8 @@ def test_a_reference_file_in_the_route_file_places_the_bins_without_a_warm_up(tm
     gateway.start()
     assert gateway.control.state.endpoint("ctr-ranker").drift_reference == "ctr-ranker/reference.npz"
     gateway.guardian.tick()
-    (first,) = run(gateway, clock, 60, per_second=20, shift=unit_change_on("1.13")) or [None]
-    assert first is not None  # 200 rows per arm: ten seconds, not the 1000-row warm-up
+    (first,) = run(gateway, clock, 60, per_second=20, shift=unit_change_on("1.13")) or [""]
+    assert first  # 200 rows per arm: ten seconds, not the 1000-row warm-up
     assert gateway.telemetry.drift.source("ctr-ranker").endswith("ctr-ranker/reference.npz")
     gateway.control.apply("ci", text.replace("ctr-ranker/reference.npz", "broken.npy"), reason="bad file")
     gateway.control.set_traffic("ci", "ctr-ranker", {"1.12": 50, "1.13": 50}, reason="again")
@@ -371,7 +372,7 @@ def test_memory_growth_pinned_on_a_shadow_alerts_without_touching_traffic(tmp_pa
     )
     run(gateway, clock, 5, per_second=5)
     leak.growing = True
-    (first,) = run(gateway, clock, 400, per_second=5) or [None]
+    (first,) = run(gateway, clock, 400, per_second=5) or [""]
     incident = gateway.incidents.get(first)
     assert incident.candidate == "1.14" and incident.outcome.startswith("alert: shadow 1.14: memory_growth > 200MB")
     assert "--off" in incident.outcome and weights(gateway) == {"1.12": 100}

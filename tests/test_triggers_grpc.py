@@ -16,7 +16,7 @@ from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.telemetry.setup import TelemetrySettings, build_telemetry
 from gateway.telemetry.tracing import Sampler
 from gateway.telemetry.windows import SeriesKey
-from tests.helpers import ROOT, config_text, features, predict_request, running_gateway, tensor
+from testkit.gateways import ROOT, config_text, features, predict_request, running_gateway, tensor
 from tests.test_guardrails_grpc import cli
 
 
@@ -155,11 +155,11 @@ def test_a_traced_call_whose_caller_leaves_during_an_injected_delay_ends_its_spa
         spans = []
         for _ in range(50):
             runtime.telemetry.spans.flush()  # type: ignore[union-attr]
-            spans = [s for s in exporter.get_finished_spans() if s.attributes.get("gateway.version") == "1.14"]
+            spans = [s for s in exporter.get_finished_spans() if (s.attributes or {}).get("gateway.version") == "1.14"]
             if spans:
                 break
             time.sleep(0.1)
         (span,) = spans
-        assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        assert (span.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
         assert "the caller left before the answer" in (span.status.description or "")
     runtime.shutdown()
