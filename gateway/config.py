@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from gateway.errors import ConfigError, InvalidInput
 from gateway.guardrails.rules import RuleSet, parse_rule
+from gateway.limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_DEPTH
 
 
 class _TextDecimalLoader(yaml.SafeLoader):
@@ -41,10 +42,10 @@ class ShadowCompareConfig(BaseModel):
     The one type for these settings: the route file, the desired state and the comparison all use it.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     threshold: float = 0.5
-    top_k: int = Field(default=0, ge=0, le=1000)
+    top_k: StrictInt = Field(default=0, ge=0, le=1000)
 
 
 class GuardrailsConfig(BaseModel):
@@ -53,14 +54,14 @@ class GuardrailsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rules: list[str] = Field(default_factory=list)
-    at_least: int = Field(default=1, ge=1)
-    observe_only: bool = False
+    at_least: StrictInt = Field(default=1, ge=1)
+    observe_only: StrictBool = False
 
 
 class BatchGatesConfig(BaseModel):
     """Validation gates for batch runs of this endpoint (see `gateway batch validate`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     ks_max: float = Field(default=0.1, gt=0, le=1)
     mean_shift_max: float = Field(default=0.05, gt=0)
@@ -79,13 +80,14 @@ class EndpointConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
+    # Strict integers: YAML `true` is not a weight of 1, and `1.5` is not 1.
     versions: list[str] = Field(min_length=1)
-    traffic: dict[str, int]
+    traffic: dict[str, StrictInt]
     labels: dict[str, str] = Field(default_factory=dict)
-    max_batch_size: int = Field(default=256, ge=1, le=1 << 20)
+    max_batch_size: StrictInt = Field(default=256, ge=1, le=1 << 20)
     nan_policy: Literal["allow", "reject"] = "allow"
-    intra_op_threads: int = Field(default=1, ge=1, le=64)
-    shadows: dict[str, int] = Field(default_factory=dict)
+    intra_op_threads: StrictInt = Field(default=1, ge=1, le=64)
+    shadows: dict[str, StrictInt] = Field(default_factory=dict)
     shadow_compare: ShadowCompareConfig = Field(default_factory=ShadowCompareConfig)
     guardrails: GuardrailsConfig | list[str] = Field(default_factory=list)
     batch_gates: BatchGatesConfig = Field(default_factory=BatchGatesConfig)
@@ -157,12 +159,39 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _check_size_and_depth(text: str, source: str) -> None:
+    """Refuse documents too large, or nested too deep for the recursive YAML composer, before composing them.
+
+    The event parser is iterative, so counting nesting on its events is safe for any input.
+    """
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise ConfigError(f"{source}: {len(text)} characters; a route file may have at most {MAX_DOCUMENT_BYTES}")
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=_TextDecimalLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DOCUMENT_DEPTH:
+                    raise ConfigError(
+                        f"{source}: nested more than {MAX_DOCUMENT_DEPTH} levels deep; "
+                        "a route file needs about 4 (endpoints, an endpoint, a field, a mapping)"
+                    )
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            elif isinstance(event, yaml.AliasEvent):
+                # A few nested aliases expand to billions of nodes when validated: write values out.
+                raise ConfigError(f"{source}: YAML aliases (*name) are not accepted in a route file; write values out")
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+
+
 def parse_config(text: str, *, source: str = "<route file>", base_dir: Path | None = None) -> GatewayConfig:
     """Parse route-file text and check its schema; `model_root` becomes absolute against `base_dir`.
 
     The routes themselves (weights, labels, shadows) are checked where they are compiled:
     `gateway.desired.parse_route_file` does both.
     """
+    _check_size_and_depth(text, source)
     try:
         raw = yaml.load(text, Loader=_TextDecimalLoader)
     except yaml.YAMLError as err:

@@ -24,6 +24,7 @@ from gateway.errors import AlreadyExists, FailedPrecondition, GatewayError, Inva
 from gateway.faults import Fault
 from gateway.guardrails.rules import RuleSet
 from gateway.replica import SYSTEM_ACTOR, ChangeResult, Intent, RouteReplica
+from gateway.limits import MAX_PATH_CHARS, check_rules, check_text
 from gateway.repository import Artifact
 from gateway.routing import VERSION_NAME, labels_on
 
@@ -133,6 +134,7 @@ class ControlPlane(RouteReplica):
         dry_run: bool = False,
     ) -> ChangeResult:
         """Replace an endpoint's guardrail rules (an empty list removes them)."""
+        check_rules(rules)
         rule_set = RuleSet.parse(rules, at_least if rules else 1, observe_only)
         if self.history_seconds:
             rule_set.check_history(self.history_seconds)
@@ -214,6 +216,7 @@ class ControlPlane(RouteReplica):
     ) -> ChangeResult:
         """Register, verify, load and warm a new artifact at run time; it takes no traffic yet."""
         self._fresh()
+        check_text(path, "path", MAX_PATH_CHARS)
         current = self._state.endpoint(endpoint)
         if not VERSION_NAME.match(version):
             raise InvalidInput(f"version {version!r} is invalid: letters, digits, '.', '_' or '-'")

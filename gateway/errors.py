@@ -32,6 +32,8 @@ class GatewayError(Exception):
     """Base of every error meant for a caller; `code` says how a transport should report it."""
 
     code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
+    #: When set, a retry has a chance after this many seconds (transports send it as a hint).
+    retry_after_seconds: float | None = None
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -81,6 +83,20 @@ class TooLarge(GatewayError):
     """A request exceeds a configured limit (batch size, message size)."""
 
     code = ErrorCode.RESOURCE_EXHAUSTED
+
+
+class Overloaded(TooLarge):
+    """A version already has as many requests in flight as it may; retry after `retry_after_seconds`."""
+
+    def __init__(self, message: str, *, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class StoreUnavailable(GatewayError):
+    """The state store cannot be read or written (missing, corrupt, read-only, disk full)."""
+
+    code = ErrorCode.UNAVAILABLE
 
 
 class NotReady(GatewayError):

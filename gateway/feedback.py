@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.errors import InvalidInput
+from gateway.limits import MAX_ID_CHARS, check_text
 from gateway.telemetry.windows import SeriesKey, WindowStore
 
 
@@ -31,7 +32,11 @@ class FeedbackResult:
 
 
 class FeedbackJoin:
-    """A bounded, TTL-expired map of request id -> serving series, and the outcome counters."""
+    """A bounded, TTL-expired map of request id -> serving series, and the outcome counters.
+
+    Bounded in bytes too: ids longer than `limits.MAX_ID_CHARS` never get here (the request is
+    refused), so the map holds at most `max_entries` ids of at most that size.
+    """
 
     def __init__(
         self,
@@ -68,6 +73,7 @@ class FeedbackJoin:
         """Join one outcome (and its business value); an unknown or expired id is counted and reported, not an error."""
         if not request_id:
             raise InvalidInput("request_id is empty; send the id the Predict response carried")
+        check_text(request_id, "request_id", MAX_ID_CHARS)
         if math.isnan(outcome) or math.isinf(outcome):
             raise InvalidInput(f"outcome {outcome} must be a finite number (1 for a click, 0 for none)")
         if value is not None and not math.isfinite(value):

@@ -23,6 +23,7 @@ from gateway import __version__
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, NotFound, TooLarge
 from gateway.faults import FaultInjector
 from gateway.feedback import FeedbackJoin
+from gateway.limits import MAX_ID_CHARS, MAX_NAME_CHARS, MAX_TENSOR_NAME_CHARS, MAX_TENSORS, check_count, check_text
 from gateway.logs import REQUEST_ID
 from gateway.registry import ModelRegistry
 from gateway.routing import STABLE, EndpointRoutes, ModelRef, RouteDecision, Router, RouteTable, RoutingReason
@@ -204,6 +205,17 @@ def _datatype_name(array: np.ndarray) -> str:
         return str(array.dtype)
 
 
+def _check_bounds(request: InferRequest) -> None:
+    """Every caller-chosen string of a request within its limit (it is echoed, logged, remembered)."""
+    check_text(request.model, "model", MAX_NAME_CHARS)
+    check_text(request.version, "model_version", MAX_NAME_CHARS)
+    check_text(request.request_id, "request_id", MAX_ID_CHARS)
+    check_text(request.routing_key, "routing_key", MAX_ID_CHARS)
+    check_count(len(request.output_names), "output_names", MAX_TENSORS)
+    for index, name in enumerate(request.output_names):
+        check_text(name, f"output_names[{index}]", MAX_TENSOR_NAME_CHARS)
+
+
 def _route(table: RouteTable, request: InferRequest) -> tuple[EndpointRoutes, RouteDecision]:
     routes = table.endpoints.get(request.model)
     if routes is not None:  # the common case: a bare endpoint name
@@ -254,6 +266,14 @@ class InferenceService:
         model ran fails with DEADLINE_EXCEEDED (the caller is gone); both count as timeouts.
         """
         started = time.perf_counter()
+        if (
+            len(request.request_id) > MAX_ID_CHARS
+            or len(request.routing_key) > MAX_ID_CHARS
+            or len(request.model) > MAX_NAME_CHARS
+            or request.version
+            or request.output_names
+        ):
+            _check_bounds(request)  # the common request (short ids, no version, all outputs) skips it
         table = self._router.table
         routes, decision = _route(table, request)
         request_id = request.request_id or self._new_request_id()
@@ -390,6 +410,8 @@ class InferenceService:
 
     def endpoint_metadata(self, endpoint: str, version: str = "") -> EndpointMetadata:
         """Signature of a version (the pinned one, else the stable or heaviest-weighted one)."""
+        check_text(endpoint, "name", MAX_NAME_CHARS)
+        check_text(version, "version", MAX_NAME_CHARS)
         routes = self._router.table.endpoint(endpoint)
         served = self._resolve_version(routes, version)
         snapshot = self._registry.get(routes.name, served)

@@ -176,9 +176,9 @@ class RouteReplica:
         stored = self.store.get_revision(revision)
         return stored.revision, stored.at, DesiredState.from_json(stored.document)
 
-    def audit(self, endpoint: str = "", limit: int = 100) -> list[AuditEntry]:
-        """The audit log, newest first."""
-        return self.store.audit(endpoint or None, limit)
+    def audit(self, endpoint: str = "", limit: int = 100, before_id: int = 0) -> list[AuditEntry]:
+        """The audit log, newest first (older than `before_id` when given)."""
+        return self.store.audit(endpoint or None, limit, before_id)
 
     def revisions(self, limit: int = 50) -> list[Revision]:
         """Route revisions, newest first."""

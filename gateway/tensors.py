@@ -101,7 +101,10 @@ def array_from_bytes(data: bytes, dtype: np.dtype[np.generic], shape: Sequence[i
             f"input {name!r} has {len(data)} bytes of data, but shape {list(dims)} of "
             f"{DataType.of(dtype).value} needs {expected} bytes"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(dims)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(dims)
+    except ValueError:  # numpy refuses shapes whose size overflows, even with a zero dimension
+        raise InvalidInput(f"input {name!r} has shape {list(dims)}, which is too large to address") from None
 
 
 def array_from_values(values: Sequence[object], datatype: DataType, shape: Sequence[int], *, what: str) -> np.ndarray:
@@ -112,10 +115,23 @@ def array_from_values(values: Sequence[object], datatype: DataType, shape: Seque
         raise InvalidInput(
             f"{what} has {len(values)} values, but shape {list(dims)} needs {count} {datatype.value} values"
         )
+    target = datatype.numpy
     try:
-        return np.asarray(values, dtype=datatype.numpy).reshape(dims)
+        if target.kind in "iu" and target.itemsize < 8 and count:
+            # Protobuf hands int32/uint32 fields over as C integers, which numpy would wrap silently
+            # (300 as INT8 becomes 44): check the range on a wide copy first.
+            wide = np.asarray(values, dtype=np.int64)
+            info = np.iinfo(target)  # type: ignore[type-var]
+            low, high = int(wide.min()), int(wide.max())
+            if low < info.min or high > info.max:
+                bad = low if low < info.min else high
+                raise InvalidInput(
+                    f"{what} has values that do not fit {datatype.value}: {bad} is outside {info.min}..{info.max}"
+                )
+            return wide.astype(target).reshape(dims)
+        return np.asarray(values, dtype=target).reshape(dims)
     except (OverflowError, ValueError) as err:
-        raise InvalidInput(f"{what} has values that do not fit {datatype.value}: {err}") from None
+        raise InvalidInput(f"{what} has values that do not fit {datatype.value} or shape {list(dims)}: {err}") from None
 
 
 @dataclass(frozen=True, slots=True)

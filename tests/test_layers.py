@@ -11,7 +11,7 @@ from pathlib import Path
 from testkit.gateways import ROOT
 
 LAYERS: dict[str, tuple[str, ...]] = {
-    "domain": ("gateway", "gateway.errors", "gateway.config", "gateway.tensors", "gateway.auth", "gateway.clock", "gateway.logs", "gateway.settings",
+    "domain": ("gateway", "gateway.errors", "gateway.limits", "gateway.config", "gateway.tensors", "gateway.auth", "gateway.clock", "gateway.logs", "gateway.settings",
                "gateway.guardrails"),
     "state": ("gateway.state",),
     "signals": ("gateway.telemetry",),

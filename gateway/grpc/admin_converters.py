@@ -150,25 +150,29 @@ def incident(record: Incident) -> pb.Incident:
     )
 
 
-def audit(entries: Iterable[AuditEntry]) -> pb.GetAuditResponse:
-    """Audit entries."""
-    return pb.GetAuditResponse(
-        entries=[
-            pb.AuditEntry(
-                id=e.id,
-                at=e.at,
-                actor=e.actor,
-                action=e.action,
-                endpoint=e.endpoint,
-                reason=e.reason,
-                dry_run=e.dry_run,
-                revision_before=e.revision_before,
-                revision_after=e.revision_after,
-                changes=[
-                    pb.Change(path=c["path"], before=_json(c["before"]), after=_json(c["after"])) for c in e.changes
-                ],
-                detail=json.dumps(e.detail),
-            )
-            for e in entries
-        ]
-    )
+def audit(entries: Iterable[AuditEntry], max_bytes: int, *, more: bool = False) -> pb.GetAuditResponse:
+    """Audit entries, as many as fit in `max_bytes` (at least one); `next_before_id` set when more remain."""
+    response = pb.GetAuditResponse()
+    size = 0
+    for e in entries:
+        entry = pb.AuditEntry(
+            id=e.id,
+            at=e.at,
+            actor=e.actor,
+            action=e.action,
+            endpoint=e.endpoint,
+            reason=e.reason,
+            dry_run=e.dry_run,
+            revision_before=e.revision_before,
+            revision_after=e.revision_after,
+            changes=[pb.Change(path=c["path"], before=_json(c["before"]), after=_json(c["after"])) for c in e.changes],
+            detail=json.dumps(e.detail),
+        )
+        size += entry.ByteSize() + 8  # the field's tag and length
+        if response.entries and size > max_bytes:
+            response.next_before_id = response.entries[-1].id
+            return response
+        response.entries.append(entry)
+    if more and response.entries:
+        response.next_before_id = response.entries[-1].id
+    return response

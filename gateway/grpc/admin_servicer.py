@@ -19,6 +19,7 @@ from gateway.desired import DesiredState
 from gateway.faults import Fault
 from gateway.grpc import admin_converters as convert
 from gateway.grpc.errors import ACTOR
+from gateway.limits import MAX_PAGE, MAX_REASON_CHARS, check_text
 from gateway.orchestration.incidents import IncidentLog
 from gateway.orchestration.rollout import RolloutDriver
 from gateway.pb.gateway.v1 import admin_pb2 as pb
@@ -28,6 +29,19 @@ from gateway.shadow.runner import ShadowRunner
 Context: TypeAlias = grpc.ServicerContext
 #: Which process answers, for operators of many processes behind one address.
 PROCESS = f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def _reason(request: Any) -> str:
+    """A caller's reason, within the audit log's limit (the guardian's and rollouts' own are not checked)."""
+    return check_text(request.reason, "reason", MAX_REASON_CHARS)
+
+
+#: Most bytes of audit entries in one GetAudit page (a fourth of the default message limit).
+AUDIT_PAGE_BYTES = 1 << 20
+
+
+def _page(limit: int, default: int) -> int:
+    return min(limit or default, MAX_PAGE)
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -44,7 +58,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     @staticmethod
     def _change(method: Callable[..., ChangeResult], request: Any, *args: Any, **kwargs: Any) -> pb.ChangeResponse:
         """A mutating RPC: the authenticated caller, the request's reason and dry_run, the result converted."""
-        result = method(ACTOR.get(), *args, reason=request.reason, dry_run=request.dry_run, **kwargs)
+        result = method(ACTOR.get(), *args, reason=_reason(request), dry_run=request.dry_run, **kwargs)
         return convert.change_response(result)
 
     def GetRoutes(self, request: pb.GetRoutesRequest, context: Context) -> pb.Routes:
@@ -58,7 +72,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         return routes
 
     def ListRevisions(self, request: pb.ListRevisionsRequest, context: Context) -> pb.ListRevisionsResponse:
-        revisions = self._control.revisions(request.limit or 20)
+        revisions = self._control.revisions(_page(request.limit, 20))
         return pb.ListRevisionsResponse(
             revisions=[convert.routes(r.revision, r.at, DesiredState.from_json(r.document)) for r in revisions]
         )
@@ -109,7 +123,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             endpoint.shadows,
             request.shadow_version,
             request.window_seconds or 3600,
-            request.top or 10,
+            _page(request.top, 10),
         )
         return convert.shadow_report(report, percent)
 
@@ -136,7 +150,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             step_seconds=request.step_seconds,
             rules=list(request.guardrails) or None,
             at_least=request.at_least,
-            reason=request.reason,
+            reason=_reason(request),
             dry_run=request.dry_run,
         )
         return convert.rollout(state, dry_run=request.dry_run)
@@ -145,21 +159,24 @@ class AdminServicer(pb_grpc.AdminServicer):
         return convert.rollout(self._rollouts.require(request.endpoint))
 
     def PauseRollout(self, request: pb.RolloutRequest, context: Context) -> pb.RolloutStatus:
-        return convert.rollout(self._rollouts.pause(ACTOR.get(), request.endpoint, reason=request.reason))
+        return convert.rollout(self._rollouts.pause(ACTOR.get(), request.endpoint, reason=_reason(request)))
 
     def ResumeRollout(self, request: pb.RolloutRequest, context: Context) -> pb.RolloutStatus:
-        return convert.rollout(self._rollouts.resume(ACTOR.get(), request.endpoint, reason=request.reason))
+        return convert.rollout(self._rollouts.resume(ACTOR.get(), request.endpoint, reason=_reason(request)))
 
     def AbortRollout(self, request: pb.RolloutRequest, context: Context) -> pb.RolloutStatus:
-        return convert.rollout(self._rollouts.abort(ACTOR.get(), request.endpoint, reason=request.reason))
+        return convert.rollout(self._rollouts.abort(ACTOR.get(), request.endpoint, reason=_reason(request)))
 
     def ListIncidents(self, request: pb.ListIncidentsRequest, context: Context) -> pb.ListIncidentsResponse:
-        records = self._incidents.list(request.endpoint, request.limit or 50)
+        records = self._incidents.list(request.endpoint, _page(request.limit, 50))
         return pb.ListIncidentsResponse(incidents=[convert.incident(r) for r in records])
 
     def GetIncident(self, request: pb.GetIncidentRequest, context: Context) -> pb.Incident:
         return convert.incident(self._incidents.get(request.id))
 
     def GetAudit(self, request: pb.GetAuditRequest, context: Context) -> pb.GetAuditResponse:
-        entries = self._control.audit(request.endpoint, request.limit or 100)
-        return convert.audit(entries)
+        limit = _page(request.limit, 100)
+        budget = min(request.max_bytes or AUDIT_PAGE_BYTES, AUDIT_PAGE_BYTES)
+        # One more than asked for: whether older entries remain is then known without a second query.
+        entries = self._control.audit(request.endpoint, limit + 1, request.before_id)
+        return convert.audit(entries[:limit], budget, more=len(entries) > limit)

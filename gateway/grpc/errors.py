@@ -20,6 +20,7 @@ import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from gateway.errors import ErrorCode, GatewayError
+from gateway.limits import MAX_ERROR_CHARS
 from gateway.logs import TRACE_ID
 from gateway.telemetry.tracing import SpanRecord, SpanRecorder
 
@@ -40,6 +41,19 @@ STATUS: dict[ErrorCode, grpc.StatusCode] = {
 }
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+#: Trailing metadata with the milliseconds after which a retry may succeed (gRPC's server pushback).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def refusal(err: GatewayError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """Status, message (cut to MAX_ERROR_CHARS: it may quote caller input) and trailing metadata of an error."""
+    message = err.message
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS] + f"... ({len(err.message)} characters, cut)"
+    metadata: tuple[tuple[str, str], ...] = ()
+    if err.retry_after_seconds is not None:
+        metadata = ((RETRY_PUSHBACK_KEY, str(max(0, round(err.retry_after_seconds * 1000)))),)
+    return STATUS[err.code], message, metadata
 
 
 def _abort_internal(method: str, trace_id: str = "") -> tuple[grpc.StatusCode, str]:
@@ -116,10 +130,10 @@ def _traced(
         try:
             response = behavior(request, context)
         except GatewayError as err:
-            status = STATUS[err.code]
-            span.fail(status.value[0], status.name, err.message)
+            status, message, extra = refusal(err)
+            span.fail(status.value[0], status.name, message)
             spans.end(span)
-            await context.abort(status, err.message, trailing_metadata=((TRACE_ID_KEY, span.trace_id_hex),))
+            await context.abort(status, message, trailing_metadata=((TRACE_ID_KEY, span.trace_id_hex), *extra))
         except Exception:
             status, message = _abort_internal(method, span.trace_id_hex)
             span.fail(status.value[0], status.name, "unexpected error")
@@ -243,7 +257,8 @@ def guard(
                 await _wait(context)
             return response
         except GatewayError as err:
-            await context.abort(STATUS[err.code], err.message)
+            status, message, extra = refusal(err)
+            await context.abort(status, message, trailing_metadata=extra)
         except Exception:
             await context.abort(*_abort_internal(method))
 
@@ -273,7 +288,10 @@ def guard_sync(method: str, behavior: Behavior, authenticate: Authenticate | Non
                 ACTOR.set(authenticate(context))
             return behavior(request, context)
         except GatewayError as err:
-            context.abort(STATUS[err.code], err.message)
+            status, message, extra = refusal(err)
+            if extra:
+                context.set_trailing_metadata(extra)
+            context.abort(status, message)
         except Exception:
             context.abort(*_abort_internal(method))
 

@@ -24,6 +24,7 @@ from gateway.control import ControlPlane, Intent
 from gateway.desired import EndpointState
 from gateway.errors import FailedPrecondition, InvalidInput, NotFound
 from gateway.guardrails.rules import RuleSet
+from gateway.limits import MAX_REASON_CHARS, MAX_STEPS, check_count, check_rules
 from gateway.orchestration.evaluate import Status, Verdict
 from gateway.routing import CANARY, STABLE, format_traffic
 
@@ -138,6 +139,9 @@ class RolloutDriver:
         Empty `steps` means DEFAULT_STEPS, 0 `step_seconds` DEFAULT_STEP_SECONDS; `rules` None
         means the endpoint's own guardrails (with their `at_least`), and 0 `at_least` means 1.
         """
+        check_count(len(steps), "steps", MAX_STEPS)
+        if rules is not None:
+            check_rules(list(rules), "guardrails")
         state = self._control.state.endpoint(endpoint)
         if rules is None:
             rules, at_least = [r.text for r in state.guardrails.rules], at_least or state.guardrails.at_least
@@ -177,7 +181,7 @@ class RolloutDriver:
                 endpoint,
                 _weights(stable, version, steps[0]),
                 labels={CANARY: version},
-                reason=f"rollout of {version} step 1/{len(steps)} ({steps[0]}%): {reason}",
+                reason=_within(f"rollout of {version} step 1/{len(steps)} ({steps[0]}%): ", reason),
                 dry_run=dry_run,
                 trigger="rollout",
             )
@@ -221,7 +225,7 @@ class RolloutDriver:
             self._control.rollback(
                 actor,
                 endpoint,
-                reason=f"rollout aborted: {reason}",
+                reason=_within("rollout aborted: ", reason),
                 to_version=rollout.baseline,
                 trigger="rollout",
             )
@@ -308,6 +312,11 @@ class RolloutDriver:
             rollout.event(now, f"promoted {rollout.version} to stable at 100%")
         self._save(rollout)
         return rollout
+
+
+def _within(prefix: str, reason: str) -> str:
+    """`prefix + reason`, the reason cut so the whole stays within the audit log's limit."""
+    return prefix + reason[: max(0, MAX_REASON_CHARS - len(prefix))]
 
 
 def _weights(stable: str, version: str, share: int) -> dict[str, int]:

@@ -86,8 +86,8 @@ class StateStore(Protocol):
     def append_audit(self, audit: AuditDraft) -> AuditEntry:
         """Record an entry that changes no state (a dry run, a refused change)."""
 
-    def audit(self, endpoint: str | None = None, limit: int = 100) -> list[AuditEntry]:
-        """Audit entries, newest first, optionally for one endpoint."""
+    def audit(self, endpoint: str | None = None, limit: int = 100, before_id: int = 0) -> list[AuditEntry]:
+        """Audit entries, newest first, optionally for one endpoint; with `before_id`, only older ones."""
 
     def put_record(self, kind: str, key: str, body: str, at: float) -> None:
         """Store (or replace) a JSON record: a rollout's state, an incident."""

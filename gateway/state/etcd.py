@@ -140,19 +140,19 @@ class EtcdStore:
         put, entry = self._audit_put(audit, audit.revision_before)
         return _numbered(entry, self._client.call("/v3/kv/put", put["request_put"], idempotent=False))
 
-    def audit(self, endpoint: str | None = None, limit: int = 100) -> list[AuditEntry]:
-        """Newest first (etcd sorts by creation revision)."""
+    def audit(self, endpoint: str | None = None, limit: int = 100, before_id: int = 0) -> list[AuditEntry]:
+        """Newest first (etcd sorts by creation revision, which is the entry's id); older than `before_id` if given."""
         prefix = f"{self._audit}{quote(endpoint, safe='')}/" if endpoint else self._audit
-        answer = self._client.call(
-            "/v3/kv/range",
-            {
-                "key": encode(prefix),
-                "range_end": encode(prefix_end(prefix)),
-                "sort_order": "DESCEND",
-                "sort_target": "CREATE",
-                "limit": str(limit),
-            },
-        )
+        query = {
+            "key": encode(prefix),
+            "range_end": encode(prefix_end(prefix)),
+            "sort_order": "DESCEND",
+            "sort_target": "CREATE",
+            "limit": str(limit),
+        }
+        if before_id > 0:
+            query["max_create_revision"] = str(min(before_id, 1 << 62) - 1)
+        answer = self._client.call("/v3/kv/range", query)
         kvs = answer.get("kvs", [])
         return [AuditEntry(id=int(kv["create_revision"]), **json.loads(decode(kv["value"]))) for kv in kvs]
 

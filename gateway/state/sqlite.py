@@ -97,6 +97,9 @@ class SqliteStore:
 
     def get_revision(self, revision: int) -> Revision:
         """One revision."""
+        if not 0 < revision < 1 << 63:  # SQLite integers are signed 64-bit
+            newest = self.latest()
+            raise NotFound(f"no revision {revision}; revisions run from 1 to {newest.revision if newest else 0}")
         with self._lock:
             row = self._db.execute(
                 "SELECT revision, at, document FROM revisions WHERE revision = ?", (revision,)
@@ -173,13 +176,13 @@ class SqliteStore:
         with self._lock:
             return self._insert_audit(audit, audit.revision_before)
 
-    def audit(self, endpoint: str | None = None, limit: int = 100) -> list[AuditEntry]:
-        """Newest first."""
-        query = f"SELECT {_AUDIT_COLUMNS} FROM audit"
-        params: tuple[Any, ...] = ()
+    def audit(self, endpoint: str | None = None, limit: int = 100, before_id: int = 0) -> list[AuditEntry]:
+        """Newest first; with `before_id`, only entries older than it."""
+        query = f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE id < ?"
+        params: tuple[Any, ...] = (min(before_id, 1 << 62) if before_id > 0 else 1 << 62,)
         if endpoint:
-            query += " WHERE endpoint = ?"
-            params = (endpoint,)
+            query += " AND endpoint = ?"
+            params = (*params, endpoint)
         query += " ORDER BY id DESC LIMIT ?"
         with self._lock:
             rows = self._db.execute(query, (*params, limit)).fetchall()
