@@ -93,12 +93,6 @@ class Overloaded(TooLarge):
         self.retry_after_seconds = retry_after_seconds
 
 
-class StoreUnavailable(GatewayError):
-    """The state store cannot be read or written (missing, corrupt, read-only, disk full)."""
-
-    code = ErrorCode.UNAVAILABLE
-
-
 class NotReady(GatewayError):
     """The target exists but cannot serve right now (loading, failed, draining)."""
 

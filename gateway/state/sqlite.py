@@ -11,6 +11,8 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,15 @@ BEGIN SELECT RAISE(ABORT, 'revisions are immutable'); END;
 _AUDIT_COLUMNS = "id, at, actor, action, endpoint, reason, dry_run, revision_before, revision_after, changes, detail"
 
 
+def _why(err: BaseException) -> str:
+    text = str(err)
+    if "readonly" in text or "read-only" in text:
+        return f"{text} (the file or its directory is read-only: the gateway needs to write both)"
+    if "not a database" in text or "malformed" in text:
+        return f"{text} (the file is corrupt or not a SQLite database; restore it from a backup)"
+    return text
+
+
 def _entry(row: tuple[Any, ...]) -> AuditEntry:
     return AuditEntry(
         id=row[0],
@@ -74,22 +85,68 @@ def _entry(row: tuple[Any, ...]) -> AuditEntry:
     )
 
 
+_OURS = frozenset({"revisions", "audit", "records"})
+
+
 class SqliteStore:
-    """Desired-state revisions and the audit log in one SQLite file."""
+    """Desired-state revisions and the audit log in one SQLite file.
+
+    Opening checks the file before anything is written: an empty (0-byte) file, a file that is
+    not a database, a database of something else, or one that cannot be written is refused
+    with StoreUnavailable naming the file. Only a file that does not exist yet becomes a new
+    store: existing history is never silently replaced.
+    """
 
     def __init__(self, path: Path, *, url: str | None = None) -> None:
         self.url = url or f"sqlite:///{path}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
+        self.path = path
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+        existed = path.exists()
+        if existed and path.is_file() and path.stat().st_size == 0:
+            raise StoreUnavailable(
+                f"store {path} is an empty file (0 bytes): it holds no revisions, but the gateway will not "
+                "seed over an existing file; restore it from a backup, or delete it to start a new store"
+            )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
+        except (OSError, sqlite3.Error) as err:
+            raise StoreUnavailable(f"store {path} cannot be opened: {_why(err)}") from None
+        try:
+            with self._errors("open"):
+                tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if existed and tables and not _OURS <= tables:
+                    raise StoreUnavailable(
+                        f"store {path} is not a gateway store (it has tables {', '.join(sorted(tables))}); "
+                        "point --store at a new file or at the gateway's own database"
+                    )
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
+                self._check_writable()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _check_writable(self) -> None:
+        """Write (and roll back) a row, so a read-only file or directory is found now, not at the first change."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("INSERT INTO records (kind, key, at, body) VALUES ('probe', 'probe', 0, '')")
+        finally:
+            self._db.execute("ROLLBACK")
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """SQLite's errors as StoreUnavailable naming the file (a GatewayError the transport maps)."""
+        try:
+            yield
+        except sqlite3.Error as err:
+            raise StoreUnavailable(f"store {self.path} cannot {doing}: {_why(err)}") from err
 
     def latest(self) -> Revision | None:
         """The newest revision, or None."""
-        with self._lock:
+        with self._lock, self._errors("be read"):
             row = self._db.execute(
                 "SELECT revision, at, document FROM revisions ORDER BY revision DESC LIMIT 1"
             ).fetchone()
@@ -100,7 +157,7 @@ class SqliteStore:
         if not 0 < revision < 1 << 63:  # SQLite integers are signed 64-bit
             newest = self.latest()
             raise NotFound(f"no revision {revision}; revisions run from 1 to {newest.revision if newest else 0}")
-        with self._lock:
+        with self._lock, self._errors("be read"):
             row = self._db.execute(
                 "SELECT revision, at, document FROM revisions WHERE revision = ?", (revision,)
             ).fetchone()
@@ -111,7 +168,7 @@ class SqliteStore:
 
     def revisions(self, limit: int = 50) -> list[Revision]:
         """Newest first."""
-        with self._lock:
+        with self._lock, self._errors("be read"):
             rows = self._db.execute(
                 "SELECT revision, at, document FROM revisions ORDER BY revision DESC LIMIT ?", (limit,)
             ).fetchall()
@@ -150,7 +207,7 @@ class SqliteStore:
 
     def commit(self, expected_revision: int, document: str, audit: AuditDraft) -> tuple[Revision, AuditEntry]:
         """Compare-and-swap the next revision and its audit entry in one transaction."""
-        with self._lock:
+        with self._lock, self._errors("be written"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 (newest,) = self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions").fetchone()
@@ -173,7 +230,7 @@ class SqliteStore:
 
     def append_audit(self, audit: AuditDraft) -> AuditEntry:
         """An entry that changes no state."""
-        with self._lock:
+        with self._lock, self._errors("be written"):
             return self._insert_audit(audit, audit.revision_before)
 
     def audit(self, endpoint: str | None = None, limit: int = 100, before_id: int = 0) -> list[AuditEntry]:
@@ -184,13 +241,13 @@ class SqliteStore:
             query += " AND endpoint = ?"
             params = (*params, endpoint)
         query += " ORDER BY id DESC LIMIT ?"
-        with self._lock:
+        with self._lock, self._errors("be read"):
             rows = self._db.execute(query, (*params, limit)).fetchall()
         return [_entry(row) for row in rows]
 
     def put_record(self, kind: str, key: str, body: str, at: float) -> None:
         """Insert or replace one record."""
-        with self._lock:
+        with self._lock, self._errors("be written"):
             self._db.execute(
                 "INSERT INTO records (kind, key, at, body) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (kind, key) DO UPDATE SET at = excluded.at, body = excluded.body",
@@ -199,7 +256,7 @@ class SqliteStore:
 
     def commit_record(self, kind: str, key: str, body: str, at: float, audit: AuditDraft) -> AuditEntry:
         """Upsert a record and append its audit entry atomically."""
-        with self._lock:
+        with self._lock, self._errors("be written"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute(
@@ -216,13 +273,13 @@ class SqliteStore:
 
     def get_record(self, kind: str, key: str) -> str | None:
         """One record's body."""
-        with self._lock:
+        with self._lock, self._errors("be read"):
             row = self._db.execute("SELECT body FROM records WHERE kind = ? AND key = ?", (kind, key)).fetchone()
         return row[0] if row else None
 
     def list_records(self, kind: str, limit: int = 100) -> list[tuple[str, float, str]]:
         """Newest first."""
-        with self._lock:
+        with self._lock, self._errors("be read"):
             rows = self._db.execute(
                 "SELECT key, at, body FROM records WHERE kind = ? ORDER BY at DESC LIMIT ?", (kind, limit)
             ).fetchall()
