@@ -115,7 +115,7 @@ class SqliteStore:
         try:
             with self._errors("open"):
                 tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if existed and tables and not _OURS <= tables:
+                if existed and tables and not tables >= _OURS:
                     raise StoreUnavailable(
                         f"store {path} is not a gateway store (it has tables {', '.join(sorted(tables))}); "
                         "point --store at a new file or at the gateway's own database"
