@@ -23,8 +23,8 @@ from gateway.desired import DesiredState, endpoint_from_config, parse_route_file
 from gateway.errors import AlreadyExists, FailedPrecondition, GatewayError, InvalidInput, NotFound
 from gateway.faults import Fault
 from gateway.guardrails.rules import RuleSet
-from gateway.replica import SYSTEM_ACTOR, ChangeResult, Intent, RouteReplica
 from gateway.limits import MAX_PATH_CHARS, check_rules, check_text
+from gateway.replica import SYSTEM_ACTOR, ChangeResult, Intent, RouteReplica
 from gateway.repository import Artifact
 from gateway.routing import VERSION_NAME, labels_on
 

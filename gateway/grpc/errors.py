@@ -20,6 +20,7 @@ import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from gateway.errors import ErrorCode, GatewayError
+from gateway.grpc.drain import Drain
 from gateway.limits import MAX_ERROR_CHARS
 from gateway.logs import TRACE_ID
 from gateway.telemetry.tracing import SpanRecord, SpanRecorder
@@ -186,7 +187,7 @@ def guard_stream(
             try:
                 response = behavior(request, context)
             except GatewayError as err:
-                status, message = STATUS[err.code], err.message
+                status, message, _ = refusal(err)
                 response = refuse(request, status, message)
             except Exception:
                 status, message = _abort_internal(method, trace_id)
@@ -272,7 +273,8 @@ def _guard_async(method: str, behavior: Behavior) -> Callable[[Any, grpc.aio.Ser
         try:
             return await behavior(request, context)
         except GatewayError as err:
-            await context.abort(STATUS[err.code], err.message)
+            status, message, extra = refusal(err)
+            await context.abort(status, message, trailing_metadata=extra)
         except Exception:
             await context.abort(*_abort_internal(method))
 
@@ -311,6 +313,7 @@ def guard_servicer(
     traced: Mapping[str, Stamp] | None = None,
     streams: Mapping[str, Refuse] | None = None,
     listener: Mapping[str, Any] | None = None,
+    drain: Drain | None = None,
 ) -> Any:
     """A stand-in for `servicer` whose every RPC of `service` is wrapped by `guard` (aio server).
 
@@ -318,7 +321,8 @@ def guard_servicer(
     costs an extra coroutine per call on the hot path, for the same mapping. With `spans`,
     the RPCs named in `traced` get a span each; their value puts the trace id into a
     successful response. The bidirectional streams named in `streams` answer message by
-    message (`guard_stream`); the servicer's method answers one message.
+    message (`guard_stream`); the servicer's method answers one message. With `drain`, each
+    call counts as in flight, and new calls are refused once the listener shuts down.
     """
     stamps = traced or {}
     refusals = streams or {}
@@ -327,12 +331,45 @@ def guard_servicer(
         behavior = getattr(servicer, m.name)
         if m.name in refusals:
             stamp = stamps.get(m.name)
-            wrapped[m.name] = guard_stream(
+            stream = guard_stream(
                 _path(m), behavior, refusals[m.name], spans=spans if stamp else None, stamp=stamp, listener=listener
             )
+            wrapped[m.name] = _drained_stream(stream, drain) if drain else stream
         else:
-            wrapped[m.name] = guard(_path(m), behavior, spans, stamps.get(m.name), listener)
+            unary = guard(_path(m), behavior, spans, stamps.get(m.name), listener)
+            wrapped[m.name] = _drained(unary, drain) if drain else unary
     return SimpleNamespace(**wrapped)
+
+
+def _drained(
+    unary: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], drain: Drain
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """Count the call as in flight; once the listener drains, refuse it with UNAVAILABLE (retry elsewhere)."""
+
+    async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if drain.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, drain.refuse().message)
+        drain.active += 1
+        try:
+            return await unary(request, context)
+        finally:
+            drain.active -= 1
+
+    return counted
+
+
+def _drained_stream(
+    stream: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]], drain: Drain
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    """Refuse new streams once the listener drains; open ones run until the grace period ends."""
+
+    async def opened(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if drain.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, drain.refuse().message)
+        async for response in stream(requests, context):
+            yield response
+
+    return opened
 
 
 def guard_threaded_servicer(servicer: object, service: ServiceDescriptor, authenticate: Authenticate) -> Any:

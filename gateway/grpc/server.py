@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from gateway.app import Gateway
 from gateway.auth import AdminTokens
 from gateway.errors import InvalidInput
 from gateway.grpc.admin_servicer import AdminServicer
+from gateway.grpc.drain import Drain
 from gateway.grpc.errors import guard_servicer, guard_threaded_servicer
 from gateway.grpc.health import HealthReporter
 from gateway.grpc.oip_extensions import stamp_stream, stream_refusal
@@ -36,11 +38,14 @@ class InferenceServer:
     server: grpc.aio.Server
     port: int
     health: HealthReporter
+    drain: Drain
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Report NOT_SERVING, then finish in-flight calls for up to `grace` seconds."""
+        """Report NOT_SERVING, refuse new calls, finish those in flight, then stop; all within `grace` seconds."""
+        started = time.monotonic()
         await self.health.shut_down()
-        await self.server.stop(grace)
+        await self.drain.drain(grace)
+        await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
 
 
 def server_options(max_message_bytes: int, reuse_port: bool = False) -> list[tuple[str, int]]:
@@ -85,6 +90,7 @@ async def start_inference_server(gateway: Gateway, listen: str, tokens: AdminTok
     port = bind(server, listen)
     listener = listener_attributes(listen, port)
     spans = gateway.telemetry.spans
+    drain = Drain()
     inference_pb2_grpc.add_InferenceServicer_to_server(
         guard_servicer(
             PredictServicer(gateway.inference, gateway.feedback),
@@ -92,6 +98,7 @@ async def start_inference_server(gateway: Gateway, listen: str, tokens: AdminTok
             spans=spans,
             traced={"Predict": stamp_predict},
             listener=listener,
+            drain=drain,
         ),
         server,
     )
@@ -109,6 +116,7 @@ async def start_inference_server(gateway: Gateway, listen: str, tokens: AdminTok
             traced={"ModelInfer": stamp_model_infer, "ModelStreamInfer": stamp_stream},
             streams={"ModelStreamInfer": stream_refusal},
             listener=listener,
+            drain=drain,
         ),
         server,
     )
@@ -122,7 +130,7 @@ async def start_inference_server(gateway: Gateway, listen: str, tokens: AdminTok
     gateway.registry.on_change(lambda _snapshot: health.refresh_soon())
     gateway.control.on_change(lambda _revision, _state: health.refresh_soon())
     await server.start()
-    return InferenceServer(server, port, health)
+    return InferenceServer(server, port, health, drain)
 
 
 def bearer_authenticator(tokens: AdminTokens) -> Callable[[Any], str]:
