@@ -53,7 +53,7 @@ class Gateway:
         self.settings = settings or GatewaySettings.plain()
         self._owns_telemetry = telemetry is None
         self.telemetry = telemetry or Telemetry(WindowStore(self.settings.window_history, clock=clock))
-        self.repository = ModelRepository(config.model_root)
+        self.repository = ModelRepository(config.model_root, max_model_bytes=self.settings.max_model_bytes)
         self.registry = ModelRegistry(self.repository, clock=clock)
         self.router = Router(RouteTable(0, {}))
         self.faults = FaultInjector()

@@ -228,6 +228,8 @@ class ControlPlane(RouteReplica):
             )
         artifact = self.registry.repository.at_path(endpoint, version, path, sha256)
         intent = Intent(actor, "load", endpoint, reason, dry_run, {"version": version, "path": artifact.path})
+        if dry_run:
+            self.registry.repository.verify(artifact)  # a dry run checks size and digest too
         try:
             if not dry_run:
                 self.registry.load(artifact, intra_op_threads=current.intra_op_threads)

@@ -101,8 +101,9 @@ class ModelRegistry:
         started = time.perf_counter()
         self._publish(ModelVersion(endpoint, version, VersionState.LOADING, sha256=artifact.sha256, path=artifact.path))
         try:
-            data = self.repository.read_verified(artifact)
-            model = OnnxModel(data, source=artifact.path, intra_op_threads=intra_op_threads)
+            model = self.repository.load_verified(
+                artifact, lambda path: OnnxModel(path, source=artifact.path, intra_op_threads=intra_op_threads)
+            )
             model.warm_up(batch_size=warm_up_batch)
         except GatewayError as err:
             self._publish(self._failed(artifact, err.message))

@@ -1,25 +1,35 @@
 """The model repository on disk: every artifact lives under one root directory.
 
 The conventional layout is `<root>/<endpoint>/<version>/` holding `model.onnx` and a
-`manifest.yaml` that records the file's sha256. Artifacts are immutable: the gateway reads a
-file once, hashes exactly the bytes it loads, and refuses them when the digest differs from
-the one on record (the manifest's, or the one an operator passed to LoadVersion).
+`manifest.yaml` that records the file's sha256. Artifacts are immutable: the gateway refuses
+a file when its digest differs from the one on record (the manifest's, or the one an
+operator passed to LoadVersion), or when it changed between hashing and loading.
+
+Files are never read whole into Python memory: a file over the size limit is refused from
+its size alone, the digest is computed in 1 MiB chunks, and the runtime loads the file by path.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
-from gateway.errors import ArtifactError, InvalidInput
+from gateway.errors import ArtifactError, InvalidInput, TooLarge
 
 MANIFEST = "manifest.yaml"
 DEFAULT_FILE = "model.onnx"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: Largest model file loaded unless configured otherwise (`max_model_bytes`).
+DEFAULT_MAX_MODEL_BYTES = 2 << 30
+_CHUNK = 1 << 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +75,9 @@ def _read_manifest(directory: Path) -> dict[str, object]:
 class ModelRepository:
     """Finds artifacts under one root and reads them with their digest checked."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> None:
         self.root = root.resolve()
+        self.max_model_bytes = max_model_bytes
 
     def _inside(self, path: Path, *, what: str) -> Path:
         resolved = (path if path.is_absolute() else self.root / path).resolve()
@@ -114,17 +125,63 @@ class ModelRepository:
         return Artifact(endpoint, version, str(resolved.relative_to(self.root)), expected)
 
     def read_verified(self, artifact: Artifact) -> bytes:
-        """The artifact's bytes, after checking they hash to its recorded sha256."""
+        """The artifact's bytes, after checking they hash to its recorded sha256 (small files, tests)."""
+        return self.load_verified(artifact, Path.read_bytes)
+
+    def load_verified(self, artifact: Artifact, load: Callable[[Path], T]) -> T:
+        """`load(path)` of the artifact's file, after checking its size and digest; refused if it changed meanwhile.
+
+        The size is checked before a byte is read; the digest is computed in chunks; the file's
+        identity (device, inode, size, modification time) must be the same after `load` as when
+        it was hashed, so what was loaded is what was verified.
+        """
         path = self._inside(Path(artifact.path), what="path")
+        before = self._stat(path)
+        self._check_digest(path, artifact, before.st_size)
+        loaded = load(path)
+        after = self._stat(path)
+        if _identity(after) != _identity(before):
+            raise ArtifactError(
+                f"{path} changed while it was being loaded; artifacts are immutable (publish a new version)"
+            )
+        return loaded
+
+    def verify(self, artifact: Artifact) -> None:
+        """Check the artifact's size and digest without loading it (a dry run)."""
+        self.load_verified(artifact, lambda _path: None)
+
+    def _stat(self, path: Path) -> os.stat_result:
         try:
-            data = path.read_bytes()
+            stat = path.stat()
         except OSError as err:
             raise ArtifactError(f"cannot read {path}: {err.strerror}") from None
-        actual = hashlib.sha256(data).hexdigest()
+        if stat.st_size > self.max_model_bytes:
+            raise TooLarge(
+                f"{path} is {stat.st_size} bytes; model files may be at most {self.max_model_bytes} bytes "
+                "(setting max_model_bytes)"
+            )
+        return stat
+
+    def _check_digest(self, path: Path, artifact: Artifact, size: int) -> None:
+        digest = hashlib.sha256()
+        read = 0
+        try:
+            with path.open("rb") as handle:
+                while chunk := handle.read(_CHUNK):
+                    read += len(chunk)
+                    if read > max(size, self.max_model_bytes):
+                        raise ArtifactError(f"{path} grew while it was being hashed; artifacts are immutable")
+                    digest.update(chunk)
+        except OSError as err:
+            raise ArtifactError(f"cannot read {path}: {err.strerror}") from None
+        actual = digest.hexdigest()
         if actual != artifact.sha256:
             raise ArtifactError(
                 f"{path} has sha256 {actual}, but {artifact.endpoint} {artifact.version} was registered with "
                 f"{artifact.sha256}; the file changed after it was published "
                 "(artifacts are immutable: publish a new version)"
             )
-        return data
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -57,7 +58,7 @@ class OnnxModel:
     releases the GIL while the graph executes.
     """
 
-    def __init__(self, model: bytes, *, source: str, intra_op_threads: int = 1) -> None:
+    def __init__(self, model: bytes | Path, *, source: str, intra_op_threads: int = 1) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
@@ -66,7 +67,10 @@ class OnnxModel:
         options.log_severity_level = 3
         self.source = source
         try:
-            self._session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+            # A path, not bytes, for files: onnxruntime reads it natively, without a second copy in
+            # Python memory or a long GIL-holding conversion that would stall the serving loop.
+            loaded = str(model) if isinstance(model, Path) else model
+            self._session = ort.InferenceSession(loaded, sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises several unrelated types for bad files
             raise ArtifactError(f"{source}: onnxruntime cannot load this model: {err}") from err
         self.inputs: tuple[TensorSpec, ...] = tuple(_spec(a, source=source) for a in self._session.get_inputs())

@@ -142,6 +142,8 @@ class GatewaySettings(BaseSettings):
     """Largest request or response message on every listener; larger ones get RESOURCE_EXHAUSTED."""
     server_name: str = Field(default="model-gateway", min_length=1, max_length=64)
     """Name in the Open Inference Protocol's ServerMetadata; `triton` for clients that check for Triton."""
+    max_model_bytes: int = Field(default=2 << 30, ge=1024, le=1 << 40)
+    """Largest model file loaded; a larger one is refused from its size, before it is read (RESOURCE_EXHAUSTED)."""
     grace: float = Field(default=5.0, ge=0, le=3600)
     """Seconds to finish in-flight calls on SIGTERM/SIGINT before the process exits."""
     workers: int = Field(default=1, ge=1, le=256)

@@ -113,6 +113,7 @@ def running_gateway(
     telemetry: Telemetry | None = None,
     shadow_settings: ShadowSettings | None = None,
     server_name: str = "model-gateway",
+    settings: dict[str, object] | None = None,
 ) -> Iterator[RunningGateway]:
     """Start a real gateway (SQLite store, models loaded, gRPC on 127.0.0.1:0) and stop it afterwards."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -127,6 +128,7 @@ def running_gateway(
                 max_message_bytes=max_message_bytes,
                 shadow=shadow_settings or ShadowSettings(log_dir=None),
                 server_name=server_name,
+                **(settings or {}),
             ),
             telemetry=telemetry,
         )

@@ -242,7 +242,7 @@ def score(request: ScoreRequest, repository: ModelRepository) -> ScoreResult:
     final = base / run_id
     if final.exists():
         raise AlreadyExists(f"{final} exists; runs are immutable: choose a new --run-id")
-    model = OnnxModel(repository.read_verified(request.artifact), source=request.artifact.path)
+    model = repository.load_verified(request.artifact, lambda path: OnnxModel(path, source=request.artifact.path))
     if len(model.inputs) != 1 or len(model.float_inputs) != 1:
         signature = ", ".join(f"{s.name} {s.describe()}" for s in model.inputs)
         raise InvalidInput(f"{request.endpoint} {request.version} takes {signature}; batch takes one float input")
