@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway.admission import Admission
 from gateway.config import GatewayConfig, ShadowCompareConfig
 from gateway.control import ControlPlane
 from gateway.desired import DesiredState, desired_from_config, load_route_file
@@ -84,6 +85,7 @@ class Gateway:
             shadow=self.shadow,
             faults=self.faults,
             feedback=self.feedback,
+            admission=Admission(self.settings.max_concurrent_per_version, self.settings.default_deadline),
         )
         self._observe()
 

@@ -105,6 +105,9 @@ class EndpointConfig(BaseModel):
             )
         return value
 
+    #: Default deadline of this endpoint's requests (a caller's shorter deadline wins).
+    deadline_ms: StrictInt | None = Field(default=None, ge=1, le=3_600_000)
+
     @field_validator("versions")
     @classmethod
     def _unique(cls, versions: list[str]) -> list[str]:

@@ -45,6 +45,8 @@ class EndpointState:
     faults: Mapping[str, Fault] = field(default_factory=dict)
     #: Reference rows for the drift bins, relative to the model root ("": learnt from stable's traffic).
     drift_reference: str = ""
+    #: Default deadline of the endpoint's requests, milliseconds (None: the gateway's `default_deadline`).
+    deadline_ms: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "artifacts", _frozen(self.artifacts))
@@ -68,6 +70,7 @@ class EndpointState:
             max_batch_size=self.max_batch_size,
             reject_nan=self.nan_policy == "reject",
             shadows=dict(self.shadows),
+            deadline=None if self.deadline_ms is None else self.deadline_ms / 1000,
         )
 
     def require_version(self, version: str) -> None:
@@ -100,6 +103,7 @@ class EndpointState:
             "guardrails": self.guardrails.to_dict(),
             "faults": {v: f.to_dict() for v, f in sorted(self.faults.items())},
             **({"drift_reference": self.drift_reference} if self.drift_reference else {}),
+            **({"deadline_ms": self.deadline_ms} if self.deadline_ms is not None else {}),
         }
 
     @classmethod
@@ -118,6 +122,7 @@ class EndpointState:
             guardrails=_rule_set(data.get("guardrails", {})),
             faults={str(v): Fault(**f) for v, f in data.get("faults", {}).items()},
             drift_reference=str(data.get("drift_reference", "")),
+            deadline_ms=None if data.get("deadline_ms") is None else int(data["deadline_ms"]),
         )
 
 
@@ -253,6 +258,7 @@ def endpoint_from_config(name: str, config: EndpointConfig, artifacts: Mapping[s
         compare=config.shadow_compare,
         guardrails=config.rule_set(),
         drift_reference=config.drift_reference or "",
+        deadline_ms=config.deadline_ms,
     )
 
 

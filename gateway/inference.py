@@ -15,13 +15,15 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 
 from gateway import __version__
+from gateway.admission import Admission, Slot
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, NotFound, TooLarge
-from gateway.faults import FaultInjector
+from gateway.faults import Fault, FaultInjector
 from gateway.feedback import FeedbackJoin
 from gateway.limits import MAX_ID_CHARS, MAX_NAME_CHARS, MAX_TENSOR_NAME_CHARS, MAX_TENSORS, check_count, check_text
 from gateway.logs import REQUEST_ID
@@ -38,6 +40,8 @@ PLATFORM = "onnxruntime_onnx"
 #: Live (weighted) traffic is mirrored to shadows; explicitly pinned requests are not.
 _MIRRORED = frozenset({RoutingReason.WEIGHT, RoutingReason.STICKY})
 SERVER_NAME = "model-gateway"
+#: Requests in flight per version unless configured otherwise (`max_concurrent_per_version`).
+DEFAULT_CONCURRENCY = 64
 
 
 class InferRequest(NamedTuple):
@@ -243,8 +247,10 @@ class InferenceService:
         shadow: ShadowRunner | None = None,
         faults: FaultInjector | None = None,
         feedback: FeedbackJoin | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._registry = registry
+        self._admission = admission or Admission(DEFAULT_CONCURRENCY)
         self._router = router
         self._telemetry = telemetry or Telemetry()
         self._shadow = shadow
@@ -261,9 +267,11 @@ class InferenceService:
     ) -> InferResult:
         """Route and run one request; every routed request is measured, failed or not.
 
-        `time_left` gives the seconds left before the caller's deadline (None: no deadline): a
-        request whose deadline has passed is not run, and one whose deadline passed while the
-        model ran fails with DEADLINE_EXCEEDED (the caller is gone); both count as timeouts.
+        `time_left` gives the seconds left before the caller's deadline (None: no deadline). The
+        request's deadline is the caller's, or the endpoint's `deadline_ms`, or the gateway's
+        default, whichever comes first (`gateway/admission.py`): a request whose deadline has
+        passed is not run, and one whose deadline passed while the model ran fails with
+        DEADLINE_EXCEEDED (the caller is gone); both count as timeouts.
         """
         started = time.perf_counter()
         if (
@@ -297,23 +305,22 @@ class InferenceService:
         pinned = decision.reason is RoutingReason.PINNED or decision.reason is RoutingReason.LABEL
         series = self._series(routes.name, decision.version, pinned)
         try:
-            if fault is not None:
-                if span is not None:
-                    span.attributes["gateway.fault"] = (
-                        f"error_rate={fault.error_rate:g},latency_ms={fault.latency_ms:g}"
-                    )
-                started -= fault.latency_ms / 1000  # the injected delay counts as this version's latency
-                injected = fault.error(routes.name, decision.version)
-                if injected is not None:
-                    raise injected
-            model = self._registry.runnable(routes.name, decision.version)
-            _check_inputs(routes, decision, model.inputs, request.inputs)
-            rows, nan, features = _rows_and_nans(model, request.inputs)
-            wanted = _wanted_outputs(routes, decision, model, request.output_names)
-            if time_left is None:
-                arrays = model.run(request.inputs, wanted)
-            else:
-                arrays = _run_within(time_left, routes, decision, model, request.inputs, wanted)
+            # Admission control (gateway/admission.py): a slot in the version's limit, within the deadline.
+            admission = self._admission
+            deadline = admission.deadline(time_left() if time_left is not None else None, routes.deadline)
+            with admission.admit(routes.name, decision.version, deadline) as slot:
+                if fault is not None:
+                    started -= fault.latency_ms / 1000  # the injected delay counts as this version's latency
+                    self._inject(fault, routes.name, decision.version, span, slot, deadline)
+                model = self._registry.runnable(routes.name, decision.version)
+                _check_inputs(routes, decision, model.inputs, request.inputs)
+                rows, nan, features = _rows_and_nans(model, request.inputs)
+                wanted = _wanted_outputs(routes, decision, model, request.output_names)
+                if deadline is None:
+                    arrays = model.run(request.inputs, wanted)
+                else:
+                    left = partial(admission.left, deadline)
+                    arrays = _run_within(left, routes, decision, model, request.inputs, wanted)
         except GatewayError as err:
             self._measure(series, decision.arm, err.code.name, started, rows, nan, features, span)
             raise
@@ -345,6 +352,25 @@ class InferenceService:
             outputs=outputs,
             delay_seconds=fault.latency_ms / 1000 if fault is not None else 0.0,
         )
+
+    def _inject(  # noqa: PLR0917 - rare path, kept out of infer
+        self, fault: Fault, endpoint: str, version: str, span: SpanRecord | None, slot: Slot, deadline: float | None
+    ) -> None:
+        """A fault drill: maybe fail, and hold the version's slot for the injected latency (not past the deadline)."""
+        if span is not None:
+            span.attributes["gateway.fault"] = f"error_rate={fault.error_rate:g},latency_ms={fault.latency_ms:g}"
+        injected = fault.error(endpoint, version)
+        if injected is not None:
+            raise injected
+        delay = fault.latency_ms / 1000
+        left = self._admission.left(deadline)
+        if left is not None and delay > left:
+            slot.hold(max(0.0, left))  # it occupies the version until the deadline, as a slow run would
+            raise DeadlineExceeded(
+                f"{endpoint} {version}: the answer would come after the request's deadline "
+                f"({fault.latency_ms:g} ms injected latency, {1000 * max(0.0, left):.0f} ms left)"
+            )
+        slot.hold(delay)
 
     def _mirror(  # noqa: PLR0917 - per request: positional is cheaper
         self,
@@ -407,6 +433,11 @@ class InferenceService:
         return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     # --- metadata and readiness -------------------------------------------------------------
+
+    @property
+    def admission(self) -> Admission:
+        """The per-version concurrency limits and deadlines in front of the model runs."""
+        return self._admission
 
     def endpoint_metadata(self, endpoint: str, version: str = "") -> EndpointMetadata:
         """Signature of a version (the pinned one, else the stable or heaviest-weighted one)."""

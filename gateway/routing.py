@@ -125,6 +125,8 @@ class EndpointRoutes:
     reject_nan: bool = False
     #: version -> percent of (non-pinned) requests mirrored to it.
     shadows: Mapping[str, int] = field(default_factory=dict)
+    #: Seconds a request may take when its caller sets no shorter deadline (None: the gateway's default).
+    deadline: float | None = None
     #: (version, fraction) for the request path's draw.
     mirror: tuple[tuple[str, float], ...] = field(init=False, repr=False, compare=False)
     _bounds: tuple[int, ...] = field(init=False, repr=False, compare=False)

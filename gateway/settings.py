@@ -144,6 +144,10 @@ class GatewaySettings(BaseSettings):
     """Name in the Open Inference Protocol's ServerMetadata; `triton` for clients that check for Triton."""
     max_model_bytes: int = Field(default=2 << 30, ge=1024, le=1 << 40)
     """Largest model file loaded; a larger one is refused from its size, before it is read (RESOURCE_EXHAUSTED)."""
+    max_concurrent_per_version: int = Field(default=64, ge=1, le=100_000)
+    """Requests in flight per model version; more are shed with RESOURCE_EXHAUSTED and a retry hint."""
+    default_deadline: float = Field(default=30.0, gt=0, le=3600)
+    """Seconds a request may take when neither its caller nor its endpoint (deadline_ms) sets a shorter deadline."""
     grace: float = Field(default=5.0, ge=0, le=3600)
     """Seconds to finish in-flight calls on SIGTERM/SIGINT before the process exits."""
     workers: int = Field(default=1, ge=1, le=256)
@@ -157,7 +161,7 @@ class GatewaySettings(BaseSettings):
     shadow: ShadowSettings = Field(default_factory=ShadowSettings)
     """Shadow runner settings (flags --shadow-*, environment GATEWAY_SHADOW__*)."""
 
-    @field_validator("guardian_tick", "grace")
+    @field_validator("guardian_tick", "grace", "default_deadline")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):

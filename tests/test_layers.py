@@ -16,7 +16,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "state": ("gateway.state",),
     "signals": ("gateway.telemetry",),
     "models": ("gateway.registry", "gateway.runtime", "gateway.repository"),
-    "data plane": ("gateway.inference", "gateway.routing", "gateway.shadow", "gateway.faults", "gateway.feedback"),
+    "data plane": ("gateway.inference", "gateway.admission", "gateway.routing", "gateway.shadow", "gateway.faults", "gateway.feedback"),
     "control": ("gateway.control", "gateway.edits", "gateway.desired", "gateway.follower",
                 "gateway.replica"),
     "batch": ("gateway.batch",),
