@@ -100,6 +100,12 @@ class GatewaySettings(BaseSettings):
     """Admin callers as NAME=TOKEN,NAME=TOKEN (environment only: GATEWAY_ADMIN_TOKENS; never a flag)."""
     admin_tokens_file: Annotated[Path | None, BeforeValidator(_optional_path)] = None
     """File of NAME=TOKEN lines for admin callers (instead of GATEWAY_ADMIN_TOKENS)."""
+    tls_cert: Annotated[Path | None, BeforeValidator(_optional_path)] = None
+    """PEM certificate (chain) of both listeners; with tls_key, they serve TLS only. Reloaded on SIGHUP."""
+    tls_key: Annotated[Path | None, BeforeValidator(_optional_path)] = None
+    """PEM private key of tls_cert (keep it readable by the gateway only)."""
+    tls_client_ca: Annotated[Path | None, BeforeValidator(_optional_path)] = None
+    """PEM CA certificate(s): clients must show a certificate it signed (mutual TLS); admin still needs a token."""
     store: str = DEFAULT_STORE_URL
     """State store: sqlite:///relative/path.db, sqlite:////absolute/path.db, or etcd://HOST:PORT[,...][/prefix]."""
     metrics_listen: str = ""

@@ -100,7 +100,7 @@ def test_a_hung_version_answers_deadline_exceeded_and_sheds_without_starving_oth
         thread.join(30)
     assert healthy == ["1.12"] * 30
     assert set(codes) <= {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}, codes
-    assert 1 <= codes["DEADLINE_EXCEEDED"] and codes["DEADLINE_EXCEEDED"] + codes["RESOURCE_EXHAUSTED"] == 16
+    assert codes["DEADLINE_EXCEEDED"] >= 1 and codes["DEADLINE_EXCEEDED"] + codes["RESOURCE_EXHAUSTED"] == 16
     assert limited.gateway.inference.admission.in_flight("ctr-ranker", "1.13") <= 4
     assert len(pushback) == codes["RESOURCE_EXHAUSTED"] and all(int(ms) >= 0 for ms in pushback)
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from gateway import __version__
 from gateway.cli import admin, batch, gameday, predict, report, rollout, serve
+from gateway.cli.output import fail
+from gateway.errors import GatewayError
 from gateway.logs import configure_logging
 
 
@@ -40,5 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `serve --workers N` passes them on to its workers
     configure_logging(args.log_level or "INFO", args.log_format or "text")
-    code: int = args.handler(args)
+    try:
+        code: int = args.handler(args)
+    except GatewayError as err:  # a bad option found late (an unreadable --tls-ca file): one line, no traceback
+        return fail(err.message, 2)
     return code

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from gateway.cli.connect import add_tls_options, open_channel
 from gateway.cli.output import fail, print_json, rpc_failure, table, when
 from gateway.guardrails.rules import RuleSet
 from gateway.pb.gateway.v1 import admin_pb2 as pb
@@ -38,6 +39,7 @@ def connection_options() -> argparse.ArgumentParser:
     common.add_argument("--token", default=argparse.SUPPRESS, help=f"bearer token (default ${ENV_TOKEN})")
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds (default 30)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    add_tls_options(common, suppress=True)
     return common
 
 
@@ -57,7 +59,7 @@ class AdminClient:
         token = getattr(args, "token", None) or os.environ.get(ENV_TOKEN, "")
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = getattr(args, "timeout", 30.0)
-        self.channel = grpc.insecure_channel(self.target)
+        self.channel = open_channel(self.target, args)
         self.stub = pb_grpc.AdminStub(self.channel)
 
     def call(self, method: str, request: Any) -> Any:

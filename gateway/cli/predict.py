@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from gateway.cli.connect import add_tls_options, open_channel
 from gateway.cli.output import fail, print_json, rpc_failure
 from gateway.errors import GatewayError
 
@@ -28,6 +29,7 @@ def register(commands: Any) -> None:
     predict.add_argument("--target", default=DEFAULT_TARGET)
     predict.add_argument("--timeout", type=float, default=10.0)
     predict.add_argument("--json", action="store_true", help="print JSON")
+    add_tls_options(predict)
     predict.set_defaults(handler=run)
 
 
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, json.JSONDecodeError) as err:
         return fail(f"--features: {err}")
     endpoint = args.endpoint.split("@", 1)[0].split(":", 1)[0]
-    with grpc.insecure_channel(args.target) as channel:
+    with open_channel(args.target, args) as channel:
         try:
             metadata = oip_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
                 oip.ModelMetadataRequest(name=endpoint), timeout=args.timeout

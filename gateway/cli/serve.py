@@ -69,8 +69,10 @@ def _dest(dotted: str) -> str:
 
 async def _serve(settings: GatewaySettings) -> int:
     from gateway.grpc.server import start_admin_server, start_inference_server
+    from gateway.grpc.tls import ServerTls
 
     tokens = AdminTokens.load(settings.admin_tokens_file, settings.admin_tokens.get_secret_value())
+    tls = ServerTls.from_settings(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     runtime = build_telemetry(TelemetrySettings.of(settings))
     store = open_store(settings.store)
     try:
@@ -78,8 +80,8 @@ async def _serve(settings: GatewaySettings) -> int:
         revision = await asyncio.to_thread(gateway.start)
         gateway.guardian.start()
         gateway.follower.start()
-        inference = await start_inference_server(gateway, settings.listen, tokens)
-        admin = await start_admin_server(gateway, settings.admin_listen, tokens)
+        inference = await start_inference_server(gateway, settings.listen, tokens, tls)
+        admin = await start_admin_server(gateway, settings.admin_listen, tokens, tls)
     except BaseException:
         store.close()
         runtime.shutdown()
@@ -96,13 +98,15 @@ async def _serve(settings: GatewaySettings) -> int:
     )
     print(
         f"gateway ready: inference on {host}:{inference.port}, admin on {admin_host}:{admin.port}{metrics} "
-        f"(revision {revision}; {summary})",
+        f"(revision {revision}; {summary}){'; TLS' if tls else ''}",
         flush=True,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if tls is not None:
+        loop.add_signal_handler(signal.SIGHUP, tls.request_reload)  # open connections keep their session
     await stop.wait()
     log.info("shutting down")
     await asyncio.gather(inference.stop(grace=settings.grace), admin.stop(grace=settings.grace))

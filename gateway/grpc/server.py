@@ -14,14 +14,15 @@ import grpc
 
 from gateway.app import Gateway
 from gateway.auth import AdminTokens
-from gateway.errors import InvalidInput
+from gateway.errors import GatewayError, InvalidInput
 from gateway.grpc.admin_servicer import AdminServicer
 from gateway.grpc.drain import Drain
-from gateway.grpc.errors import guard_servicer, guard_threaded_servicer
+from gateway.grpc.errors import guard_servicer, guard_threaded_servicer, refusal
 from gateway.grpc.health import HealthReporter
 from gateway.grpc.oip_extensions import stamp_stream, stream_refusal
 from gateway.grpc.reflection import enable_reflection
 from gateway.grpc.servicers import OpenInferenceServicer, PredictServicer, stamp_model_infer, stamp_predict
+from gateway.grpc.tls import ServerTls
 from gateway.pb.gateway.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 from gateway.pb.grpc.health.v1 import health_pb2, health_pb2_grpc
 from gateway.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
@@ -61,10 +62,10 @@ def server_options(max_message_bytes: int, reuse_port: bool = False) -> list[tup
     ]
 
 
-def bind(server: grpc.aio.Server, listen: str) -> int:
-    """Bind an insecure port; raise InvalidInput naming the address when it cannot be bound."""
+def bind(server: grpc.aio.Server | grpc.Server, listen: str, tls: ServerTls | None = None) -> int:
+    """Bind a port (TLS when given); raise InvalidInput naming the address when it cannot be bound."""
     try:
-        port: int = server.add_insecure_port(listen)
+        port: int = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
     except RuntimeError as err:
         raise InvalidInput(f"cannot listen on {listen}: {err}") from None
     if port == 0:
@@ -80,14 +81,16 @@ def listener_attributes(listen: str, port: int) -> dict[str, Any]:
     return {"server.address": host, "server.port": port}
 
 
-async def start_inference_server(gateway: Gateway, listen: str, tokens: AdminTokens | None = None) -> InferenceServer:
+async def start_inference_server(
+    gateway: Gateway, listen: str, tokens: AdminTokens | None = None, tls: ServerTls | None = None
+) -> InferenceServer:
     """Build and start the inference listener (Predict, Open Inference Protocol, health, reflection).
 
     `tokens` admit the Open Inference Protocol's repository load/unload, which are admin
-    operations; without them every such call is refused.
+    operations; without them every such call is refused. `tls`: serve TLS (or mTLS) only.
     """
     server = grpc.aio.server(options=server_options(gateway.settings.max_message_bytes, gateway.settings.reuse_port))
-    port = bind(server, listen)
+    port = bind(server, listen, tls)
     listener = listener_attributes(listen, port)
     spans = gateway.telemetry.spans
     drain = Drain()
@@ -161,21 +164,50 @@ class AdminServer:
 ADMIN_WORKERS = 4
 
 
-async def start_admin_server(gateway: Gateway, listen: str, tokens: AdminTokens) -> AdminServer:
-    """Build and start the admin listener; every RPC is authenticated with a bearer token.
+class _ReflectionNeedsToken(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Server reflection on the admin listener answers only callers with a valid token.
+
+    Without it, anyone who can reach the admin port could list the admin API; the RPCs
+    themselves are guarded, but their shape is nobody else's business.
+    """
+
+    def __init__(self, tokens: AdminTokens) -> None:
+        self._tokens = tokens
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        """Reflection calls without a valid token get a handler that refuses them."""
+        if not details.method.startswith("/grpc.reflection."):
+            return continuation(details)
+        value = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+        try:
+            self._tokens.authenticate(value.decode() if isinstance(value, bytes) else value)
+        except GatewayError as err:
+            status, message, _ = refusal(err)
+
+            def refuse(_requests: Any, context: grpc.ServicerContext) -> Any:
+                context.abort(status, message)
+
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        return continuation(details)
+
+
+async def start_admin_server(
+    gateway: Gateway, listen: str, tokens: AdminTokens, tls: ServerTls | None = None
+) -> AdminServer:
+    """Build and start the admin listener; every RPC (reflection included) is authenticated with a bearer token.
 
     Admin calls run in their own worker threads: a commit's fsync or a model load never
     blocks the event loop that serves predictions.
     """
+    authenticate = bearer_authenticator(tokens)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="admin"),
         options=server_options(gateway.settings.max_message_bytes, gateway.settings.reuse_port),
+        interceptors=[_ReflectionNeedsToken(tokens)],
     )
     servicer = AdminServicer(gateway.control, gateway.shadow, gateway.rollouts, gateway.incidents)
-    admin_pb2_grpc.add_AdminServicer_to_server(
-        guard_threaded_servicer(servicer, ADMIN, bearer_authenticator(tokens)), server
-    )
+    admin_pb2_grpc.add_AdminServicer_to_server(guard_threaded_servicer(servicer, ADMIN, authenticate), server)
     enable_reflection([ADMIN.full_name], server)
-    port = bind(server, listen)
+    port = bind(server, listen, tls)
     server.start()
     return AdminServer(server, port)
