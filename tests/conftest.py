@@ -30,3 +30,15 @@ def own_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
     server = EtcdServer(tmp_path / "etcd-data").start()
     yield server
     server.kill()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How many generated requests the property tests sent (they run bounded, so say how many)."""
+    import sys
+
+    properties = sys.modules.get("tests.test_properties")
+    if properties is not None and properties.COUNTS:
+        ran = sum(properties.COUNTS.values())
+        terminalreporter.write_line(
+            f"property tests: {ran} generated requests over {len(properties.COUNTS)} RPCs, none INTERNAL or UNKNOWN"
+        )
