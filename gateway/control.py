@@ -15,12 +15,15 @@ Methods block (store I/O, model loading): call them off the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway import edits
 from gateway.desired import DesiredState, endpoint_from_config, parse_route_file
-from gateway.errors import AlreadyExists, FailedPrecondition, GatewayError, InvalidInput, NotFound
+from gateway.errors import AlreadyExists, FailedPrecondition, GatewayError, InvalidInput, NotFound, TooLarge
 from gateway.faults import Fault
 from gateway.guardrails.rules import RuleSet
 from gateway.limits import MAX_PATH_CHARS, check_rules, check_text
@@ -28,7 +31,11 @@ from gateway.replica import SYSTEM_ACTOR, ChangeResult, Intent, RouteReplica
 from gateway.repository import Artifact
 from gateway.routing import VERSION_NAME, labels_on
 
-__all__ = ["SYSTEM_ACTOR", "ChangeResult", "ControlPlane", "Intent", "VersionInfo"]
+__all__ = ["MAX_CONCURRENT_LOADS", "SYSTEM_ACTOR", "ChangeResult", "ControlPlane", "Intent", "VersionInfo"]
+
+#: Model loads (LoadVersion, Apply) running at once; the admin listener's other workers stay free
+#: for rollbacks and reads however many loads are asked for.
+MAX_CONCURRENT_LOADS = 2
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,20 @@ class ControlPlane(RouteReplica):
 
     Admin RPCs, the CLI, rollouts and the guardian all change traffic through it.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loads = threading.BoundedSemaphore(MAX_CONCURRENT_LOADS)
+
+    @contextmanager
+    def _load_slot(self) -> Iterator[None]:
+        """One of MAX_CONCURRENT_LOADS; refused at once (RESOURCE_EXHAUSTED) rather than queued."""
+        if not self._loads.acquire(blocking=False):
+            raise TooLarge(f"{MAX_CONCURRENT_LOADS} model loads are in progress; retry when one has finished")
+        try:
+            yield
+        finally:
+            self._loads.release()
 
     def versions(self, endpoint: str = "") -> list[VersionInfo]:
         """Every version (of one endpoint, when given) with its state and traffic share."""
@@ -230,16 +251,16 @@ class ControlPlane(RouteReplica):
         intent = Intent(actor, "load", endpoint, reason, dry_run, {"version": version, "path": artifact.path})
         if dry_run:
             self.registry.repository.verify(artifact)  # a dry run checks size and digest too
-        try:
-            if not dry_run:
-                self.registry.load(artifact, intra_op_threads=current.intra_op_threads)
             return self._change(intent, edits.add_version(artifact))
-        except AlreadyExists:
-            raise  # a concurrent load of the same version owns the model: leave it alone
-        except GatewayError:
-            if not dry_run:
+        with self._load_slot():
+            try:
+                self.registry.load(artifact, intra_op_threads=current.intra_op_threads)
+                return self._change(intent, edits.add_version(artifact))
+            except AlreadyExists:
+                raise  # a concurrent load of the same version owns the model: leave it alone
+            except GatewayError:
                 self.registry.unload(endpoint, version)  # a refused artifact is not registered
-            raise
+                raise
 
     def unload_version(
         self, actor: str, endpoint: str, version: str, *, reason: str, dry_run: bool = False
@@ -277,7 +298,8 @@ class ControlPlane(RouteReplica):
                                 to_load.add((name, version))
                             else:
                                 fresh = artifacts[version]
-                                self.registry.load(fresh, intra_op_threads=endpoint_config.intra_op_threads)
+                                with self._load_slot():
+                                    self.registry.load(fresh, intra_op_threads=endpoint_config.intra_op_threads)
                                 loaded.append(fresh)
                     updated = updated.replace_endpoint(endpoint_from_config(name, endpoint_config, artifacts))
                 intent = Intent(actor, "apply", ",".join(sorted(config.endpoints)), reason, dry_run)

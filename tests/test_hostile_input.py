@@ -245,3 +245,37 @@ def test_audit_pages_by_size(fresh: RunningGateway) -> None:
         page = fresh.admin("GetAudit", pb.GetAuditRequest(max_bytes=budget, before_id=page.next_before_id))
         seen += [e.id for e in page.entries]
     assert seen == sorted(seen, reverse=True) and len(seen) == len(set(seen)) >= 13
+
+
+# --- worst cases of the admin plane -------------------------------------------------------------
+
+
+def test_model_loads_beyond_the_limit_are_refused_and_rollbacks_still_run(fresh: RunningGateway) -> None:
+    from gateway.control import MAX_CONCURRENT_LOADS
+
+    loads = fresh.gateway.control._loads
+    for _ in range(MAX_CONCURRENT_LOADS):
+        assert loads.acquire(blocking=False)  # as if two slow loads were running
+    try:
+        from gateway.repository import file_sha256
+
+        digest = file_sha256(fresh.gateway.repository.root / "ctr-ranker/1.12/model.onnx")
+        request = pb.LoadVersionRequest(
+            endpoint="ctr-ranker", version="2.0", path="ctr-ranker/1.12/model.onnx", sha256=digest, reason="third"
+        )
+        err = rpc_error(lambda: fresh.admin("LoadVersion", request))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "loads are in progress" in err.details()
+        rollback = fresh.admin("Rollback", pb.RollbackRequest(endpoint="ctr-ranker", reason="still possible"))
+        assert rollback.revision == 2
+    finally:
+        for _ in range(MAX_CONCURRENT_LOADS):
+            loads.release()
+
+
+def test_list_pages_fit_their_byte_budget() -> None:
+    from gateway.grpc.admin_converters import within
+
+    entries = [pb.AuditEntry(id=i, reason="r" * 1000) for i in range(100)]
+    kept = within(entries, 10_000)
+    assert 5 <= len(kept) < 10 and kept == entries[: len(kept)]
+    assert within([pb.AuditEntry(reason="r" * 50_000)], 10) != []  # the first always comes back

@@ -15,6 +15,18 @@ from gateway.shadow.stats import ShadowReport
 from gateway.state import AuditEntry, StoreStatus
 
 
+def within(messages: Iterable[Any], max_bytes: int) -> list[Any]:
+    """As many messages as fit in `max_bytes` (always the first), so a list RPC never exceeds the message limit."""
+    kept: list[Any] = []
+    size = 0
+    for message in messages:
+        size += message.ByteSize() + 8  # the field's tag and length
+        if kept and size > max_bytes:
+            break
+        kept.append(message)
+    return kept
+
+
 def _json(value: Any) -> str:
     return "" if value is None else json.dumps(value)
 

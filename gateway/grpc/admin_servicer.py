@@ -36,8 +36,9 @@ def _reason(request: Any) -> str:
     return check_text(request.reason, "reason", MAX_REASON_CHARS)
 
 
-#: Most bytes of audit entries in one GetAudit page (a fourth of the default message limit).
-AUDIT_PAGE_BYTES = 1 << 20
+#: Most bytes of entries in one page of a list RPC (a fourth of the default message limit): newest first,
+#: so a long history never makes ListRevisions, ListIncidents or GetAudit fail for its size.
+PAGE_BYTES = AUDIT_PAGE_BYTES = 1 << 20
 
 
 def _page(limit: int, default: int) -> int:
@@ -73,9 +74,8 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     def ListRevisions(self, request: pb.ListRevisionsRequest, context: Context) -> pb.ListRevisionsResponse:
         revisions = self._control.revisions(_page(request.limit, 20))
-        return pb.ListRevisionsResponse(
-            revisions=[convert.routes(r.revision, r.at, DesiredState.from_json(r.document)) for r in revisions]
-        )
+        listed = (convert.routes(r.revision, r.at, DesiredState.from_json(r.document)) for r in revisions)
+        return pb.ListRevisionsResponse(revisions=convert.within(listed, PAGE_BYTES))
 
     def ListVersions(self, request: pb.ListVersionsRequest, context: Context) -> pb.ListVersionsResponse:
         self._control.refresh()
@@ -169,7 +169,7 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     def ListIncidents(self, request: pb.ListIncidentsRequest, context: Context) -> pb.ListIncidentsResponse:
         records = self._incidents.list(request.endpoint, _page(request.limit, 50))
-        return pb.ListIncidentsResponse(incidents=[convert.incident(r) for r in records])
+        return pb.ListIncidentsResponse(incidents=convert.within((convert.incident(r) for r in records), PAGE_BYTES))
 
     def GetIncident(self, request: pb.GetIncidentRequest, context: Context) -> pb.Incident:
         return convert.incident(self._incidents.get(request.id))
