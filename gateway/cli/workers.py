@@ -12,8 +12,8 @@ The supervisor (this process) serves nothing itself. It starts N workers, each a
 - **one Prometheus scrape**: each worker serves its metrics on a private loopback port and the
   supervisor's `--metrics-listen` page merges them, each sample labelled `worker="I"`;
 - **one signal**: SIGTERM or SIGINT reaches every worker, each drains its in-flight calls
-  (`--grace`), and the supervisor exits when all have. A worker that dies on its own is
-  started again; the others keep serving meanwhile.
+  (`--grace`), and the supervisor exits when all have; SIGHUP (TLS reload) is passed on.
+  A worker that dies on its own is started again; the others keep serving meanwhile.
 """
 
 from __future__ import annotations
@@ -129,6 +129,7 @@ class Supervisor:
         self.workers = [Worker(i, base) for i in range(self.settings.workers)]
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._forward(signal.SIGHUP))  # TLS reload reaches every worker
         try:
             for worker in self.workers:
                 worker.start()
@@ -151,6 +152,11 @@ class Supervisor:
         )
         self._supervise()
         return self._stop_all()
+
+    def _forward(self, sig: signal.Signals) -> None:
+        for worker in self.workers:
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.send_signal(sig)
 
     def _serve_metrics(self) -> str:
         if not self.settings.metrics_listen:
