@@ -9,7 +9,6 @@ arm and value per request come from there). Late or unknown ids are counted, not
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -19,6 +18,9 @@ from dataclasses import dataclass
 from gateway.errors import InvalidInput
 from gateway.limits import MAX_ID_CHARS, check_text
 from gateway.telemetry.windows import SeriesKey, WindowStore
+
+#: Largest business value one outcome may carry (its square must stay far from overflow).
+MAX_VALUE = 1e12
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,18 @@ class FeedbackJoin:
         if not request_id:
             raise InvalidInput("request_id is empty; send the id the Predict response carried")
         check_text(request_id, "request_id", MAX_ID_CHARS)
-        if math.isnan(outcome) or math.isinf(outcome):
-            raise InvalidInput(f"outcome {outcome} must be a finite number (1 for a click, 0 for none)")
-        if value is not None and not math.isfinite(value):
-            raise InvalidInput(f"value {value} must be a finite number (revenue, watch time, ...), or left unset")
+        if not 0.0 <= outcome <= 1.0:  # NaN fails this too
+            # The CTR guardrail reads outcomes as rates: one caller's 1e300 or -5 would move it at will.
+            raise InvalidInput(
+                f"outcome {outcome} must be between 0 and 1 (1 for a click, 0 for none)", field="outcome"
+            )
+        if value is not None and not abs(value) <= MAX_VALUE:  # NaN fails this too
+            # The value rule sums values and their squares: 1e300 would overflow them for everyone.
+            raise InvalidInput(
+                f"value {value} must be a finite number within +-{MAX_VALUE:g} (revenue, watch time, ...), "
+                "or left unset",
+                field="value",
+            )
         with self._lock:
             entry = self._served.pop(request_id, None)
             if entry is None or self._clock() - entry[2] > self._ttl:

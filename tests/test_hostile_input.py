@@ -279,3 +279,16 @@ def test_list_pages_fit_their_byte_budget() -> None:
     kept = within(entries, 10_000)
     assert 5 <= len(kept) < 10 and kept == entries[: len(kept)]
     assert within([pb.AuditEntry(reason="r" * 50_000)], 10) != []  # the first always comes back
+
+
+@pytest.mark.parametrize("outcome", [float("nan"), float("inf"), -1.0, 2.0, 1e300])
+def test_feedback_outcomes_are_rates(hostile: RunningGateway, outcome: float) -> None:
+    served = hostile.predict()
+    err = rpc_error(
+        lambda: hostile.predict_stub.Feedback(
+            gw.FeedbackRequest(request_id=served.request_id, outcome=outcome), timeout=10
+        )
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "between 0 and 1" in err.details()
+    joined = hostile.predict_stub.Feedback(gw.FeedbackRequest(request_id=served.request_id, outcome=1.0), timeout=10)
+    assert joined.joined  # the refused outcome did not use up the request id
