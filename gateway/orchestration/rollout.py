@@ -31,6 +31,7 @@ from gateway.routing import CANARY, STABLE, format_traffic
 KIND = "rollout"
 DEFAULT_STEPS = (5, 25, 50, 100)
 DEFAULT_STEP_SECONDS = 600.0
+MAX_STEP_SECONDS = 30 * 86400.0
 ACTOR = "rollout"
 
 
@@ -158,9 +159,11 @@ class RolloutDriver:
             raise InvalidInput(f"steps {steps} must increase and end at 100, e.g. 5,25,50,100", field="steps")
         if steps[0] <= 0:
             raise InvalidInput(f"steps {steps} must start above 0", field="steps")
-        if not math.isfinite(step_seconds) or step_seconds <= 0:
+        if not math.isfinite(step_seconds) or not 0 < step_seconds <= MAX_STEP_SECONDS:
             raise InvalidInput(
-                f"step duration {step_seconds} must be a positive number of seconds", field="step_duration"
+                f"step duration {step_seconds} must be a positive number of seconds, at most {MAX_STEP_SECONDS:.0f} "
+                "(30 days): a longer step would hold the rollout as if stuck",
+                field="step_duration",
             )
         rule_set = RuleSet.parse(list(rules), (at_least or 1) if rules else 1)
         if self.history_seconds:
