@@ -64,7 +64,7 @@ def _measure(tree: Path, scratch: Path, digest: str) -> dict[str, float]:
         [
             sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "serve", "--config", str(config),
             "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-            "--store", f"sqlite:///{scratch / f'{tree.name}.db'}", "--shadow-log-dir", "",
+            "--store", f"sqlite:///{tempfile.mkdtemp(dir=scratch)}/state.db", "--shadow-log-dir", "",
         ],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tree,
         env={**os.environ, "GATEWAY_ADMIN_TOKENS": f"bench={TOKEN}", "PYTHONPATH": str(tree)},
