@@ -132,7 +132,10 @@ def main() -> None:
             (ROOT / "models" / "gateway.yaml").read_text().replace("model_root: .", f"model_root: {scratch}")
         )
         print(f"model {(scratch / 'big.onnx').stat().st_size / (1 << 20):.0f} MiB; {os.cpu_count()} cores")
-        print("| tree | round | load s | Predict p99 before ms | Predict max during load ms | RSS before MiB | peak RSS MiB |")
+        print(
+            "| tree | round | load s | Predict p99 before ms | Predict max during load ms | RSS before MiB "
+            "| peak RSS MiB |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|")
         for round_ in range(args.rounds):
             for tree in trees:

@@ -22,13 +22,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gateway.grpc.server import start_admin_server, start_inference_server
 from gateway.grpc.tls import ServerTls
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
+from gateway.pb.grpc.reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests.helpers import DEMO_CONFIG, ONCALL_TOKEN, ROOT, TOKENS, bearer, predict_request, running_gateway
 
 
