@@ -292,3 +292,15 @@ def test_feedback_outcomes_are_rates(hostile: RunningGateway, outcome: float) ->
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "between 0 and 1" in err.details()
     joined = hostile.predict_stub.Feedback(gw.FeedbackRequest(request_id=served.request_id, outcome=1.0), timeout=10)
     assert joined.joined  # the refused outcome did not use up the request id
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e300, -1e13])
+def test_feedback_values_are_bounded(hostile: RunningGateway, value: float) -> None:
+    served = hostile.predict()
+    request = gw.FeedbackRequest(request_id=served.request_id, outcome=1.0, value=value)
+    err = rpc_error(lambda: hostile.predict_stub.Feedback(request, timeout=10))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "value" in err.details()
+    ok = hostile.predict_stub.Feedback(
+        gw.FeedbackRequest(request_id=served.request_id, outcome=1.0, value=-25.5), timeout=10
+    )
+    assert ok.joined  # refunds are values too; the refused call did not use up the id
