@@ -16,7 +16,7 @@ from gateway.pb.grpc.reflection.v1 import reflection_pb2 as v1
 from gateway.pb.grpc.reflection.v1 import reflection_pb2_grpc as v1_grpc
 from gateway.pb.grpc.reflection.v1alpha import reflection_pb2 as v1alpha
 from gateway.pb.grpc.reflection.v1alpha import reflection_pb2_grpc as v1alpha_grpc
-from testkit.gateways import RunningGateway, running_gateway
+from testkit.gateways import RunningGateway, bearer, running_gateway
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -103,14 +103,17 @@ def test_stopping_the_listener_reports_not_serving_everywhere_while_calls_drain(
         stopping.result(30)
 
 
-def _ask(channel: grpc.Channel, version: str, **question: object) -> list[object]:
+def _ask(
+    channel: grpc.Channel, version: str, metadata: tuple[tuple[str, str], ...] = (), **question: object
+) -> list[object]:
     pb, pb_grpc = REFLECTION[version]
     stub = pb_grpc.ServerReflectionStub(channel)
-    return list(stub.ServerReflectionInfo(iter([pb.ServerReflectionRequest(**question)]), timeout=10))
+    requests = iter([pb.ServerReflectionRequest(**question)])
+    return list(stub.ServerReflectionInfo(requests, metadata=metadata, timeout=10))
 
 
-def _services(channel: grpc.Channel, version: str) -> set[str]:
-    (response,) = _ask(channel, version, list_services="")
+def _services(channel: grpc.Channel, version: str, metadata: tuple[tuple[str, str], ...] = ()) -> set[str]:
+    (response,) = _ask(channel, version, metadata, list_services="")
     return {s.name for s in response.list_services_response.service}  # type: ignore[attr-defined]
 
 
@@ -146,7 +149,10 @@ def test_reflection_on_the_inference_listener(demo: RunningGateway, version: str
 
 @pytest.mark.parametrize("version", ["v1", "v1alpha"])
 def test_reflection_on_the_admin_listener(demo: RunningGateway, version: str) -> None:
-    services = _services(demo.admin_channel, version)
+    with pytest.raises(grpc.RpcError) as err:  # the admin API is shown to token holders only
+        _services(demo.admin_channel, version)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    services = _services(demo.admin_channel, version, bearer())
     assert {"gateway.v1.Admin", "grpc.reflection.v1.ServerReflection"} <= services
-    (response,) = _ask(demo.admin_channel, version, file_containing_symbol="gateway.v1.Admin")
+    (response,) = _ask(demo.admin_channel, version, bearer(), file_containing_symbol="gateway.v1.Admin")
     assert "gateway.v1.Admin" in _symbols(response, REFLECTION[version][0])

@@ -112,7 +112,7 @@ def channel(target: str, ca: Path, cert: Path | None = None, key: Path | None = 
 def tls_gateway(pki: dict[str, Path], *, mutual: bool) -> Iterator[tuple[str, str, ServerTls]]:
     tls = ServerTls(pki["cert"], pki["key"], pki["client_ca"] if mutual else None)
     with running_gateway() as running:
-        server = running.loop.run(start_inference_server(running.gateway, "127.0.0.1:0", tls))
+        server = running.loop.run(start_inference_server(running.gateway, "127.0.0.1:0", tls=tls))
         admin = running.loop.run(start_admin_server(running.gateway, "127.0.0.1:0", TOKENS, tls))
         try:
             yield f"127.0.0.1:{server.port}", f"127.0.0.1:{admin.port}", tls
