@@ -18,7 +18,7 @@ import pytest
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
-from tests.helpers import GatewayProcess, bearer, predict_request
+from testkit.gateways import GatewayProcess, bearer, predict_request
 
 CLIENTS = 32
 

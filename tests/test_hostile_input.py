@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -18,7 +19,7 @@ from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.inference import grpc_service_pb2 as oip
 from gateway.pb.inference import grpc_service_pb2_grpc as oip_grpc
-from tests.helpers import MODELS, RunningGateway, config_text, predict_request, running_gateway
+from testkit.gateways import MODELS, RunningGateway, config_text, predict_request, running_gateway
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,8 @@ def test_out_of_range_typed_contents_are_refused(datatype: str, field: str, valu
     from gateway.errors import InvalidInput
     from gateway.tensors import DataType, array_from_values
 
-    values = getattr(oip.InferTensorContents(**{field: [value]}), field)  # as the converter sees them
+    contents: Any = oip.InferTensorContents(**{field: [value]})  # type: ignore[arg-type]
+    values = getattr(contents, field)  # as the converter sees them
     with pytest.raises(InvalidInput, match="do not fit"):
         array_from_values(values, DataType(datatype), [1], what="input 'x'")
 

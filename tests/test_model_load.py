@@ -13,7 +13,7 @@ import pytest
 from gateway.errors import ArtifactError, TooLarge
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.repository import Artifact, ModelRepository, file_sha256
-from tests.helpers import MODELS, RunningGateway, running_gateway
+from testkit.gateways import MODELS, RunningGateway, running_gateway
 
 
 @pytest.fixture

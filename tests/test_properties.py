@@ -31,7 +31,7 @@ from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
 from gateway.pb.inference import grpc_service_pb2 as oip
 from gateway.pb.inference import grpc_service_pb2_grpc as oip_grpc
-from tests.helpers import MODELS, RunningGateway, bearer, config_text, predict_request, running_gateway
+from testkit.gateways import MODELS, RunningGateway, bearer, config_text, predict_request, running_gateway
 
 KNOWN_TEXT = [
     "", "ctr-ranker", "ctr-ranker@1.13", "ctr-ranker:canary", "1.12", "1.13", "1.14", "stable", "canary",
@@ -71,9 +71,10 @@ def _scalar(field: FieldDescriptor) -> st.SearchStrategy[Any]:
         return st.booleans()
     if kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
         special = st.sampled_from([0.0, -0.0, 0.5, 1.0, 1.5, 100.0, 60_000.0, math.nan, math.inf, -math.inf, 1e300])
-        width = 32 if kind == FieldDescriptor.TYPE_FLOAT else 64
-        return st.one_of(special, st.floats(width=width))
+        floats = st.floats(width=32) if kind == FieldDescriptor.TYPE_FLOAT else st.floats()
+        return st.one_of(special, floats)
     if kind == FieldDescriptor.TYPE_ENUM:
+        assert field.enum_type is not None
         values = [v.number for v in field.enum_type.values]
         return st.one_of(st.sampled_from(values), st.integers(-3, 40))
     return _integers(*_INTS[kind])
@@ -86,6 +87,7 @@ BYTES = [b"", ROW, ROW * 2, b"\x00" * 100_000]
 
 def _value(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
+        assert field.message_type is not None
         return messages(field.message_type, depth + 1)
     return _scalar(field)
 
@@ -127,6 +129,7 @@ def messages(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Any]:
 def _assign(message: Any, field: FieldDescriptor, value: Any) -> None:
     target = getattr(message, field.name)
     if isinstance(value, dict):
+        assert field.message_type is not None
         for k, v in value.items():
             if field.message_type.fields_by_name["value"].type == FieldDescriptor.TYPE_MESSAGE:
                 target[k].CopyFrom(v)
@@ -143,6 +146,7 @@ def _assign(message: Any, field: FieldDescriptor, value: Any) -> None:
 
 def _nearly_valid(method: MethodDescriptor) -> st.SearchStrategy[Any] | None:
     """Valid requests with one generated field changed, so the deeper checks are reached too."""
+    base: Any
     if method.name == "Predict":
         base = predict_request()
     elif method.name == "ModelInfer":
@@ -155,6 +159,7 @@ def _nearly_valid(method: MethodDescriptor) -> st.SearchStrategy[Any] | None:
         return None
     descriptor = method.input_type
     tensor = descriptor.fields_by_name["inputs"].message_type
+    assert tensor is not None
 
     @st.composite
     def mutate(draw: st.DrawFn) -> Any:

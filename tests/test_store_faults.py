@@ -20,7 +20,7 @@ import pytest
 from gateway.errors import StoreUnavailable
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.state.sqlite import SqliteStore
-from tests.helpers import DEMO_CONFIG, ONCALL_TOKEN, ROOT, running_gateway
+from testkit.gateways import DEMO_CONFIG, ONCALL_TOKEN, ROOT, running_gateway
 
 
 def _without_file_permission_override() -> None:

@@ -29,7 +29,7 @@ from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
 from gateway.pb.grpc.reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from tests.helpers import DEMO_CONFIG, ONCALL_TOKEN, ROOT, TOKENS, bearer, predict_request, running_gateway
+from testkit.gateways import DEMO_CONFIG, ONCALL_TOKEN, ROOT, TOKENS, bearer, predict_request, running_gateway
 
 
 class Authority:
