@@ -79,6 +79,10 @@ class Conflict(GatewayError):
     code = ErrorCode.ABORTED
 
 
+class LockLost(Conflict):
+    """A write made for the holder of a lock (the guardian leader) found the lock lost: nothing was written."""
+
+
 class TooLarge(GatewayError):
     """A request exceeds a configured limit (batch size, message size)."""
 

@@ -4,6 +4,11 @@ A store keeps the desired state as a sequence of numbered revisions (each a JSON
 and an append-only audit log. A change commits with compare-and-swap on the revision
 number, together with its audit entry, in one transaction: after a crash the store holds
 the old revision or the new one with its audit entry, never a mix.
+
+It also knows which processes are alive (members, each on a lease it renews) and who holds a
+lock (the guardian leader): a lock lives as long as its holder's membership. Writes made
+inside `fenced(lock, member)` commit only while that member still holds the lock, in the same
+transaction, so a leader that lost its lease (paused, cut off) cannot act after another took over.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -101,6 +108,29 @@ class StateStore(Protocol):
     def list_records(self, kind: str, limit: int = 100) -> list[tuple[str, float, str]]:
         """(key, at, body) of a kind, newest first."""
 
+    def create_record(self, kind: str, key: str, body: str, at: float) -> str:
+        """Store a record unless it exists; the stored body either way (the first writer's wins)."""
+
+    # --- the fleet: who is alive, who leads ----------------------------------------------------
+
+    def join(self, member: str, body: str, ttl: float) -> None:
+        """Register a live member (`body`: how to reach it) for `ttl` seconds unless `renew`ed."""
+
+    def renew(self, member: str) -> bool:
+        """Keep a member (and its locks) alive for another ttl; False when it had expired: join again."""
+
+    def leave(self, member: str) -> None:
+        """Remove a member now, with the locks it holds."""
+
+    def members(self) -> list[tuple[str, str]]:
+        """(member, body) of every live member, by member id."""
+
+    def acquire(self, lock: str, member: str) -> str:
+        """Hold `lock` for `member` while it stays a member, unless another live member holds it.
+
+        Returns the holder after the call ("" when nobody can hold it: `member` is not live).
+        """
+
     def wait_for_change(self, after: int, timeout: float, stop: threading.Event) -> list[Revision]:
         """Revisions newer than `after`, oldest first; when there are none, wait up to `timeout` seconds for one.
 
@@ -114,6 +144,28 @@ class StateStore(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+_FENCE: ContextVar[tuple[str, str] | None] = ContextVar("gateway_store_fence", default=None)
+
+
+@contextmanager
+def fenced(lock: str, member: str) -> Iterator[None]:
+    """Writes this thread makes inside commit only while `member` holds `lock` (else LockLost, nothing written).
+
+    The check is part of each write's own transaction, not a read before it: a leader paused
+    past its lease cannot write after another process took over.
+    """
+    token = _FENCE.set((lock, member))
+    try:
+        yield
+    finally:
+        _FENCE.reset(token)
+
+
+def current_fence() -> tuple[str, str] | None:
+    """(lock, member) the current writes must be fenced by, or None."""
+    return _FENCE.get()
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,10 +7,13 @@ Keys under the store's prefix (default `/gateway`):
   loses a revision, and zero padding makes key order revision order;
 - `{prefix}/audit/{endpoint}/{uuid}`: one audit entry; its id is the etcd revision that
   created it (unique, increasing, assigned inside the same transaction);
-- `{prefix}/records/{kind}/{key}`: a rollout's state, an incident, a batch read pointer.
-
-(`{prefix}/members/` and `{prefix}/leader` are kept free for process membership and the
-guardian leader's lease.)
+- `{prefix}/records/{kind}/{key}`: a rollout's state, an incident, a batch read pointer;
+- `{prefix}/members/{member}`: one live process, on that process's lease (it keeps the lease
+  alive; when the process dies the lease expires and etcd deletes the key);
+- `{prefix}/locks/{lock}`: who holds a lock (the guardian leader), on the holder's lease, so a
+  lock lives exactly as long as its holder's membership. Taking it is a transaction that
+  succeeds only when the key does not exist; a fenced write compares its value in the same
+  transaction as the write.
 
 A change is one etcd transaction: compare (revision N exists, N+1 does not), then put
 revision N+1 and its audit entry together; the failure branch reads the newest revision,
@@ -22,20 +25,24 @@ the next range reads the current state again.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import threading
 import uuid
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, unquote
 
-from gateway.errors import Conflict, NotFound
-from gateway.state import AuditDraft, AuditEntry, Revision
+from gateway.errors import Conflict, LockLost, NotFound, StoreUnavailable
+from gateway.state import AuditDraft, AuditEntry, Revision, current_fence
 from gateway.state.etcd_client import Compacted, EtcdClient, EtcdSettings, decode, encode, prefix_end
 
 _KEY_WIDTH = 20
 #: Most revisions one follower read returns; a follower far behind installs the newest anyway.
 _CATCH_UP_LIMIT = 100
+#: etcd refuses leases shorter than about 1.5 s (its election timeout); shorter ones are raised to this.
+_MIN_LEASE_SECONDS = 2
 
 
 class EtcdStore:
@@ -48,6 +55,9 @@ class EtcdStore:
         self._revisions = f"{prefix}/revisions/"
         self._audit = f"{prefix}/audit/"
         self._records = f"{prefix}/records/"
+        self._members = f"{prefix}/members/"
+        self._locks = f"{prefix}/locks/"
+        self._leases: dict[str, str] = {}  # member -> its etcd lease id
 
     @classmethod
     def from_url(cls, url: str, environ: Mapping[str, str]) -> EtcdStore:
@@ -96,17 +106,10 @@ class EtcdStore:
         if expected_revision:
             compare.append(_present(self._revision_key(expected_revision)))
         audit_put, entry = self._audit_put(audit, revision.revision)
-        answer = self._client.call(
-            "/v3/kv/txn",
-            {
-                "compare": compare,
-                "success": [
-                    _put(self._revision_key(revision.revision), {"at": revision.at, "document": document}),
-                    audit_put,
-                ],
-                "failure": [{"request_range": {**self._newest(1), "keys_only": True}}],
-            },
-            idempotent=False,
+        answer = self._fenced_txn(
+            [_put(self._revision_key(revision.revision), {"at": revision.at, "document": document}), audit_put],
+            compare,
+            [{"request_range": {**self._newest(1), "keys_only": True}}],
         )
         if not answer.get("succeeded"):
             kvs = answer["responses"][0]["response_range"].get("kvs", [])
@@ -138,6 +141,8 @@ class EtcdStore:
     def append_audit(self, audit: AuditDraft) -> AuditEntry:
         """An entry that changes no state."""
         put, entry = self._audit_put(audit, audit.revision_before)
+        if current_fence() is not None:
+            return _numbered(entry, self._fenced_txn([put]))
         return _numbered(entry, self._client.call("/v3/kv/put", put["request_put"], idempotent=False))
 
     def audit(self, endpoint: str | None = None, limit: int = 100, before_id: int = 0) -> list[AuditEntry]:
@@ -163,17 +168,59 @@ class EtcdStore:
 
     def put_record(self, kind: str, key: str, body: str, at: float) -> None:
         """Insert or replace one record."""
-        self._client.call("/v3/kv/put", _put(self._record_key(kind, key), {"at": at, "body": body})["request_put"])
+        put = _put(self._record_key(kind, key), {"at": at, "body": body})
+        if current_fence() is not None:
+            self._fenced_txn([put])
+            return
+        self._client.call("/v3/kv/put", put["request_put"])
 
     def commit_record(self, kind: str, key: str, body: str, at: float, audit: AuditDraft) -> AuditEntry:
         """Put a record and its audit entry in one transaction."""
         audit_put, entry = self._audit_put(audit, audit.revision_before)
+        answer = self._fenced_txn([_put(self._record_key(kind, key), {"at": at, "body": body}), audit_put])
+        return _numbered(entry, answer)
+
+    def create_record(self, kind: str, key: str, body: str, at: float) -> str:
+        """Put a record only when its key does not exist (one transaction); the stored body."""
+        record = self._record_key(kind, key)
         answer = self._client.call(
             "/v3/kv/txn",
-            {"success": [_put(self._record_key(kind, key), {"at": at, "body": body}), audit_put]},
-            idempotent=False,
+            {
+                "compare": [_absent(record)],
+                "success": [_put(record, {"at": at, "body": body})],
+                "failure": [{"request_range": {"key": encode(record)}}],
+            },
         )
-        return _numbered(entry, answer)
+        if answer.get("succeeded"):
+            return body
+        kvs = answer["responses"][0]["response_range"].get("kvs", [])
+        return str(json.loads(decode(kvs[0]["value"]))["body"])
+
+    def _fenced_txn(
+        self,
+        success: list[dict[str, Any]],
+        compare: list[dict[str, Any]] | None = None,
+        failure: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """One write transaction; under a fence, it also compares the lock's holder (LockLost when it changed)."""
+        compare = list(compare or [])
+        failure = list(failure or [])
+        fence = current_fence()
+        if fence is not None:
+            lock_key = self._lock_key(fence[0])
+            compare += [_present(lock_key), {"key": encode(lock_key), "target": "VALUE", "result": "EQUAL",
+                                             "value": encode(fence[1])}]  # fmt: skip
+            failure.append({"request_range": {"key": encode(lock_key)}})
+        answer = self._client.call(
+            "/v3/kv/txn", {"compare": compare, "success": success, "failure": failure}, idempotent=False
+        )
+        if fence is not None and not answer.get("succeeded"):
+            kvs = answer["responses"][-1]["response_range"].get("kvs", [])
+            holder = decode(kvs[0]["value"]) if kvs else ""
+            if holder != fence[1]:
+                held = f"held by {holder}" if holder else "held by nobody"
+                raise LockLost(f"{fence[1]} no longer holds {fence[0]} ({held} now); nothing was written")
+        return answer
 
     def get_record(self, kind: str, key: str) -> str | None:
         """One record's body."""
@@ -190,6 +237,68 @@ class EtcdStore:
             records.append((decode(kv["key"]).removeprefix(prefix), float(body["at"]), str(body["body"])))
         records.sort(key=lambda record: record[1], reverse=True)
         return [(unquote(key), at, body) for key, at, body in records[:limit]]
+
+    # --- the fleet ---------------------------------------------------------------------------
+
+    def _lock_key(self, lock: str) -> str:
+        return f"{self._locks}{quote(lock, safe='')}"
+
+    def join(self, member: str, body: str, ttl: float) -> None:
+        """Grant a lease of `ttl` seconds (at least 2) and put the member's key on it."""
+        granted = self._client.call("/v3/lease/grant", {"TTL": str(max(_MIN_LEASE_SECONDS, math.ceil(ttl)))})
+        lease = str(granted["ID"])
+        self._client.call("/v3/kv/put", {**_put(self._members + member, {"body": body})["request_put"], "lease": lease})
+        old = self._leases.get(member)
+        self._leases[member] = lease
+        if old is not None:
+            with contextlib.suppress(StoreUnavailable):  # already expired: nothing to revoke
+                self._client.call("/v3/lease/revoke", {"ID": old})
+
+    def renew(self, member: str) -> bool:
+        """One keep-alive of the member's lease; False when etcd no longer has it."""
+        lease = self._leases.get(member)
+        if lease is None:
+            return False
+        answer = self._client.call("/v3/lease/keepalive", {"ID": lease})
+        return int(answer.get("result", {}).get("TTL", 0)) > 0
+
+    def leave(self, member: str) -> None:
+        """Revoke the member's lease: etcd deletes its key and its locks at once."""
+        lease = self._leases.pop(member, None)
+        if lease is not None:
+            with contextlib.suppress(StoreUnavailable):  # expired already
+                self._client.call("/v3/lease/revoke", {"ID": lease})
+
+    def members(self) -> list[tuple[str, str]]:
+        """Every member key (etcd removes those whose lease expired)."""
+        answer = self._client.call(
+            "/v3/kv/range", {"key": encode(self._members), "range_end": encode(prefix_end(self._members))}
+        )
+        return [
+            (decode(kv["key"]).removeprefix(self._members), str(json.loads(decode(kv["value"]))["body"]))
+            for kv in answer.get("kvs", [])
+        ]
+
+    def acquire(self, lock: str, member: str) -> str:
+        """Put the lock's key on the member's lease when no key exists (one transaction); the holder."""
+        lease = self._leases.get(member)
+        key = self._lock_key(lock)
+        read = {"request_range": {"key": encode(key)}}
+        if lease is None:
+            kvs = self._client.call("/v3/kv/range", read["request_range"]).get("kvs", [])
+            return decode(kvs[0]["value"]) if kvs else ""
+        answer = self._client.call(
+            "/v3/kv/txn",
+            {
+                "compare": [_absent(key)],
+                "success": [{"request_put": {"key": encode(key), "value": encode(member), "lease": lease}}],
+                "failure": [read],
+            },
+        )
+        if answer.get("succeeded"):
+            return member
+        kvs = answer["responses"][0]["response_range"].get("kvs", [])
+        return decode(kvs[0]["value"]) if kvs else ""
 
     # --- following ---------------------------------------------------------------------------
 

@@ -3,6 +3,10 @@
 Revisions and the audit log are tables in one database file. Commits run in a `BEGIN
 IMMEDIATE` transaction that checks the newest revision (compare-and-swap), inserts the new
 revision and its audit entry, and commits once; triggers make the audit log append-only.
+
+Members are rows with an expiry (the processes sharing the file share one clock), renewed by
+their process; a lock is a row naming its holder, held while the holder's row is live. A
+fenced write checks the lock inside its own `BEGIN IMMEDIATE` transaction.
 """
 
 from __future__ import annotations
@@ -11,13 +15,13 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import Conflict, NotFound, StoreUnavailable
-from gateway.state import AuditDraft, AuditEntry, Revision
+from gateway.errors import Conflict, LockLost, NotFound, StoreUnavailable
+from gateway.state import AuditDraft, AuditEntry, Revision, current_fence
 
 #: How often a waiting follower checks for another process's commit.
 POLL_SECONDS = 0.02
@@ -48,6 +52,16 @@ CREATE TABLE IF NOT EXISTS records (
     at REAL NOT NULL,
     body TEXT NOT NULL,
     PRIMARY KEY (kind, key)
+);
+CREATE TABLE IF NOT EXISTS members (
+    id TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    ttl REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS locks (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL
 );
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
@@ -97,8 +111,9 @@ class SqliteStore:
     store: existing history is never silently replaced.
     """
 
-    def __init__(self, path: Path, *, url: str | None = None) -> None:
+    def __init__(self, path: Path, *, url: str | None = None, clock: Callable[[], float] = time.time) -> None:
         self.url = url or f"sqlite:///{path}"
+        self._clock = clock
         self.path = path
         self._lock = threading.Lock()
         existed = path.exists()
@@ -210,6 +225,7 @@ class SqliteStore:
         with self._lock, self._errors("be written"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._check_fence()
                 (newest,) = self._db.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions").fetchone()
                 if newest != expected_revision:
                     raise Conflict(
@@ -230,7 +246,7 @@ class SqliteStore:
 
     def append_audit(self, audit: AuditDraft) -> AuditEntry:
         """An entry that changes no state."""
-        with self._lock, self._errors("be written"):
+        with self._lock, self._errors("be written"), self._fenced_write():
             return self._insert_audit(audit, audit.revision_before)
 
     def audit(self, endpoint: str | None = None, limit: int = 100, before_id: int = 0) -> list[AuditEntry]:
@@ -247,7 +263,7 @@ class SqliteStore:
 
     def put_record(self, kind: str, key: str, body: str, at: float) -> None:
         """Insert or replace one record."""
-        with self._lock, self._errors("be written"):
+        with self._lock, self._errors("be written"), self._fenced_write():
             self._db.execute(
                 "INSERT INTO records (kind, key, at, body) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (kind, key) DO UPDATE SET at = excluded.at, body = excluded.body",
@@ -259,6 +275,7 @@ class SqliteStore:
         with self._lock, self._errors("be written"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._check_fence()
                 self._db.execute(
                     "INSERT INTO records (kind, key, at, body) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT (kind, key) DO UPDATE SET at = excluded.at, body = excluded.body",
@@ -270,6 +287,16 @@ class SqliteStore:
                 self._db.execute("ROLLBACK")
                 raise
         return entry
+
+    def create_record(self, kind: str, key: str, body: str, at: float) -> str:
+        """Insert a record unless one exists; the stored body."""
+        with self._lock, self._errors("be written"):
+            self._db.execute(
+                "INSERT INTO records (kind, key, at, body) VALUES (?, ?, ?, ?) ON CONFLICT (kind, key) DO NOTHING",
+                (kind, key, at, body),
+            )
+            (stored,) = self._db.execute("SELECT body FROM records WHERE kind = ? AND key = ?", (kind, key)).fetchone()
+        return str(stored)
 
     def get_record(self, kind: str, key: str) -> str | None:
         """One record's body."""
@@ -284,6 +311,100 @@ class SqliteStore:
                 "SELECT key, at, body FROM records WHERE kind = ? ORDER BY at DESC LIMIT ?", (kind, limit)
             ).fetchall()
         return [(row[0], row[1], row[2]) for row in rows]
+
+    # --- the fleet ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any error); call with the lock held."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _fenced_write(self) -> Iterator[None]:
+        """A single write, in a transaction that checks the fence when there is one; call with the lock held."""
+        if current_fence() is None:
+            yield
+            return
+        with self._transaction():
+            self._check_fence()
+            yield
+
+    def _check_fence(self) -> None:
+        fence = current_fence()
+        if fence is None:
+            return
+        lock, member = fence
+        holder = self._holder(lock)
+        if holder != member:
+            held = f"held by {holder}" if holder else "held by nobody"
+            raise LockLost(f"{member} no longer holds {lock} ({held} now); nothing was written")
+
+    def _holder(self, lock: str) -> str:
+        """The live holder of a lock ("" when none); call with the lock held."""
+        row = self._db.execute(
+            "SELECT l.holder FROM locks l JOIN members m ON m.id = l.holder WHERE l.name = ? AND m.expires_at > ?",
+            (lock, self._clock()),
+        ).fetchone()
+        return str(row[0]) if row else ""
+
+    def join(self, member: str, body: str, ttl: float) -> None:
+        """Insert (or refresh) the member's row; rows dead for an hour are removed."""
+        now = self._clock()
+        with self._lock, self._errors("be written"), self._transaction():
+            self._db.execute("DELETE FROM members WHERE expires_at < ?", (now - 3600,))
+            self._db.execute(
+                "INSERT INTO members (id, body, ttl, expires_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET body = excluded.body, ttl = excluded.ttl, "
+                "expires_at = excluded.expires_at",
+                (member, body, ttl, now + ttl),
+            )
+
+    def renew(self, member: str) -> bool:
+        """Push the expiry of a live member one ttl further."""
+        now = self._clock()
+        with self._lock, self._errors("be written"):
+            cursor = self._db.execute(
+                "UPDATE members SET expires_at = ? + ttl WHERE id = ? AND expires_at > ?", (now, member, now)
+            )
+        return cursor.rowcount == 1
+
+    def leave(self, member: str) -> None:
+        """Delete the member and its locks."""
+        with self._lock, self._errors("be written"), self._transaction():
+            self._db.execute("DELETE FROM locks WHERE holder = ?", (member,))
+            self._db.execute("DELETE FROM members WHERE id = ?", (member,))
+
+    def members(self) -> list[tuple[str, str]]:
+        """Live members by id."""
+        with self._lock, self._errors("be read"):
+            rows = self._db.execute(
+                "SELECT id, body FROM members WHERE expires_at > ? ORDER BY id", (self._clock(),)
+            ).fetchall()
+        return [(row[0], row[1]) for row in rows]
+
+    def acquire(self, lock: str, member: str) -> str:
+        """Take the lock when nobody live holds it and `member` is live; the holder."""
+        with self._lock, self._errors("be written"), self._transaction():
+            holder = self._holder(lock)
+            if holder:
+                return holder
+            live = self._db.execute(
+                "SELECT 1 FROM members WHERE id = ? AND expires_at > ?", (member, self._clock())
+            ).fetchone()
+            if not live:
+                return ""
+            self._db.execute(
+                "INSERT INTO locks (name, holder) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder",
+                (lock, member),
+            )
+            return member
 
     def wait_for_change(self, after: int, timeout: float, stop: threading.Event) -> list[Revision]:
         """Poll `PRAGMA data_version` until a revision newer than `after` exists, `timeout` passes or `stop` is set."""

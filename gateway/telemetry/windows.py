@@ -9,6 +9,12 @@ number of slots of fixed size, whatever the traffic: each slot that saw traffic 
 snapshot of the running totals (about 1.8 KB, mostly the `BINS` 32-bit latency counters), so
 a series costs at most `horizon x 1.8 KB` (3.2 MB for the default 30 minutes) and an idle one
 almost nothing. Input and score histograms for the drift rules live beside, in `drift.py`.
+
+Every field of the totals is additive (a count, a sum, a histogram's bins, a count per
+feature), so a series' seconds can be exported (`export`) and added into another series
+(`merge`): the guardian leader adds up every process's seconds into the fleet's windows. A
+field added to `_Totals` merges with no other change, as long as it is additive too (a
+maximum or a sample is not).
 """
 
 from __future__ import annotations
@@ -61,6 +67,10 @@ def bin_value(index: int) -> float:
 _COUNTERS = ("requests", "errors", "client_errors", "rows", "compared", "agree", "outcomes", "outcome_sum",
              "timeouts", "values", "value_sum", "value_squares")  # fmt: skip
 
+#: One second of one series as exported: every field of its totals by name, a number or (for
+#: histograms and per-feature counts) a numpy vector. Only what changed is kept (zeros are left out).
+Counts = dict[str, "int | float | np.ndarray"]
+
 
 class _Totals:
     """Running totals of a series since it started (a snapshot of them marks each second)."""
@@ -82,6 +92,44 @@ class _Totals:
         other.latency = self.latency[:]
         other.nan = self.nan[:]
         return other
+
+    def minus(self, start: _Totals) -> Counts:
+        """What was added since `start` (an earlier snapshot of the same series), field by field."""
+        counts: Counts = {}
+        for name in _Totals.__slots__:
+            end, before = getattr(self, name), getattr(start, name)
+            if isinstance(end, int | float):
+                if end != before:
+                    counts[name] = end - before
+                continue
+            vector = np.array(end)
+            if len(before):
+                vector = vector.astype(np.int64 if vector.dtype.kind in "iu" else np.float64)
+                vector[: len(before)] -= np.array(before)[: len(vector)]
+            if vector.any():
+                counts[name] = vector
+        return counts
+
+    def add(self, counts: Counts) -> None:
+        """Add exported counts (of this series or another process's) field by field."""
+        for name, value in counts.items():
+            current = getattr(self, name, None)
+            if current is None:  # a field this version does not know (a newer process): not ours to judge
+                continue
+            if isinstance(current, int | float):
+                number = value if isinstance(value, int | float) else float(value)
+                setattr(self, name, current + (round(number) if isinstance(current, int) else number))
+                continue
+            vector = np.asarray(value)
+            if isinstance(current, array):
+                view = np.frombuffer(current, dtype=np.uint32)
+                size = min(len(view), len(vector))
+                np.add(view[:size], vector[:size], out=view[:size], casting="unsafe")
+                continue
+            if len(vector) > len(current):
+                current.extend([0] * (len(vector) - len(current)))
+            for i in np.flatnonzero(vector):
+                current[i] += vector[i].item()
 
 
 class _Slot:
@@ -248,6 +296,65 @@ class SlidingWindow:
             totals = self._totals
             return Moments(totals.values, totals.value_sum, totals.value_squares)
 
+    def export(self, first: int) -> tuple[int, list[tuple[int, Counts]]]:
+        """(now, what each second from `first` to now added), seconds without a change left out.
+
+        The current second is still counting: a later export from it replaces what this one said.
+        """
+        with self._lock:
+            now = int(self._clock())
+            held = []
+            for second in range(max(first, now - self.horizon + 1), now + 1):
+                slot = self._slots[second % self.horizon]
+                if slot.second == second and slot.start is not None:
+                    held.append((second, slot.start))
+            if not held:
+                return now, []
+            ends = [start for _, start in held[1:]] + [self._totals]
+            seconds = [(second, end.minus(start)) for (second, start), end in zip(held, ends, strict=True)]
+        return now, [(second, counts) for second, counts in seconds if counts]
+
+    def merge(self, seconds: Sequence[tuple[int, Counts]]) -> None:
+        """Add counts that these seconds (ascending) saw elsewhere: the fleet's windows are built so.
+
+        A second later than now counts as now; one older than the horizon is dropped. One pass
+        over the seconds from the first merged to the newest held, whatever their number: every
+        snapshot after a merged second gets the counts merged before it.
+        """
+        with self._lock:
+            now = int(self._clock())
+            items = [(min(second, now), counts) for second, counts in seconds if second > now - self.horizon]
+            if not items:
+                return
+            first, end = items[0][0], max(self._last_second, items[-1][0])
+            held = [t for t in range(first, end + 1) if self._held(t)]
+            added: Counts = {}  # what this merge added before the second being visited
+            index = next_held = 0
+            for second in range(first, end + 1):
+                slot = self._slots[second % self.horizon]
+                if next_held < len(held) and held[next_held] == second:
+                    next_held += 1
+                    if added:
+                        assert slot.start is not None
+                        slot.start.add(added)
+                if index < len(items) and items[index][0] == second and slot.second != second:
+                    # The totals at the start of `second`: those of the next second held, plus what came before.
+                    later = self._slots[held[next_held] % self.horizon].start if next_held < len(held) else None
+                    slot.second = second
+                    slot.start = (later if later is not None else self._totals).copy()
+                    slot.start.add(added)
+                while index < len(items) and items[index][0] == second:
+                    _accumulate(added, items[index][1])
+                    index += 1
+            self._totals.add(added)
+            self._last_second = max(self._last_second, end)
+            if self._first_second < 0 or first < self._first_second:
+                self._first_second = first
+
+    def _held(self, second: int) -> bool:
+        slot = self._slots[second % self.horizon]
+        return slot.second == second and slot.start is not None
+
     def _start_of(self, first: int, now: int) -> _Totals | None:
         """The running totals at the beginning of second `first` (None: nothing happened since)."""
         if self._last_second < first:
@@ -274,6 +381,22 @@ class SlidingWindow:
             before = start.nan
             nan = tuple(e - (before[i] if i < len(before) else 0) for i, e in enumerate(end.nan))
         return WindowStats(seconds=span, nan_counts=nan, latency_bins=latency, **counters)
+
+
+def _accumulate(into: Counts, counts: Counts) -> None:
+    """Add `counts` into `into`, field by field (vectors padded to the longer one)."""
+    for name, value in counts.items():
+        held = into.get(name)
+        if held is None:
+            into[name] = value.copy() if isinstance(value, np.ndarray) else value
+        elif isinstance(held, np.ndarray) or isinstance(value, np.ndarray):
+            a, b = np.asarray(held), np.asarray(value)
+            total = np.zeros(max(len(a), len(b)), dtype=np.result_type(a, b, np.int64))
+            total[: len(a)] += a
+            total[: len(b)] += b
+            into[name] = total
+        else:
+            into[name] = held + value
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,3 +432,13 @@ class WindowStore:
     def keys(self) -> Iterable[SeriesKey]:
         """Every series with a window."""
         return list(self._windows)
+
+    def export(self, first: int) -> tuple[int, dict[SeriesKey, list[tuple[int, Counts]]]]:
+        """(now, each series' changed seconds from `first` on): what the guardian leader pulls."""
+        now = int(self.clock())
+        series = {}
+        for key, window in list(self._windows.items()):
+            now, seconds = window.export(first)
+            if seconds:
+                series[key] = seconds
+        return now, series

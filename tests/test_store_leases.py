@@ -1,0 +1,131 @@
+"""Membership, locks and fenced writes, against both stores: SQLite (a file) and etcd (a real server)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import LockLost
+from gateway.state import AuditDraft, StateStore, fenced, open_store
+from gateway.state.sqlite import SqliteStore
+from tests.fleet import wait_until
+
+
+def draft(before: int = 0) -> AuditDraft:
+    return AuditDraft(1.0, "guardian", "rollback", "ctr-ranker", "guardrail", False, before)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
+    if request.param == "sqlite":
+        opened: StateStore = SqliteStore(tmp_path / "state.db")
+    else:
+        opened = open_store(request.getfixturevalue("etcd").url())
+    yield opened
+    opened.close()
+
+
+def test_members_join_renew_and_leave(store: StateStore) -> None:
+    store.join("a", '{"address": "h:1"}', 10)
+    store.join("b", '{"address": "h:2"}', 10)
+    assert store.members() == [("a", '{"address": "h:1"}'), ("b", '{"address": "h:2"}')]
+    assert store.renew("a") and store.renew("b")
+    store.leave("a")
+    assert store.members() == [("b", '{"address": "h:2"}')]
+    assert not store.renew("a")  # gone: it must join again
+    store.join("a", '{"address": "h:3"}', 10)
+    assert dict(store.members())["a"] == '{"address": "h:3"}'
+
+
+def test_a_lock_is_held_while_its_holder_lives(store: StateStore) -> None:
+    assert store.acquire("leader", "a") == ""  # not a member: cannot hold anything
+    store.join("a", "{}", 10)
+    store.join("b", "{}", 10)
+    assert store.acquire("leader", "a") == "a"
+    assert store.acquire("leader", "b") == "a"
+    assert store.acquire("leader", "a") == "a"  # holding it again changes nothing
+    store.leave("a")  # its lock goes with it
+    assert store.acquire("leader", "b") == "b"
+    assert store.acquire("leader", "a") == "b"
+
+
+def test_fenced_writes_commit_only_while_the_lock_is_held(store: StateStore) -> None:
+    store.join("a", "{}", 10)
+    store.join("b", "{}", 10)
+    assert store.acquire("leader", "a") == "a"
+    with fenced("leader", "a"):
+        store.commit(0, '{"v": 1}', draft(0))
+        store.put_record("incident", "i1", '{"n": 1}', 1.0)
+        store.append_audit(draft(1))
+        store.commit_record("rollout", "ctr-ranker", '{"step": 1}', 1.0, draft(1))
+    store.leave("a")
+    assert store.acquire("leader", "b") == "b"
+    audit_before = len(store.audit(limit=100))
+    with fenced("leader", "a"):
+        with pytest.raises(LockLost, match="a no longer holds leader \\(held by b now\\)"):
+            store.commit(1, '{"v": 2}', draft(1))
+        with pytest.raises(LockLost):
+            store.put_record("incident", "i2", '{"n": 2}', 2.0)
+        with pytest.raises(LockLost):
+            store.append_audit(draft(1))
+        with pytest.raises(LockLost):
+            store.commit_record("rollout", "ctr-ranker", '{"step": 2}', 2.0, draft(1))
+    latest = store.latest()
+    assert latest is not None and latest.revision == 1
+    assert store.get_record("incident", "i2") is None
+    assert store.get_record("rollout", "ctr-ranker") == '{"step": 1}'
+    assert len(store.audit(limit=100)) == audit_before
+    store.put_record("incident", "i3", "{}", 3.0)  # outside the fence: anyone writes
+    with fenced("leader", "b"):
+        store.commit(1, '{"v": 2}', draft(1))
+
+
+def test_create_record_keeps_the_first_writers_body(store: StateStore) -> None:
+    assert store.create_record("fleet", "key", "first", 1.0) == "first"
+    assert store.create_record("fleet", "key", "second", 2.0) == "first"
+    assert store.get_record("fleet", "key") == "first"
+
+
+def test_sqlite_members_expire_without_renewal(tmp_path: Path) -> None:
+    clock = Clock()
+    store = SqliteStore(tmp_path / "state.db", clock=clock)
+    other = SqliteStore(tmp_path / "state.db", clock=clock)  # another process on the same file
+    store.join("a", "{}", 5)
+    assert store.acquire("leader", "a") == "a"
+    other.join("b", "{}", 5)
+    clock.now += 4
+    assert other.renew("b")
+    clock.now += 2  # a's 5 s are up
+    assert [m for m, _ in other.members()] == ["b"]
+    assert not store.renew("a")
+    assert other.acquire("leader", "b") == "b"
+    with fenced("leader", "a"), pytest.raises(LockLost):
+        store.put_record("incident", "late", "{}", 1.0)
+    store.close()
+    other.close()
+
+
+@pytest.mark.slow
+def test_etcd_members_and_locks_expire_with_their_lease(etcd) -> None:  # type: ignore[no-untyped-def]
+    store = open_store(etcd.url())
+    other = open_store(store.url)
+    try:
+        store.join("a", "{}", 2)
+        other.join("b", "{}", 30)
+        assert store.acquire("leader", "a") == "a"
+        assert wait_until(lambda: [m for m, _ in other.members()] == ["b"], timeout=30, interval=0.1)
+        assert not store.renew("a")
+        assert other.acquire("leader", "b") == "b"
+    finally:
+        store.close()
+        other.close()
