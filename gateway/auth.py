@@ -1,7 +1,8 @@
-"""Admin credentials: named bearer tokens, compared in constant time, never logged."""
+"""Credentials: named admin bearer tokens, and the key the processes of one gateway share; never logged."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from pathlib import Path
 
@@ -69,3 +70,32 @@ class AdminTokens:
         if not matched:
             raise PermissionDenied("the admin token is not valid")
         return matched
+
+
+class FleetKey:
+    """The secret the processes of one gateway share (kept in its state store, made by the first).
+
+    Keys for each purpose are derived from it, so one leak does not serve another purpose:
+    feedback ids are signed with one, calls between processes (the guardian leader pulling
+    windows) carry a token made from another.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def derive(self, purpose: str) -> bytes:
+        """The key for one purpose (HMAC-SHA256 of the purpose under the secret)."""
+        return hmac.new(self._secret, purpose.encode(), hashlib.sha256).digest()
+
+    @property
+    def peer_token(self) -> str:
+        """The bearer token of calls between the fleet's processes."""
+        return self.derive("peer-calls").hex()
+
+    def check_peer(self, authorization: str | None) -> None:
+        """Refuse a call between processes without the fleet's token (compared in constant time)."""
+        if not authorization:
+            raise Unauthenticated("fleet calls need 'authorization: Bearer <fleet token>' metadata")
+        _, _, presented = authorization.partition(" ")
+        if not hmac.compare_digest(presented.strip().encode(), self.peer_token.encode()):
+            raise PermissionDenied("the fleet token is not valid (another gateway's process?)")

@@ -13,20 +13,27 @@ tick). The guardian also ends rollouts whose traffic an operator changed, and ad
 whose step is due and whose rules all pass. Each tick also samples the process's memory
 (memory_growth), tells the drift histograms which endpoints have drift rules, and publishes
 what it measured (`gateway.guardrail.observed`).
+
+With `lead(leadership)` (every `gateway serve` process), a tick judges and acts only on the
+process that leads the fleet, on the fleet's merged windows, its writes fenced by the
+leader's lock; the breaches it holds off on are kept in the store, so a new leader does not
+act on them again. Every process still samples its memory and counts its drift histograms.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.control import ControlPlane
 from gateway.desired import EndpointState
-from gateway.errors import Conflict, FailedPrecondition, GatewayError, StoreUnavailable
+from gateway.errors import Conflict, FailedPrecondition, GatewayError, LockLost, StoreUnavailable
 from gateway.guardrails.rules import Action, Metric, Rule, RuleSet
 from gateway.guardrails.sequential import CtrExperiment, ValueExperiment
 from gateway.orchestration.evaluate import Status, Verdict, combine, evaluate
@@ -58,6 +65,19 @@ class TickReport:
 _Breach = tuple[str, str, bool]
 _DRIFT = (Metric.FEATURE_DRIFT, Metric.SCORE_DRIFT)
 _Experiment = CtrExperiment | ValueExperiment
+#: The store record of the breaches a leader holds off on (read by the next leader).
+HOLDING_KIND, HOLDING_KEY = "guardian", "holding"
+
+
+class Leadership(Protocol):
+    """Whether this process leads the fleet's guardian, tick by tick."""
+
+    def term(self) -> AbstractContextManager[WindowStore | None]:
+        """Inside: the fleet's merged windows with this tick's counts (and writes fenced), or None when not leading.
+
+        A new term (a new leadership) gives a new WindowStore.
+        """
+        ...
 
 
 class Guardian:
@@ -92,8 +112,13 @@ class Guardian:
         # Breaches acted on that were still breaching at the last tick: not acted on again until
         # they stop (see `_rollback` for when a rollback holds).
         self._holding: set[_Breach] = set()
+        self._leadership: Leadership | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def lead(self, leadership: Leadership) -> None:
+        """Tick only while this process leads the fleet, on the fleet's merged windows."""
+        self._leadership = leadership
 
     # --- evaluation ------------------------------------------------------------------------------
 
@@ -175,7 +200,44 @@ class Guardian:
         return out
 
     def tick(self) -> TickReport:
-        """Evaluate every endpoint once; act on breaches; advance due rollouts."""
+        """Evaluate every endpoint once; act on breaches; advance due rollouts (as the leader, when leading)."""
+        if self._leadership is None:
+            return self._tick()
+        with self._leadership.term() as windows:
+            if windows is None:
+                self._windows_term(None)
+                self._follow()
+                return TickReport({}, [])
+            if windows is not self._windows:
+                self._windows_term(windows)
+            holding = set(self._holding)
+            report = self._tick()
+            if self._holding != holding:
+                body = json.dumps(sorted(self._holding))
+                self._control.store.put_record(HOLDING_KIND, HOLDING_KEY, body, self._clock())
+            return report
+
+    def _follow(self) -> None:
+        """What a process that does not lead still does: sample its memory, count drift histograms."""
+        state = self._control.state
+        self.memory.observe(state)
+        self._drift.track(name for name, ep in state.endpoints.items() if ep.guardrails.uses(*_DRIFT))
+        if self._gauges is not None:
+            self._gauges.publish({})  # the leader publishes what the guardian measured
+
+    def _windows_term(self, windows: WindowStore | None) -> None:
+        """A term begins (windows) or ends (None): start afresh, holding off on what the last leader held."""
+        self._experiments = {}
+        self._holding = set()
+        if windows is None:
+            return
+        self._windows = windows
+        body = self._control.store.get_record(HOLDING_KIND, HOLDING_KEY)
+        if body:
+            self._holding = {(str(e), str(c), bool(o)) for e, c, o in json.loads(body)}
+        log.info("leading the guardian; holding off on %d breach(es) already acted on", len(self._holding))
+
+    def _tick(self) -> TickReport:
         seen: dict[str, list[Verdict]] = {}
         incidents: list[Incident] = []
         holding: set[_Breach] = set()
@@ -282,6 +344,8 @@ class Guardian:
             return True, None
         try:
             result = self._control.rollback(ACTOR, ep.name, reason=f"guardrail: {rule_text}", trigger="guardrail")
+        except LockLost:
+            raise  # another process leads now: it decides, and this one writes nothing
         except Conflict as err:
             incident.outcome = f"rollback failed, retrying next tick: {err.message}"
             return False, None
@@ -315,6 +379,8 @@ class Guardian:
             try:
                 self.tick()
                 lost = ""
+            except LockLost as err:  # another process took the lead mid-tick; nothing was written
+                log.warning("guardian tick abandoned: %s", err.message)
             except StoreUnavailable as err:  # fail static: it acts again once the store is back
                 if err.message != lost:
                     log.warning("guardian paused: %s", err.message)

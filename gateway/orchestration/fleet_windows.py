@@ -1,0 +1,177 @@
+"""`FleetWindows`: the guardian leader's windows, the sum of every live process's.
+
+Each tick the leader asks every live member for the seconds its windows changed since the
+last answer (`WindowStore.export`: per series, per second, the counts each second added; only
+non-zero fields, histograms as vectors) and adds them into its own windows
+(`SlidingWindow.merge`). Nothing else crosses: no samples, no requests.
+
+- The member's current second is still counting. The next pull starts from it again, and the
+  leader adds only what grew since (the new counts minus those it added before), so a second
+  is never counted twice, whatever the tick and the members' clocks.
+- A member that does not answer is asked again next tick from where it was; what it counted
+  meanwhile arrives then. One that left (its lease ran out) keeps what it had contributed.
+- A new leader starts with empty windows and asks every member for everything it keeps (the
+  horizon), so the rules see the same history as before, minus what only a dead process knew.
+- Seconds are merged in time order across members within a tick, so each merge touches at
+  most the few seconds after it (catching up after a takeover costs one pass, not one per member).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.orchestration.fleet import Fleet, Member
+from gateway.telemetry.windows import Counts, SeriesKey, WindowStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """One member's answer: its clock's current second and the seconds each series changed."""
+
+    now: int
+    series: dict[SeriesKey, list[tuple[int, Counts]]]
+    #: Bytes the answer took on the wire (0 for this process's own windows).
+    size: int = 0
+
+
+#: Asks several members at once for their seconds from `since`; None for a member that did not answer.
+Puller = Callable[[Sequence[tuple[Member, int]]], list[Pulled | None]]
+
+
+@dataclass
+class _Cursor:
+    """Where the leader is with one member: the second to ask from, and the current second's counts it added."""
+
+    since: int = 0
+    counting: dict[SeriesKey, tuple[int, Counts]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """What one refresh pulled: members asked and answered, bytes, seconds merged, and the time it took."""
+
+    members: int
+    answered: int
+    size: int
+    seconds: int
+    cpu_seconds: float
+
+
+class FleetWindows:
+    """Owns the leader's merged windows and, per member, how far they have been pulled."""
+
+    def __init__(self, local: WindowStore, member_id: str, puller: Puller | None = None) -> None:
+        self._local = local
+        self._member_id = member_id
+        self.puller = puller
+        self.merged = WindowStore(local.horizon, clock=local.clock)
+        self._cursors: dict[str, _Cursor] = {}
+
+    def reset(self) -> WindowStore:
+        """Start over (a new leadership): empty windows, every member pulled from the start of its history."""
+        self.merged = WindowStore(self._local.horizon, clock=self._local.clock)
+        self._cursors = {}
+        return self.merged
+
+    def _pull(self, asks: list[tuple[Member, int]]) -> list[Pulled | None]:
+        remote = [(m, since) for m, since in asks if m.id != self._member_id]
+        answers = iter(self.puller(remote) if self.puller is not None and remote else [None] * len(remote))
+        pulled: list[Pulled | None] = []
+        for member, since in asks:
+            if member.id == self._member_id:
+                now, series = self._local.export(since)
+                pulled.append(Pulled(now, series))
+            else:
+                pulled.append(next(answers))
+        return pulled
+
+    def refresh(self, members: Sequence[Member]) -> Refresh:
+        """Pull every member's new seconds and add them into the merged windows."""
+        started = time.process_time()
+        asks = [(m, self._cursors[m.id].since if m.id in self._cursors else 0) for m in members]
+        if not any(m.id == self._member_id for m in members):
+            asks.append((Member(self._member_id, "", "", 0.0), self._cursors.get(self._member_id, _Cursor()).since))
+        batch: dict[SeriesKey, list[tuple[int, Counts]]] = {}
+        answered = size = 0
+        for (member, _), pulled in zip(asks, self._pull(asks), strict=True):
+            if pulled is None:
+                continue
+            answered += 1
+            size += pulled.size
+            cursor = self._cursors.setdefault(member.id, _Cursor())
+            for key, seconds in pulled.series.items():
+                before = cursor.counting.get(key)
+                for second, counts in seconds:
+                    grown = minus(counts, before[1]) if before is not None and before[0] == second else counts
+                    if grown:
+                        batch.setdefault(key, []).append((second, grown))
+            cursor.counting = {
+                key: seconds[-1] for key, seconds in pulled.series.items() if seconds and seconds[-1][0] == pulled.now
+            }
+            cursor.since = pulled.now
+        merged = 0
+        for key, seconds in batch.items():
+            window = self.merged.window(key)
+            for second, counts in sorted(seconds, key=lambda item: item[0]):
+                window.merge(second, counts)
+                merged += 1
+        live = {m.id for m, _ in asks}
+        self._cursors = {member: cursor for member, cursor in self._cursors.items() if member in live}
+        return Refresh(len(asks), answered, size, merged, time.process_time() - started)
+
+
+class GuardianLeadership:
+    """The guardian's terms as the fleet's leader: each tick, whether this process leads and on what windows.
+
+    While it leads, every tick pulls the members' new seconds into the merged windows and runs
+    with the leader's writes fenced; a new term starts from empty windows pulled from the start.
+    """
+
+    def __init__(self, fleet: Fleet, windows: FleetWindows) -> None:
+        self._fleet = fleet
+        self.windows = windows
+        self._leading = False
+        #: What the last tick's refresh pulled (benchmarks, status).
+        self.last: Refresh | None = None
+
+    @contextmanager
+    def term(self) -> Iterator[WindowStore | None]:
+        """The merged windows with this tick's counts, writes fenced; None when this process does not lead."""
+        if not self._fleet.is_leader():
+            self._leading = False
+            yield None
+            return
+        if not self._leading:
+            self.windows.reset()
+            self._leading = True
+        self.last = self.windows.refresh(self._fleet.members())
+        with self._fleet.fence():
+            yield self.windows.merged
+
+
+def minus(counts: Counts, before: Counts) -> Counts:
+    """What `counts` has beyond `before` (the same second, pulled twice), field by field."""
+    grown: Counts = {}
+    for name, value in counts.items():
+        old = before.get(name)
+        if old is None:
+            grown[name] = value
+        elif isinstance(value, int | float) and isinstance(old, int | float):
+            if value != old:
+                grown[name] = value - old
+        else:
+            vector, previous = np.asarray(value), np.asarray(old)
+            delta = vector.astype(np.float64 if vector.dtype.kind == "f" else np.int64)
+            size = min(len(delta), len(previous))
+            delta[:size] -= previous[:size]
+            if delta.any():
+                grown[name] = delta
+    return grown
