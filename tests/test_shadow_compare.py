@@ -104,11 +104,12 @@ def test_report_numbers_match_a_hand_computed_case() -> None:
     assert report.agreement_ci == pytest.approx(wilson_interval(7, 10))
     assert report.agreement_ci == pytest.approx((0.3968, 0.8922), abs=1e-4)  # Wilson 95% for 7 of 10, from tables
     diffs = [i / 100 for i in range(10)]
-    assert report.diff_quantiles["p50"] == pytest.approx(float(np.quantile(diffs, 0.5)))  # 0.045
-    assert report.diff_quantiles["p95"] == pytest.approx(0.0855)
-    assert report.diff_quantiles["max"] == pytest.approx(0.09)
-    assert report.primary_latency_ms["p50"] == pytest.approx(5.5)
-    assert report.shadow_latency_ms["p50"] == pytest.approx(11.0)
+    # Quantiles come from logarithmic bins (mergeable across processes): within 2% of numpy's.
+    assert report.diff_quantiles["p50"] == pytest.approx(float(np.quantile(diffs, 0.5)), rel=0.02)  # 0.045
+    assert report.diff_quantiles["p95"] == pytest.approx(0.0855, rel=0.02)
+    assert report.diff_quantiles["max"] == 0.09  # the maximum is exact
+    assert report.primary_latency_ms["p50"] == pytest.approx(5.5, rel=0.02)
+    assert report.shadow_latency_ms["p50"] == pytest.approx(11.0, rel=0.02)
     assert report.top_divergent == [("r9", 0.09), ("r8", 0.08), ("r7", 0.07)]
     assert report.primary_versions == ["1.0"]
     histogram = dict(report.diff_histogram)

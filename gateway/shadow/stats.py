@@ -1,4 +1,10 @@
-"""Shadow accounting and comparison records, kept in memory with bounded size."""
+"""Shadow accounting and comparison records, kept in memory with bounded size.
+
+A report is computed from a `ShadowSummary`: the window's counts, with the per-request
+differences and latencies on fixed logarithmic bins (quantiles within 2%) and the most
+divergent requests. Summaries of several processes add up, so the fleet's report is the same
+whichever process is asked, and no process ships another its samples.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,16 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
+from gateway.telemetry.windows import RELATIVE_ERROR, bin_value, latency_bin
+
 HORIZON_SECONDS = 24 * 3600
+_K = TypeVar("_K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,15 +120,131 @@ def diff_histogram(values: list[float]) -> list[tuple[float, int]]:
     return list(zip(DIFF_EDGES, counts, strict=True))
 
 
-def _quantiles(values: list[float], scale: float = 1.0) -> dict[str, float]:
-    if not values:
-        return {"p50": math.nan, "p95": math.nan, "p99": math.nan, "max": math.nan}
-    array = np.asarray(values, dtype=np.float64) * scale
-    with np.errstate(invalid="ignore"):
-        quantiles = np.quantile(array, [0.5, 0.95, 0.99])
-    # A diff can be +inf (NaN on one side, a shape mismatch): numpy interpolates towards it as NaN.
-    p50, p95, p99 = np.where(np.isnan(quantiles), np.inf, quantiles)
-    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(array.max())}
+_DIFF_GAMMA = (1 + RELATIVE_ERROR) / (1 - RELATIVE_ERROR)
+_DIFF_LOG_GAMMA = math.log(_DIFF_GAMMA)
+#: Differences are binned from 1e-12 to 1e12 (clamped); bin 0 holds exact zeros and the last infinity.
+_DIFF_OFFSET = math.ceil(math.log(1e-12) / _DIFF_LOG_GAMMA)
+_DIFF_FINITE = math.ceil(math.log(1e12) / _DIFF_LOG_GAMMA) - _DIFF_OFFSET + 1
+DIFF_BINS = _DIFF_FINITE + 2
+
+
+def diff_bin(value: float) -> int:
+    """The bin of a per-request difference (NaN counts as infinity, the largest difference)."""
+    if value <= 0:
+        return 0
+    if math.isinf(value) or math.isnan(value):
+        return DIFF_BINS - 1
+    index = math.ceil(math.log(value) / _DIFF_LOG_GAMMA) - _DIFF_OFFSET
+    return 1 + min(max(index, 0), _DIFF_FINITE - 1)
+
+
+def diff_bin_value(index: int) -> float:
+    """A bin's representative value (within RELATIVE_ERROR of every value in it)."""
+    if index <= 0:
+        return 0.0
+    if index >= DIFF_BINS - 1:
+        return math.inf
+    return 2 * _DIFF_GAMMA ** (index - 1 + _DIFF_OFFSET) / (_DIFF_GAMMA + 1)
+
+
+def bin_quantiles(bins: Mapping[int, int], value: Callable[[int], float], scale: float = 1.0) -> dict[str, float]:
+    """p50, p95 and p99 of binned values, interpolated between ranks like numpy's default (NaN when empty).
+
+    An interpolation towards infinity is infinity (a difference can be infinite).
+    """
+    items = sorted((index, count) for index, count in bins.items() if count > 0)
+    total = sum(count for _, count in items)
+    if not total:
+        return {"p50": math.nan, "p95": math.nan, "p99": math.nan}
+    cumulative = np.cumsum([count for _, count in items])
+
+    def at(rank: int) -> float:
+        return value(items[int(np.searchsorted(cumulative, rank, side="right"))][0]) * scale
+
+    out = {}
+    for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+        rank = q * (total - 1)
+        low, high = at(math.floor(rank)), at(math.ceil(rank))
+        share = rank - math.floor(rank)
+        out[name] = low if share == 0 or low == high else (math.inf if math.isinf(high) else low + share * (high - low))
+    return out
+
+
+@dataclass
+class ShadowSummary:
+    """One shadow's comparisons over a window, as counts that add up across processes; reports come from it."""
+
+    endpoint: str
+    shadow_version: str
+    window_seconds: int
+    #: Whether the process (any of them, once merged) ever mirrored to this shadow.
+    seen: bool = False
+    mirrored: int = 0
+    compared: int = 0
+    dropped: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    decisions: int = 0
+    agree: int = 0
+    diff_bins: dict[int, int] = field(default_factory=dict)
+    diff_max: float = math.nan
+    diff_decades: list[int] = field(default_factory=lambda: [0] * len(DIFF_EDGES))
+    primary_latency: dict[int, int] = field(default_factory=dict)
+    shadow_latency: dict[int, int] = field(default_factory=dict)
+    #: The most divergent requests, (request id, largest difference), largest first (ties by id).
+    top: list[tuple[str, float]] = field(default_factory=list)
+    primary_versions: set[str] = field(default_factory=set)
+
+    def merge(self, other: ShadowSummary, top: int) -> None:
+        """Add another process's summary of the same shadow and window (in place)."""
+        self.seen = self.seen or other.seen
+        self.mirrored += other.mirrored
+        self.compared += other.compared
+        self.dropped += other.dropped
+        _add(self.errors, other.errors)
+        self.decisions += other.decisions
+        self.agree += other.agree
+        _add(self.diff_bins, other.diff_bins)
+        if not math.isnan(other.diff_max):
+            self.diff_max = other.diff_max if math.isnan(self.diff_max) else max(self.diff_max, other.diff_max)
+        self.diff_decades = [a + b for a, b in zip(self.diff_decades, other.diff_decades, strict=True)]
+        _add(self.primary_latency, other.primary_latency)
+        _add(self.shadow_latency, other.shadow_latency)
+        self.top = _most_divergent([*self.top, *other.top], top)
+        self.primary_versions |= other.primary_versions
+
+    def report(self) -> ShadowReport:
+        """The numbers a person reads to decide whether the shadow can become a canary."""
+        diff = bin_quantiles(self.diff_bins, diff_bin_value)
+        diff["max"] = self.diff_max
+        return ShadowReport(
+            endpoint=self.endpoint,
+            shadow_version=self.shadow_version,
+            window_seconds=self.window_seconds,
+            mirrored=self.mirrored,
+            compared=self.compared,
+            dropped=self.dropped,
+            errors=dict(sorted(self.errors.items())),
+            decisions=self.decisions,
+            agree=self.agree,
+            agreement_rate=self.agree / self.decisions if self.decisions else math.nan,
+            agreement_ci=wilson_interval(self.agree, self.decisions),
+            diff_quantiles=diff,
+            primary_latency_ms=bin_quantiles(self.primary_latency, bin_value, 1000),
+            shadow_latency_ms=bin_quantiles(self.shadow_latency, bin_value, 1000),
+            top_divergent=list(self.top),
+            primary_versions=sorted(self.primary_versions),
+            diff_histogram=list(zip(DIFF_EDGES, self.diff_decades, strict=True)),
+        )
+
+
+def _add(into: dict[_K, int], more: Mapping[_K, int]) -> None:
+    for key, count in more.items():
+        into[key] = into.get(key, 0) + count
+
+
+def _most_divergent(requests: Iterable[tuple[str, float]], top: int) -> list[tuple[str, float]]:
+    """The `top` largest differences; equal ones by request id, so every merge order gives one answer."""
+    return sorted(requests, key=lambda item: (-item[1], item[0]))[:top]
 
 
 class ShadowStats:
@@ -179,42 +305,35 @@ class ShadowStats:
         with self._lock:
             return list(self._series)
 
-    def report(self, endpoint: str, version: str, window_seconds: int = 3600, top: int = 10) -> ShadowReport:
-        """The numbers a person reads to decide whether the shadow can become a canary."""
+    def summary(self, endpoint: str, version: str, window_seconds: int = 3600, top: int = 10) -> ShadowSummary:
+        """This process's comparisons of a shadow over the last `window_seconds`, as mergeable counts."""
         now = self._clock()
         since = now - window_seconds
         with self._lock:
+            seen = (endpoint, version) in self._series
             series = self._get(endpoint, version)
             first_minute = int(since // 60)
             counts = [c for m, c in series.minutes.items() if m >= first_minute]
             records = [r for r in series.records if r.at >= since]
-        errors: dict[str, int] = {}
+        summary = ShadowSummary(endpoint, version, window_seconds, seen=seen)
         for c in counts:
-            for code, n in c.errors.items():
-                errors[code] = errors.get(code, 0) + n
-        decisions = sum(r.rows for r in records)
-        agree = sum(r.agree for r in records)
-        divergent = sorted(records, key=lambda r: r.max_abs, reverse=True)[:top]
-        return ShadowReport(
-            endpoint=endpoint,
-            shadow_version=version,
-            window_seconds=window_seconds,
-            mirrored=sum(c.mirrored for c in counts),
-            compared=sum(c.compared for c in counts),
-            dropped=sum(c.dropped for c in counts),
-            errors=errors,
-            decisions=decisions,
-            agree=agree,
-            agreement_rate=agree / decisions if decisions else math.nan,
-            agreement_ci=wilson_interval(agree, decisions),
-            diff_quantiles=_quantiles([r.max_abs for r in records]),
-            primary_latency_ms={
-                k: v for k, v in _quantiles([r.primary_seconds for r in records], 1000).items() if k != "max"
-            },
-            shadow_latency_ms={
-                k: v for k, v in _quantiles([r.shadow_seconds for r in records], 1000).items() if k != "max"
-            },
-            top_divergent=[(r.request_id, r.max_abs) for r in divergent],
-            primary_versions=sorted({r.primary_version for r in records}),
-            diff_histogram=diff_histogram([r.max_abs for r in records]),
-        )
+            summary.mirrored += c.mirrored
+            summary.compared += c.compared
+            summary.dropped += c.dropped
+            _add(summary.errors, c.errors)
+        for r in records:
+            summary.decisions += r.rows
+            summary.agree += r.agree
+            _add(summary.diff_bins, {diff_bin(r.max_abs): 1})
+            _add(summary.primary_latency, {latency_bin(r.primary_seconds): 1})
+            _add(summary.shadow_latency, {latency_bin(r.shadow_seconds): 1})
+            summary.primary_versions.add(r.primary_version)
+        if records:
+            summary.diff_max = max(r.max_abs for r in records)
+        summary.diff_decades = [count for _, count in diff_histogram([r.max_abs for r in records])]
+        summary.top = _most_divergent(((r.request_id, r.max_abs) for r in records), top)
+        return summary
+
+    def report(self, endpoint: str, version: str, window_seconds: int = 3600, top: int = 10) -> ShadowReport:
+        """This process's report of a shadow (the fleet's adds the other processes' summaries first)."""
+        return self.summary(endpoint, version, window_seconds, top).report()
