@@ -306,7 +306,7 @@ class ShadowStats:
             return list(self._series)
 
     def summary(self, endpoint: str, version: str, window_seconds: int = 3600, top: int = 10) -> ShadowSummary:
-        """This process's comparisons of a shadow over the last `window_seconds`, as mergeable counts."""
+        """Comparisons of a shadow in this process over the last `window_seconds`, as mergeable counts."""
         now = self._clock()
         since = now - window_seconds
         with self._lock:
@@ -335,5 +335,5 @@ class ShadowStats:
         return summary
 
     def report(self, endpoint: str, version: str, window_seconds: int = 3600, top: int = 10) -> ShadowReport:
-        """This process's report of a shadow (the fleet's adds the other processes' summaries first)."""
+        """A report of a shadow in this process alone (the fleet report adds the other processes' summaries first)."""
         return self.summary(endpoint, version, window_seconds, top).report()
