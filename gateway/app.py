@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway.admission import Admission
+from gateway.auth import FleetKey
 from gateway.config import GatewayConfig, ShadowCompareConfig
 from gateway.control import ControlPlane
 from gateway.desired import DesiredState, desired_from_config, load_route_file
@@ -15,6 +16,8 @@ from gateway.faults import FaultInjector
 from gateway.feedback import FeedbackJoin
 from gateway.follower import StoreFollower
 from gateway.inference import InferenceService
+from gateway.orchestration.fleet import Fleet, load_fleet_key
+from gateway.orchestration.fleet_windows import FleetWindows, GuardianLeadership, Puller
 from gateway.orchestration.guardian import Guardian
 from gateway.orchestration.incidents import IncidentLog
 from gateway.orchestration.rollout import RolloutDriver
@@ -78,6 +81,10 @@ class Gateway:
             memory=self.telemetry.memory,
             gauges=self.telemetry.gauges,
         )
+        self.fleet = Fleet(store, lease_seconds=self.settings.fleet_lease)
+        self.fleet_windows = FleetWindows(self.telemetry.windows, self.fleet.member_id)
+        #: The secret the fleet's processes share (read from the store by `start`).
+        self.fleet_key: FleetKey | None = None
         self.inference = InferenceService(
             self.registry,
             self.router,
@@ -158,6 +165,7 @@ class Gateway:
             revision = self.control.start(
                 lambda: desired_from_config(self.config, self.repository), seed_source=self.config_source
             )
+            self.fleet_key = load_fleet_key(self.store)
         except BaseException:
             self.shadow.shutdown()
             raise
@@ -174,6 +182,15 @@ class Gateway:
             log.error("%s: %s; its drift rules stay inconclusive", endpoint, err)
             return str(err)
 
+    def join_fleet(self, address: str, puller: Puller) -> None:
+        """Join the processes sharing the store (reachable at `address`); the guardian then acts only while leading.
+
+        Blocking (store I/O). `puller` asks the other members for their window counts.
+        """
+        self.fleet_windows.puller = puller
+        self.fleet.start(address)
+        self.guardian.lead(GuardianLeadership(self.fleet, self.fleet_windows))
+
     def _compare_settings(self, endpoint: str) -> ShadowCompareConfig:
         state = self.control.state.endpoints.get(endpoint)
         return state.compare if state else ShadowCompareConfig()
@@ -182,6 +199,7 @@ class Gateway:
         """Stop following the store, the guardian and shadow workers; release the store (and owned telemetry)."""
         self.follower.stop()
         self.guardian.stop()
+        self.fleet.stop()
         self.shadow.shutdown()
         self.store.close()
         if self._owns_telemetry:

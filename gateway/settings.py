@@ -160,6 +160,12 @@ class GatewaySettings(BaseSettings):
     """Gateway processes sharing the listen addresses and the store, e.g. one per core."""
     reuse_port: bool = False
     """Share the listen ports with other gateway processes (SO_REUSEPORT); --workers sets it for its workers."""
+    fleet_listen: str = "127.0.0.1:0"
+    """HOST:PORT the other processes of this gateway reach this one on (the guardian leader pulls its counts)."""
+    fleet_advertise: str = ""
+    """Host others reach this process at (a pod IP); empty: --fleet-listen's host (this machine's name for 0.0.0.0)."""
+    fleet_lease: Seconds = Field(default=10, ge=2, le=600)
+    """Seconds a process stays a fleet member unrenewed; a dead guardian leader is replaced within about this."""
     log_format: Literal["text", "json"] = "text"
     """`json`: one JSON object per log line, for log shippers."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.json_format import MessageToDict
 
 from gateway.cli.connect import add_tls_options, open_channel
 from gateway.cli.output import fail, print_json, rpc_failure, table, when
@@ -103,6 +104,24 @@ def _print_change(response: pb.ChangeResponse, as_json: bool) -> None:
         print(f"  {change.path}: {before} -> {after}")
 
 
+def _routes_document(routes: pb.Routes) -> dict[str, Any]:
+    document: dict[str, Any] = {"revision": routes.revision, "committed_at": routes.committed_at}
+    if routes.HasField("store"):
+        store = routes.store
+        document["store"] = {"url": store.url, "connected": store.connected, "since": store.since}
+        document["store"] |= {"error": store.error} if store.error else {}
+        document["process"] = routes.process
+    if routes.HasField("fleet"):
+        document["fleet"] = MessageToDict(routes.fleet, preserving_proto_field_name=True)
+    return document
+
+
+def _fleet_line(fleet: pb.FleetStatus) -> str:
+    leader = next((m.process for m in fleet.members if m.id == fleet.leader), "none")
+    mine = " (this process)" if fleet.leader == fleet.member else ""
+    return f"fleet: {len(fleet.members)} live process(es); guardian leader: {leader}{mine}"
+
+
 def _print_routes(routes: pb.Routes, as_json: bool) -> None:
     endpoints: list[dict[str, Any]] = [
         {
@@ -120,12 +139,7 @@ def _print_routes(routes: pb.Routes, as_json: bool) -> None:
     ]
     store = routes.store if routes.HasField("store") else None
     if as_json:
-        document: dict[str, Any] = {"revision": routes.revision, "committed_at": routes.committed_at}
-        if store is not None:
-            document["store"] = {"url": store.url, "connected": store.connected, "since": store.since}
-            document["store"] |= {"error": store.error} if store.error else {}
-            document["process"] = routes.process
-        print_json({**document, "endpoints": endpoints})
+        print_json({**_routes_document(routes), "endpoints": endpoints})
         return
     print(f"revision {routes.revision} (committed {when(routes.committed_at)})")
     if store is not None:
@@ -133,6 +147,8 @@ def _print_routes(routes: pb.Routes, as_json: bool) -> None:
         print(f"store {store.url}: {state} (answered by {routes.process})")
         if not store.connected:
             print("  serving the last routes this process saw; changes are refused until the store is back")
+    if routes.HasField("fleet"):
+        print(_fleet_line(routes.fleet))
     rows = []
     for e in endpoints:
         for version in e["versions"]:

@@ -68,6 +68,7 @@ def _dest(dotted: str) -> str:
 
 
 async def _serve(settings: GatewaySettings) -> int:
+    from gateway.grpc.fleet import start_fleet
     from gateway.grpc.server import start_admin_server, start_inference_server
     from gateway.grpc.tls import ServerTls
 
@@ -75,14 +76,18 @@ async def _serve(settings: GatewaySettings) -> int:
     tls = ServerTls.from_settings(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     runtime = build_telemetry(TelemetrySettings.of(settings))
     store = open_store(settings.store)
+    fleet = None
     try:
         gateway = Gateway.from_file(settings.config, store, settings=settings, telemetry=runtime.telemetry)
         revision = await asyncio.to_thread(gateway.start)
+        fleet = await start_fleet(gateway, settings.fleet_listen, settings.fleet_advertise)
         gateway.guardian.start()
         gateway.follower.start()
         inference = await start_inference_server(gateway, settings.listen, tokens, tls)
-        admin = await start_admin_server(gateway, settings.admin_listen, tokens, tls)
+        admin = await start_admin_server(gateway, settings.admin_listen, tokens, tls, peers=fleet.peers)
     except BaseException:
+        if fleet is not None:
+            await fleet.stop(grace=0)
         store.close()
         runtime.shutdown()
         raise
@@ -109,6 +114,7 @@ async def _serve(settings: GatewaySettings) -> int:
         loop.add_signal_handler(signal.SIGHUP, tls.request_reload)  # open connections keep their session
     await stop.wait()
     log.info("shutting down")
+    await fleet.stop()  # another process leads at once
     await asyncio.gather(inference.stop(grace=settings.grace), admin.stop(grace=settings.grace))
     gateway.close()
     runtime.shutdown()

@@ -8,6 +8,7 @@ from typing import Any
 
 from gateway.control import ChangeResult, VersionInfo
 from gateway.desired import DesiredState
+from gateway.orchestration.fleet import Member
 from gateway.orchestration.incidents import Incident
 from gateway.orchestration.rollout import Rollout
 from gateway.pb.gateway.v1 import admin_pb2 as pb
@@ -45,6 +46,15 @@ def change_response(result: ChangeResult) -> pb.ChangeResponse:
 def store_status(status: StoreStatus) -> pb.StoreStatus:
     """A process's view of its store."""
     return pb.StoreStatus(url=status.url, connected=status.connected, since=status.since, error=status.error)
+
+
+def fleet_status(member: str, leader: str, members: list[Member]) -> pb.FleetStatus:
+    """The live processes sharing the store and the guardian's leader."""
+    return pb.FleetStatus(
+        member=member,
+        leader=leader,
+        members=[pb.FleetMember(id=m.id, process=m.process, address=m.address, started=m.started) for m in members],
+    )
 
 
 def routes(revision: int, committed_at: float, state: DesiredState, endpoint: str = "") -> pb.Routes:
@@ -120,6 +130,7 @@ def shadow_report(report: ShadowReport, percent: int) -> pb.ShadowReport:
         top_divergent=[pb.DivergentRequest(request_id=r, max_abs_diff=d) for r, d in report.top_divergent],
         primary_versions=report.primary_versions,
         diff_histogram=[pb.HistogramBucket(upper=upper, count=count) for upper, count in report.diff_histogram],
+        processes=report.processes,
     )
 
 

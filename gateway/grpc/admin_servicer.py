@@ -7,10 +7,8 @@ predictions, and no call pays an executor hand-off.
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 
@@ -20,15 +18,24 @@ from gateway.faults import Fault
 from gateway.grpc import admin_converters as convert
 from gateway.grpc.errors import ACTOR
 from gateway.limits import MAX_PAGE, MAX_REASON_CHARS, check_text
+from gateway.orchestration.fleet import PROCESS, Fleet
 from gateway.orchestration.incidents import IncidentLog
 from gateway.orchestration.rollout import RolloutDriver
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
 from gateway.shadow.runner import ShadowRunner
+from gateway.shadow.stats import ShadowSummary
 
 Context: TypeAlias = grpc.ServicerContext
-#: Which process answers, for operators of many processes behind one address.
-PROCESS = f"{socket.gethostname()} pid {os.getpid()}"
+__all__ = ["PROCESS", "AdminServicer", "ShadowPeers"]
+
+
+class ShadowPeers(Protocol):
+    """The other live processes of the fleet, asked for their shadow summaries."""
+
+    def shadow_summaries(self, endpoint: str, version: str, window: int, top: int) -> list[ShadowSummary]:
+        """Every other live process's summary of a shadow over a window."""
+        ...
 
 
 def _reason(request: Any) -> str:
@@ -49,12 +56,21 @@ class AdminServicer(pb_grpc.AdminServicer):
     """Admin RPCs, run in the admin server's worker threads."""
 
     def __init__(
-        self, control: ControlPlane, shadow: ShadowRunner, rollouts: RolloutDriver, incidents: IncidentLog
+        self,
+        control: ControlPlane,
+        shadow: ShadowRunner,
+        rollouts: RolloutDriver,
+        incidents: IncidentLog,
+        *,
+        fleet: Fleet | None = None,
+        peers: ShadowPeers | None = None,
     ) -> None:
         self._control = control
         self._shadow = shadow
         self._rollouts = rollouts
         self._incidents = incidents
+        self._fleet = fleet
+        self._peers = peers
 
     @staticmethod
     def _change(method: Callable[..., ChangeResult], request: Any, *args: Any, **kwargs: Any) -> pb.ChangeResponse:
@@ -70,6 +86,10 @@ class AdminServicer(pb_grpc.AdminServicer):
         if revision == self._control.revision:
             routes.store.CopyFrom(convert.store_status(self._control.health.status))
             routes.process = PROCESS
+            if self._fleet is not None and self._fleet.me is not None and self._control.health.status.connected:
+                routes.fleet.CopyFrom(
+                    convert.fleet_status(self._fleet.member_id, self._fleet.leader, self._fleet.members())
+                )
         return routes
 
     def ListRevisions(self, request: pb.ListRevisionsRequest, context: Context) -> pb.ListRevisionsResponse:
@@ -118,12 +138,17 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     def GetShadowReport(self, request: pb.GetShadowReportRequest, context: Context) -> pb.ShadowReport:
         endpoint = self._control.state.endpoint(request.endpoint)
+        window, top = request.window_seconds or 3600, _page(request.top, 10)
+        peers = self._peers
         report, percent = self._shadow.report(
             endpoint.name,
             endpoint.shadows,
             request.shadow_version,
-            request.window_seconds or 3600,
-            _page(request.top, 10),
+            window,
+            top,
+            others=None
+            if peers is None
+            else lambda version: peers.shadow_summaries(endpoint.name, version, window, top),
         )
         return convert.shadow_report(report, percent)
 

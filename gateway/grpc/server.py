@@ -15,7 +15,7 @@ import grpc
 from gateway.app import Gateway
 from gateway.auth import AdminTokens
 from gateway.errors import GatewayError, InvalidInput
-from gateway.grpc.admin_servicer import AdminServicer
+from gateway.grpc.admin_servicer import AdminServicer, ShadowPeers
 from gateway.grpc.drain import Drain
 from gateway.grpc.errors import guard_servicer, guard_threaded_servicer, refusal
 from gateway.grpc.health import HealthReporter
@@ -192,12 +192,18 @@ class _ReflectionNeedsToken(grpc.ServerInterceptor):  # type: ignore[misc]
 
 
 async def start_admin_server(
-    gateway: Gateway, listen: str, tokens: AdminTokens, tls: ServerTls | None = None
+    gateway: Gateway,
+    listen: str,
+    tokens: AdminTokens,
+    tls: ServerTls | None = None,
+    *,
+    peers: ShadowPeers | None = None,
 ) -> AdminServer:
     """Build and start the admin listener; every RPC (reflection included) is authenticated with a bearer token.
 
     Admin calls run in their own worker threads: a commit's fsync or a model load never
-    blocks the event loop that serves predictions.
+    blocks the event loop that serves predictions. With `peers` (the other processes of the
+    fleet), reports add up every live process's summaries.
     """
     authenticate = bearer_authenticator(tokens)
     server = grpc.server(
@@ -205,7 +211,9 @@ async def start_admin_server(
         options=server_options(gateway.settings.max_message_bytes, gateway.settings.reuse_port),
         interceptors=[_ReflectionNeedsToken(tokens)],
     )
-    servicer = AdminServicer(gateway.control, gateway.shadow, gateway.rollouts, gateway.incidents)
+    servicer = AdminServicer(
+        gateway.control, gateway.shadow, gateway.rollouts, gateway.incidents, fleet=gateway.fleet, peers=peers
+    )
     admin_pb2_grpc.add_AdminServicer_to_server(guard_threaded_servicer(servicer, ADMIN, authenticate), server)
     enable_reflection([ADMIN.full_name], server)
     port = bind(server, listen, tls)

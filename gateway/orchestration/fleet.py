@@ -154,6 +154,7 @@ class Fleet:
                 self._store.leave(self.member_id)
             except GatewayError as err:
                 log.warning("leaving the fleet: %s (the lease runs out by itself)", err.message)
+        self.me = None
         self._holder = ""
 
     # --- what it knows -------------------------------------------------------------------------

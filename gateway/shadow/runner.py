@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _string
 
@@ -34,7 +34,7 @@ from gateway.registry import ModelRegistry
 from gateway.settings import ShadowSettings
 from gateway.shadow.compare import RequestDiff, compare_batch
 from gateway.shadow.difflog import DiffLog, DivergentInputs
-from gateway.shadow.stats import ComparisonRecord, ShadowReport, ShadowStats
+from gateway.shadow.stats import ComparisonRecord, ShadowReport, ShadowStats, ShadowSummary
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.tracing import SpanRecord
 from gateway.telemetry.windows import SeriesKey
@@ -332,10 +332,13 @@ class ShadowRunner:
         version: str = "",
         window_seconds: int = 3600,
         top: int = 10,
+        *,
+        others: Callable[[str], Sequence[ShadowSummary]] | None = None,
     ) -> tuple[ShadowReport, int]:
         """A shadow's report and its configured percent (`shadows`: the endpoint's shadows now).
 
-        `version` may be empty when there is one shadow.
+        `version` may be empty when there is one shadow. `others(version)` gives the other
+        processes' summaries of it (the fleet's report adds them to this process's).
         """
         if not version:
             configured = sorted(shadows)
@@ -350,8 +353,10 @@ class ShadowRunner:
             raise NotFound(f"{endpoint} {version} has never been a shadow; shadows: {listed}")
         if window_seconds <= 0:
             raise InvalidInput(f"window {window_seconds} s must be positive")
-        report = self.stats.report(endpoint, version, window_seconds, top)
-        return report, shadows.get(version, 0)
+        summary = self.stats.summary(endpoint, version, window_seconds, top)
+        for other in others(version) if others is not None else ():
+            summary.merge(other, top)
+        return summary.report(), shadows.get(version, 0)
 
     # --- lifecycle -------------------------------------------------------------------------------
 

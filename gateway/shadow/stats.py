@@ -87,6 +87,8 @@ class ShadowReport:
     top_divergent: list[tuple[str, float]]
     primary_versions: list[str]
     diff_histogram: list[tuple[float, int]] = field(default_factory=list)
+    #: How many processes' comparisons it adds up (the fleet's live processes that answered).
+    processes: int = 1
 
     @property
     def shadow_errors(self) -> int:
@@ -193,9 +195,11 @@ class ShadowSummary:
     #: The most divergent requests, (request id, largest difference), largest first (ties by id).
     top: list[tuple[str, float]] = field(default_factory=list)
     primary_versions: set[str] = field(default_factory=set)
+    processes: int = 1
 
     def merge(self, other: ShadowSummary, top: int) -> None:
         """Add another process's summary of the same shadow and window (in place)."""
+        self.processes += other.processes
         self.seen = self.seen or other.seen
         self.mirrored += other.mirrored
         self.compared += other.compared
@@ -234,6 +238,7 @@ class ShadowSummary:
             top_divergent=list(self.top),
             primary_versions=sorted(self.primary_versions),
             diff_histogram=list(zip(DIFF_EDGES, self.diff_decades, strict=True)),
+            processes=self.processes,
         )
 
 

@@ -602,6 +602,7 @@ class Routes(_message.Message):
     ENDPOINTS_FIELD_NUMBER: _builtins.int
     STORE_FIELD_NUMBER: _builtins.int
     PROCESS_FIELD_NUMBER: _builtins.int
+    FLEET_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     committed_at: _builtins.float
     process: _builtins.str
@@ -614,6 +615,10 @@ class Routes(_message.Message):
     def store(self) -> Global___StoreStatus:
         """For the revision being served: whether the answering process reaches the state store."""
 
+    @_builtins.property
+    def fleet(self) -> Global___FleetStatus:
+        """For the revision being served: the processes sharing the store and which one leads the guardian."""
+
     def __init__(
         self,
         *,
@@ -622,14 +627,75 @@ class Routes(_message.Message):
         endpoints: _abc.Iterable[Global___EndpointRoutes] | None = ...,
         store: Global___StoreStatus | None = ...,
         process: _builtins.str = ...,
+        fleet: Global___FleetStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["store", b"store"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fleet", b"fleet", "store", b"store"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at", "endpoints", b"endpoints", "process", b"process", "revision", b"revision", "store", b"store"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at", "endpoints", b"endpoints", "fleet", b"fleet", "process", b"process", "revision", b"revision", "store", b"store"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Routes: _TypeAlias = Routes  # noqa: Y015
+
+@_typing.final
+class FleetStatus(_message.Message):
+    """The live processes of one gateway (sharing its store), as the answering process sees them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    member: _builtins.str
+    """The answering process's member id."""
+    leader: _builtins.str
+    """The member that holds the guardian leader's lock ("" when none does)."""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___FleetMember]: ...
+    def __init__(
+        self,
+        *,
+        member: _builtins.str = ...,
+        leader: _builtins.str = ...,
+        members: _abc.Iterable[Global___FleetMember] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leader", b"leader", "member", b"member", "members", b"members"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetStatus: _TypeAlias = FleetStatus  # noqa: Y015
+
+@_typing.final
+class FleetMember(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PROCESS_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    process: _builtins.str
+    """"HOST pid PID"."""
+    address: _builtins.str
+    """Where the guardian leader pulls its window counts from."""
+    started: _builtins.float
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        process: _builtins.str = ...,
+        address: _builtins.str = ...,
+        started: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "id", b"id", "process", b"process", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetMember: _TypeAlias = FleetMember  # noqa: Y015
 
 @_typing.final
 class StoreStatus(_message.Message):
@@ -1206,6 +1272,7 @@ class ShadowReport(_message.Message):
     TOP_DIVERGENT_FIELD_NUMBER: _builtins.int
     PRIMARY_VERSIONS_FIELD_NUMBER: _builtins.int
     DIFF_HISTOGRAM_FIELD_NUMBER: _builtins.int
+    PROCESSES_FIELD_NUMBER: _builtins.int
     endpoint: _builtins.str
     shadow_version: _builtins.str
     window_seconds: _builtins.int
@@ -1222,6 +1289,10 @@ class ShadowReport(_message.Message):
     agreement_ci_low: _builtins.float
     """95% Wilson interval of the agreement rate."""
     agreement_ci_high: _builtins.float
+    processes: _builtins.int
+    """How many live processes of the gateway the report adds up (each process's comparisons
+    as mergeable counts: quantiles are within 2%, the maximum is exact).
+    """
     @_builtins.property
     def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Failed shadow runs by status code."""
@@ -1264,10 +1335,11 @@ class ShadowReport(_message.Message):
         top_divergent: _abc.Iterable[Global___DivergentRequest] | None = ...,
         primary_versions: _abc.Iterable[_builtins.str] | None = ...,
         diff_histogram: _abc.Iterable[Global___HistogramBucket] | None = ...,
+        processes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["diff", b"diff", "primary_latency_ms", b"primary_latency_ms", "shadow_latency_ms", b"shadow_latency_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agree", b"agree", "agreement_ci_high", b"agreement_ci_high", "agreement_ci_low", b"agreement_ci_low", "agreement_rate", b"agreement_rate", "compared", b"compared", "decisions", b"decisions", "diff", b"diff", "diff_histogram", b"diff_histogram", "dropped", b"dropped", "endpoint", b"endpoint", "errors", b"errors", "mirrored", b"mirrored", "percent", b"percent", "primary_latency_ms", b"primary_latency_ms", "primary_versions", b"primary_versions", "shadow_latency_ms", b"shadow_latency_ms", "shadow_version", b"shadow_version", "top_divergent", b"top_divergent", "window_seconds", b"window_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agree", b"agree", "agreement_ci_high", b"agreement_ci_high", "agreement_ci_low", b"agreement_ci_low", "agreement_rate", b"agreement_rate", "compared", b"compared", "decisions", b"decisions", "diff", b"diff", "diff_histogram", b"diff_histogram", "dropped", b"dropped", "endpoint", b"endpoint", "errors", b"errors", "mirrored", b"mirrored", "percent", b"percent", "primary_latency_ms", b"primary_latency_ms", "primary_versions", b"primary_versions", "processes", b"processes", "shadow_latency_ms", b"shadow_latency_ms", "shadow_version", b"shadow_version", "top_divergent", b"top_divergent", "window_seconds", b"window_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
