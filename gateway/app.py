@@ -166,6 +166,7 @@ class Gateway:
                 lambda: desired_from_config(self.config, self.repository), seed_source=self.config_source
             )
             self.fleet_key = load_fleet_key(self.store)
+            self.feedback.sign_with(self.fleet_key.derive("feedback-ids"))
         except BaseException:
             self.shadow.shutdown()
             raise

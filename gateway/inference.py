@@ -72,6 +72,8 @@ class InferResult(NamedTuple):
     outputs: dict[str, np.ndarray]
     #: Injected latency (a fault drill) the transport waits before answering, without blocking.
     delay_seconds: float = 0.0
+    #: The signed id the client sends its outcome with, to any process ("" when feedback is off).
+    feedback_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,8 +330,10 @@ class InferenceService:
             self._measure(series, decision.arm, "INTERNAL", started, rows, nan, features, span)
             raise
         seconds = self._measure(series, decision.arm, "OK", started, rows, nan, features, span)
+        feedback_id = ""
         if self._feedback is not None:
             self._feedback.served(request_id, series, decision.arm)
+            feedback_id = self._feedback.feedback_id(series, decision.arm)
         outputs = dict(zip(wanted, arrays, strict=True))
         if not pinned:
             self._telemetry.drift.observe(
@@ -351,6 +355,7 @@ class InferenceService:
             route_revision=table.revision,
             outputs=outputs,
             delay_seconds=fault.latency_ms / 1000 if fault is not None else 0.0,
+            feedback_id=feedback_id,
         )
 
     def _inject(  # noqa: PLR0917 - rare path, kept out of infer

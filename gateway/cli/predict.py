@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
                 "version": response.version,
                 "arm": response.arm,
                 "route_revision": response.route_revision,
+                "feedback_id": response.feedback_id,
                 "outputs": outputs,
             }
         )

@@ -123,6 +123,8 @@ class Supervisor:
         admin_listen, admin_holder = _reserve(self.settings.admin_listen)
         # Flags win over the environment and the route file, so workers do not start workers of their own.
         overrides = ["--workers", "1", "--reuse-port", "true", "--listen", listen, "--admin-listen", admin_listen]
+        # Each worker is pulled from on its own: a port of its own on the fleet listener's host.
+        overrides += ["--fleet-listen", f"{self.settings.fleet_listen.rsplit(':', 1)[0]}:0"]
         if self.settings.metrics_listen:
             overrides += ["--metrics-listen", "127.0.0.1:0"]
         base = [sys.executable, "-m", "gateway.cli", *self.argv, *overrides]

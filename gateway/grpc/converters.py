@@ -7,12 +7,21 @@ from collections.abc import Sequence
 import numpy as np
 
 from gateway.errors import InvalidInput
+from gateway.feedback import FeedbackResult, Join
 from gateway.inference import EndpointMetadata, InferRequest, InferResult
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.inference import grpc_service_pb2 as oip
 from gateway.tensors import DataType, TensorSpec, array_from_bytes, array_from_values
 
 ROUTING_KEY_PARAMETER = "routing_key"
+#: The Open Inference Protocol response parameter that carries the feedback id.
+FEEDBACK_ID_PARAMETER = "feedback_id"
+_JOIN_TO_PB = {
+    Join.JOINED: gw.FEEDBACK_RESULT_JOINED,
+    Join.UNKNOWN: gw.FEEDBACK_RESULT_UNKNOWN,
+    Join.LATE: gw.FEEDBACK_RESULT_LATE,
+    Join.FORGED: gw.FEEDBACK_RESULT_FORGED,
+}
 
 _TO_PB = {d: gw.DataType.Value(f"DATA_TYPE_{d.value}") for d in DataType}
 _NUMPY_FROM_PB = {pb: d.numpy for d, pb in _TO_PB.items()}
@@ -56,12 +65,24 @@ def predict_response(result: InferResult) -> gw.PredictResponse:
         version=result.version,
         arm=result.arm,
         route_revision=result.route_revision,
+        feedback_id=result.feedback_id,
     )
     add = response.outputs.add
     for name, array in result.outputs.items():
         datatype = _PB_BY_DTYPE.get(array.dtype) or _TO_PB[DataType.of(array.dtype)]
         add(name=name, datatype=datatype, shape=array.shape, data=_little_endian_bytes(array))
     return response
+
+
+def feedback_response(result: FeedbackResult) -> gw.FeedbackResponse:
+    """What became of an outcome."""
+    return gw.FeedbackResponse(
+        joined=result.joined,
+        model=result.endpoint,
+        version=result.version,
+        arm=result.arm,
+        result=_JOIN_TO_PB[result.result],
+    )
 
 
 def tensor(name: str, array: np.ndarray) -> gw.Tensor:
@@ -164,6 +185,8 @@ def model_infer_response(result: InferResult) -> oip.ModelInferResponse:
     for name, array in result.outputs.items():
         add_output(name=name, datatype=DataType.of(array.dtype).value, shape=array.shape)
         raw.append(_little_endian_bytes(array))
+    if result.feedback_id:
+        response.parameters[FEEDBACK_ID_PARAMETER].string_param = result.feedback_id
     return response
 
 

@@ -63,10 +63,10 @@ class PredictServicer(gw_grpc.InferenceServicer):
 
     def Feedback(self, request: gw.FeedbackRequest, context: object) -> gw.FeedbackResponse:
         if self._feedback is None:
-            return gw.FeedbackResponse(joined=False)
+            return gw.FeedbackResponse(joined=False, result=gw.FEEDBACK_RESULT_UNKNOWN)
         value = request.value if request.HasField("value") else None
-        joined = self._feedback.feedback(request.request_id, request.outcome, value)
-        return gw.FeedbackResponse(joined=joined.joined, model=joined.endpoint, version=joined.version, arm=joined.arm)
+        joined = self._feedback.feedback(request.request_id, request.outcome, value, feedback_id=request.feedback_id)
+        return converters.feedback_response(joined)
 
 
 class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):

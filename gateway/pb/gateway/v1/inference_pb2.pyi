@@ -24,6 +24,35 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _FeedbackResult:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FeedbackResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FeedbackResult.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEEDBACK_RESULT_UNSPECIFIED: _FeedbackResult.ValueType  # 0
+    FEEDBACK_RESULT_JOINED: _FeedbackResult.ValueType  # 1
+    """Counted for the version and arm that served the request."""
+    FEEDBACK_RESULT_UNKNOWN: _FeedbackResult.ValueType  # 2
+    """A request id this process did not serve (or no longer remembers)."""
+    FEEDBACK_RESULT_LATE: _FeedbackResult.ValueType  # 3
+    """A genuine feedback id, older than the gateway counts outcomes for (an hour)."""
+    FEEDBACK_RESULT_FORGED: _FeedbackResult.ValueType  # 4
+    """A feedback id whose signature does not hold: altered, made up, or another gateway's."""
+
+class FeedbackResult(_FeedbackResult, metaclass=_FeedbackResultEnumTypeWrapper): ...
+
+FEEDBACK_RESULT_UNSPECIFIED: FeedbackResult.ValueType  # 0
+FEEDBACK_RESULT_JOINED: FeedbackResult.ValueType  # 1
+"""Counted for the version and arm that served the request."""
+FEEDBACK_RESULT_UNKNOWN: FeedbackResult.ValueType  # 2
+"""A request id this process did not serve (or no longer remembers)."""
+FEEDBACK_RESULT_LATE: FeedbackResult.ValueType  # 3
+"""A genuine feedback id, older than the gateway counts outcomes for (an hour)."""
+FEEDBACK_RESULT_FORGED: FeedbackResult.ValueType  # 4
+"""A feedback id whose signature does not hold: altered, made up, or another gateway's."""
+Global___FeedbackResult: _TypeAlias = FeedbackResult  # noqa: Y015
+
 class _DataType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -69,11 +98,17 @@ class FeedbackRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
+    FEEDBACK_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    """The served request's id: joins only on the process that served it (use feedback_id)."""
     outcome: _builtins.float
     value: _builtins.float
     """The request's business value (revenue, watch time, ...), when there is one: value_drop
     compares the mean value per request of a canary with stable's. Unset is "no value", not 0.
+    """
+    feedback_id: _builtins.str
+    """The response's feedback_id: signed, it says what served the request, so any process of
+    the gateway counts the outcome for the right version.
     """
     def __init__(
         self,
@@ -81,10 +116,11 @@ class FeedbackRequest(_message.Message):
         request_id: _builtins.str = ...,
         outcome: _builtins.float = ...,
         value: _builtins.float | None = ...,
+        feedback_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "outcome", b"outcome", "request_id", b"request_id", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "feedback_id", b"feedback_id", "outcome", b"outcome", "request_id", b"request_id", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__value: _TypeAlias = _typing.Literal["value"]  # noqa: Y015
     _WhichOneofArgType__value: _TypeAlias = _typing.Literal["_value", b"_value"]  # noqa: Y015
@@ -100,11 +136,13 @@ class FeedbackResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     ARM_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
     joined: _builtins.bool
-    """False when the request id is unknown or too old to join."""
+    """False when the id is unknown, too old or forged; `result` says which."""
     model: _builtins.str
     version: _builtins.str
     arm: _builtins.str
+    result: Global___FeedbackResult.ValueType
     def __init__(
         self,
         *,
@@ -112,10 +150,11 @@ class FeedbackResponse(_message.Message):
         model: _builtins.str = ...,
         version: _builtins.str = ...,
         arm: _builtins.str = ...,
+        result: Global___FeedbackResult.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "joined", b"joined", "model", b"model", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "joined", b"joined", "model", b"model", "result", b"result", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,6 +244,7 @@ class PredictResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     ROUTE_REVISION_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
+    FEEDBACK_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     """The endpoint that answered."""
@@ -220,6 +260,8 @@ class PredictResponse(_message.Message):
     """The trace of this request, when it was traced (failed calls carry it in the
     `trace-id` trailing metadata instead).
     """
+    feedback_id: _builtins.str
+    """Send this with the request's outcome (Feedback), to any process of the gateway."""
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
     def __init__(
@@ -232,10 +274,11 @@ class PredictResponse(_message.Message):
         outputs: _abc.Iterable[Global___Tensor] | None = ...,
         route_revision: _builtins.int = ...,
         trace_id: _builtins.str = ...,
+        feedback_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "model", b"model", "outputs", b"outputs", "request_id", b"request_id", "route_revision", b"route_revision", "trace_id", b"trace_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "feedback_id", b"feedback_id", "model", b"model", "outputs", b"outputs", "request_id", b"request_id", "route_revision", b"route_revision", "trace_id", b"trace_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

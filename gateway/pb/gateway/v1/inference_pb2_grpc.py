@@ -63,9 +63,10 @@ class InferenceServicer(object):
 
     def Feedback(self, request, context):
         """Report a business outcome for a served request (1 for a click, 0 for none), and optionally
-        its business value (revenue, watch time). Outcomes are joined to the version and arm that
-        served the request; the ctr_drop and value_drop guardrails read them. Late or unknown
-        request ids are counted, not errors.
+        its business value (revenue, watch time). Outcomes are counted for the version and arm that
+        served the request; the ctr_drop and value_drop guardrails read them. Send it to any
+        process of the gateway with the response's `feedback_id`. Unknown, late and forged ids are
+        counted, not errors.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,9 +40,10 @@ class InferenceStub:
     """Run one request on the version chosen by the endpoint's routes."""
     Feedback: _grpc.UnaryUnaryMultiCallable[_inference_pb2.FeedbackRequest, _inference_pb2.FeedbackResponse]
     """Report a business outcome for a served request (1 for a click, 0 for none), and optionally
-    its business value (revenue, watch time). Outcomes are joined to the version and arm that
-    served the request; the ctr_drop and value_drop guardrails read them. Late or unknown
-    request ids are counted, not errors.
+    its business value (revenue, watch time). Outcomes are counted for the version and arm that
+    served the request; the ctr_drop and value_drop guardrails read them. Send it to any
+    process of the gateway with the response's `feedback_id`. Unknown, late and forged ids are
+    counted, not errors.
     """
 
 @_typing.type_check_only
@@ -52,9 +53,10 @@ class InferenceAsyncStub(InferenceStub):
     """Run one request on the version chosen by the endpoint's routes."""
     Feedback: _aio.UnaryUnaryMultiCallable[_inference_pb2.FeedbackRequest, _inference_pb2.FeedbackResponse]  # type: ignore[assignment]
     """Report a business outcome for a served request (1 for a click, 0 for none), and optionally
-    its business value (revenue, watch time). Outcomes are joined to the version and arm that
-    served the request; the ctr_drop and value_drop guardrails read them. Late or unknown
-    request ids are counted, not errors.
+    its business value (revenue, watch time). Outcomes are counted for the version and arm that
+    served the request; the ctr_drop and value_drop guardrails read them. Send it to any
+    process of the gateway with the response's `feedback_id`. Unknown, late and forged ids are
+    counted, not errors.
     """
 
 class InferenceServicer(metaclass=_abc_1.ABCMeta):
@@ -73,9 +75,10 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.FeedbackResponse, _abc.Awaitable[_inference_pb2.FeedbackResponse]]:
         """Report a business outcome for a served request (1 for a click, 0 for none), and optionally
-        its business value (revenue, watch time). Outcomes are joined to the version and arm that
-        served the request; the ctr_drop and value_drop guardrails read them. Late or unknown
-        request ids are counted, not errors.
+        its business value (revenue, watch time). Outcomes are counted for the version and arm that
+        served the request; the ctr_drop and value_drop guardrails read them. Send it to any
+        process of the gateway with the response's `feedback_id`. Unknown, late and forged ids are
+        counted, not errors.
         """
 
 def add_InferenceServicer_to_server(servicer: InferenceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
