@@ -11,7 +11,18 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks import batch, control, fleet, guardrails, serving, shadow, streaming, telemetry, triggers
+from benchmarks import (
+    batch,
+    control,
+    fleet,
+    fleet_guardian,
+    guardrails,
+    serving,
+    shadow,
+    streaming,
+    telemetry,
+    triggers,
+)
 
 SUITES = {
     "serving": serving,
@@ -23,6 +34,7 @@ SUITES = {
     "fleet": fleet,
     "streaming": streaming,
     "triggers": triggers,
+    "fleet-guardian": fleet_guardian,
 }
 
 

@@ -102,6 +102,8 @@ def test_secrets_and_settings_the_deployment_reads_exist() -> None:
         source = env["valueFrom"]
         if "secretKeyRef" in source:
             assert source["secretKeyRef"]["key"] in secret
+        elif "fieldRef" in source:  # the pod's own IP, which the guardian leader reaches each worker at
+            assert source["fieldRef"]["fieldPath"] == "status.podIP"
         else:
             assert source["configMapKeyRef"]["key"] in config
     assert "GATEWAY_ADMIN_TOKENS" in {env["name"] for env in _container()["env"]}

@@ -245,6 +245,7 @@ class FleetPeers:
         self._options = [("grpc.max_receive_message_length", max_message_bytes)]
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.FleetStub]] = {}
         self._lock = threading.Lock()
+        self._silent: set[str] = set()  # members whose last pull failed (logged once, not every tick)
 
     def _stub(self, address: str) -> pb_grpc.FleetStub:
         with self._lock:
@@ -276,8 +277,18 @@ class FleetPeers:
             try:
                 answers.append(pulled(call.result()) if call is not None else None)
             except grpc.RpcError as err:
-                log.warning("no window counts from %s (%s): %s", member.process, member.address, err.code().name)
+                if member.id not in self._silent:
+                    log.warning(
+                        "no window counts from %s (%s): %s; asking again each tick while it is a member",
+                        member.process, member.address, err.code().name,
+                    )  # fmt: skip
+                self._silent.add(member.id)
                 answers.append(None)
+                continue
+            if member.id in self._silent:
+                log.warning("window counts from %s (%s) again", member.process, member.address)
+                self._silent.discard(member.id)
+        self._silent &= {m.id for m, _ in asks}
         return answers
 
     def shadow_summaries(self, endpoint: str, version: str, window: int, top: int) -> list[ShadowSummary]:
