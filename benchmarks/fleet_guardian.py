@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import tempfile
@@ -149,6 +150,47 @@ def _breach_to_rollback(trials: int) -> list[float]:
             etcd.kill()
 
 
+class _Load:
+    """Closed-loop predictions on every process (two callers each) in background threads."""
+
+    def __init__(self, predicts: list) -> None:  # type: ignore[type-arg]
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(p,), daemon=True) for p in predicts for _ in range(2)]
+
+    def _run(self, predict) -> None:  # type: ignore[no-untyped-def]
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            with contextlib.suppress(grpc.RpcError):  # the injected fault
+                predict(request(f"k{n}"), timeout=10)
+
+    def __enter__(self) -> _Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(15)
+
+
+def _until_every_process_serves_after(predicts: list, revision: int) -> float:  # type: ignore[type-arg]
+    """Seconds until a Predict on every process carries a revision newer than `revision`."""
+    began = time.perf_counter()
+    seen: set[int] = set()
+    probe = request("probe")
+    while len(seen) < len(predicts):
+        if time.perf_counter() - began > 60:
+            raise RuntimeError("no fleet-wide rollback within 60 s")
+        for i, predict in enumerate(predicts):
+            with contextlib.suppress(grpc.RpcError):
+                if i not in seen and predict(probe, timeout=10).route_revision > revision:
+                    seen.add(i)  # the only change after the fault: the guardian's rollback
+        time.sleep(0.005)
+    return time.perf_counter() - began
+
+
 def _trials(servers: list, trials: int) -> list[float]:  # type: ignore[type-arg]
     admin = admin_pb2_grpc.AdminStub(grpc.insecure_channel(admin_target(servers[0])))
     predicts = [gw_grpc.InferenceStub(grpc.insecure_channel(s.target)).Predict for s in servers]
@@ -156,22 +198,8 @@ def _trials(servers: list, trials: int) -> list[float]:  # type: ignore[type-arg
     def call(method: str, message: object) -> admin_pb.ChangeResponse:
         return getattr(admin, method)(message, metadata=ADMIN_METADATA, timeout=30)
 
-    stop = threading.Event()
-
-    def traffic(predict) -> None:  # type: ignore[no-untyped-def]
-        n = 0
-        while not stop.is_set():
-            n += 1
-            try:
-                predict(request(f"k{n}"), timeout=10)
-            except grpc.RpcError:
-                pass
-
-    threads = [threading.Thread(target=traffic, args=(p,), daemon=True) for p in predicts for _ in range(2)]
-    for thread in threads:
-        thread.start()
     seconds = []
-    try:
+    with _Load(predicts):
         call("SetGuardrails", admin_pb.SetGuardrailsRequest(
             endpoint="ctr-ranker", rules=["error_rate > 20% for 5s min 20"], reason="bench"))  # fmt: skip
         for _ in range(trials):
@@ -181,27 +209,7 @@ def _trials(servers: list, trials: int) -> list[float]:  # type: ignore[type-arg
             time.sleep(7)  # the 5 s window forgets the last trial's errors
             fault = call("SetFault", admin_pb.SetFaultRequest(
                 endpoint="ctr-ranker", version="1.13", error_rate=1.0, reason="bench"))  # fmt: skip
-            began = time.perf_counter()
-            seen: set[int] = set()
-            probe = request("probe")
-            while len(seen) < len(predicts):
-                if time.perf_counter() - began > 60:
-                    raise RuntimeError("no fleet-wide rollback within 60 s")
-                for i, predict in enumerate(predicts):
-                    if i in seen:
-                        continue
-                    try:
-                        response = predict(probe, timeout=10)
-                    except grpc.RpcError:
-                        continue
-                    if response.route_revision > fault.revision:  # the only change after the fault: the rollback
-                        seen.add(i)
-                time.sleep(0.005)
-            seconds.append(time.perf_counter() - began)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(15)
+            seconds.append(_until_every_process_serves_after(predicts, fault.revision))
     return seconds
 
 
@@ -227,8 +235,9 @@ def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
     times = sorted(_breach_to_rollback(trials))
     lines += [
         "",
-        f"Breach -> fleet-wide rollback: 3 processes on etcd, guardian tick 1 s, rule `error_rate > 20% for 5s min 20`, "
-        f"{trials} trials; seconds from SetFault's return until every process serves the rollback\n",
+        "Breach -> fleet-wide rollback: 3 processes on etcd, guardian tick 1 s, rule "
+        f"`error_rate > 20% for 5s min 20`, {trials} trials; seconds from SetFault's return until every "
+        "process serves the rollback\n",
         "| p50 s | max s | each |",
         "|---:|---:|---|",
         f"| {statistics.median(times):.2f} | {times[-1]:.2f} | {', '.join(f'{t:.2f}' for t in times)} |",
