@@ -66,7 +66,7 @@ class Gateway:
         )
         self.control = ControlPlane(store, self.registry, self.router, history_seconds=self.telemetry.windows.horizon)
         self.follower = StoreFollower(self.control)
-        self.feedback = FeedbackJoin(self.telemetry.windows, clock=clock)
+        self.feedback = FeedbackJoin(self.telemetry.windows, clock=clock, counted=self.telemetry.feedback_counted)
         self.rollouts = RolloutDriver(self.control, clock=clock, history_seconds=self.telemetry.windows.horizon)
         self.incidents = IncidentLog(store)
         self.guardian = Guardian(

@@ -6,11 +6,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from gateway.feedback import FeedbackIds, FeedbackJoin, Join
 from gateway.pb.gateway.v1 import inference_pb2 as gw
+from gateway.telemetry.setup import TelemetrySettings, build_telemetry
 from gateway.telemetry.windows import SeriesKey, WindowStore
 from tests.helpers import running_gateway
+from tests.test_telemetry import points
 from tests.test_windows import FakeClock
 
 KEY = b"k" * 32
@@ -64,9 +67,14 @@ def test_forged_and_late_ids_are_counted_and_never_counted_as_outcomes() -> None
 
 
 def test_feedback_sent_to_another_gateway_process_counts_for_the_version_that_served() -> None:
+    reader = InMemoryMetricReader()
+    runtime = build_telemetry(TelemetrySettings(metric_readers=[reader]))
     with tempfile.TemporaryDirectory() as scratch:
         store = Path(scratch) / "shared.db"
-        with running_gateway(store_path=store) as a, running_gateway(store_path=store) as b:
+        with (
+            running_gateway(store_path=store) as a,
+            running_gateway(store_path=store, telemetry=runtime.telemetry) as b,
+        ):
             served = a.predict(routing_key="user-1")
             assert served.feedback_id
             answer = b.predict_stub.Feedback(
@@ -81,9 +89,12 @@ def test_feedback_sent_to_another_gateway_process_counts_for_the_version_that_se
             refused = b.predict_stub.Feedback(gw.FeedbackRequest(feedback_id=forged, outcome=1.0), timeout=10)
             assert (refused.joined, refused.result) == (False, gw.FEEDBACK_RESULT_FORGED)
             assert b.gateway.feedback.counts[Join.FORGED] == 1
+            counted = {p.attributes["result"]: p.value for p in points(reader, "gateway.feedback")}
+            assert counted == {"joined": 1, "forged": 1}
             # The old way still joins on the process that served it.
             local = a.predict_stub.Feedback(gw.FeedbackRequest(request_id=served.request_id, outcome=0.0), timeout=10)
             assert local.result == gw.FEEDBACK_RESULT_JOINED
+    runtime.shutdown()
 
 
 @pytest.mark.parametrize("outcome", [float("nan"), float("inf")])

@@ -16,7 +16,9 @@ Instruments (Prometheus names in brackets):
 - `gateway.input.rows` and `gateway.input.nulls` (by feature) counters, for null rates
   [`gateway_input_rows_total`, `gateway_input_nulls_total`];
 - the release guardrails' instruments (timeouts, feedback values, what the guardian saw,
-  process memory): `gateway/telemetry/guardrail_metrics.py`.
+  process memory): `gateway/telemetry/guardrail_metrics.py`;
+- `gateway.feedback` counter of outcomes by result: joined, unknown, late, forged
+  [`gateway_feedback_total`].
 
 The request count and error counters are observed from the gateway's own cumulative counts
 at collection time, so the hot path makes one instrument call (the histogram).
@@ -165,6 +167,11 @@ class Telemetry:
         guardrail_metrics.register(
             meter, self.windows, self.gauges, self.memory, lambda e, v: self._arms.get((e, v), v)
         )
+        self._feedback = meter.create_counter(
+            "gateway.feedback",
+            unit="{outcome}",
+            description="Outcomes sent with Feedback, by result (joined, unknown, late, forged)",
+        )
         self._load_duration = meter.create_histogram(
             "gateway.model.load.duration",
             unit="s",
@@ -249,6 +256,11 @@ class Telemetry:
                 self._admin_changes.add(1, {"endpoint": name, "action": action, "trigger": trigger})
                 if action == "rollback":
                     self._rollbacks.add(1, {"endpoint": name, "trigger": trigger})
+
+    def feedback_counted(self, result: str) -> None:
+        """An outcome arrived and was joined, or counted as unknown, late or forged."""
+        if self.meter_provider is not None:
+            self._feedback.add(1, {"result": result})
 
     # --- observation callbacks --------------------------------------------------------------
 
