@@ -123,3 +123,34 @@ def test_reset_starts_a_new_term_from_the_whole_history() -> None:
     assert new is windows.merged and new is not old
     windows.refresh(fleet.members)
     assert new.window(STABLE).stats(60).requests == 1
+
+
+def test_a_member_listed_again_after_a_gap_is_not_counted_twice() -> None:
+    clock = FakeClock()
+    fleet = Processes(2, clock)
+    windows = FleetWindows(fleet.stores["p0"], "p0", fleet.pull)
+    rng = random.Random(9)
+    for step in range(120):
+        fleet.traffic(rng)
+        # p1 drops off the members list for a while (its lease renewed late), then is back.
+        windows.refresh(fleet.members if not 40 <= step < 60 else fleet.members[:1])
+        clock.advance(1)
+    windows.refresh(fleet.members)
+    parts = [store.window(STABLE).stats(300) for store in fleet.stores.values()]
+    assert_same(windows.merged.window(STABLE).stats(300), parts)
+
+
+def test_a_member_first_seen_mid_term_brings_its_whole_history_in_one_pass() -> None:
+    clock = FakeClock()
+    fleet = Processes(2, clock)
+    windows = FleetWindows(fleet.stores["p0"], "p0", fleet.pull)
+    rng = random.Random(4)
+    for _ in range(250):
+        fleet.traffic(rng)
+        windows.refresh(fleet.members[:1])  # p1 cannot be listed yet (say, it has no address)
+        clock.advance(1)
+    refresh = windows.refresh(fleet.members)
+    assert refresh.seconds > 200  # its backlog, merged behind the seconds already held
+    for seconds in (10, 100, 300):
+        parts = [store.window(CANARY).stats(seconds) for store in fleet.stores.values()]
+        assert_same(windows.merged.window(CANARY).stats(seconds), parts)

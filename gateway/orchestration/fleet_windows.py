@@ -52,6 +52,8 @@ class _Cursor:
 
     since: int = 0
     counting: dict[SeriesKey, tuple[int, Counts]] = field(default_factory=dict)
+    #: When the member was last listed (the leader's clock).
+    seen: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -119,12 +121,14 @@ class FleetWindows:
             cursor.since = pulled.now
         merged = 0
         for key, seconds in batch.items():
-            window = self.merged.window(key)
-            for second, counts in sorted(seconds, key=lambda item: item[0]):
-                window.merge(second, counts)
-                merged += 1
-        live = {m.id for m, _ in asks}
-        self._cursors = {member: cursor for member, cursor in self._cursors.items() if member in live}
+            self.merged.window(key).merge(sorted(seconds, key=lambda item: item[0]))
+            merged += len(seconds)
+        # A member missing from the list keeps its cursor for the horizon: were it listed again (a
+        # lease renewed late), it must not be pulled from the start and counted twice.
+        now = self._local.clock()
+        for member, _ in asks:
+            self._cursors.setdefault(member.id, _Cursor()).seen = now
+        self._cursors = {m: c for m, c in self._cursors.items() if now - c.seen <= self._local.horizon}
         return Refresh(len(asks), answered, size, merged, time.process_time() - started)
 
 
