@@ -12,8 +12,10 @@ non-zero fields, histograms as vectors) and adds them into its own windows
   meanwhile arrives then. One that left (its lease ran out) keeps what it had contributed.
 - A new leader starts with empty windows and asks every member for everything it keeps (the
   horizon), so the rules see the same history as before, minus what only a dead process knew.
-- Seconds are merged in time order across members within a tick, so each merge touches at
-  most the few seconds after it (catching up after a takeover costs one pass, not one per member).
+- A tick's seconds from every member are merged into each series in one pass in time order,
+  however many there are (catching up after a takeover, or a member's backlog, costs one pass).
+- A member missing from the list keeps its place for the horizon, so a lease renewed late
+  never makes the leader pull (and count) its history twice.
 """
 
 from __future__ import annotations
