@@ -204,9 +204,10 @@ def _trials(servers: list, trials: int) -> list[float]:  # type: ignore[type-arg
             endpoint="ctr-ranker", rules=["error_rate > 20% for 5s min 20"], reason="bench"))  # fmt: skip
         for _ in range(trials):
             call("SetFault", admin_pb.SetFaultRequest(endpoint="ctr-ranker", version="1.13", clear=True, reason="b"))
+            time.sleep(7)  # the 5 s window forgets the last trial's errors before the canary takes traffic again
             call("SetTraffic", admin_pb.SetTrafficRequest(
                 endpoint="ctr-ranker", weights={"1.12": 50, "1.13": 50}, reason="bench"))  # fmt: skip
-            time.sleep(7)  # the 5 s window forgets the last trial's errors
+            time.sleep(2)
             fault = call("SetFault", admin_pb.SetFaultRequest(
                 endpoint="ctr-ranker", version="1.13", error_rate=1.0, reason="bench"))  # fmt: skip
             seconds.append(_until_every_process_serves_after(predicts, fault.revision))
