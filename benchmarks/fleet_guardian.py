@@ -23,6 +23,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -93,7 +94,7 @@ def _leader(count: int) -> dict[str, float]:
     leader_windows = WindowStore(HORIZON, clock=clock)
     by_id = {p.member.id: p for p in processes}
 
-    def puller(asks: list[tuple[Member, int]]) -> list[Pulled | None]:
+    def puller(asks: Sequence[tuple[Member, int]]) -> list[Pulled | None]:
         return [pulled(fleet_pb.WindowCounts.FromString(by_id[m.id].answer(since))) for m, since in asks]
 
     def evaluate_all(windows: WindowStore) -> None:
@@ -136,7 +137,7 @@ def _leader(count: int) -> dict[str, float]:
 
 
 def _breach_to_rollback(trials: int) -> list[float]:
-    from tests.etcd_server import EtcdServer
+    from testkit.etcd import EtcdServer
 
     with tempfile.TemporaryDirectory(prefix="bench-breach-") as scratch:
         etcd = EtcdServer(Path(scratch) / "etcd").start()
@@ -196,7 +197,8 @@ def _trials(servers: list, trials: int) -> list[float]:  # type: ignore[type-arg
     predicts = [gw_grpc.InferenceStub(grpc.insecure_channel(s.target)).Predict for s in servers]
 
     def call(method: str, message: object) -> admin_pb.ChangeResponse:
-        return getattr(admin, method)(message, metadata=ADMIN_METADATA, timeout=30)
+        response: admin_pb.ChangeResponse = getattr(admin, method)(message, metadata=ADMIN_METADATA, timeout=30)
+        return response
 
     seconds = []
     with _Load(predicts):

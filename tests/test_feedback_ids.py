@@ -8,19 +8,19 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from gateway.clock import SimClock
 from gateway.feedback import FeedbackIds, FeedbackJoin, Join
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.telemetry.setup import TelemetrySettings, build_telemetry
 from gateway.telemetry.windows import SeriesKey, WindowStore
-from tests.helpers import running_gateway
+from testkit.gateways import running_gateway
 from tests.test_telemetry import points
-from tests.test_windows import FakeClock
 
 KEY = b"k" * 32
 CANARY = SeriesKey("ctr-ranker", "1.13")
 
 
-def _joins(clock: FakeClock) -> tuple[FeedbackJoin, FeedbackJoin]:
+def _joins(clock: SimClock) -> tuple[FeedbackJoin, FeedbackJoin]:
     """Two processes' feedback joins: own windows, one fleet key."""
     serving, other = (
         FeedbackJoin(WindowStore(600, clock=clock), clock=clock),
@@ -32,13 +32,13 @@ def _joins(clock: FakeClock) -> tuple[FeedbackJoin, FeedbackJoin]:
 
 
 def test_an_id_says_what_served_the_request_and_counts_on_another_process() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     serving, other = _joins(clock)
     feedback_id = serving.feedback_id(CANARY, "canary")
     assert feedback_id.startswith("f1.") and len(feedback_id) < 100
     assert serving.feedback_id(CANARY, "canary") != feedback_id  # one per request
     clock.advance(600)
-    result = other.feedback("", 1.0, feedback_id)
+    result = other.feedback("", 1.0, feedback_id=feedback_id)
     assert (result.joined, result.result, result.endpoint, result.version, result.arm) == (
         True, Join.JOINED, "ctr-ranker", "1.13", "canary",
     )  # fmt: skip
@@ -49,7 +49,7 @@ def test_an_id_says_what_served_the_request_and_counts_on_another_process() -> N
 
 
 def test_forged_and_late_ids_are_counted_and_never_counted_as_outcomes() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     serving, other = _joins(clock)
     genuine = serving.feedback_id(CANARY, "canary")
     body = genuine[3:]
@@ -57,9 +57,9 @@ def test_forged_and_late_ids_are_counted_and_never_counted_as_outcomes() -> None
     stranger = FeedbackJoin(WindowStore(600, clock=clock), clock=clock)
     stranger.sign_with(b"another gateway's key 0123456789")
     for forged in (flipped, stranger.feedback_id(CANARY, "canary"), "f1.not-base64!", "f1.", "made-up"):
-        assert other.feedback("", 1.0, forged).result is Join.FORGED
+        assert other.feedback("", 1.0, feedback_id=forged).result is Join.FORGED
     clock.advance(3601)
-    late = other.feedback("", 1.0, genuine)
+    late = other.feedback("", 1.0, feedback_id=genuine)
     assert (late.joined, late.result) == (False, Join.LATE)
     assert other.counts == {Join.JOINED: 0, Join.UNKNOWN: 0, Join.LATE: 1, Join.FORGED: 5}
     assert other._windows.window(CANARY).outcome_totals() == (0, 0.0)
@@ -99,9 +99,9 @@ def test_feedback_sent_to_another_gateway_process_counts_for_the_version_that_se
 
 @pytest.mark.parametrize("outcome", [float("nan"), float("inf")])
 def test_an_outcome_must_be_finite(outcome: float) -> None:
-    clock = FakeClock()
+    clock = SimClock()
     serving, _ = _joins(clock)
     from gateway.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="finite"):
-        serving.feedback("", outcome, serving.feedback_id(CANARY, "canary"))
+        serving.feedback("", outcome, feedback_id=serving.feedback_id(CANARY, "canary"))

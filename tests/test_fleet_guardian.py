@@ -22,9 +22,9 @@ from gateway.pb.gateway.v1 import admin_pb2 as admin_pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
-from tests.etcd_server import EtcdServer
-from tests.fleet import Member, start_members, wait_until
-from tests.helpers import GatewayProcess, bearer, predict_request
+from testkit.etcd import EtcdServer
+from testkit.fleet import Member, start_members, wait_until
+from testkit.gateways import GatewayProcess, bearer, predict_request
 
 pytestmark = pytest.mark.slow
 FAST = ("--guardian-tick", "0.2", "--fleet-lease", "3")
@@ -61,14 +61,18 @@ def guardian_rollbacks(member: Member) -> list[admin_pb.AuditEntry]:
 
 
 def incidents(member: Member) -> admin_pb.ListIncidentsResponse:
-    return admin(member, "ListIncidents", admin_pb.ListIncidentsRequest(endpoint="ctr-ranker", limit=50))
+    listed: admin_pb.ListIncidentsResponse = admin(
+        member, "ListIncidents", admin_pb.ListIncidentsRequest(endpoint="ctr-ranker", limit=50)
+    )
+    return listed
 
 
 def predict(member: Member, key: str) -> gw.PredictResponse | None:
     try:
-        return member.predict_stub.Predict(predict_request(routing_key=key), timeout=10)
+        response: gw.PredictResponse = member.predict_stub.Predict(predict_request(routing_key=key), timeout=10)
     except grpc.RpcError:  # an injected fault
         return None
+    return response
 
 
 class Traffic:
@@ -128,7 +132,8 @@ def test_a_fault_every_replica_sees_makes_one_rollback_one_incident_and_one_answ
 
         def report(member: Member) -> admin_pb.ShadowReport:
             request = admin_pb.GetShadowReportRequest(endpoint="ctr-ranker", window_seconds=3600)
-            return admin(member, "GetShadowReport", request)
+            shadow_report: admin_pb.ShadowReport = admin(member, "GetShadowReport", request)
+            return shadow_report
 
         # 60 copies, plus the probes that checked each process serves the shadow's revision.
         assert wait_until(lambda: report(members[0]).compared >= 60, timeout=30)
@@ -170,7 +175,9 @@ def test_a_ctr_drop_split_over_three_replicas_each_below_the_minimum_is_seen_on_
         assert min(verdict["samples"].values()) >= minimum  # the merged counts
         assert len(guardian_rollbacks(members[1])) == 1
 
-        forged = gw.FeedbackRequest(feedback_id=response.feedback_id[:-6] + "forged", outcome=1.0)
+        genuine = predict(members[0], "one-more")
+        assert genuine is not None
+        forged = gw.FeedbackRequest(feedback_id=genuine.feedback_id[:-6] + "forged", outcome=1.0)
         answer = members[1].predict_stub.Feedback(forged, timeout=10)
         assert (answer.joined, answer.result) == (False, gw.FEEDBACK_RESULT_FORGED)
 
@@ -186,7 +193,10 @@ def test_the_leader_killed_mid_rollout_another_takes_over_and_completes_it(etcd:
             admin(members[0], "StartRollout", start)
 
             def rollout(member: Member) -> admin_pb.RolloutStatus:
-                return admin(member, "GetRollout", admin_pb.RolloutRequest(endpoint="ctr-ranker"))
+                status: admin_pb.RolloutStatus = admin(
+                    member, "GetRollout", admin_pb.RolloutRequest(endpoint="ctr-ranker")
+                )
+                return status
 
             assert wait_until(lambda: rollout(members[0]).step_index >= 1, timeout=60)
             first = leader_of(members)

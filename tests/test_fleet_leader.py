@@ -8,7 +8,7 @@ from gateway.errors import LockLost
 from gateway.orchestration.fleet import Fleet, Member
 from gateway.orchestration.fleet_windows import FleetWindows, GuardianLeadership
 from gateway.telemetry.windows import SeriesKey
-from tests.helpers import RunningGateway, running_gateway
+from testkit.gateways import RunningGateway, running_gateway
 
 CANARY, STABLE = SeriesKey("ctr-ranker", "1.13"), SeriesKey("ctr-ranker", "1.12")
 

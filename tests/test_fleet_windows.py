@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from gateway.clock import SimClock
 from gateway.orchestration.fleet import Member
 from gateway.orchestration.fleet_windows import FleetWindows, Pulled
 from gateway.telemetry.windows import SeriesKey, WindowStats, WindowStore
-from tests.test_windows import FakeClock
 
 CANARY, STABLE = SeriesKey("ctr-ranker", "1.13"), SeriesKey("ctr-ranker", "1.12")
 
@@ -19,7 +19,7 @@ CANARY, STABLE = SeriesKey("ctr-ranker", "1.13"), SeriesKey("ctr-ranker", "1.12"
 class Processes:
     """Simulated processes: each a real WindowStore on one shared fake clock; pulls call their export."""
 
-    def __init__(self, count: int, clock: FakeClock, horizon: int = 300) -> None:
+    def __init__(self, count: int, clock: SimClock, horizon: int = 300) -> None:
         self.clock = clock
         self.stores = {f"p{i}": WindowStore(horizon, clock=clock) for i in range(count)}
         self.members = [Member(name, name, f"127.0.0.1:{i}", 0.0) for i, name in enumerate(self.stores)]
@@ -59,7 +59,7 @@ def assert_same(merged: WindowStats, parts: list[WindowStats]) -> None:
 
 
 def test_merged_windows_are_the_sum_of_every_process_whatever_the_pull_timing() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     fleet = Processes(3, clock)
     windows = FleetWindows(fleet.stores["p0"], "p0", fleet.pull)
     rng = random.Random(7)
@@ -80,7 +80,7 @@ def test_merged_windows_are_the_sum_of_every_process_whatever_the_pull_timing() 
 
 
 def test_a_new_leader_pulls_every_process_history_at_once() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     fleet = Processes(3, clock)
     rng = random.Random(3)
     for _ in range(200):
@@ -99,7 +99,7 @@ def test_a_new_leader_pulls_every_process_history_at_once() -> None:
 
 
 def test_a_process_that_left_keeps_what_it_counted() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     fleet = Processes(2, clock)
     windows = FleetWindows(fleet.stores["p0"], "p0", fleet.pull)
     fleet.stores["p1"].window(CANARY).record(0.01, "INTERNAL")
@@ -112,7 +112,7 @@ def test_a_process_that_left_keeps_what_it_counted() -> None:
 
 
 def test_reset_starts_a_new_term_from_the_whole_history() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     fleet = Processes(2, clock)
     windows = FleetWindows(fleet.stores["p0"], "p0", fleet.pull)
     fleet.stores["p1"].window(STABLE).record(0.01, "OK")
@@ -126,7 +126,7 @@ def test_reset_starts_a_new_term_from_the_whole_history() -> None:
 
 
 def test_a_member_listed_again_after_a_gap_is_not_counted_twice() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     fleet = Processes(2, clock)
     windows = FleetWindows(fleet.stores["p0"], "p0", fleet.pull)
     rng = random.Random(9)
@@ -141,7 +141,7 @@ def test_a_member_listed_again_after_a_gap_is_not_counted_twice() -> None:
 
 
 def test_a_member_first_seen_mid_term_brings_its_whole_history_in_one_pass() -> None:
-    clock = FakeClock()
+    clock = SimClock()
     fleet = Processes(2, clock)
     windows = FleetWindows(fleet.stores["p0"], "p0", fleet.pull)
     rng = random.Random(4)

@@ -10,7 +10,7 @@ import pytest
 from gateway.errors import LockLost
 from gateway.state import AuditDraft, StateStore, fenced, open_store
 from gateway.state.sqlite import SqliteStore
-from tests.fleet import wait_until
+from testkit.fleet import wait_until
 
 
 def draft(before: int = 0) -> AuditDraft:
