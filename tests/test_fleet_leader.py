@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import pytest
 
+from gateway.app import Gateway
+from gateway.clock import SimClock
+from gateway.desired import parse_route_file
 from gateway.errors import LockLost
 from gateway.orchestration.fleet import Fleet, Member
-from gateway.orchestration.fleet_windows import FleetWindows, GuardianLeadership
-from gateway.telemetry.windows import SeriesKey
-from testkit.gateways import RunningGateway, running_gateway
+from gateway.orchestration.fleet_windows import FleetWindows, GuardianLeadership, Pulled
+from gateway.state.sqlite import SqliteStore
+from gateway.telemetry.memory import MemoryWindow
+from gateway.telemetry.metrics import Telemetry
+from gateway.telemetry.windows import SeriesKey, WindowStore
+from testkit.gateways import MODELS, RunningGateway, config_text, running_gateway
 
 CANARY, STABLE = SeriesKey("ctr-ranker", "1.13"), SeriesKey("ctr-ranker", "1.12")
 
@@ -59,3 +68,66 @@ def test_a_leader_that_lost_its_lock_unknowingly_writes_nothing() -> None:
         assert gateway.incidents.list("ctr-ranker") == []
         assert gateway.control.revision == revision
         assert gateway.control.state.endpoint("ctr-ranker").weights["1.13"] == 10
+
+
+class Leak:
+    """A fake resident-memory reader (fault injection): flat, then 1 MB more per read once started."""
+
+    def __init__(self) -> None:
+        self.rss = 400_000_000
+        self.growing = False
+
+    def __call__(self) -> int:
+        if self.growing:
+            self.rss += 1_000_000
+        return self.rss
+
+
+def test_memory_growth_of_a_process_that_does_not_lead_rolls_the_canary_back(tmp_path: Path) -> None:
+    clock = SimClock()
+    config = parse_route_file(config_text(guardrails='["memory_growth > 200MB for 10m"]'), base_dir=MODELS)
+    flat = MemoryWindow(3600, clock=clock, reader=lambda: 300_000_000)
+    telemetry = Telemetry(WindowStore(3600, clock=clock), memory=flat)
+    leader = Gateway(config, SqliteStore(tmp_path / "state.db"), telemetry=telemetry, clock=clock)
+    leader.start()
+    # Another process of the fleet (simulated: its windows and memory, pulled as the wire would carry them).
+    leak = Leak()
+    other_windows, other_memory = WindowStore(3600, clock=clock), MemoryWindow(3600, clock=clock, reader=leak)
+    other = Member("other", "host-b pid 7", "host-b:1", 0.0)
+
+    def puller(asks: Sequence[tuple[Member, int]]) -> list[Pulled | None]:
+        return [Pulled(*other_windows.export(since), 0, other_memory.export(since)) for _, since in asks]
+
+    fleet = _member(Fleet(leader.store, lease_seconds=600), "leader")
+    windows = FleetWindows(leader.telemetry.windows, fleet.member_id, puller)
+    leader.guardian.lead(_WithOther(GuardianLeadership(fleet, windows), other))
+    clock.advance(5)  # 1.13 is seen serving after every version loaded: timing points at it
+    incidents = []
+    for second in range(700):
+        leak.growing = second >= 200
+        other_memory.sample()
+        incidents += leader.guardian.tick().incidents
+        clock.advance(1)
+    (incident,) = incidents
+    assert dict(leader.control.state.endpoint("ctr-ranker").weights) == {"1.12": 100}
+    (verdict,) = incident.verdicts
+    assert verdict["status"] == "breach"
+    assert "the resident memory of process host-b pid 7 grew" in verdict["detail"]
+    assert "attributed to 1.13 by timing only" in verdict["detail"]
+    leader.close()
+
+
+class _WithOther:
+    """The leadership, with one more member listed beside this process (a simulated one)."""
+
+    def __init__(self, leadership: GuardianLeadership, other: Member) -> None:
+        self._leadership = leadership
+        self._other = other
+        real = leadership._fleet.members
+        leadership._fleet.members = lambda: [*real(), other]  # type: ignore[method-assign]
+
+    def term(self):  # type: ignore[no-untyped-def]
+        return self._leadership.term()
+
+    def memory(self):  # type: ignore[no-untyped-def]
+        return self._leadership.memory()

@@ -30,6 +30,7 @@ from gateway.orchestration.fleet_windows import Pulled
 from gateway.pb.gateway.v1 import fleet_pb2 as pb
 from gateway.pb.gateway.v1 import fleet_pb2_grpc as pb_grpc
 from gateway.shadow.stats import DIFF_EDGES, ShadowStats, ShadowSummary
+from gateway.telemetry.memory import MemoryWindow
 from gateway.telemetry.windows import Counts, SeriesKey, WindowStore
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,12 @@ def _dense(sparse: pb.Sparse) -> np.ndarray:
     return vector
 
 
-def window_counts(now: int, series: dict[SeriesKey, list[tuple[int, Counts]]]) -> pb.WindowCounts:
-    """A member's export as the wire carries it (field names once, then indices)."""
+def window_counts(
+    now: int, series: dict[SeriesKey, list[tuple[int, Counts]]], memory: Sequence[tuple[int, int]] = ()
+) -> pb.WindowCounts:
+    """A member's export as the wire carries it (field names once, then indices), with its memory samples."""
     names: dict[str, int] = {}
-    out = pb.WindowCounts(now_second=now)
+    out = pb.WindowCounts(now_second=now, memory=[pb.MemorySample(second=t, bytes=b) for t, b in memory])
     for key, seconds in series.items():
         wire = out.series.add(endpoint=key.endpoint, version=key.version, pinned=key.pinned)
         for second, counts in seconds:
@@ -96,7 +99,8 @@ def pulled(answer: pb.WindowCounts) -> Pulled:
                 else:
                     counts[name] = field.integer
             seconds.append((second.second, counts))
-    return Pulled(answer.now_second, series, answer.ByteSize())
+    memory = [(sample.second, sample.bytes) for sample in answer.memory]
+    return Pulled(answer.now_second, series, answer.ByteSize(), memory)
 
 
 def shadow_summary(summary: ShadowSummary) -> pb.ShadowSummary:
@@ -153,13 +157,15 @@ def from_shadow_summary(endpoint: str, version: str, window: int, wire: pb.Shado
 class FleetServicer(pb_grpc.FleetServicer):
     """Answers the other processes: this process's window counts and shadow summaries."""
 
-    def __init__(self, windows: WindowStore, shadow: ShadowStats) -> None:
+    def __init__(self, windows: WindowStore, shadow: ShadowStats, memory: MemoryWindow) -> None:
         self._windows = windows
         self._shadow = shadow
+        self._memory = memory
 
     def PullWindows(self, request: pb.PullWindowsRequest, context: object) -> pb.WindowCounts:
-        """Window counts of this process from a second on."""
-        return window_counts(*self._windows.export(request.since_second))
+        """Window counts of this process from a second on, and its memory samples."""
+        now, series = self._windows.export(request.since_second)
+        return window_counts(now, series, self._memory.export(request.since_second))
 
     def PullShadowSummary(self, request: pb.PullShadowSummaryRequest, context: object) -> pb.ShadowSummary:
         """A summary of one shadow in this process over a window."""
@@ -216,7 +222,9 @@ async def start_fleet(gateway: Gateway, listen: str, advertise: str = "") -> Fle
     )
     pb_grpc.add_FleetServicer_to_server(
         guard_threaded_servicer(
-            FleetServicer(gateway.telemetry.windows, gateway.shadow.stats), FLEET, _peer_authenticator(key)
+            FleetServicer(gateway.telemetry.windows, gateway.shadow.stats, gateway.telemetry.memory),
+            FLEET,
+            _peer_authenticator(key),
         ),
         server,
     )

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gateway.orchestration.fleet import Fleet, Member
+from gateway.telemetry.memory import MemoryWindow
 from gateway.telemetry.windows import Counts, SeriesKey, WindowStore
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class Pulled:
     series: dict[SeriesKey, list[tuple[int, Counts]]]
     #: Bytes the answer took on the wire (0 for this process's own windows).
     size: int = 0
+    #: Its resident memory, (second, bytes), one sample a second.
+    memory: list[tuple[int, int]] = field(default_factory=list)
 
 
 #: Asks several members at once for their seconds from `since`; None for a member that did not answer.
@@ -78,11 +81,14 @@ class FleetWindows:
         self.puller = puller
         self.merged = WindowStore(local.horizon, clock=local.clock)
         self._cursors: dict[str, _Cursor] = {}
+        #: The other members' resident memory (memory_growth watches every process), by member id.
+        self.memory: dict[str, tuple[str, MemoryWindow]] = {}
 
     def reset(self) -> WindowStore:
         """Start over (a new leadership): empty windows, every member pulled from the start of its history."""
         self.merged = WindowStore(self._local.horizon, clock=self._local.clock)
         self._cursors = {}
+        self.memory = {}
         return self.merged
 
     def _pull(self, asks: list[tuple[Member, int]]) -> list[Pulled | None]:
@@ -111,6 +117,12 @@ class FleetWindows:
             answered += 1
             size += pulled.size
             cursor = self._cursors.setdefault(member.id, _Cursor())
+            if pulled.memory and member.id != self._member_id:
+                _, memory = self.memory.setdefault(
+                    member.id, (member.process, MemoryWindow(self._local.horizon, clock=self._local.clock))
+                )
+                for second, value in pulled.memory:
+                    memory.put(second, value)
             for key, seconds in pulled.series.items():
                 before = cursor.counting.get(key)
                 for second, counts in seconds:
@@ -131,6 +143,7 @@ class FleetWindows:
         for member, _ in asks:
             self._cursors.setdefault(member.id, _Cursor()).seen = now
         self._cursors = {m: c for m, c in self._cursors.items() if now - c.seen <= self._local.horizon}
+        self.memory = {m: held for m, held in self.memory.items() if m in self._cursors}
         return Refresh(len(asks), answered, size, merged, time.process_time() - started)
 
 
@@ -147,6 +160,10 @@ class GuardianLeadership:
         self._leading = False
         #: What the last tick's refresh pulled (benchmarks, status).
         self.last: Refresh | None = None
+
+    def memory(self) -> dict[str, MemoryWindow]:
+        """The other live processes' resident memory, by process name (what the last pull brought)."""
+        return dict(self.windows.memory.values())
 
     @contextmanager
     def term(self) -> Iterator[WindowStore | None]:

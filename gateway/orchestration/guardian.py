@@ -26,7 +26,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -77,6 +77,10 @@ class Leadership(Protocol):
 
         A new term (a new leadership) gives a new WindowStore.
         """
+        ...
+
+    def memory(self) -> Mapping[str, MemoryWindow]:
+        """The other live processes' resident memory, by process name (memory_growth watches every process)."""
         ...
 
 
@@ -230,8 +234,11 @@ class Guardian:
         self._experiments = {}
         self._holding = set()
         if windows is None:
+            self.memory.others = None
             return
         self._windows = windows
+        assert self._leadership is not None
+        self.memory.others = self._leadership.memory
         body = self._control.store.get_record(HOLDING_KIND, HOLDING_KEY)
         if body:
             self._holding = {(str(e), str(c), bool(o)) for e, c, o in json.loads(body)}

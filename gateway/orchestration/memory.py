@@ -7,19 +7,22 @@ the suspect: of the versions other than their endpoint's stable, the one whose l
 event is the most recent (a tie names nobody). Growth is measured over the rule's window but
 only since that event (a model's own load is not growth), from the lowest sample to the
 latest. Every incident says the attribution is by timing, and when each event happened.
+
+With many processes, the guardian leader also reads every other live process's samples
+(`others`, pulled with their window counts) and judges the process that grew the most.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from gateway.desired import DesiredState
 from gateway.errors import GatewayError
 from gateway.registry import ModelRegistry
 from gateway.routing import STABLE
-from gateway.telemetry.memory import MemoryWindow
+from gateway.telemetry.memory import Growth, MemoryWindow
 
 MB = 1_000_000
 
@@ -56,6 +59,15 @@ class MemoryAttribution:
         self._clock = clock
         self._serving_since: dict[tuple[str, str], float] = {}
         self._suspects: list[_Event] = []
+        #: The other processes' memory, by process name (the guardian leader's view of the fleet).
+        self.others: Callable[[], Mapping[str, MemoryWindow]] | None = None
+
+    def _growth(self, seconds: int, since: float = 0.0) -> tuple[str, Growth]:
+        """The largest growth of any process: ("" for this one, or the other's name, its growth)."""
+        grown = [("", self.memory.growth(seconds, since))]
+        if self.others is not None:
+            grown += [(name, window.growth(seconds, since)) for name, window in self.others().items()]
+        return max(grown, key=lambda item: item[1].grown_bytes)
 
     def observe(self, state: DesiredState) -> None:
         """One tick: sample memory; note versions that started or stopped serving; find the suspect."""
@@ -88,17 +100,18 @@ class MemoryAttribution:
     def evidence(self, endpoint: str, candidate: str, seconds: int) -> MemoryEvidence:
         """The growth the candidate would answer for, and whether timing points at it."""
         if not self._suspects:
-            grown = self.memory.growth(seconds)
+            _, grown = self._growth(seconds)
             return MemoryEvidence(grown.grown_bytes / MB, grown.samples, False, "no version to attribute growth to")
         suspect = self._suspects[0]
-        grown = self.memory.growth(seconds, since=suspect.at)
+        process, grown = self._growth(seconds, since=suspect.at)
         values = {
             "lowest_mb": grown.lowest_bytes / MB,
             "latest_mb": grown.latest_bytes / MB,
             "grown_mb": grown.grown_bytes / MB,
         }
+        whose = f"the resident memory of process {process}" if process else "process resident memory"
         said = (
-            f"process resident memory grew {grown.grown_bytes / MB:.0f} MB (from {grown.lowest_bytes / MB:.0f} MB "
+            f"{whose} grew {grown.grown_bytes / MB:.0f} MB (from {grown.lowest_bytes / MB:.0f} MB "
             f"at {_clock_text(grown.lowest_at)} to {grown.latest_bytes / MB:.0f} MB) since "
             f"{suspect.endpoint} {suspect.version} {suspect.what} at {_clock_text(suspect.at)} UTC"
         )

@@ -65,6 +65,22 @@ class MemoryWindow:
             self._bytes[second % self.horizon] = value
         return value
 
+    def export(self, first: int) -> list[tuple[int, int]]:
+        """(second, bytes) of the samples from `first` on, oldest first (what the guardian leader pulls)."""
+        now = int(self._clock())
+        with self._lock:
+            return [
+                (second, self._bytes[second % self.horizon])
+                for second in range(max(first, now - self.horizon + 1), now + 1)
+                if self._seconds[second % self.horizon] == second
+            ]
+
+    def put(self, second: int, value: int) -> None:
+        """Keep a sample another process took (the guardian leader's copy of its memory)."""
+        with self._lock:
+            self._seconds[second % self.horizon] = second
+            self._bytes[second % self.horizon] = value
+
     def latest(self) -> int:
         """The most recent sample (0 before the first)."""
         with self._lock:

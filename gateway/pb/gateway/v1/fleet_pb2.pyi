@@ -172,6 +172,7 @@ class WindowCounts(_message.Message):
     NOW_SECOND_FIELD_NUMBER: _builtins.int
     FIELDS_FIELD_NUMBER: _builtins.int
     SERIES_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
     now_second: _builtins.int
     """This process's current second: still counting, so the next pull asks for it again."""
     @_builtins.property
@@ -182,20 +183,47 @@ class WindowCounts(_message.Message):
 
     @_builtins.property
     def series(self) -> _containers.RepeatedCompositeFieldContainer[Global___SeriesCounts]: ...
+    @_builtins.property
+    def memory(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemorySample]:
+        """This process's resident memory, one sample a second, from `since_second` on (memory_growth)."""
+
     def __init__(
         self,
         *,
         now_second: _builtins.int = ...,
         fields: _abc.Iterable[_builtins.str] | None = ...,
         series: _abc.Iterable[Global___SeriesCounts] | None = ...,
+        memory: _abc.Iterable[Global___MemorySample] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "now_second", b"now_second", "series", b"series"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "memory", b"memory", "now_second", b"now_second", "series", b"series"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WindowCounts: _TypeAlias = WindowCounts  # noqa: Y015
+
+@_typing.final
+class MemorySample(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECOND_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    second: _builtins.int
+    bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        second: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "second", b"second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemorySample: _TypeAlias = MemorySample  # noqa: Y015
 
 @_typing.final
 class PullShadowSummaryRequest(_message.Message):
