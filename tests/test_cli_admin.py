@@ -148,7 +148,10 @@ def test_errors_are_one_line_and_nonzero(served: dict[str, str], args: tuple[str
 def test_bad_token(served: dict[str, str]) -> None:
     result = gateway({**served, "GATEWAY_ADMIN_TOKEN": "wrong-wrong-wrong"}, "admin", "routes")
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: PERMISSION_DENIED: the admin token is not valid"
+    assert result.stderr.strip() == (
+        "error: PERMISSION_DENIED: the admin token is not valid; check --token / $GATEWAY_ADMIN_TOKEN "
+        "against the gateway's GATEWAY_ADMIN_TOKENS or --admin-tokens-file"
+    )
     flag = gateway({**served, "GATEWAY_ADMIN_TOKEN": ""}, "admin", "--token", ONCALL_TOKEN, "routes")
     assert flag.returncode == 0
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -37,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit status of a command whose reader went away (a shell reports SIGPIPE as 128 + 13).
+CLOSED_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gateway` console script."""
     args = build_parser().parse_args(argv)
@@ -44,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level or "INFO", args.log_format or "text")
     try:
         code: int = args.handler(args)
+        sys.stdout.flush()
     except GatewayError as err:  # a bad option found late (an unreadable --tls-ca file): one line, no traceback
         return fail(err.message, 2)
+    except BrokenPipeError:
+        # `gateway ... | head`: the reader has what it wanted. Quietly, as `git log | head` does:
+        # point stdout at /dev/null so the interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return CLOSED_PIPE
     return code

@@ -1,15 +1,14 @@
 """`gateway admin ...`: inspect and change routes through the authenticated Admin API.
 
 Connection options (`--target`, `--token`, env `GATEWAY_ADMIN_TARGET` / `GATEWAY_ADMIN_TOKEN`)
-are shared with the other operator commands (`rollout`, `incidents`, `report`) through
-`AdminClient`.
+are shared with the other operator commands (`rollout`, `incidents`, `report`, `runbook`)
+through `gateway/cli/connection.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,31 +16,11 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from gateway.cli.connect import add_tls_options, open_channel
-from gateway.cli.output import fail, print_json, rpc_failure, table, when
+from gateway.cli.connection import AdminClient, connection_options
+from gateway.cli.output import fail, print_json, rpc_failure, sorted_map, table, when
 from gateway.guardrails.rules import RuleSet
 from gateway.pb.gateway.v1 import admin_pb2 as pb
-from gateway.pb.gateway.v1 import admin_pb2_grpc as pb_grpc
 from gateway.routing import format_traffic
-
-ENV_TARGET = "GATEWAY_ADMIN_TARGET"
-ENV_TOKEN = "GATEWAY_ADMIN_TOKEN"
-DEFAULT_TARGET = "localhost:8002"
-
-
-def connection_options() -> argparse.ArgumentParser:
-    """`--target`, `--token`, `--timeout`, `--json`: accepted before or after the subcommand."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--target",
-        default=argparse.SUPPRESS,
-        help=f"admin HOST:PORT (default ${ENV_TARGET} or {DEFAULT_TARGET})",
-    )
-    common.add_argument("--token", default=argparse.SUPPRESS, help=f"bearer token (default ${ENV_TOKEN})")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds (default 30)")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
-    add_tls_options(common, suppress=True)
-    return common
 
 
 def change_options() -> argparse.ArgumentParser:
@@ -50,26 +29,6 @@ def change_options() -> argparse.ArgumentParser:
     mutating.add_argument("--reason", required=True, help="why (recorded in the audit log)")
     mutating.add_argument("--dry-run", action="store_true", help="validate and show the diff; change nothing")
     return mutating
-
-
-class AdminClient:
-    """An authenticated Admin stub built from the shared connection options."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.target = getattr(args, "target", None) or os.environ.get(ENV_TARGET) or DEFAULT_TARGET
-        token = getattr(args, "token", None) or os.environ.get(ENV_TOKEN, "")
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.timeout = getattr(args, "timeout", 30.0)
-        self.channel = open_channel(self.target, args)
-        self.stub = pb_grpc.AdminStub(self.channel)
-
-    def call(self, method: str, request: Any) -> Any:
-        """Invoke an Admin RPC with the token and timeout."""
-        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
-
-    def close(self) -> None:
-        """Close the channel."""
-        self.channel.close()
 
 
 def _json_value(text: str) -> Any:
@@ -127,12 +86,12 @@ def _print_routes(routes: pb.Routes, as_json: bool) -> None:
         {
             "name": e.name,
             "versions": list(e.versions),
-            "traffic": dict(e.traffic),
-            "labels": dict(e.labels),
+            "traffic": sorted_map(e.traffic),
+            "labels": sorted_map(e.labels),
             "max_batch_size": e.max_batch_size,
             "nan_policy": e.nan_policy,
-            "shadows": dict(e.shadows),
-            "faults": dict(e.faults),
+            "shadows": sorted_map(e.shadows),
+            "faults": sorted_map(e.faults),
             "guardrails": list(e.guardrails),
         }
         for e in routes.endpoints
@@ -183,7 +142,7 @@ def _revisions(client: AdminClient, args: argparse.Namespace) -> None:
                 {
                     "revision": r.revision,
                     "committed_at": r.committed_at,
-                    "traffic": {e.name: dict(e.traffic) for e in r.endpoints},
+                    "traffic": {e.name: sorted_map(e.traffic) for e in r.endpoints},
                 }
                 for r in response.revisions
             ]
@@ -416,10 +375,13 @@ def run(args: argparse.Namespace) -> int:
         elif args.admin_command == "audit":
             _audit(client, args)
     except grpc.RpcError as err:
-        return rpc_failure(err)
+        return rpc_failure(err, client.target)
     finally:
         client.close()
     return 0
+
+
+_ENDPOINT = "the endpoint, e.g. ctr-ranker"
 
 
 def register(commands: Any) -> None:
@@ -436,60 +398,64 @@ def register(commands: Any) -> None:
 
 def _register_reads(sub: Any, common: argparse.ArgumentParser) -> None:
     routes = sub.add_parser("routes", parents=[common], help="show routes (current or an earlier revision)")
-    routes.add_argument("endpoint", nargs="?")
-    routes.add_argument("--revision", type=int, default=0)
+    routes.add_argument("endpoint", nargs="?", help="one endpoint (default: all)")
+    routes.add_argument("--revision", type=int, default=0, help="an earlier route revision (default: the current)")
     revisions = sub.add_parser("revisions", parents=[common], help="route history, newest first")
-    revisions.add_argument("--limit", type=int, default=20)
+    revisions.add_argument("--limit", type=int, default=20, help="how many, newest first (default 20)")
     versions = sub.add_parser("versions", parents=[common], help="loaded versions: state, digest, traffic")
-    versions.add_argument("endpoint", nargs="?")
+    versions.add_argument("endpoint", nargs="?", help="one endpoint (default: all)")
     audit = sub.add_parser("audit", parents=[common], help="the audit log, newest first")
-    audit.add_argument("endpoint", nargs="?")
-    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("endpoint", nargs="?", help="one endpoint (default: all)")
+    audit.add_argument("--limit", type=int, default=50, help="how many entries, newest first (default 50)")
 
 
 def _register_changes(sub: Any, common: argparse.ArgumentParser, mutating: argparse.ArgumentParser) -> None:
     traffic = sub.add_parser("set-traffic", parents=[common, mutating], help="set weights: VERSION=PERCENT ...")
-    traffic.add_argument("endpoint")
-    traffic.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT")
+    traffic.add_argument("endpoint", help=_ENDPOINT)
+    traffic.add_argument(
+        "weights", nargs="+", metavar="VERSION=WEIGHT", help="integer percents summing to 100; others get 0"
+    )
     label = sub.add_parser("label", parents=[common, mutating], help="point a label at a version")
-    label.add_argument("endpoint")
-    label.add_argument("label")
-    label.add_argument("version", nargs="?")
+    label.add_argument("endpoint", help=_ENDPOINT)
+    label.add_argument("label", help="the label: stable, canary, or a name of your own")
+    label.add_argument("version", nargs="?", help="the version it points at (omit with --remove)")
     label.add_argument("--remove", action="store_true", help="delete the label")
     promote = sub.add_parser("promote", parents=[common, mutating], help="the canary becomes stable at 100%%")
-    promote.add_argument("endpoint")
+    promote.add_argument("endpoint", help=_ENDPOINT)
     rollback = sub.add_parser(
         "rollback",
         parents=[common, mutating],
         help="all traffic to stable (or --to VERSION / --to-revision N)",
     )
-    rollback.add_argument("endpoint")
+    rollback.add_argument("endpoint", help=_ENDPOINT)
     target = rollback.add_mutually_exclusive_group()
-    target.add_argument("--to", metavar="VERSION")
-    target.add_argument("--to-revision", type=int, metavar="N")
+    target.add_argument("--to", metavar="VERSION", help="send all traffic to this version instead of stable")
+    target.add_argument(
+        "--to-revision", type=int, metavar="N", help="restore the endpoint's routes as they were at revision N"
+    )
     switch = sub.add_parser("switch", parents=[common, mutating], help="blue-green: 100%% to VERSION in one step")
-    switch.add_argument("endpoint")
-    switch.add_argument("version")
+    switch.add_argument("endpoint", help=_ENDPOINT)
+    switch.add_argument("version", help="the loaded, ready version that takes 100%%")
     load = sub.add_parser("load", parents=[common, mutating], help="load a new version from under the model root")
-    load.add_argument("endpoint")
-    load.add_argument("version")
+    load.add_argument("endpoint", help=_ENDPOINT)
+    load.add_argument("version", help="the new version's name, e.g. 1.15")
     load.add_argument("path", help="model file or version directory, relative to the model root")
-    load.add_argument("--sha256", required=True)
+    load.add_argument("--sha256", required=True, help="the model file's sha256; a file that differs is refused")
     unload = sub.add_parser("unload", parents=[common, mutating], help="unload a version that takes no traffic")
-    unload.add_argument("endpoint")
-    unload.add_argument("version")
+    unload.add_argument("endpoint", help=_ENDPOINT)
+    unload.add_argument("version", help="a version without traffic or labels")
     shadow = sub.add_parser(
         "shadow", parents=[common, mutating], help="mirror a share of live requests to a version (or --off)"
     )
-    shadow.add_argument("endpoint")
-    shadow.add_argument("version")
+    shadow.add_argument("endpoint", help=_ENDPOINT)
+    shadow.add_argument("version", help="the version that gets the mirrored copies")
     amount = shadow.add_mutually_exclusive_group()
     amount.add_argument("--percent", type=int, help="percent of live requests mirrored, 1..100")
     amount.add_argument("--off", action="store_true", help="stop mirroring")
     guardrails = sub.add_parser(
         "guardrails", parents=[common, mutating], help="set an endpoint's guardrail rules (or --clear)"
     )
-    guardrails.add_argument("endpoint")
+    guardrails.add_argument("endpoint", help=_ENDPOINT)
     guardrails.add_argument(
         "--guardrail", action="append", default=[], metavar="EXPR", help="e.g. 'error_rate > 2%% for 5m' (repeat)"
     )
@@ -497,10 +463,10 @@ def _register_changes(sub: Any, common: argparse.ArgumentParser, mutating: argpa
     guardrails.add_argument("--observe-only", action="store_true", help="record what would fire; never act")
     guardrails.add_argument("--clear", action="store_true", help="remove the guardrails")
     fault = sub.add_parser("fault", parents=[common, mutating], help="inject errors/latency on a version (drills)")
-    fault.add_argument("endpoint")
-    fault.add_argument("version")
+    fault.add_argument("endpoint", help=_ENDPOINT)
+    fault.add_argument("version", help="the version the fault applies to")
     fault.add_argument("--error-rate", type=float, default=0.0, help="share of requests failing, 0..1")
     fault.add_argument("--latency-ms", type=float, default=0.0, help="added latency per request")
     fault.add_argument("--clear", action="store_true", help="remove the fault")
     apply = sub.add_parser("apply", parents=[common, mutating], help="apply a whole route file")
-    apply.add_argument("-f", "--file", required=True)
+    apply.add_argument("-f", "--file", required=True, help="the route file (YAML) to make true")

@@ -1,4 +1,8 @@
-"""`gateway batch ...`: score a table, validate, publish behind a read pointer, freeze, roll back."""
+"""`gateway batch ...`: score a table, validate, publish behind a read pointer, freeze, roll back.
+
+The batch machinery (pyarrow, onnxruntime) is imported when a batch command runs, not when
+`gateway` starts: every other command stays quick to start.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.batch.gates import Gate, Run
-from gateway.batch.pointer import BatchPointers
-from gateway.batch.score import ScoreRequest, score
-from gateway.cli.output import fail, print_json, table, when
-from gateway.config import BatchGatesConfig, load_config
-from gateway.desired import DesiredState
+from gateway.cli.output import fail, print_json, shown, table, when
 from gateway.errors import GatewayError
-from gateway.repository import Artifact, ModelRepository
-from gateway.state import DEFAULT_STORE_URL, StateStore, open_store
+from gateway.state import DEFAULT_STORE_URL
+
+if TYPE_CHECKING:
+    from gateway.batch.gates import Gate
+    from gateway.batch.pointer import BatchPointers
+    from gateway.config import BatchGatesConfig
+    from gateway.repository import Artifact, ModelRepository
+    from gateway.state import StateStore
 
 DEFAULT_CONFIG = "models/gateway.yaml"
 DEFAULT_OUTPUT = "var/batch"
@@ -24,6 +29,8 @@ DEFAULT_OUTPUT = "var/batch"
 
 def _artifact(store: StateStore, repository: ModelRepository, endpoint: str, version: str) -> Artifact:
     """The version's artifact as the store registered it, else from its manifest under the model root."""
+    from gateway.desired import DesiredState
+
     latest = store.latest()
     if latest is not None:
         state = DesiredState.from_json(latest.document).endpoints.get(endpoint)
@@ -33,6 +40,8 @@ def _artifact(store: StateStore, repository: ModelRepository, endpoint: str, ver
 
 
 def _settings(args: argparse.Namespace, endpoint: str) -> BatchGatesConfig:
+    from gateway.config import BatchGatesConfig, load_config
+
     config = load_config(Path(args.config))
     gates = config.endpoints[endpoint].batch_gates if endpoint in config.endpoints else BatchGatesConfig()
     overrides = {k: v for k, v in (("ks_max", args.ks_max), ("mean_shift_max", args.mean_shift_max)) if v is not None}
@@ -45,6 +54,11 @@ def _print_gates(gates: list[Gate]) -> None:
 
 
 def _score(args: argparse.Namespace, store: StateStore, pointers: BatchPointers) -> int:
+    from gateway.batch.gates import Run
+    from gateway.batch.score import ScoreRequest, score
+    from gateway.config import load_config
+    from gateway.repository import ModelRepository
+
     config = load_config(Path(args.config))
     repository = ModelRepository(config.model_root)
     request = ScoreRequest(
@@ -71,7 +85,7 @@ def _score(args: argparse.Namespace, store: StateStore, pointers: BatchPointers)
             f"run {result.run_id}: {result.rows:,} rows in {result.seconds:.1f} s ({rate:,.0f} rows/s) -> {result.path}"
         )
         summary = result.manifest["score_summary"]
-        print(f"  scores: mean {summary.get('mean', float('nan')):.4g}, p50 {summary.get('p50', float('nan')):.4g}")
+        print(f"  scores: mean {shown(summary.get('mean'), '.4g')}, p50 {shown(summary.get('p50'), '.4g')}")
     return 0
 
 
@@ -95,21 +109,27 @@ def _gates(args: argparse.Namespace, pointers: BatchPointers, *, publish: bool) 
 
 def _pointer(args: argparse.Namespace, pointers: BatchPointers) -> int:
     command = args.batch_command
+    before = pointers.current(args.endpoint)
     if command == "current":
-        pointer = pointers.current(args.endpoint)
+        pointer = before
     elif command == "unfreeze":
         pointer = pointers.unfreeze(args.actor, args.endpoint, reason=args.reason)
+    elif command == "freeze":
+        pointer = pointers.freeze(args.actor, args.endpoint, to=args.to or "", reason=args.reason)
     else:
-        pointer = pointers.rollback(
-            args.actor, args.endpoint, to=getattr(args, "to", "") or "", reason=args.reason, freeze=command == "freeze"
-        )
+        pointer = pointers.rollback(args.actor, args.endpoint, to=args.to or "", reason=args.reason)
     body = {"endpoint": pointer.endpoint, "run_id": pointer.run_id, "path": str(pointer.path), "frozen": pointer.frozen,
-            "at": pointer.at, "by": pointer.by, "reason": pointer.reason}  # fmt: skip
+            "previous_run_id": before.run_id, "at": pointer.at, "by": pointer.by, "reason": pointer.reason}  # fmt: skip
     if args.json:
         print_json(body)
+        return 0
+    state = "frozen: publishing refused until unfreeze" if pointer.frozen else "publishing allowed"
+    if command == "current":
+        print(f"{pointer.endpoint} reads {pointer.run_id} ({state}) at {pointer.path}")
+    elif before.run_id != pointer.run_id:
+        print(f"{pointer.endpoint}: consumers moved from {before.run_id} to {pointer.run_id} ({state})")
     else:
-        state = " (frozen)" if pointer.frozen else ""
-        print(f"{pointer.endpoint}: {pointer.run_id}{state} -> {pointer.path}")
+        print(f"{pointer.endpoint}: consumers stay on {pointer.run_id} ({state})")
     return 0
 
 
@@ -136,6 +156,9 @@ def _history(args: argparse.Namespace, pointers: BatchPointers) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch a batch subcommand."""
+    from gateway.batch.pointer import BatchPointers
+    from gateway.state import open_store
+
     try:
         store = open_store(args.store)
     except GatewayError as err:
@@ -156,6 +179,10 @@ def run(args: argparse.Namespace) -> int:
         store.close()
 
 
+_ENDPOINT = "the endpoint, e.g. ctr-ranker"
+_REASON = "why (recorded in the audit log)"
+
+
 def register(commands: Any) -> None:
     """Add `gateway batch` and its subcommands."""
     common = argparse.ArgumentParser(add_help=False)
@@ -163,14 +190,14 @@ def register(commands: Any) -> None:
     common.add_argument("--config", default=DEFAULT_CONFIG, help="route file: model root and per-endpoint batch_gates")
     common.add_argument("--output-root", default=DEFAULT_OUTPUT, help=f"where runs live (default {DEFAULT_OUTPUT})")
     common.add_argument("--actor", default="batch", help="who this is, for the audit log (default batch)")
-    common.add_argument("--json", action="store_true")
+    common.add_argument("--json", action="store_true", help="print strict JSON instead of text")
     batch = commands.add_parser("batch", help="batch predictions behind a read pointer")
     batch.set_defaults(handler=run)
     sub = batch.add_subparsers(dest="batch_command", required=True, metavar="BATCH_COMMAND")
 
     scorer = sub.add_parser("score", parents=[common], help="score a Parquet or CSV table into a new run")
-    scorer.add_argument("endpoint")
-    scorer.add_argument("--version", required=True)
+    scorer.add_argument("endpoint", help=_ENDPOINT)
+    scorer.add_argument("--version", required=True, help="the model version that scores")
     scorer.add_argument("--input", required=True, help=".parquet or .csv")
     scorer.add_argument("--run-id", help="default: the UTC time")
     scorer.add_argument("--columns", help="comma-separated feature columns, in the model's order")
@@ -180,25 +207,32 @@ def register(commands: Any) -> None:
     for name, text in (("validate", "run the gates; non-zero exit on a failure"),
                        ("publish", "run the gates and, if all pass, move the read pointer")):  # fmt: skip
         command = sub.add_parser(name, parents=[common], help=text)
-        command.add_argument("endpoint")
+        command.add_argument("endpoint", help=_ENDPOINT)
         command.add_argument("run", help="a run id or a run directory")
         command.add_argument("--ks-max", type=float, help="override the KS gate")
-        command.add_argument("--mean-shift-max", type=float, help="override the mean-shift gate")
+        command.add_argument(
+            "--mean-shift-max", type=float, help="override the mean-shift gate (a share of the published mean)"
+        )
         if name == "publish":
             command.add_argument("--force", action="store_true", help="publish despite failed gates (needs --reason)")
-            command.add_argument("--reason", default="")
+            command.add_argument("--reason", default="", help="why (recorded in the audit log; required with --force)")
 
     current = sub.add_parser("current", parents=[common], help="the published run and its path")
-    current.add_argument("endpoint")
-    freeze = sub.add_parser("freeze", parents=[common], help="repoint to the last known-good run and stop publishing")
-    freeze.add_argument("endpoint")
-    freeze.add_argument("--reason", required=True)
+    current.add_argument("endpoint", help=_ENDPOINT)
+    freeze = sub.add_parser(
+        "freeze", parents=[common], help="stop publishing; consumers stay on (or go back to) a known-good run"
+    )
+    freeze.add_argument("endpoint", help=_ENDPOINT)
+    freeze.add_argument("--to", metavar="RUN", help="the run consumers read while frozen (default: a known-good one)")
+    freeze.add_argument("--reason", required=True, help=_REASON)
     unfreeze = sub.add_parser("unfreeze", parents=[common], help="allow publishing again")
-    unfreeze.add_argument("endpoint")
-    unfreeze.add_argument("--reason", required=True)
-    rollback = sub.add_parser("rollback", parents=[common], help="repoint to the last known-good run (or --to RUN)")
-    rollback.add_argument("endpoint")
-    rollback.add_argument("--to", help="a run id")
-    rollback.add_argument("--reason", required=True)
+    unfreeze.add_argument("endpoint", help=_ENDPOINT)
+    unfreeze.add_argument("--reason", required=True, help=_REASON)
+    rollback = sub.add_parser(
+        "rollback", parents=[common], help="repoint to the last known-good run (or --to RUN); a freeze stays"
+    )
+    rollback.add_argument("endpoint", help=_ENDPOINT)
+    rollback.add_argument("--to", metavar="RUN", help="the run to go back to (default: the last known-good one)")
+    rollback.add_argument("--reason", required=True, help=_REASON)
     history = sub.add_parser("history", parents=[common], help="runs, their gates, and who published what")
-    history.add_argument("endpoint")
+    history.add_argument("endpoint", help=_ENDPOINT)

@@ -41,6 +41,6 @@ def register(commands: Any) -> None:
     )
     gameday.add_argument("--rate", type=int, default=40, help="simulated requests per simulated second")
     gameday.add_argument("--click-boost", type=float, default=4.0, help="click probability = boost x served score")
-    gameday.add_argument("--seed", type=int, default=7)
+    gameday.add_argument("--seed", type=int, default=7, help="random seed: the same seed plays the same day")
     gameday.add_argument("--no-notes", dest="notes", action="store_false", help="skip the incident notes")
     gameday.set_defaults(handler=run)

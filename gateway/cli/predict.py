@@ -11,10 +11,9 @@ import grpc
 import numpy as np
 
 from gateway.cli.connect import add_tls_options, open_channel
+from gateway.cli.connection import DEFAULT_TARGET, ENV_TARGET, inference_target
 from gateway.cli.output import fail, print_json, rpc_failure
 from gateway.errors import GatewayError
-
-DEFAULT_TARGET = "localhost:8001"
 
 
 def register(commands: Any) -> None:
@@ -25,10 +24,15 @@ def register(commands: Any) -> None:
         "--features", required=True, help="JSON row, list of rows, or {input: values}; @FILE reads a file"
     )
     predict.add_argument("--routing-key", help="sticky routing key (a user id)")
-    predict.add_argument("--request-id")
-    predict.add_argument("--target", default=DEFAULT_TARGET)
-    predict.add_argument("--timeout", type=float, default=10.0)
-    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.add_argument("--request-id", help="your id for the request, echoed back (default: generated)")
+    predict.add_argument(
+        "--target",
+        default=argparse.SUPPRESS,
+        metavar="HOST:PORT",
+        help=f"the gateway's inference address (default ${ENV_TARGET}, else {DEFAULT_TARGET})",
+    )
+    predict.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="deadline (default 10)")
+    predict.add_argument("--json", action="store_true", help="print strict JSON instead of text")
     add_tls_options(predict)
     predict.set_defaults(handler=run)
 
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, json.JSONDecodeError) as err:
         return fail(f"--features: {err}")
     endpoint = args.endpoint.split("@", 1)[0].split(":", 1)[0]
-    with open_channel(args.target, args) as channel:
+    target = inference_target(args)
+    with open_channel(target, args) as channel:
         try:
             metadata = oip_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
                 oip.ModelMetadataRequest(name=endpoint), timeout=args.timeout
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                 request.inputs.append(tensor(name, array))
             response = gw_grpc.InferenceStub(channel).Predict(request, timeout=args.timeout)
         except grpc.RpcError as err:
-            return rpc_failure(err)
+            return rpc_failure(err, target)
         except (ValueError, TypeError) as err:
             return fail(f"--features: {err}")
         except GatewayError as err:
@@ -92,11 +97,13 @@ def run(args: argparse.Namespace) -> int:
                 "arm": response.arm,
                 "route_revision": response.route_revision,
                 "feedback_id": response.feedback_id,
+                "trace_id": response.trace_id or None,
                 "outputs": outputs,
             }
         )
     else:
-        print(f"{response.model} {response.version} (arm: {response.arm}, request id: {response.request_id})")
+        traced = f", trace id: {response.trace_id}" if response.trace_id else ""
+        print(f"{response.model} {response.version} (arm: {response.arm}, request id: {response.request_id}{traced})")
         for name, value in outputs.items():
             print(f"  {name}: {value}")
     return 0

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from gateway.cli.admin import AdminClient, connection_options
-from gateway.cli.output import fail, print_json, rpc_failure, table
+from gateway.cli.connection import AdminClient, connection_options
+from gateway.cli.output import MISSING, fail, print_json, rpc_failure, shown, sorted_map, table
 from gateway.cli.report_html import render
 from gateway.errors import InvalidInput
 from gateway.guardrails.rules import parse_duration
@@ -32,7 +31,7 @@ def report_dict(report: pb.ShadowReport) -> dict[str, Any]:
         "compared": report.compared,
         "dropped": report.dropped,
         "shadow_errors": sum(report.errors.values()),
-        "errors": dict(report.errors),
+        "errors": sorted_map(report.errors),
         "decisions": report.decisions,
         "agree": report.agree,
         "agreement_rate": report.agreement_rate,
@@ -46,19 +45,19 @@ def report_dict(report: pb.ShadowReport) -> dict[str, Any]:
     }
 
 
-def _pct(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value * 100:.2f}%"
+def _pct(value: float | None) -> str:
+    return MISSING if value is None or shown(value) == MISSING else f"{value * 100:.2f}%"
 
 
-def _ms(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.3f}"
+def _ms(value: float | None) -> str:
+    return shown(value, ".3f")
 
 
 def _print(body: dict[str, Any]) -> None:
     low, high = body["agreement_ci"]
     print(
         f"shadow {body['endpoint']} {body['shadow_version']} ({body['percent']}% mirrored), "
-        f"last {body['window_seconds']} s, primaries {', '.join(body['primary_versions']) or '-'}"
+        f"last {body['window_seconds']} s, primaries {', '.join(body['primary_versions']) or MISSING}"
     )
     print(
         f"  copies: mirrored {body['mirrored']}, compared {body['compared']}, dropped {body['dropped']}, "
@@ -71,8 +70,8 @@ def _print(body: dict[str, Any]) -> None:
     )
     diff = body["diff"]
     print(
-        f"  largest |diff| per request: p50 {diff['p50']:.3g}  p95 {diff['p95']:.3g}  "
-        f"p99 {diff['p99']:.3g}  max {diff['max']:.3g}"
+        f"  largest |diff| per request: p50 {shown(diff['p50'], '.3g')}  p95 {shown(diff['p95'], '.3g')}  "
+        f"p99 {shown(diff['p99'], '.3g')}  max {shown(diff['max'], '.3g')}"
     )
     rows = [[q, _ms(body["primary_latency_ms"][q]), _ms(body["shadow_latency_ms"][q])] for q in ("p50", "p95", "p99")]
     print(table(["LATENCY MS", "PRIMARY", "SHADOW"], rows))
@@ -80,7 +79,7 @@ def _print(body: dict[str, Any]) -> None:
         print(
             table(
                 ["MOST DIVERGENT REQUEST", "MAX |DIFF|"],
-                [[d["request_id"], f"{d['max_abs_diff']:.4g}"] for d in body["top_divergent"]],
+                [[d["request_id"], shown(d["max_abs_diff"], ".4g")] for d in body["top_divergent"]],
             )
         )
 
@@ -100,7 +99,7 @@ def run_shadow(args: argparse.Namespace) -> int:
             ),
         )
     except grpc.RpcError as err:
-        return rpc_failure(err)
+        return rpc_failure(err, client.target)
     finally:
         client.close()
     body = report_dict(report)
@@ -121,7 +120,7 @@ def register(commands: Any) -> None:
     report = commands.add_parser("report", parents=[common], help="reports: shadow comparisons")
     kinds = report.add_subparsers(dest="report_kind", required=True, metavar="REPORT")
     shadow = kinds.add_parser("shadow", parents=[common], help="how a shadow version compares with the primary")
-    shadow.add_argument("endpoint")
+    shadow.add_argument("endpoint", help="the endpoint, e.g. ctr-ranker")
     shadow.add_argument("--version", help="the shadow version (default: the endpoint's only shadow)")
     shadow.add_argument("--since", default="1h", help="window: 90s, 15m, 2h, 1d (default 1h)")
     shadow.add_argument("--top", type=int, default=10, help="most divergent requests to list")

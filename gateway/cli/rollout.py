@@ -8,7 +8,8 @@ from typing import Any
 
 import grpc
 
-from gateway.cli.admin import AdminClient, change_options, connection_options
+from gateway.cli.admin import change_options
+from gateway.cli.connection import AdminClient, connection_options
 from gateway.cli.output import fail, print_json, rpc_failure, table, when
 from gateway.errors import InvalidInput
 from gateway.guardrails.rules import parse_duration
@@ -81,7 +82,7 @@ def run_rollout(args: argparse.Namespace) -> int:
             reason = getattr(args, "reason", "") or ""
             status = client.call(method[args.rollout_command], pb.RolloutRequest(endpoint=args.endpoint, reason=reason))
     except grpc.RpcError as err:
-        return rpc_failure(err)
+        return rpc_failure(err, client.target)
     finally:
         client.close()
     body = rollout_dict(status)
@@ -107,7 +108,7 @@ def run_incidents(args: argparse.Namespace) -> int:
             return 0
         response = client.call("ListIncidents", pb.ListIncidentsRequest(endpoint=args.endpoint or "", limit=args.limit))
     except grpc.RpcError as err:
-        return rpc_failure(err)
+        return rpc_failure(err, client.target)
     finally:
         client.close()
     if getattr(args, "json", False):
@@ -134,8 +135,8 @@ def register(commands: Any) -> None:
     rollout.set_defaults(handler=run_rollout)
     sub = rollout.add_subparsers(dest="rollout_command", required=True, metavar="ROLLOUT_COMMAND")
     start = sub.add_parser("start", parents=[common, mutating], help="ramp VERSION step by step")
-    start.add_argument("endpoint")
-    start.add_argument("version")
+    start.add_argument("endpoint", help="the endpoint, e.g. ctr-ranker")
+    start.add_argument("version", help="the loaded version to ramp up")
     start.add_argument("--steps", default="5,25,50,100", help="percent per step (default 5,25,50,100)")
     start.add_argument("--step-duration", default="10m", help="time per step: 90s, 10m, 1h (default 10m)")
     start.add_argument(
@@ -144,11 +145,11 @@ def register(commands: Any) -> None:
     start.add_argument("--at-least", type=int, default=0, help="act when at least K rules breach")
     for name, text in _CONTROLS:
         command = sub.add_parser(name, parents=[common], help=text)
-        command.add_argument("endpoint")
+        command.add_argument("endpoint", help="the endpoint whose rollout this is")
         if name != "status":
             command.add_argument("--reason", required=True, help="why (recorded in the audit log)")
     incidents = commands.add_parser("incidents", parents=[common], help="incidents the guardian recorded")
     incidents.add_argument("endpoint", nargs="?", help="an endpoint, or 'show'")
     incidents.add_argument("id", nargs="?", help="with 'show': the incident id")
-    incidents.add_argument("--limit", type=int, default=50)
+    incidents.add_argument("--limit", type=int, default=50, help="how many, newest first (default 50)")
     incidents.set_defaults(handler=run_incidents)

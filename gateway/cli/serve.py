@@ -8,7 +8,6 @@ import logging
 import signal
 from typing import Any, Literal, get_args, get_origin
 
-from gateway.app import Gateway
 from gateway.auth import ENV_TOKENS, AdminTokens
 from gateway.cli.output import fail
 from gateway.cli.workers import follow_supervisor, supervise
@@ -16,8 +15,6 @@ from gateway.errors import GatewayError
 from gateway.logs import configure_logging
 from gateway.routing import format_traffic
 from gateway.settings import ENV_PREFIX, GatewaySettings, setting_flags
-from gateway.state import open_store
-from gateway.telemetry.setup import TelemetrySettings, build_telemetry
 
 log = logging.getLogger("gateway")
 
@@ -68,9 +65,13 @@ def _dest(dotted: str) -> str:
 
 
 async def _serve(settings: GatewaySettings) -> int:
+    # Imported here, not at the top: every other `gateway` command starts without the serving stack.
+    from gateway.app import Gateway
     from gateway.grpc.fleet import start_fleet
     from gateway.grpc.server import start_admin_server, start_inference_server
     from gateway.grpc.tls import ServerTls
+    from gateway.state import open_store
+    from gateway.telemetry.setup import TelemetrySettings, build_telemetry
 
     tokens = AdminTokens.load(settings.admin_tokens_file, settings.admin_tokens.get_secret_value())
     tls = ServerTls.from_settings(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
