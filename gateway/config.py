@@ -64,7 +64,10 @@ class BatchGatesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     ks_max: float = Field(default=0.1, gt=0, le=1)
+    #: With `mean_shift: relative` (the default) a share of the published run's mean score
+    #: (0.05: the mean may move by 5%); with `absolute`, in the score's own units.
     mean_shift_max: float = Field(default=0.05, gt=0)
+    mean_shift: Literal["relative", "absolute"] = "relative"
     input_null_rate_max: float | None = Field(default=None, ge=0, le=1)
 
     def overridden(self, source: str, **changes: float) -> BatchGatesConfig:

@@ -146,7 +146,7 @@ def test_publish_force_freeze_rollback_round_trips(env) -> None:  # type: ignore
     assert pointers.current("ctr-ranker").run_id == "d3"
     assert read_current("ctr-ranker", f"sqlite:///{tmp_path / 'state.db'}") == paths[3].path.resolve()
     # Detect: consumers report shifted scores. Freeze on the last known good (d2, not the forced d3).
-    frozen = pointers.rollback("oncall", "ctr-ranker", reason="credit scores shifted", freeze=True)
+    frozen = pointers.freeze("oncall", "ctr-ranker", reason="credit scores shifted")
     assert (frozen.run_id, frozen.frozen) == ("d2", True)
     with pytest.raises(FailedPrecondition, match="is frozen"):
         pointers.publish("nightly", "ctr-ranker", paths[1], settings)
@@ -457,3 +457,106 @@ def test_history_and_runs_find_batch_entries_behind_many_others(env) -> None:  #
         )
     assert len(store.list_records("batch-run", 20_000)) == 10_002
     assert [r.run_id for r in pointers.runs("ctr-ranker")] == ["r1"]
+
+
+def test_the_playbook_order_freeze_rollback_rerun_unfreeze_publish(env) -> None:  # type: ignore[no-untyped-def]
+    tmp_path, _, repository, pointers = env
+    settings = BatchGatesConfig()
+    runs = {}
+    for run_id, seed, bug in (("n1", 11, False), ("n2", 12, False), ("n3", 13, True), ("n3-fixed", 13, False)):
+        data = tmp_path / f"{run_id}.parquet"
+        pq.write_table(table(5_000, seed=seed, one_hot_bug=bug), data)
+        runs[run_id] = Run.load(run_score(tmp_path, repository, data, run_id).path)
+    pointers.publish("nightly", "ctr-ranker", runs["n1"], settings)
+    pointers.publish("nightly", "ctr-ranker", runs["n2"], settings)
+    # Detect: the gates refuse n3; consumers keep reading n2.
+    with pytest.raises(FailedPrecondition, match="n3 failed its gates: ks_statistic"):
+        pointers.publish("nightly", "ctr-ranker", runs["n3"], settings)
+    # Freeze: n2 is known-good, so consumers stay on it; nothing publishes until unfreeze.
+    frozen = pointers.freeze("oncall", "ctr-ranker", reason="one-hot encoding change")
+    assert (frozen.run_id, frozen.frozen) == ("n2", True)
+    # Rollback to an earlier run keeps the freeze (it used to lift it silently).
+    back = pointers.rollback("oncall", "ctr-ranker", to="n1", reason="n2 saw part of the change")
+    assert (back.run_id, back.frozen) == ("n1", True)
+    with pytest.raises(FailedPrecondition, match="is frozen"):
+        pointers.publish("nightly", "ctr-ranker", runs["n3-fixed"], settings)
+    # Remediate and re-run under a new id; verify; unfreeze; publish.
+    assert all(g.passed for g in pointers.validate("ctr-ranker", runs["n3-fixed"], settings))
+    assert not pointers.unfreeze("oncall", "ctr-ranker", reason="fixed run validated").frozen
+    pointers.publish("oncall", "ctr-ranker", runs["n3-fixed"], settings)
+    assert pointers.current("ctr-ranker").run_id == "n3-fixed"
+    actions = [e.action for e in pointers.history("ctr-ranker")][:4]
+    assert actions == ["batch-publish", "batch-unfreeze", "batch-rollback", "batch-freeze"]
+    with pytest.raises(FailedPrecondition, match="is not frozen"):
+        pointers.unfreeze("oncall", "ctr-ranker", reason="again")
+
+
+def test_freeze_without_a_known_good_run_names_one_and_freeze_to_does(env) -> None:  # type: ignore[no-untyped-def]
+    tmp_path, _, repository, pointers = env
+    settings = BatchGatesConfig()
+    for run_id, seed, bug in (("a", 21, False), ("b", 22, True)):
+        data = tmp_path / f"{run_id}.parquet"
+        pq.write_table(table(3_000, seed=seed, one_hot_bug=bug), data)
+        run = Run.load(run_score(tmp_path, repository, data, run_id).path)
+        pointers.publish("nightly", "ctr-ranker", run, settings, force=True, reason="reviewed by hand")
+    pointers.rollback("oncall", "ctr-ranker", to="a", reason="b is shifted")
+    pointers.rollback("oncall", "ctr-ranker", to="b", reason="a is wrong too")
+    # b was forced past its gates and a was rolled back: neither is known-good, so freeze cannot
+    # guess where consumers should go, and says how to name a run.
+    with pytest.raises(FailedPrecondition, match=r"name one: `gateway batch freeze ctr-ranker --to RUN`"):
+        pointers.freeze("oncall", "ctr-ranker", reason="scores shifted")
+    frozen = pointers.freeze("oncall", "ctr-ranker", to="a", reason="scores shifted")
+    assert (frozen.run_id, frozen.frozen) == ("a", True)
+    # Rolling back to the run consumers already read changes nothing and writes no audit entry.
+    entries = len(pointers.history("ctr-ranker"))
+    assert pointers.rollback("oncall", "ctr-ranker", to="a", reason="again").frozen
+    assert len(pointers.history("ctr-ranker")) == entries
+
+
+def test_a_schema_refusal_names_the_columns_that_differ(env) -> None:  # type: ignore[no-untyped-def]
+    tmp_path, _, repository, pointers = env
+    data = tmp_path / "d.parquet"
+    pq.write_table(table(2_000, seed=31), data)
+    pointers.publish("nightly", "ctr-ranker", Run.load(run_score(tmp_path, repository, data, "with-ids").path),
+                     BatchGatesConfig())  # fmt: skip
+    request = ScoreRequest(
+        "ctr-ranker", "1.12", repository.from_manifest("ctr-ranker", "1.12"), data, tmp_path / "out",
+        run_id="without-ids", columns=FEATURES,
+    )  # fmt: skip
+    rerun = Run.load(score(request, repository).path)
+    gates = {g.name: g for g in pointers.validate("ctr-ranker", rerun, BatchGatesConfig())}
+    assert not gates["schema"].passed
+    assert gates["schema"].detail == "vs with-ids: missing column customer_id (int64)"
+    with pytest.raises(FailedPrecondition) as refused:
+        pointers.publish("nightly", "ctr-ranker", rerun, BatchGatesConfig())
+    assert "schema: vs with-ids: missing column customer_id (int64)" in refused.value.message
+    assert "(limit -)" not in refused.value.message
+
+
+def test_the_mean_gate_is_relative_to_the_published_mean(tmp_path: Path) -> None:
+    from gateway.batch.gates import evaluate_gates
+
+    def fake_run(name: str, scores: np.ndarray) -> Run:
+        directory = tmp_path / name
+        directory.mkdir()
+        pq.write_table(pa.table({"score": scores.astype(np.float32)}), directory / "predictions.parquet")
+        digest = hashlib.sha256((directory / "predictions.parquet").read_bytes()).hexdigest()
+        manifest = {"run_id": name, "input": {"rows": len(scores)},
+                    "output": {"file": "predictions.parquet", "sha256": digest, "score_column": "score",
+                               "schema": [{"name": "score", "type": "float"}]}}  # fmt: skip
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+        return Run.load(directory)
+
+    rng = np.random.default_rng(5)
+    base = rng.beta(2, 100, size=20_000)  # CTR-scale scores, mean about 0.0196
+    published = fake_run("published", base)
+    # The case: the mean fell by 29% (0.0166 -> 0.0118), an absolute shift of only 0.0048.
+    shifted = fake_run("shifted", base * 0.71)
+    gates = {g.name: g for g in evaluate_gates(shifted, published, BatchGatesConfig())}
+    mean = gates["mean_shift"]
+    assert not mean.passed and mean.percent and abs(mean.value + 0.29) < 1e-3
+    assert mean.shown() == "-29.0%" and mean.shown(threshold=True) == "5%"
+    absolute = BatchGatesConfig(mean_shift="absolute")
+    assert {g.name: g for g in evaluate_gates(shifted, published, absolute)}["mean_shift"].passed
+    same = fake_run("same", rng.beta(2, 100, size=20_000))
+    assert all(g.passed for g in evaluate_gates(same, published, BatchGatesConfig()))

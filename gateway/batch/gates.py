@@ -19,13 +19,14 @@ from gateway.repository import file_sha256
 
 @dataclass(frozen=True)
 class Gate:
-    """One gate: its value against its threshold."""
+    """One gate: its value against its threshold (`percent`: both are shares, shown as per cent)."""
 
     name: str
     value: float | None
     threshold: float | None
     passed: bool
     detail: str = ""
+    percent: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -34,9 +35,17 @@ class Gate:
     def shown(self, *, threshold: bool = False) -> str:
         """The value (or the threshold) for people: 4 significant digits, `-` when there is none."""
         value = self.threshold if threshold else self.value
-        if value is None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
             return "-"
+        if self.percent:
+            return f"{value * 100:+.1f}%" if not threshold else f"{value * 100:g}%"
         return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    def refusal(self) -> str:
+        """Why this gate failed, in a few words: its value against its limit, or what differs."""
+        if self.value is None:
+            return f"{self.name}: {self.detail}"
+        return f"{self.name} {self.shown()} (limit {'±' if self.percent else ''}{self.shown(threshold=True)})"
 
 
 @dataclass(frozen=True)
@@ -127,15 +136,54 @@ def evaluate_gates(run: Run, published: Run | None, settings: BatchGatesConfig) 
         gates.append(Gate("schema", None, None, True, f"no comparison: published {published.run_id} is damaged"))
         gates.append(Gate("published_intact", None, None, True, err.message))
         return gates
-    same = run.manifest["output"]["schema"] == published.manifest["output"]["schema"]
+    difference = schema_difference(run.manifest["output"]["schema"], published.manifest["output"]["schema"])
     gates.append(
-        Gate("schema", None, None, same, f"same as {published.run_id}" if same else f"differs from {published.run_id}")
+        Gate(
+            "schema",
+            None,
+            None,
+            not difference,
+            f"same as {published.run_id}" if not difference else f"vs {published.run_id}: {difference}",
+        )
     )
     reference = published.score_column()
     ks = ks_statistic(scores, reference)
     gates.append(Gate("ks_statistic", ks, settings.ks_max, ks < settings.ks_max, f"scores vs {published.run_id}"))
-    shift = abs(float(np.nanmean(scores)) - float(np.nanmean(reference)))
-    gates.append(
-        Gate("mean_shift", shift, settings.mean_shift_max, shift < settings.mean_shift_max, f"vs {published.run_id}")
-    )
+    gates.append(_mean_shift(scores, reference, published.run_id, settings))
     return gates
+
+
+def schema_difference(run: list[dict[str, str]], published: list[dict[str, str]]) -> str:
+    """What differs between two output schemas, in words ("" when they are the same)."""
+    ours = {c["name"]: c["type"] for c in run}
+    theirs = {c["name"]: c["type"] for c in published}
+    parts = []
+    missing = [f"{name} ({kind})" for name, kind in theirs.items() if name not in ours]
+    extra = [f"{name} ({kind})" for name, kind in ours.items() if name not in theirs]
+    retyped = [
+        f"{name} {theirs[name]} -> {kind}" for name, kind in ours.items() if name in theirs and theirs[name] != kind
+    ]
+    if missing:
+        parts.append(f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    if extra:
+        parts.append(f"extra column{'s' if len(extra) > 1 else ''} {', '.join(extra)}")
+    if retyped:
+        parts.append(f"retyped {', '.join(retyped)}")
+    if not parts and [c["name"] for c in run] != [c["name"] for c in published]:
+        parts.append(f"column order {', '.join(ours)} (published: {', '.join(theirs)})")
+    return "; ".join(parts)
+
+
+def _mean_shift(scores: np.ndarray, reference: np.ndarray, against: str, settings: BatchGatesConfig) -> Gate:
+    """The mean score against the published run's: relative to its mean (default) or absolute."""
+    ours, theirs = float(np.nanmean(scores)), float(np.nanmean(reference))
+    limit = settings.mean_shift_max
+    detail = f"mean {ours:.4g} vs {theirs:.4g} in {against}"
+    if settings.mean_shift == "absolute":
+        shift = ours - theirs
+        return Gate("mean_shift", shift, limit, abs(shift) < limit, detail)
+    if theirs == 0:
+        detail += "; a relative shift from a zero mean is undefined: set batch_gates.mean_shift: absolute"
+        return Gate("mean_shift", math.inf, limit, False, detail, percent=True)
+    shift = (ours - theirs) / abs(theirs)
+    return Gate("mean_shift", shift, limit, abs(shift) < limit, detail, percent=True)

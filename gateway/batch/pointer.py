@@ -1,11 +1,13 @@
 """The read pointer of each endpoint's batch output, and the record of every run.
 
 Runs are recorded when scored and when validated. `publish` moves the pointer only when every
-gate passes (or with `force` and a reason, audited); `rollback` repoints to the last
-known-good run (or a named one) and marks the one it leaves as bad; `freeze` does the same and
-refuses further publishes until `unfreeze`. A run whose files do not match its manifest is
-never pointed to. The pointer and its audit entry commit in one store transaction, so with
-etcd every replica sees the same pointer.
+gate passes (or with `force` and a reason, audited). `freeze` stops publishing until
+`unfreeze`, keeping consumers on a known-good run: the one they read, when it is known-good,
+else the newest known-good one (or a named one). `rollback` repoints to the last known-good
+run before the current one (or a named one), marks the one it leaves as rolled back, and
+leaves the freeze as it was. A run whose files do not match its manifest is never pointed to.
+The pointer and its audit entry commit in one store transaction, so with etcd every replica
+sees the same pointer.
 """
 
 from __future__ import annotations
@@ -221,7 +223,7 @@ class BatchPointers:
         if any(g.name == "files_intact" for g in failed):
             raise FailedPrecondition(f"{run.run_id}: {failed[0].detail}")
         if failed and not force:
-            listed = "; ".join(f"{g.name} {g.shown()} (limit {g.shown(threshold=True)})" for g in failed)
+            listed = "; ".join(g.refusal() for g in failed)
             raise FailedPrecondition(f"{run.run_id} failed its gates: {listed}; fix the run, or --force --reason")
         if force and not reason.strip():
             raise InvalidInput("--force needs --reason: forcing past failed gates is audited", field="reason")
@@ -234,34 +236,66 @@ class BatchPointers:
         self._save(record)
         return gates
 
-    def rollback(self, actor: str, endpoint: str, *, to: str = "", reason: str, freeze: bool = False) -> Pointer:
-        """Repoint to `to`, or to the newest known-good run before the current one."""
-        if not reason.strip():
-            raise InvalidInput("reason is required: say why (it goes into the audit log)", field="reason")
-        current = self.current(endpoint)
-        if to:
-            target = self.record(endpoint, to)
-        else:
-            good = [r for r in self.runs(endpoint) if r.known_good and r.run_id != current.run_id]
-            if not good:
-                raise FailedPrecondition(f"{endpoint} has no other known-good run to go back to; name one with --to")
-            target = max(good, key=lambda r: r.published_at)
-        run = Run.load(Path(target.path))
-        self._move(actor, endpoint, run, "batch-freeze" if freeze else "batch-rollback", reason, frozen=freeze)
+    def _last_good(self, endpoint: str, besides: str, command: str) -> RunRecord:
+        good = [r for r in self.runs(endpoint) if r.known_good and r.run_id != besides]
+        if not good:
+            raise FailedPrecondition(
+                f"{endpoint} has no known-good run besides {besides} to go back to; name one: "
+                f"`gateway batch {command} {endpoint} --to RUN` (`gateway batch history {endpoint}` lists runs)"
+            )
+        return max(good, key=lambda r: r.published_at)
+
+    def _repoint(
+        self, actor: str, current: Pointer, target: RunRecord, *, action: str, reason: str, frozen: bool
+    ) -> Pointer:
+        endpoint = current.endpoint
+        self._move(actor, endpoint, Run.load(Path(target.path)), action, reason, frozen=frozen)
         if current.run_id != target.run_id:
             left = self.record(endpoint, current.run_id)
             left.status, left.note = "rolled-back", reason
             self._save(left)
         return self.current(endpoint)
 
+    def freeze(self, actor: str, endpoint: str, *, to: str = "", reason: str) -> Pointer:
+        """Stop publishing until `unfreeze`, with consumers on a known-good run.
+
+        The pointer moves to `to` when given; otherwise it stays when the run consumers read is
+        known-good, and moves to the newest known-good run when it is not (refused when there
+        is none: then name a run).
+        """
+        _require(reason)
+        current = self.current(endpoint)
+        if to:
+            target = self.record(endpoint, to)
+        elif self.record(endpoint, current.run_id).known_good:
+            target = self.record(endpoint, current.run_id)
+        else:
+            target = self._last_good(endpoint, current.run_id, "freeze")
+        return self._repoint(actor, current, target, action="batch-freeze", reason=reason, frozen=True)
+
+    def rollback(self, actor: str, endpoint: str, *, to: str = "", reason: str) -> Pointer:
+        """Repoint to `to`, or to the newest known-good run besides the current one; a freeze stays as it was."""
+        _require(reason)
+        current = self.current(endpoint)
+        target = self.record(endpoint, to) if to else self._last_good(endpoint, current.run_id, "rollback")
+        if target.run_id == current.run_id:
+            return current  # consumers already read it: nothing to move, nothing to audit
+        return self._repoint(actor, current, target, action="batch-rollback", reason=reason, frozen=current.frozen)
+
     def unfreeze(self, actor: str, endpoint: str, *, reason: str) -> Pointer:
         """Allow publishing again (the pointer stays where it is)."""
+        _require(reason)
         current = self.current(endpoint)
         if not current.frozen:
-            raise FailedPrecondition(f"{endpoint} is not frozen")
+            raise FailedPrecondition(f"{endpoint} is not frozen (consumers read {current.run_id}); nothing to do")
         self._move(actor, endpoint, Run.load(current.path), "batch-unfreeze", reason, frozen=False)
         return self.current(endpoint)
 
     def history(self, endpoint: str, limit: int = 100) -> list[AuditEntry]:
         """Who published, rolled back or froze what, newest first."""
         return _newest(lambda n: self._store.audit(endpoint, n), lambda e: e.action.startswith("batch-"), limit)
+
+
+def _require(reason: str) -> None:
+    if not reason.strip():
+        raise InvalidInput("reason is required: say why (it goes into the audit log)", field="reason")
