@@ -10,7 +10,7 @@ CONFIG ?= models/gateway.yaml
 LISTEN ?= 127.0.0.1:8001
 ARGS ?=
 
-.PHONY: run test test-fast bench proto proto-check lint fmt models clean venv
+.PHONY: run test test-fast bench proto proto-check lint fmt models demo-data clean venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,10 @@ fmt: $(STAMP_DEV)
 
 models: $(STAMP_DEV)
 	$(PY) models/make_demo_models.py
+
+# The batch playbook's inputs (README, "Batch predictions"): three nights, one with the one-hot shift.
+demo-data: $(STAMP_RUN)
+	$(PY) models/make_demo_data.py var/demo
 
 clean:
 	rm -rf $(VENV) $(PROTO_TOOLS) var .pytest_cache .mypy_cache .ruff_cache

@@ -22,8 +22,14 @@ HIDDEN = 16
 OPSET = 17
 IR_VERSION = 8
 ENDPOINT = "ctr-ranker"
-# version -> (perturbation seed, perturbation scale, output bias shift)
-VERSIONS = {"1.12": (112, 0.00, 0.00), "1.13": (113, 0.05, -0.10), "1.14": (114, 0.08, 0.05)}
+# version -> (perturbation seed, perturbation scale, output bias shift). 1.15 is not in the route
+# file: it is the "green" build the blue-green playbook loads at run time.
+VERSIONS = {
+    "1.12": (112, 0.00, 0.00),
+    "1.13": (113, 0.05, -0.10),
+    "1.14": (114, 0.08, 0.05),
+    "1.15": (115, 0.04, 0.02),
+}
 
 
 def build(version: str) -> onnx.ModelProto:

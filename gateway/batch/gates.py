@@ -38,14 +38,14 @@ class Gate:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "-"
         if self.percent:
-            return f"{value * 100:+.1f}%" if not threshold else f"{value * 100:g}%"
+            return f"{value * 100:+.1f}%" if not threshold else f"±{value * 100:g}%"
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
     def refusal(self) -> str:
         """Why this gate failed, in a few words: its value against its limit, or what differs."""
         if self.value is None:
             return f"{self.name}: {self.detail}"
-        return f"{self.name} {self.shown()} (limit {'±' if self.percent else ''}{self.shown(threshold=True)})"
+        return f"{self.name} {self.shown()} (limit {self.shown(threshold=True)})"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.cli.output import fail, print_json, shown, table, when
-from gateway.errors import GatewayError
+from gateway.errors import FailedPrecondition, GatewayError
 from gateway.state import DEFAULT_STORE_URL
 
 if TYPE_CHECKING:
@@ -90,10 +90,19 @@ def _score(args: argparse.Namespace, store: StateStore, pointers: BatchPointers)
 
 
 def _gates(args: argparse.Namespace, pointers: BatchPointers, *, publish: bool) -> int:
+    from gateway.batch.gates import Gate
+
     run = pointers.locate(args.endpoint, args.run, Path(args.output_root))
     settings = _settings(args, args.endpoint)
     if publish:
-        gates = pointers.publish(args.actor, args.endpoint, run, settings, force=args.force, reason=args.reason or "")
+        try:
+            gates = pointers.publish(
+                args.actor, args.endpoint, run, settings, force=args.force, reason=args.reason or ""
+            )
+        except FailedPrecondition as err:
+            if not args.json and "failed its gates" in err.message:  # the refusal names them; the table shows all
+                _print_gates([Gate(**g) for g in pointers.record(args.endpoint, run.run_id).gates])
+            raise
     else:
         gates = pointers.validate(args.endpoint, run, settings)
     if args.json:
