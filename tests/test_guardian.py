@@ -435,3 +435,81 @@ def test_an_incident_shows_only_the_rollout_it_concerns(tmp_path: Path, clock: S
     assert incident.candidate == "1.13" and incident.rollout is None
     assert "Rollout of" not in incident.to_markdown()
     gateway.close()
+
+
+def test_one_window_after_a_rollback_the_incident_records_whether_stable_is_healthy(
+    tmp_path: Path, clock: SimClock
+) -> None:
+    rules = '["error_rate > 2% for 1m min 100", "latency_p95_ratio > 3 for 1m min 100"]'
+    gateway = make(tmp_path, clock, guardrails=rules, traffic='{"1.12": 50, "1.13": 50}')
+    traffic(gateway, clock, 60, per_second=5)
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.13", Fault(error_rate=0.5), reason="drill")
+    traffic(gateway, clock, 60, per_second=5)
+    (incident,) = gateway.guardian.tick().incidents
+    pending = gateway.incidents.get(incident.id)
+    assert pending.verification is not None and pending.verification["status"] == "pending"
+    assert pending.verification["version"] == "1.12" and pending.verification["window_seconds"] == 60
+    assert "Pending: at " in pending.to_markdown() and "[ ]" not in pending.to_markdown().split("## Follow-ups")[0]
+    traffic(gateway, clock, 30, per_second=5)
+    assert gateway.guardian.tick().verified == []  # half a window: not yet
+    traffic(gateway, clock, 31, per_second=5)
+    (verified,) = gateway.guardian.tick().verified
+    check = gateway.incidents.get(incident.id).verification
+    assert check is not None and verified.id == incident.id
+    assert check["status"] == "healthy", check
+    assert [v["rule"] for v in check["verdicts"]] == ["error_rate > 2% for 1m min 100"]
+    assert check["verdicts"][0]["samples"]["1.12"] >= 250 and check["traffic"] == {"1.12": 100}
+    note = gateway.incidents.get(incident.id).to_markdown()
+    assert "one window (60 s) after the rollback, 1.12 was **healthy**" in note
+    assert f"Routes then: revision {incident.revision_after}; traffic 1.12 100%." in note
+    assert gateway.guardian.tick().verified == [] and gateway.guardian.verifier.pending == 0  # once
+    gateway.close()
+
+
+def test_a_stable_that_is_still_failing_is_recorded_as_not_healthy(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(tmp_path, clock, guardrails='["error_rate > 2% for 1m min 100"]', traffic='{"1.12": 50, "1.13": 50}')
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.13", Fault(error_rate=0.5), reason="drill")
+    traffic(gateway, clock, 60, per_second=5)
+    (incident,) = gateway.guardian.tick().incidents
+    # The cause was upstream: stable fails too once it takes all the traffic.
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.12", Fault(error_rate=0.3), reason="upstream")
+    traffic(gateway, clock, 61, per_second=5)
+    gateway.guardian.tick()
+    check = gateway.incidents.get(incident.id).verification
+    assert check is not None and check["status"] == "unhealthy" and check["verdicts"][0]["status"] == "breach"
+    assert "1.12 was **NOT healthy**" in gateway.incidents.get(incident.id).to_markdown()
+    gateway.close()
+
+
+def test_a_comparing_rule_checks_stable_against_itself_and_a_restart_says_what_it_lost(
+    tmp_path: Path, clock: SimClock
+) -> None:
+    rules = '["latency_p95_ratio > 2 for 1m min 50", "error_rate > 50% for 1m min 50"]'
+    gateway = make(tmp_path, clock, guardrails=f"{{rules: {rules}, at_least: 1}}", traffic='{"1.12": 50, "1.13": 50}')
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.13", Fault(latency_ms=30), reason="slow canary")
+    traffic(gateway, clock, 60, per_second=3)
+    (incident,) = gateway.guardian.tick().incidents
+    assert incident.verification is not None and incident.verification["rules"] == [
+        "latency_p95_ratio > 2 for 1m min 50"
+    ]
+    gateway.close()
+    # A new process on the same store picks the check up, without the snapshot taken when the rule fired.
+    again = make(tmp_path, clock, guardrails=f"{{rules: {rules}, at_least: 1}}", traffic='{"1.12": 50, "1.13": 50}')
+    traffic(again, clock, 61, per_second=3)
+    assert [i.id for i in again.guardian.tick().verified] == [incident.id]
+    check = again.incidents.get(incident.id).verification
+    assert check is not None and check["status"] == "inconclusive"
+    assert "the gateway restarted within the window" in check["verdicts"][0]["detail"]
+    again.close()
+
+
+def test_the_note_states_what_the_rollout_was_and_what_the_guardian_did(tmp_path: Path, clock: SimClock) -> None:
+    gateway = make(tmp_path, clock, traffic='{"1.12": 100}', guardrails='["error_rate > 2% for 1m min 20"]')
+    gateway.rollouts.start("ci", "ctr-ranker", "1.14", steps=[50, 100], step_seconds=600, reason="ramp")
+    gateway.control.set_fault("oncall", "ctr-ranker", "1.14", Fault(error_rate=1.0), reason="drill")
+    traffic(gateway, clock, 10, per_second=10)
+    (incident,) = gateway.guardian.tick().incidents
+    note = incident.to_markdown()
+    assert "The rollout of 1.14 was running at step 1 of [50, 100]; the guardian marked it failed." in note
+    assert "is now" not in note
+    gateway.close()

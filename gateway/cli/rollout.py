@@ -93,6 +93,12 @@ def run_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verified(record: str) -> str:
+    """The check one window after a rollback: pending, healthy, unhealthy, inconclusive (or none)."""
+    check = json.loads(record or "{}").get("verification") or {}
+    return str(check.get("status", ""))
+
+
 def run_incidents(args: argparse.Namespace) -> int:
     """List incidents, or show one as a markdown note."""
     client = AdminClient(args)
@@ -114,8 +120,11 @@ def run_incidents(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         print_json([json.loads(i.record) for i in response.incidents])
         return 0
-    rows = [[i.id, when(i.at), i.endpoint, i.candidate, i.action, i.outcome, i.summary] for i in response.incidents]
-    print(table(["ID", "AT", "ENDPOINT", "CANDIDATE", "ACTION", "OUTCOME", "WHAT FIRED"], rows))
+    rows = [
+        [i.id, when(i.at), i.endpoint, i.candidate, i.action, i.outcome, _verified(i.record), i.summary]
+        for i in response.incidents
+    ]
+    print(table(["ID", "AT", "ENDPOINT", "CANDIDATE", "ACTION", "OUTCOME", "VERIFIED", "WHAT FIRED"], rows))
     return 0
 
 

@@ -319,6 +319,11 @@ _RELATIVE = {
 }
 
 
+def needs_baseline(rule: Rule) -> bool:
+    """Whether the rule compares the candidate with a baseline (else it judges the candidate alone)."""
+    return rule.metric in _RELATIVE
+
+
 def combine(rules: RuleSet, verdicts: Sequence[Verdict]) -> bool:
     """Whether the breaches are enough to act: at least `at_least` rules breaching."""
     return sum(v.status is Status.BREACH for v in verdicts) >= rules.at_least

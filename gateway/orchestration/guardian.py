@@ -18,6 +18,9 @@ With `lead(leadership)` (every `gateway serve` process), a tick judges and acts 
 process that leads the fleet, on the fleet's merged windows, its writes fenced by the
 leader's lock; the breaches it holds off on are kept in the store, so a new leader does not
 act on them again. Every process still samples its memory and counts its drift histograms.
+
+One window after each rollback it checks the version the traffic went to and appends the
+result to the incident (`verify.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.control import ControlPlane
@@ -40,6 +43,7 @@ from gateway.orchestration.evaluate import Status, Verdict, combine, evaluate
 from gateway.orchestration.incidents import Incident, IncidentLog
 from gateway.orchestration.memory import MemoryAttribution, MemoryEvidence
 from gateway.orchestration.rollout import Rollout, RolloutDriver, RolloutStatus
+from gateway.orchestration.verify import Verifier
 from gateway.registry import ModelRegistry
 from gateway.routing import STABLE
 from gateway.telemetry.drift import DriftTracker, HistogramStats
@@ -59,6 +63,7 @@ class TickReport:
 
     verdicts: dict[str, list[Verdict]]
     incidents: list[Incident]
+    verified: list[Incident] = field(default_factory=list)
 
 
 #: (endpoint, candidate, observe-only): a breach the guardian acted on.
@@ -117,6 +122,8 @@ class Guardian:
         # they stop (see `_rollback` for when a rollback holds).
         self._holding: set[_Breach] = set()
         self._leadership: Leadership | None = None
+        # One window after each rollback: is the version the traffic went to healthy?
+        self.verifier = Verifier(windows, incidents, clock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -280,7 +287,11 @@ class Guardian:
             self._gauges.publish({key: (v.observed, v.rule.threshold) for key, v in observed.items()})
         # Experiments of pairs no longer evaluated (no traffic, rule removed, share changed) end.
         self._experiments = {k: v for k, v in self._experiments.items() if k in self._evaluated}
-        return TickReport(seen, incidents)
+        verified = self.verifier.run_due(self._routes)
+        return TickReport(seen, incidents, verified)
+
+    def _routes(self, endpoint: str) -> tuple[int, dict[str, int]]:
+        return self._control.revision, dict(self._control.state.endpoint(endpoint).weights)
 
     # --- acting ----------------------------------------------------------------------------------
 
@@ -289,6 +300,8 @@ class Guardian:
     ) -> tuple[Incident, bool]:
         """Run the breach's action and record the incident; whether to hold off while it keeps breaching."""
         breaching = [v for v in verdicts if v.status is Status.BREACH]
+        # The rollout as the rule found it (the action may change the very object).
+        seen = (rollout.version, str(rollout.status)) if rollout is not None else None
         action = max((v.rule.action for v in breaching), key=_SEVERITY.__getitem__)
         now = self._clock()
         incident = Incident(
@@ -316,6 +329,8 @@ class Guardian:
             )
         elif action is Action.ROLLBACK:
             hold, touched = self._rollback(ep, incident, rule_text)
+            if incident.revision_after:
+                self.verifier.schedule(incident, ep.labels[STABLE], [v.rule for v in breaching])
         elif action is Action.PAUSE:
             incident.outcome = "alert (pause requested, but no rollout is running)"
             if rollout is not None and rollout.status is RolloutStatus.RUNNING:
@@ -333,7 +348,8 @@ class Guardian:
                 "version": touched.version,
                 "steps": touched.steps,
                 "step_index": touched.step_index,
-                "status": touched.status,
+                "status_before": seen[1] if seen is not None and seen[0] == touched.version else None,
+                "status": str(touched.status),
             }
         self.incidents.save(incident)
         log.warning("incident %s: %s (%s)", incident.id, incident.summary(), incident.outcome)

@@ -1,4 +1,9 @@
-"""Incident records: what fired, on what evidence, what changed, and a note ready to paste."""
+"""Incident records: what fired, on what evidence, what changed, and a note ready to paste.
+
+A note states only what happened: what the rules saw, what the guardian did and changed, the
+rollout as it was then, and, one window after a rollback, whether the version that took the
+traffic was healthy (`gateway/orchestration/verify.py`). To-dos are under "Follow-ups".
+"""
 
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ class Incident:
     rollout: dict[str, Any] | None = None
     traffic_before: dict[str, int] = field(default_factory=dict)
     traffic_after: dict[str, int] = field(default_factory=dict)
+    #: The check one window after a rollback: pending, then its verdicts and the routes then.
+    verification: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """Stored form."""
@@ -67,21 +74,8 @@ class Incident:
             "",
             "## Detect",
             "",
-            "| rule | observed | threshold | window | samples | p-value | status |",
-            "|---|---:|---:|---:|---|---:|---|",
         ]
-        for v in self.verdicts:
-            samples = ", ".join(f"{arm} {n}" for arm, n in v["samples"].items())
-            observed = "-" if v["observed"] is None else f"{v['observed']:.4g}"
-            p_value = "" if v.get("p_value") is None else f"{v['p_value']:.3g}"
-            lines.append(
-                f"| `{v['rule']}` | {observed} | {v['threshold']:.4g} | {v['window_seconds']} s | {samples} | "
-                f"{p_value} | {v['status']} |"
-            )
-            extra = {k: val for k, val in (v.get("values") or {}).items() if val is not None}
-            if extra or v.get("detail"):
-                details = ", ".join(f"{k} {val:.4g}" for k, val in extra.items())
-                lines.append(f"|  | {details} {v.get('detail') or ''} | | | | | |")
+        lines += _verdict_rows(self.verdicts)
         lines += [
             "",
             "## Decide",
@@ -102,24 +96,74 @@ class Incident:
                     f"{format_traffic(self.traffic_before)} -> {format_traffic(self.traffic_after)}."
                 )
         if self.rollout:
-            lines.append(
-                f"Rollout of {self.rollout.get('version')} was at step {self.rollout.get('step_index', 0) + 1} "
-                f"of {self.rollout.get('steps')}; it is now {self.rollout.get('status')}."
-            )
+            lines.append(_rollout_line(self.rollout))
+        lines += ["", "## Verification", "", *self._verification_lines(), "", "## Follow-ups"]
         lines += [
-            "",
-            "## Verification",
-            "",
-            f"- [ ] `gateway admin routes {self.endpoint}` shows the traffic above",
-            f"- [ ] error rate, latency and CTR of {self.baseline or 'stable'} back to baseline for one SLO window",
-            "",
-            "## Follow-ups",
             "",
             f"- [ ] root cause for {self.candidate} (`gateway report shadow {self.endpoint}`, the diff log, traces)",
             f"- [ ] fix and roll forward as a new version: `gateway rollout start {self.endpoint} NEW_VERSION`",
             "- [ ] review the guardrail thresholds if this was a false alarm",
         ]
         return "\n".join(lines) + "\n"
+
+    def _verification_lines(self) -> list[str]:
+        """What the check one window after the action found (or why there is none)."""
+        check = self.verification
+        if check is None:
+            if self.observe_only or not self.revision_after:
+                return ["Nothing was changed, so there is nothing to verify."]
+            return ["No verification was scheduled (an incident recorded before checks existed)."]
+        version, window = check["version"], check["window_seconds"]
+        if check["status"] == "pending":
+            due = time.strftime("%H:%M:%S UTC", time.gmtime(check["due_at"]))
+            return [
+                f"Pending: at {due}, one window ({window} s) after the rollback, the guardian re-reads "
+                f"the rules that fired for {version}."
+            ]
+        at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(check["at"]))
+        verdict = {"healthy": "healthy", "unhealthy": "NOT healthy", "inconclusive": "inconclusive"}[check["status"]]
+        lines = [
+            f"At {at}, one window ({window} s) after the rollback, {version} was **{verdict}** on the rules "
+            "that fired (rules that compare two arms compare it with itself when the rule fired):",
+            "",
+            *_verdict_rows(check["verdicts"]),
+            "",
+            f"Routes then: revision {check['revision']}; traffic {format_traffic(check['traffic'])}.",
+        ]
+        return lines
+
+
+def _verdict_rows(verdicts: list[dict[str, Any]]) -> list[str]:
+    """The verdicts as a markdown table: rule, observed, threshold, window, samples, p-value, status."""
+    lines = [
+        "| rule | observed | threshold | window | samples | p-value | status |",
+        "|---|---:|---:|---:|---|---:|---|",
+    ]
+    for v in verdicts:
+        samples = ", ".join(f"{arm} {n}" for arm, n in v["samples"].items()) or "-"
+        observed = "-" if v["observed"] is None else f"{v['observed']:.4g}"
+        p_value = "-" if v.get("p_value") is None else f"{v['p_value']:.3g}"
+        lines.append(
+            f"| `{v['rule']}` | {observed} | {v['threshold']:.4g} | {v['window_seconds']} s | {samples} | "
+            f"{p_value} | {v['status']} |"
+        )
+        extra = {k: val for k, val in (v.get("values") or {}).items() if val is not None}
+        if extra or v.get("detail"):
+            details = ", ".join(f"{k} {val:.4g}" for k, val in extra.items())
+            lines.append(f"|  | {details} {v.get('detail') or ''} | | | | | |")
+    return lines
+
+
+def _rollout_line(rollout: dict[str, Any]) -> str:
+    """The rollout this incident concerns, as it was when the rule fired and what the guardian did to it."""
+    step = f"step {rollout.get('step_index', 0) + 1} of {rollout.get('steps')}"
+    after = rollout.get("status")
+    before = rollout.get("status_before")
+    if before is None:  # recorded before the status at detection was kept
+        return f"The rollout of {rollout.get('version')} was at {step}; the guardian left it {after}."
+    if before == after:
+        return f"The rollout of {rollout.get('version')} was {before} at {step}; the guardian did not change it."
+    return f"The rollout of {rollout.get('version')} was {before} at {step}; the guardian marked it {after}."
 
 
 class IncidentLog:
