@@ -108,6 +108,15 @@ class ControlPlane(RouteReplica):
                 )
         return infos
 
+    def past_shadows(self, endpoint: str, limit: int = 1000) -> set[str]:
+        """Versions that were shadows of `endpoint` at any of the newest `limit` revisions."""
+        found: set[str] = set()
+        for revision in self.revisions(limit):
+            state = DesiredState.from_json(revision.document).endpoints.get(endpoint)
+            if state is not None:
+                found.update(state.shadows)
+        return found
+
     # --- changes --------------------------------------------------------------------------
 
     def set_traffic(

@@ -318,18 +318,21 @@ class InferenceService:
                 _check_inputs(routes, decision, model.inputs, request.inputs)
                 rows, nan, features = _rows_and_nans(model, request.inputs)
                 wanted = _wanted_outputs(routes, decision, model, request.output_names)
+                ran = time.perf_counter()
                 if deadline is None:
                     arrays = model.run(request.inputs, wanted)
                 else:
                     left = partial(admission.left, deadline)
                     arrays = _run_within(left, routes, decision, model, request.inputs, wanted)
+                # The shadow report compares like with like: this request's model run (plus any injected delay).
+                run_seconds = time.perf_counter() - ran + (fault.latency_ms / 1000 if fault is not None else 0.0)
         except GatewayError as err:
             self._measure(series, decision.arm, err.code.name, started, rows, nan, features, span)
             raise
         except Exception:
             self._measure(series, decision.arm, "INTERNAL", started, rows, nan, features, span)
             raise
-        seconds = self._measure(series, decision.arm, "OK", started, rows, nan, features, span)
+        self._measure(series, decision.arm, "OK", started, rows, nan, features, span)
         feedback_id = ""
         if self._feedback is not None:
             self._feedback.served(request_id, series, decision.arm)
@@ -345,7 +348,7 @@ class InferenceService:
                 outputs.get(model.output_names[0]),
             )
         if routes.mirror and self._shadow is not None and decision.reason in _MIRRORED:
-            self._mirror(routes, decision, request, request_id, outputs, seconds, span)
+            self._mirror(routes, decision, request, request_id, outputs, run_seconds, span)
         return InferResult(
             request_id=request_id,
             endpoint=routes.name,

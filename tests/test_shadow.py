@@ -252,3 +252,60 @@ def test_report_cli_table_json_and_html_in_chromium(tmp_path: Path) -> None:
         check=False,
     )
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_latency_is_compared_like_with_like_when_copies_run_in_batches(tmp_path: Path) -> None:
+    # Copies queue up for 0.3 s and run as one batch; a 20 ms delay on the shadow must show as
+    # 20 ms per request, not 20 ms shared out over the batch (which made a slower shadow look faster).
+    settings = ShadowSettings(log_dir=tmp_path, poll_seconds=0.3)
+    with running_gateway(SHADOWED, shadow_settings=settings) as gw:
+        gw.gateway.faults.replace({("ctr-ranker", "1.14"): Fault(latency_ms=20)})
+        drive(gw, 40)
+        assert gw.gateway.shadow.drain(10)
+        report = gw.admin("GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker"))
+    assert report.compared == 40 and 1 <= report.latency_samples < 40  # batches formed; one timed per batch
+    assert report.shadow_latency_ms.p50 >= 20 > report.primary_latency_ms.p50
+    assert "alone" in report.latency_measure and "paired" in report.latency_measure
+    lines = [json.loads(line) for line in (tmp_path / "shadow-diffs.jsonl").read_text().splitlines()]
+    timed = [line for line in lines if line["shadow_ms"] is not None]
+    assert len(timed) == report.latency_samples and all(line["shadow_ms"] >= 20 for line in timed)
+
+
+def test_shadow_history_survives_a_restart_through_the_diff_log(tmp_path: Path) -> None:
+    store = tmp_path / "state.db"
+    logs = tmp_path / "shadow"
+    with running_gateway(SHADOWED, store_path=store, shadow_settings=ShadowSettings(log_dir=logs)) as gw:
+        drive(gw, 30)
+        assert gw.gateway.shadow.drain(10)
+        gw.gateway.faults.replace({("ctr-ranker", "1.14"): Fault(error_rate=1.0)})
+        drive(gw, 5, "failing")
+        assert gw.gateway.shadow.drain(10)
+        gw.admin("SetShadow", pb.SetShadowRequest(endpoint="ctr-ranker", version="1.14", percent=0, reason="done"))
+        before = gw.admin("GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker", shadow_version="1.14"))
+    with running_gateway(SHADOWED, store_path=store, shadow_settings=ShadowSettings(log_dir=logs)) as gw:
+        after = gw.admin("GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker", shadow_version="1.14"))
+        assert (after.mirrored, after.compared, dict(after.errors)) == (35, 30, {"UNAVAILABLE": 5})
+        assert (after.decisions, after.agree) == (before.decisions, before.agree)
+        assert after.diff.max == pytest.approx(before.diff.max, rel=1e-5)
+        assert "read back from the diff log" in after.note
+        # Switched off before the restart, it is still the endpoint's only shadow on record.
+        unnamed = gw.admin("GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker"))
+        assert (unnamed.shadow_version, unnamed.percent, unnamed.compared) == ("1.14", 0, 30)
+
+
+def test_without_a_diff_log_a_restart_is_told_apart_from_never_a_shadow(tmp_path: Path) -> None:
+    store = tmp_path / "state.db"
+    with running_gateway(SHADOWED, store_path=store) as gw:
+        drive(gw, 10)
+        assert gw.gateway.shadow.drain(10)
+        gw.admin("SetShadow", pb.SetShadowRequest(endpoint="ctr-ranker", version="1.14", percent=0, reason="done"))
+    with running_gateway(SHADOWED, store_path=store) as gw:
+        report = gw.admin("GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker", shadow_version="1.14"))
+        assert report.mirrored == 0 and "nothing recorded since the restart" in report.note
+        with pytest.raises(grpc.RpcError) as never:
+            gw.admin("GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker", shadow_version="1.13"))
+        assert never.value.code() is grpc.StatusCode.NOT_FOUND
+        assert "1.13 has never been a shadow" in (never.value.details() or "")
+        with pytest.raises(grpc.RpcError) as unnamed:
+            gw.admin("GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker"))
+        assert "has no shadow now; earlier shadows: 1.14" in (unnamed.value.details() or "")

@@ -39,9 +39,12 @@ def report_dict(report: pb.ShadowReport) -> dict[str, Any]:
         "diff": _quantiles(report.diff),
         "primary_latency_ms": {k: v for k, v in _quantiles(report.primary_latency_ms).items() if k != "max"},
         "shadow_latency_ms": {k: v for k, v in _quantiles(report.shadow_latency_ms).items() if k != "max"},
+        "latency_measure": report.latency_measure,
+        "latency_samples": report.latency_samples,
         "top_divergent": [{"request_id": d.request_id, "max_abs_diff": d.max_abs_diff} for d in report.top_divergent],
         "primary_versions": list(report.primary_versions),
         "diff_histogram": [{"upper": b.upper, "count": b.count} for b in report.diff_histogram],
+        "note": report.note,
     }
 
 
@@ -55,6 +58,8 @@ def _ms(value: float | None) -> str:
 
 def _print(body: dict[str, Any]) -> None:
     low, high = body["agreement_ci"]
+    if body.get("note"):
+        print(f"note: {body['note']}")
     print(
         f"shadow {body['endpoint']} {body['shadow_version']} ({body['percent']}% mirrored), "
         f"last {body['window_seconds']} s, primaries {', '.join(body['primary_versions']) or MISSING}"
@@ -74,6 +79,7 @@ def _print(body: dict[str, Any]) -> None:
         f"p99 {shown(diff['p99'], '.3g')}  max {shown(diff['max'], '.3g')}"
     )
     rows = [[q, _ms(body["primary_latency_ms"][q]), _ms(body["shadow_latency_ms"][q])] for q in ("p50", "p95", "p99")]
+    print(f"  latency: {body['latency_measure'] or MISSING} ({body['latency_samples']} requests)")
     print(table(["LATENCY MS", "PRIMARY", "SHADOW"], rows))
     if body["top_divergent"]:
         print(

@@ -12,7 +12,7 @@ from gateway.orchestration.fleet import Member
 from gateway.orchestration.incidents import Incident
 from gateway.orchestration.rollout import Rollout
 from gateway.pb.gateway.v1 import admin_pb2 as pb
-from gateway.shadow.stats import ShadowReport
+from gateway.shadow.stats import LATENCY_MEASURE, ShadowReport
 from gateway.state import AuditEntry, StoreStatus
 
 
@@ -131,6 +131,9 @@ def shadow_report(report: ShadowReport, percent: int) -> pb.ShadowReport:
         primary_versions=report.primary_versions,
         diff_histogram=[pb.HistogramBucket(upper=upper, count=count) for upper, count in report.diff_histogram],
         processes=report.processes,
+        latency_measure=LATENCY_MEASURE,
+        latency_samples=report.latency_samples,
+        note=report.note,
     )
 
 

@@ -149,6 +149,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             others=None
             if peers is None
             else lambda version: peers.shadow_summaries(endpoint.name, version, window, top),
+            past_shadows=lambda: self._control.past_shadows(endpoint.name),
         )
         return convert.shadow_report(report, percent)
 

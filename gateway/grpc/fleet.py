@@ -120,6 +120,7 @@ def shadow_summary(summary: ShadowSummary) -> pb.ShadowSummary:
         shadow_latency=pb.Sparse(index=list(summary.shadow_latency), integers=list(summary.shadow_latency.values())),
         top=[pb.Divergent(request_id=r, max_abs_diff=d) for r, d in summary.top],
         primary_versions=sorted(summary.primary_versions),
+        latency_samples=summary.latency_samples,
     )
 
 
@@ -148,6 +149,7 @@ def from_shadow_summary(endpoint: str, version: str, window: int, wire: pb.Shado
         shadow_latency=_bins(wire.shadow_latency),
         top=[(d.request_id, d.max_abs_diff) for d in wire.top],
         primary_versions=set(wire.primary_versions),
+        latency_samples=wire.latency_samples,
     )
 
 

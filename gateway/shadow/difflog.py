@@ -1,29 +1,45 @@
-"""The shadow diff log (JSON lines, rotated, bounded) and the kept inputs of divergent requests."""
+"""The shadow diff log (JSON lines, rotated, bounded), its counts log, and the kept inputs of divergent requests.
+
+`shadow-diffs.jsonl` has one line per compared request; `shadow-counts.jsonl` one line per
+shadow and minute with what happened to its copies (mirrored, compared, dropped, failed by
+code). Together they are the shadow's recorded history: a restarted gateway reads them back
+(`read_history`), so its reports cover the time before the restart.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import heapq
 import io
+import json
+import logging
+import math
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from gateway.shadow.stats import ComparisonRecord, Counts
+
+log = logging.getLogger(__name__)
+
 DIFF_LOG = "shadow-diffs.jsonl"
+COUNTS_LOG = "shadow-counts.jsonl"
 
 
 class DiffLog:
-    """One JSON line per compared request; rotates at `max_bytes`, keeps `backups` old files.
+    """JSON lines in `directory/name`; rotates at `max_bytes`, keeps `backups` old files.
 
     At most `max_bytes x (backups + 1)` bytes on disk (plus one line). Lines are buffered and
     flushed once per batch of comparisons.
     """
 
-    def __init__(self, directory: Path, max_bytes: int, backups: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, backups: int, name: str = DIFF_LOG) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / DIFF_LOG
+        self.name = name
+        self.path = directory / name
         self._max_bytes = max_bytes
         self._backups = backups
         self._lock = threading.Lock()
@@ -33,11 +49,11 @@ class DiffLog:
     def _rotate(self) -> None:
         self._file.close()
         for index in range(self._backups - 1, 0, -1):
-            older = self.path.with_name(f"{DIFF_LOG}.{index}")
+            older = self.path.with_name(f"{self.name}.{index}")
             if older.exists():
-                older.replace(self.path.with_name(f"{DIFF_LOG}.{index + 1}"))
+                older.replace(self.path.with_name(f"{self.name}.{index + 1}"))
         if self._backups:
-            self.path.replace(self.path.with_name(f"{DIFF_LOG}.1"))
+            self.path.replace(self.path.with_name(f"{self.name}.1"))
         else:
             self.path.unlink(missing_ok=True)
         self._file = self.path.open("a", buffering=1 << 16)
@@ -58,6 +74,92 @@ class DiffLog:
         """Flush and close the file."""
         with self._lock:
             self._file.close()
+
+
+def counts_line(endpoint: str, version: str, minute: int, counts: Counts) -> str:
+    """One line of the counts log."""
+    return json.dumps(
+        {
+            "minute": minute * 60,
+            "endpoint": endpoint,
+            "shadow_version": version,
+            "mirrored": counts.mirrored,
+            "compared": counts.compared,
+            "dropped": counts.dropped,
+            "errors": counts.errors,
+        },
+        separators=(",", ":"),
+    )
+
+
+@dataclass
+class History:
+    """A shadow's recorded history, read back from the logs."""
+
+    minutes: dict[int, Counts] = field(default_factory=dict)
+    records: list[ComparisonRecord] = field(default_factory=list)
+
+
+def _oldest_first(directory: Path, name: str) -> list[Path]:
+    rotated = sorted(directory.glob(f"{name}.*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+    current = directory / name
+    return [p for p in rotated if p.suffix[1:].isdigit()] + ([current] if current.exists() else [])
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def _record(line: dict[str, object]) -> ComparisonRecord:
+    outputs = line.get("outputs") or []
+    assert isinstance(outputs, list)
+    return ComparisonRecord(
+        at=float(line["ts"]),  # type: ignore[arg-type]
+        request_id=str(line["request_id"]),
+        primary_version=str(line["primary_version"]),
+        max_abs=max((_number(o.get("max_abs")) for o in outputs), default=math.nan),
+        mean_abs=max((_number(o.get("mean_abs")) for o in outputs), default=math.nan),
+        max_rel=max((_number(o.get("max_rel")) for o in outputs), default=math.nan),
+        rows=int(line.get("rows", 0)),  # type: ignore[call-overload]
+        agree=int(line.get("agree", 0)),  # type: ignore[call-overload]
+        primary_seconds=_number(line.get("primary_ms")) / 1000,
+        shadow_seconds=_number(line.get("shadow_ms")) / 1000,
+    )
+
+
+def read_history(directory: Path, since: float, records: int) -> dict[tuple[str, str], History]:
+    """Each shadow's counts per minute and newest `records` comparisons since `since`, from the logs.
+
+    Unreadable lines (a line cut by a crash) are skipped and counted in one warning.
+    """
+    history: dict[tuple[str, str], History] = {}
+    skipped = 0
+    for path in _oldest_first(directory, COUNTS_LOG):
+        for text in path.read_text(errors="replace").splitlines():
+            try:
+                line = json.loads(text)
+                if line["minute"] < since - 60:
+                    continue
+                counts = Counts(line["mirrored"], line["dropped"], line["compared"], dict(line["errors"]))
+                item = history.setdefault((line["endpoint"], line["shadow_version"]), History())
+                item.minutes.setdefault(int(line["minute"]) // 60, Counts()).add(counts)
+            except (ValueError, KeyError, TypeError):
+                skipped += 1
+    for path in _oldest_first(directory, DIFF_LOG):
+        for text in path.read_text(errors="replace").splitlines():
+            try:
+                line = json.loads(text)
+                if line["ts"] < since:
+                    continue
+                item = history.setdefault((line["endpoint"], line["shadow_version"]), History())
+                item.records.append(_record(line))
+            except (ValueError, KeyError, TypeError, AssertionError):
+                skipped += 1
+    for item in history.values():
+        item.records = item.records[-records:]
+    if skipped:
+        log.warning("shadow history: skipped %d unreadable lines in %s", skipped, directory)
+    return history
 
 
 def kept_name(request_id: str) -> str:

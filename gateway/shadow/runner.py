@@ -10,6 +10,11 @@ occupies its workers; the primary never waits for it.
 
 Accounting: every mirrored copy ends up exactly once as compared, dropped, or failed
 (`mirrored == compared + dropped + sum(errors)` once the queue is drained).
+
+Latency is compared like with like (`stats.py`): each batch times one copy run on its own,
+the same measure as the primary's model run of that request. With a diff log, the counts per
+minute go to a counts log beside it, and `start` reads both back: reports after a restart
+cover the time before it.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from json.encoder import encode_basestring as _string
+from pathlib import Path
 
 import numpy as np
 from opentelemetry.trace import SpanKind
@@ -33,8 +39,8 @@ from gateway.faults import FaultInjector
 from gateway.registry import ModelRegistry
 from gateway.settings import ShadowSettings
 from gateway.shadow.compare import RequestDiff, compare_batch
-from gateway.shadow.difflog import DiffLog, DivergentInputs
-from gateway.shadow.stats import ComparisonRecord, ShadowReport, ShadowStats, ShadowSummary
+from gateway.shadow.difflog import COUNTS_LOG, DIFF_LOG, DiffLog, DivergentInputs, counts_line, read_history
+from gateway.shadow.stats import HORIZON_SECONDS, LATENCY_MEASURE, ComparisonRecord, ShadowReport, ShadowStats, ShadowSummary
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.tracing import SpanRecord
 from gateway.telemetry.windows import SeriesKey
@@ -106,8 +112,8 @@ def _log_line(job: ShadowJob, record: ComparisonRecord, diff: RequestDiff) -> st
     return (
         f'{{"ts":{record.at:.6f},"request_id":{_string(job.request_id)},"routing_key_hash":"{key_hash}",'
         f'"endpoint":{_string(job.endpoint)},"primary_version":{_string(job.primary_version)},'
-        f'"shadow_version":{_string(job.shadow_version)},"primary_ms":{job.primary_seconds * 1000:.4f},'
-        f'"shadow_ms":{record.shadow_seconds * 1000:.4f},"rows":{record.rows},"agree":{record.agree},'
+        f'"shadow_version":{_string(job.shadow_version)},"primary_ms":{_number(job.primary_seconds * 1000)},'
+        f'"shadow_ms":{_number(record.shadow_seconds * 1000)},"rows":{record.rows},"agree":{record.agree},'
         f'"outputs":[{outputs}]}}'
     )
 
@@ -154,16 +160,24 @@ class ShadowRunner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._difflog: DiffLog | None = None
+        self._countslog: DiffLog | None = None
+        self._counted_minute = 0  # the minute whose counts were last written
         self._divergent: DivergentInputs | None = None
         self._threads: list[threading.Thread] = []
+        self.started_at = 0.0
+        self.replayed = 0  # comparisons read back from the diff log at start
 
     def start(self) -> None:
         """Open the diff log and start the workers (once). Copies offered before wait in the queue."""
         if self._threads:
             return
         settings = self.settings
+        self.started_at = self._clock()
         if settings.log_dir:
+            self._replay(settings.log_dir)
             self._difflog = DiffLog(settings.log_dir, settings.log_max_bytes, settings.log_backups)
+            self._countslog = DiffLog(settings.log_dir, settings.log_max_bytes, settings.log_backups, COUNTS_LOG)
+            self._counted_minute = int(self.started_at // 60)
             if settings.keep_divergent:
                 self._divergent = DivergentInputs(
                     settings.log_dir / "divergent", settings.keep_divergent, settings.keep_divergent_max_bytes
@@ -173,6 +187,27 @@ class ShadowRunner:
         ]
         for thread in self._threads:
             thread.start()
+
+    def _replay(self, directory: Path) -> None:
+        """Read back what an earlier process recorded (the last day; the newest `records` comparisons)."""
+        if not (directory / DIFF_LOG).exists() and not (directory / COUNTS_LOG).exists():
+            return
+        history = read_history(directory, self.started_at - HORIZON_SECONDS, self.settings.records)
+        for (endpoint, version), item in history.items():
+            self.stats.replay(endpoint, version, item.minutes, item.records)
+            self.replayed += len(item.records)
+        if history:
+            log.info("shadow history: %d comparisons read back from %s", self.replayed, directory)
+
+    def _write_counts(self, *, everything: bool = False) -> None:
+        """Append the counts of finished minutes (all, at shutdown) to the counts log."""
+        minute = int(self._clock() // 60)
+        if self._countslog is None or (minute == self._counted_minute and not everything):
+            return
+        self._counted_minute = minute
+        lines = [counts_line(*exported) for exported in self.stats.export(everything=everything)]
+        if lines:
+            self._countslog.write_many(lines)
 
     # --- the request path ----------------------------------------------------------------------
 
@@ -218,6 +253,7 @@ class ShadowRunner:
             finally:
                 with self._lock:
                     self._running -= len(batch)
+            self._write_counts()
             budget.spend()
 
     def _run_group(self, jobs: list[ShadowJob]) -> None:
@@ -227,17 +263,21 @@ class ShadowRunner:
             self._record(*ran)
 
     def _execute(self, jobs: list[ShadowJob]) -> tuple[list[ShadowJob], dict[str, np.ndarray], float] | None:
-        """The shadow's outputs for the copies that did not fail (None when none is left)."""
+        """The shadow's outputs for the copies that did not fail (None when none is left).
+
+        Also the run time of the first live copy on its own (see the module docstring).
+        """
         first = jobs[0]
         endpoint, version = first.endpoint, first.shadow_version
-        started = time.perf_counter()
         live = jobs
+        delay = 0.0
         try:
             model = self._registry.runnable(endpoint, version)
             fault = self._faults.get(endpoint, version)
             if fault is not None:
                 if fault.latency_ms:
-                    time.sleep(fault.latency_ms / 1000)
+                    delay = fault.latency_ms / 1000
+                    time.sleep(delay)
                 live = []
                 for job in jobs:
                     injected = fault.error(endpoint, version)
@@ -249,22 +289,28 @@ class ShadowRunner:
                     return None
             names = tuple(first.primary_outputs)
             inputs = {name: np.concatenate([job.inputs[name] for job in live]) for name in first.inputs}
+            started = time.perf_counter()
             outputs = dict(zip(names, model.run(inputs, names), strict=True))
+            alone = time.perf_counter() - started
+            if len(live) > 1:  # time one copy on its own: the primary's run was of one request too
+                started = time.perf_counter()
+                model.run(dict(live[0].inputs), names)
+                alone = time.perf_counter() - started
         except Exception as err:
             code = err.code.name if isinstance(err, GatewayError) else "INTERNAL"
             for job in live:
                 self._fail(job, code, str(err))
             return None
-        return live, outputs, (time.perf_counter() - started) / len(live)
+        return live, outputs, alone + delay
 
-    def _record(self, live: list[ShadowJob], outputs: dict[str, np.ndarray], shadow_seconds: float) -> None:
+    def _record(self, live: list[ShadowJob], outputs: dict[str, np.ndarray], first_alone: float) -> None:
         first = live[0]
         endpoint, version = first.endpoint, first.shadow_version
         primary = {name: np.concatenate([job.primary_outputs[name] for job in live]) for name in outputs}
         diffs = compare_batch(primary, outputs, [_rows(job) for job in live], self._compare(endpoint))
         now = self._clock()
         records, lines = [], []
-        for job, diff in zip(live, diffs, strict=True):
+        for index, (job, diff) in enumerate(zip(live, diffs, strict=True)):
             record = ComparisonRecord(
                 at=now,
                 request_id=job.request_id,
@@ -275,7 +321,7 @@ class ShadowRunner:
                 rows=diff.rows,
                 agree=diff.agree,
                 primary_seconds=job.primary_seconds,
-                shadow_seconds=shadow_seconds,
+                shadow_seconds=first_alone if index == 0 else math.nan,
             )
             records.append(record)
             if self._difflog is not None:
@@ -334,29 +380,60 @@ class ShadowRunner:
         top: int = 10,
         *,
         others: Callable[[str], Sequence[ShadowSummary]] | None = None,
+        past_shadows: Callable[[], Collection[str]] = frozenset,
     ) -> tuple[ShadowReport, int]:
         """A shadow's report and its configured percent (`shadows`: the endpoint's shadows now).
 
         `version` may be empty when there is one shadow. `others(version)` gives the other
         processes' summaries of it (the fleet's report adds them to this process's).
+        `past_shadows` names the versions that were shadows at any earlier route revision (asked
+        only when this process has no record of the version), so "never a shadow" and "nothing
+        recorded since the restart" differ.
         """
+        seen = sorted(v for e, v in self.stats.shadows() if e == endpoint)
         if not version:
-            configured = sorted(shadows)
-            seen = sorted(v for e, v in self.stats.shadows() if e == endpoint)
-            candidates = configured or seen
+            candidates = sorted(shadows) or seen
             if len(candidates) != 1:
+                earlier = sorted(past_shadows()) if not candidates else []
+                if earlier:
+                    raise InvalidInput(
+                        f"{endpoint} has no shadow now; earlier shadows: {', '.join(earlier)}: name one with --version"
+                    )
                 listed = ", ".join(candidates) or "(none)"
                 raise InvalidInput(f"{endpoint} has shadows {listed}; name the version to report on")
             version = candidates[0]
-        elif version not in shadows and (endpoint, version) not in self.stats.shadows():
-            listed = ", ".join(shadows) or "(none)"
+        elif version not in shadows and version not in seen and version not in past_shadows():
+            listed = ", ".join(sorted(shadows)) or "(none)"
             raise NotFound(f"{endpoint} {version} has never been a shadow; shadows: {listed}")
         if window_seconds <= 0:
             raise InvalidInput(f"window {window_seconds} s must be positive")
         summary = self.stats.summary(endpoint, version, window_seconds, top)
         for other in others(version) if others is not None else ():
             summary.merge(other, top)
-        return summary.report(), shadows.get(version, 0)
+        report = summary.report()
+        return replace(report, note=self._note(report, version in seen)), shadows.get(version, 0)
+
+    def _note(self, report: ShadowReport, recorded: bool) -> str:
+        """Where the numbers come from, when a restart is in the window."""
+        now = self._clock()
+        if not self.started_at or now - report.window_seconds >= self.started_at:
+            return ""  # the window lies within this process's life
+        restart = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started_at))
+        if self._difflog is not None:
+            if self.replayed:
+                return f"the time before the restart at {restart} was read back from the diff log"
+            return ""
+        if not recorded or not report.mirrored:
+            return (
+                f"nothing recorded since the restart at {restart}; without a diff log (--shadow-log-dir) "
+                "nothing from before it is kept"
+            )
+        return f"counts since the restart at {restart} only: without a diff log nothing from before it is kept"
+
+    @property
+    def latency_measure(self) -> str:
+        """How the reports' primary and shadow latency are measured (the same way for both)."""
+        return LATENCY_MEASURE
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -376,5 +453,8 @@ class ShadowRunner:
         self._stop.set()
         for thread in self._threads:
             thread.join(2)
+        if self._countslog is not None:
+            self._write_counts(everything=True)
+            self._countslog.close()
         if self._difflog is not None:
             self._difflog.close()

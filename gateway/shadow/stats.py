@@ -4,6 +4,12 @@ A report is computed from a `ShadowSummary`: the window's counts, with the per-r
 differences and latencies on fixed logarithmic bins (quantiles within 2%) and the most
 divergent requests. Summaries of several processes add up, so the fleet's report is the same
 whichever process is asked, and no process ships another its samples.
+
+Latency is compared like with like: for both the primary and the shadow, the model run of one
+request's rows on their own (plus any injected delay), paired on the same requests. The shadow
+worker runs queued copies as one batch for the comparison, and times one copy of each batch on
+its own (every copy, when copies arrive one at a time); only requests timed on both sides
+enter the latency quantiles.
 """
 
 from __future__ import annotations
@@ -36,31 +42,56 @@ class ComparisonRecord:
     max_rel: float
     rows: int
     agree: int
-    primary_seconds: float
-    shadow_seconds: float
+    primary_seconds: float  # the primary's model run of this request
+    shadow_seconds: float  # the shadow's run of this request alone; NaN when it was only run in a batch
 
 
 @dataclass
-class _Counts:
+class Counts:
+    """What happened to a shadow's copies in one minute (or in total)."""
+
     mirrored: int = 0
     dropped: int = 0
     compared: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: Counts) -> None:
+        """Add `other` into these counts."""
+        self.mirrored += other.mirrored
+        self.dropped += other.dropped
+        self.compared += other.compared
+        for code, n in other.errors.items():
+            self.errors[code] = self.errors.get(code, 0) + n
+
+    def minus(self, other: Counts) -> Counts:
+        """These counts less `other`."""
+        errors = {code: n - other.errors.get(code, 0) for code, n in self.errors.items()}
+        return Counts(
+            self.mirrored - other.mirrored,
+            self.dropped - other.dropped,
+            self.compared - other.compared,
+            {code: n for code, n in errors.items() if n},
+        )
+
+    @property
+    def total(self) -> int:
+        """Every count, added up (0: nothing happened)."""
+        return self.mirrored + self.dropped + self.compared + sum(self.errors.values())
 
 
 class _Series:
     """Per-minute counters over the horizon, cumulative counters, and the newest records."""
 
     def __init__(self, records: int) -> None:
-        self.total = _Counts()
-        self.minutes: dict[int, _Counts] = {}
+        self.total = Counts()
+        self.minutes: dict[int, Counts] = {}
         self.records: deque[ComparisonRecord] = deque(maxlen=records)
 
-    def bucket(self, now: float) -> _Counts:
+    def bucket(self, now: float) -> Counts:
         minute = int(now // 60)
         counts = self.minutes.get(minute)
         if counts is None:
-            counts = self.minutes[minute] = _Counts()
+            counts = self.minutes[minute] = Counts()
             for old in [m for m in self.minutes if m <= minute - HORIZON_SECONDS // 60]:
                 del self.minutes[old]
         return counts
@@ -89,6 +120,9 @@ class ShadowReport:
     diff_histogram: list[tuple[float, int]] = field(default_factory=list)
     #: How many processes' comparisons it adds up (the fleet's live processes that answered).
     processes: int = 1
+    latency_samples: int = 0
+    #: Where the numbers come from when that is not obvious (history read back after a restart).
+    note: str = ""
 
     @property
     def shadow_errors(self) -> int:
@@ -196,6 +230,8 @@ class ShadowSummary:
     top: list[tuple[str, float]] = field(default_factory=list)
     primary_versions: set[str] = field(default_factory=set)
     processes: int = 1
+    #: Requests timed on both sides (the latency bins' count).
+    latency_samples: int = 0
 
     def merge(self, other: ShadowSummary, top: int) -> None:
         """Add another process's summary of the same shadow and window (in place)."""
@@ -215,6 +251,7 @@ class ShadowSummary:
         _add(self.shadow_latency, other.shadow_latency)
         self.top = _most_divergent([*self.top, *other.top], top)
         self.primary_versions |= other.primary_versions
+        self.latency_samples += other.latency_samples
 
     def report(self) -> ShadowReport:
         """The numbers a person reads to decide whether the shadow can become a canary."""
@@ -239,6 +276,7 @@ class ShadowSummary:
             primary_versions=sorted(self.primary_versions),
             diff_histogram=list(zip(DIFF_EDGES, self.diff_decades, strict=True)),
             processes=self.processes,
+            latency_samples=self.latency_samples,
         )
 
 
@@ -252,6 +290,10 @@ def _most_divergent(requests: Iterable[tuple[str, float]], top: int) -> list[tup
     return sorted(requests, key=lambda item: (-item[1], item[0]))[:top]
 
 
+#: How primary and shadow latency are measured (the same way for both; see the module docstring).
+LATENCY_MEASURE = "model run per request, alone, at the request's own batch size, paired on the same requests"
+
+
 class ShadowStats:
     """Counts every mirrored copy exactly once and keeps the newest comparison records."""
 
@@ -260,6 +302,39 @@ class ShadowStats:
         self._records = records
         self._series: dict[tuple[str, str], _Series] = {}
         self._lock = threading.Lock()
+        self._exported: dict[tuple[str, str, int], Counts] = {}  # what the counts log has, per minute
+
+    def replay(self, endpoint: str, version: str, minutes: dict[int, Counts], records: list[ComparisonRecord]) -> None:
+        """Put back history an earlier process recorded (its counts are on disk already: not exported again)."""
+        with self._lock:
+            series = self._get(endpoint, version)
+            for minute, counts in minutes.items():
+                into = series.minutes.setdefault(minute, Counts())
+                into.add(counts)
+                self._exported.setdefault((endpoint, version, minute), Counts()).add(counts)
+            series.records.extend(records)
+
+    def export(self, *, everything: bool = False) -> list[tuple[str, str, int, Counts]]:
+        """Counts not exported yet, per series and minute, for the counts log.
+
+        Finished minutes only, unless `everything` (at shutdown). Each call returns what was
+        counted since the last, so the lines on disk add up to the counts.
+        """
+        current = int(self._clock() // 60)
+        out = []
+        with self._lock:
+            for (endpoint, version), series in self._series.items():
+                for minute, counts in series.minutes.items():
+                    if minute >= current and not everything:
+                        continue
+                    done = self._exported.setdefault((endpoint, version, minute), Counts())
+                    delta = counts.minus(done)
+                    if delta.total:
+                        out.append((endpoint, version, minute, delta))
+                        done.add(delta)
+            live = {(e, v, m) for (e, v), series in self._series.items() for m in series.minutes}
+            self._exported = {k: c for k, c in self._exported.items() if k in live}
+        return out
 
     def _get(self, endpoint: str, version: str) -> _Series:
         """The series of a shadow (created on first use); call with the lock held."""
@@ -316,7 +391,7 @@ class ShadowStats:
         since = now - window_seconds
         with self._lock:
             seen = (endpoint, version) in self._series
-            series = self._get(endpoint, version)
+            series = self._series.get((endpoint, version)) or _Series(0)  # a report creates no series
             first_minute = int(since // 60)
             counts = [c for m, c in series.minutes.items() if m >= first_minute]
             records = [r for r in series.records if r.at >= since]
@@ -330,8 +405,10 @@ class ShadowStats:
             summary.decisions += r.rows
             summary.agree += r.agree
             _add(summary.diff_bins, {diff_bin(r.max_abs): 1})
-            _add(summary.primary_latency, {latency_bin(r.primary_seconds): 1})
-            _add(summary.shadow_latency, {latency_bin(r.shadow_seconds): 1})
+            if math.isfinite(r.shadow_seconds) and math.isfinite(r.primary_seconds):  # timed on both sides
+                summary.latency_samples += 1
+                _add(summary.primary_latency, {latency_bin(r.primary_seconds): 1})
+                _add(summary.shadow_latency, {latency_bin(r.shadow_seconds): 1})
             summary.primary_versions.add(r.primary_version)
         if records:
             summary.diff_max = max(r.max_abs for r in records)

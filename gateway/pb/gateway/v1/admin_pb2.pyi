@@ -1273,6 +1273,9 @@ class ShadowReport(_message.Message):
     PRIMARY_VERSIONS_FIELD_NUMBER: _builtins.int
     DIFF_HISTOGRAM_FIELD_NUMBER: _builtins.int
     PROCESSES_FIELD_NUMBER: _builtins.int
+    LATENCY_MEASURE_FIELD_NUMBER: _builtins.int
+    LATENCY_SAMPLES_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     endpoint: _builtins.str
     shadow_version: _builtins.str
     window_seconds: _builtins.int
@@ -1293,6 +1296,14 @@ class ShadowReport(_message.Message):
     """How many live processes of the gateway the report adds up (each process's comparisons
     as mergeable counts: quantiles are within 2%, the maximum is exact).
     """
+    latency_measure: _builtins.str
+    """How primary_latency_ms and shadow_latency_ms are measured."""
+    latency_samples: _builtins.int
+    """Requests timed on both sides (the latency quantiles' sample)."""
+    note: _builtins.str
+    """Where the numbers come from when a restart lies in the window (read back from the diff
+    log, or nothing kept from before it); empty otherwise.
+    """
     @_builtins.property
     def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Failed shadow runs by status code."""
@@ -1302,7 +1313,11 @@ class ShadowReport(_message.Message):
         """Per request, the largest absolute difference over its outputs."""
 
     @_builtins.property
-    def primary_latency_ms(self) -> Global___Quantiles: ...
+    def primary_latency_ms(self) -> Global___Quantiles:
+        """Primary vs shadow latency, measured the same way for both (see latency_measure) on the
+        same requests (latency_samples of them).
+        """
+
     @_builtins.property
     def shadow_latency_ms(self) -> Global___Quantiles: ...
     @_builtins.property
@@ -1336,10 +1351,13 @@ class ShadowReport(_message.Message):
         primary_versions: _abc.Iterable[_builtins.str] | None = ...,
         diff_histogram: _abc.Iterable[Global___HistogramBucket] | None = ...,
         processes: _builtins.int = ...,
+        latency_measure: _builtins.str = ...,
+        latency_samples: _builtins.int = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["diff", b"diff", "primary_latency_ms", b"primary_latency_ms", "shadow_latency_ms", b"shadow_latency_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agree", b"agree", "agreement_ci_high", b"agreement_ci_high", "agreement_ci_low", b"agreement_ci_low", "agreement_rate", b"agreement_rate", "compared", b"compared", "decisions", b"decisions", "diff", b"diff", "diff_histogram", b"diff_histogram", "dropped", b"dropped", "endpoint", b"endpoint", "errors", b"errors", "mirrored", b"mirrored", "percent", b"percent", "primary_latency_ms", b"primary_latency_ms", "primary_versions", b"primary_versions", "processes", b"processes", "shadow_latency_ms", b"shadow_latency_ms", "shadow_version", b"shadow_version", "top_divergent", b"top_divergent", "window_seconds", b"window_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agree", b"agree", "agreement_ci_high", b"agreement_ci_high", "agreement_ci_low", b"agreement_ci_low", "agreement_rate", b"agreement_rate", "compared", b"compared", "decisions", b"decisions", "diff", b"diff", "diff_histogram", b"diff_histogram", "dropped", b"dropped", "endpoint", b"endpoint", "errors", b"errors", "latency_measure", b"latency_measure", "latency_samples", b"latency_samples", "mirrored", b"mirrored", "note", b"note", "percent", b"percent", "primary_latency_ms", b"primary_latency_ms", "primary_versions", b"primary_versions", "processes", b"processes", "shadow_latency_ms", b"shadow_latency_ms", "shadow_version", b"shadow_version", "top_divergent", b"top_divergent", "window_seconds", b"window_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -314,6 +314,7 @@ class ShadowSummary(_message.Message):
     SHADOW_LATENCY_FIELD_NUMBER: _builtins.int
     TOP_FIELD_NUMBER: _builtins.int
     PRIMARY_VERSIONS_FIELD_NUMBER: _builtins.int
+    LATENCY_SAMPLES_FIELD_NUMBER: _builtins.int
     seen: _builtins.bool
     """Whether this process has ever mirrored to the shadow."""
     mirrored: _builtins.int
@@ -322,6 +323,8 @@ class ShadowSummary(_message.Message):
     decisions: _builtins.int
     agree: _builtins.int
     diff_max: _builtins.float
+    latency_samples: _builtins.int
+    """Requests timed on both sides (the latency bins' count)."""
     @_builtins.property
     def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     @_builtins.property
@@ -359,10 +362,11 @@ class ShadowSummary(_message.Message):
         shadow_latency: Global___Sparse | None = ...,
         top: _abc.Iterable[Global___Divergent] | None = ...,
         primary_versions: _abc.Iterable[_builtins.str] | None = ...,
+        latency_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["diff_bins", b"diff_bins", "primary_latency", b"primary_latency", "shadow_latency", b"shadow_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agree", b"agree", "compared", b"compared", "decisions", b"decisions", "diff_bins", b"diff_bins", "diff_decades", b"diff_decades", "diff_max", b"diff_max", "dropped", b"dropped", "errors", b"errors", "mirrored", b"mirrored", "primary_latency", b"primary_latency", "primary_versions", b"primary_versions", "seen", b"seen", "shadow_latency", b"shadow_latency", "top", b"top"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agree", b"agree", "compared", b"compared", "decisions", b"decisions", "diff_bins", b"diff_bins", "diff_decades", b"diff_decades", "diff_max", b"diff_max", "dropped", b"dropped", "errors", b"errors", "latency_samples", b"latency_samples", "mirrored", b"mirrored", "primary_latency", b"primary_latency", "primary_versions", b"primary_versions", "seen", b"seen", "shadow_latency", b"shadow_latency", "top", b"top"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
