@@ -174,3 +174,22 @@ def test_json_output_of_reports_parses_with_a_strict_parser(served: GatewayProce
 
     body = json.loads(report.stdout, parse_constant=refuse)
     assert body["diff_histogram"][-1]["upper"] is None
+
+
+def test_runbook_from_the_live_configuration(served: GatewayProcess) -> None:
+    env = {"GATEWAY_ADMIN_TARGET": served.admin_target, "GATEWAY_ADMIN_TOKEN": ONCALL_TOKEN}
+    rules = ["--guardrail", "error_rate > 2% for 5m min 500", "--guardrail", "latency_p95_ratio > 1.3 for 10m"]
+    changed = _run("admin", "guardrails", "ctr-ranker", *rules, "--at-least", "2", "--reason", "runbook", env=env)
+    assert changed.returncode == 0, changed.stderr
+    screen = _run("runbook", "ctr-ranker", env=env)
+    assert screen.returncode == 0, screen.stderr
+    assert "TRIGGERS: the guardian acts by itself when at least 2 of these breach" in screen.stdout
+    assert "error_rate > 2% for 5m min 500" in screen.stdout and "100% to 1.12 (stable)" in screen.stdout
+    page = _run("runbook", "ctr-ranker", "--markdown", env=env)
+    assert page.stdout.startswith("# Runbook: ctr-ranker") and "| `latency_p95_ratio > 1.3 for 10m` |" in page.stdout
+    body = json.loads(_run("runbook", "ctr-ranker", "--json", env=env).stdout)
+    assert [t["rule"] for t in body["triggers"]] == [
+        "error_rate > 2% for 5m min 500",
+        "latency_p95_ratio > 1.3 for 10m",
+    ]
+    assert body["at_least"] == 2 and body["rollback"][0]["command"].startswith("gateway admin rollback ctr-ranker")

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.cli import admin, batch, gameday, predict, report, rollout, serve
+from gateway.cli import admin, batch, gameday, predict, report, rollout, runbook, serve
 from gateway.cli.output import fail
 from gateway.errors import GatewayError
 from gateway.logs import configure_logging
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.register(commands)
     report.register(commands)
     rollout.register(commands)
+    runbook.register(commands)
     gameday.register(commands)
     batch.register(commands)
     return parser

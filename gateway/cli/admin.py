@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from gateway.cli.connection import AdminClient, connection_options
+from gateway.cli.connection import ENV_ADMIN_TARGET, AdminClient, connection_options
 from gateway.cli.output import fail, print_json, rpc_failure, sorted_map, table, when
 from gateway.guardrails.rules import RuleSet
 from gateway.pb.gateway.v1 import admin_pb2 as pb
@@ -93,6 +93,8 @@ def _print_routes(routes: pb.Routes, as_json: bool) -> None:
             "shadows": sorted_map(e.shadows),
             "faults": sorted_map(e.faults),
             "guardrails": list(e.guardrails),
+            "guardrails_at_least": e.guardrails_at_least,
+            "guardrails_observe_only": e.guardrails_observe_only,
         }
         for e in routes.endpoints
     ]
@@ -375,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.admin_command == "audit":
             _audit(client, args)
     except grpc.RpcError as err:
-        return rpc_failure(err, client.target)
+        return rpc_failure(err, client.target, ENV_ADMIN_TARGET)
     finally:
         client.close()
     return 0

@@ -34,7 +34,7 @@ def fail(message: str, code: int = 1) -> int:
     return code
 
 
-def _hint(code: grpc.StatusCode | None, target: str) -> str:
+def _hint(code: grpc.StatusCode | None, target: str, target_env: str) -> str:
     """What the caller can do about a refusal that is theirs to fix ("" when nothing)."""
     from gateway.cli.connection import ENV_ADMIN_TOKEN
 
@@ -46,7 +46,8 @@ def _hint(code: grpc.StatusCode | None, target: str) -> str:
     if code is grpc.StatusCode.PERMISSION_DENIED:
         return f"check --token / ${ENV_ADMIN_TOKEN} against the gateway's GATEWAY_ADMIN_TOKENS or --admin-tokens-file"
     if code is grpc.StatusCode.UNAVAILABLE and target:
-        return f"is a gateway listening on {target}? (--target, or the environment variable named in --help)"
+        where = f"--target HOST:PORT or ${target_env}" if target_env else "--target HOST:PORT"
+        return f"is a gateway listening on {target}? ({where} points elsewhere)"
     return ""
 
 
@@ -59,12 +60,16 @@ def trace_id(err: grpc.RpcError) -> str:
     return ""
 
 
-def rpc_failure(err: grpc.RpcError, target: str = "") -> int:
-    """One line for a failed RPC: status name, the server's message, a hint, the trace id."""
+def rpc_failure(err: grpc.RpcError, target: str = "", target_env: str = "") -> int:
+    """One line for a failed RPC: status name, the server's message, a hint, the trace id.
+
+    `target` (and the environment variable that sets it) go into the hint when the gateway
+    could not be reached.
+    """
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
     message = f"{code.name if code else 'ERROR'}: {details}"
-    hint = _hint(code, target)
+    hint = _hint(code, target, target_env)
     if hint:
         message += f"; {hint}"
     traced = trace_id(err)

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                 request.inputs.append(tensor(name, array))
             response = gw_grpc.InferenceStub(channel).Predict(request, timeout=args.timeout)
         except grpc.RpcError as err:
-            return rpc_failure(err, target)
+            return rpc_failure(err, target, ENV_TARGET)
         except (ValueError, TypeError) as err:
             return fail(f"--features: {err}")
         except GatewayError as err:

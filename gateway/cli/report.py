@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from gateway.cli.connection import AdminClient, connection_options
+from gateway.cli.connection import ENV_ADMIN_TARGET, AdminClient, connection_options
 from gateway.cli.output import MISSING, fail, print_json, rpc_failure, shown, sorted_map, table
 from gateway.cli.report_html import render
 from gateway.errors import InvalidInput
@@ -105,7 +105,7 @@ def run_shadow(args: argparse.Namespace) -> int:
             ),
         )
     except grpc.RpcError as err:
-        return rpc_failure(err, client.target)
+        return rpc_failure(err, client.target, ENV_ADMIN_TARGET)
     finally:
         client.close()
     body = report_dict(report)

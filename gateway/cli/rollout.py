@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from gateway.cli.admin import change_options
-from gateway.cli.connection import AdminClient, connection_options
+from gateway.cli.connection import ENV_ADMIN_TARGET, AdminClient, connection_options
 from gateway.cli.output import fail, print_json, rpc_failure, table, when
 from gateway.errors import InvalidInput
 from gateway.guardrails.rules import parse_duration
@@ -82,7 +82,7 @@ def run_rollout(args: argparse.Namespace) -> int:
             reason = getattr(args, "reason", "") or ""
             status = client.call(method[args.rollout_command], pb.RolloutRequest(endpoint=args.endpoint, reason=reason))
     except grpc.RpcError as err:
-        return rpc_failure(err, client.target)
+        return rpc_failure(err, client.target, ENV_ADMIN_TARGET)
     finally:
         client.close()
     body = rollout_dict(status)
@@ -114,7 +114,7 @@ def run_incidents(args: argparse.Namespace) -> int:
             return 0
         response = client.call("ListIncidents", pb.ListIncidentsRequest(endpoint=args.endpoint or "", limit=args.limit))
     except grpc.RpcError as err:
-        return rpc_failure(err, client.target)
+        return rpc_failure(err, client.target, ENV_ADMIN_TARGET)
     finally:
         client.close()
     if getattr(args, "json", False):

@@ -77,6 +77,10 @@ def routes(revision: int, committed_at: float, state: DesiredState, endpoint: st
                     for v, f in state.endpoints[name].faults.items()
                 },
                 guardrails=[r.text for r in state.endpoints[name].guardrails.rules],
+                guardrails_at_least=state.endpoints[name].guardrails.at_least
+                if state.endpoints[name].guardrails.rules
+                else 0,
+                guardrails_observe_only=state.endpoints[name].guardrails.observe_only,
             )
             for name in names
         ],

@@ -529,9 +529,15 @@ class EndpointRoutes(_message.Message):
     SHADOWS_FIELD_NUMBER: _builtins.int
     FAULTS_FIELD_NUMBER: _builtins.int
     GUARDRAILS_FIELD_NUMBER: _builtins.int
+    GUARDRAILS_AT_LEAST_FIELD_NUMBER: _builtins.int
+    GUARDRAILS_OBSERVE_ONLY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     max_batch_size: _builtins.int
     nan_policy: _builtins.str
+    guardrails_at_least: _builtins.int
+    """The guardrails act when at least this many rules breach at once (0 without rules)."""
+    guardrails_observe_only: _builtins.bool
+    """The guardrails only record what they would have done."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -560,10 +566,12 @@ class EndpointRoutes(_message.Message):
         shadows: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         faults: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         guardrails: _abc.Iterable[_builtins.str] | None = ...,
+        guardrails_at_least: _builtins.int = ...,
+        guardrails_observe_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["faults", b"faults", "guardrails", b"guardrails", "labels", b"labels", "max_batch_size", b"max_batch_size", "name", b"name", "nan_policy", b"nan_policy", "shadows", b"shadows", "traffic", b"traffic", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["faults", b"faults", "guardrails", b"guardrails", "guardrails_at_least", b"guardrails_at_least", "guardrails_observe_only", b"guardrails_observe_only", "labels", b"labels", "max_batch_size", b"max_batch_size", "name", b"name", "nan_policy", b"nan_policy", "shadows", b"shadows", "traffic", b"traffic", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
