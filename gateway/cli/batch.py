@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -142,6 +143,10 @@ def _pointer(args: argparse.Namespace, pointers: BatchPointers) -> int:
     return 0
 
 
+def _change(changes: Sequence[dict[str, Any]]) -> str:
+    return f"{shown(changes[0]['before'])} -> {shown(changes[0]['after'])}" if changes else ""
+
+
 def _history(args: argparse.Namespace, pointers: BatchPointers) -> int:
     runs = pointers.runs(args.endpoint)
     events = pointers.history(args.endpoint)
@@ -156,10 +161,8 @@ def _history(args: argparse.Namespace, pointers: BatchPointers) -> int:
     print(table(["RUN", "VERSION", "ROWS", "SCORED", "STATUS", "GATES", "PUBLISHED BY"], rows))
     if events:
         print()
-        print(table(["AT", "WHO", "ACTION", "CHANGE", "REASON"], [
-            [when(e.at), e.actor, e.action, f"{e.changes[0]['before']} -> {e.changes[0]['after']}" if e.changes else "",
-             e.reason] for e in events
-        ]))  # fmt: skip
+        rows = [[when(e.at), e.actor, e.action, _change(e.changes), e.reason] for e in events]
+        print(table(["AT", "WHO", "ACTION", "CHANGE", "REASON"], rows))
     return 0
 
 

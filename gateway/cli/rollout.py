@@ -104,8 +104,11 @@ def run_incidents(args: argparse.Namespace) -> int:
     client = AdminClient(args)
     try:
         if args.endpoint == "show":
-            if not args.id:
-                return fail("give the incident id: gateway incidents show ID", 2)
+            if not args.id:  # the newest one
+                newest = client.call("ListIncidents", pb.ListIncidentsRequest(limit=1)).incidents
+                if not newest:
+                    return fail("no incidents yet", 1)
+                args.id = newest[0].id
             incident = client.call("GetIncident", pb.GetIncidentRequest(id=args.id))
             if getattr(args, "json", False):
                 print_json(json.loads(incident.record))
@@ -159,6 +162,6 @@ def register(commands: Any) -> None:
             command.add_argument("--reason", required=True, help="why (recorded in the audit log)")
     incidents = commands.add_parser("incidents", parents=[common], help="incidents the guardian recorded")
     incidents.add_argument("endpoint", nargs="?", help="an endpoint, or 'show'")
-    incidents.add_argument("id", nargs="?", help="with 'show': the incident id")
+    incidents.add_argument("id", nargs="?", help="with 'show': the incident id (default: the newest)")
     incidents.add_argument("--limit", type=int, default=50, help="how many, newest first (default 50)")
     incidents.set_defaults(handler=run_incidents)
