@@ -21,6 +21,10 @@ The rules (also in the README's last section, "The README is tested"):
   `<!-- readme: gateway FLAG ... -->`: extra `gateway serve` flags for this section's gateway;
   `<!-- readme: gateway none -->`: the section needs none.
   `<!-- readme: timeout SECONDS -->`: the next block's limit (default 180 s).
+  `<!-- readme: requires TOOL ... -->`: the next block runs only where those commands are
+  installed (etcd, curl); otherwise it is reported as not run.
+- Output is collected in a file, so a block may start a server in the background (`... &`);
+  what a section started is stopped when it ends.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class Block:
     text: str
     skip: str = ""
     timeout: float = DEFAULT_TIMEOUT
+    requires: tuple[str, ...] = ()
 
 
 @dataclass
@@ -80,7 +85,7 @@ class _Parser:
 
     def __init__(self) -> None:
         self.sections = [Section("(before the first section)", 1)]
-        self.skip, self.timeout = "", DEFAULT_TIMEOUT
+        self.skip, self.timeout, self.requires = "", DEFAULT_TIMEOUT, ()
         self.fence: tuple[int, str, str, list[str]] | None = None  # (line, indent, language, lines)
 
     def line(self, number: int, line: str) -> None:
@@ -92,7 +97,7 @@ class _Parser:
             self.fence = (number, opened.group(1), opened.group(2).lower(), [])
         elif line.startswith("## "):
             self.sections.append(Section(line[3:].strip(), number))
-            self.skip, self.timeout = "", DEFAULT_TIMEOUT
+            self.skip, self.timeout, self.requires = "", DEFAULT_TIMEOUT, ()
         else:
             directive = _DIRECTIVE.match(line)
             if directive is not None:
@@ -108,8 +113,8 @@ class _Parser:
         kind = RUNNABLE.get(language)
         if kind is not None:
             block = "\n".join(b[len(indent) :] if b.startswith(indent) else b for b in body)
-            self.sections[-1].blocks.append(Block(start, kind, block, self.skip, self.timeout))
-        self.skip, self.timeout = "", DEFAULT_TIMEOUT
+            self.sections[-1].blocks.append(Block(start, kind, block, self.skip, self.timeout, self.requires))
+        self.skip, self.timeout, self.requires = "", DEFAULT_TIMEOUT, ()
 
     def _directive(self, name: str, argument: str, where: str) -> None:
         section = self.sections[-1]
@@ -119,6 +124,10 @@ class _Parser:
             self.skip = argument
         elif name == "timeout":
             self.timeout = float(argument)
+        elif name == "requires":
+            if not argument:
+                raise ReadmeError(f"{where}: `readme: requires` names the commands the block needs")
+            self.requires = tuple(argument.split())
         elif name == "env":
             for pair in shlex.split(argument):
                 key, sep, value = pair.partition("=")
@@ -131,7 +140,7 @@ class _Parser:
             else:
                 section.gateway_flags += shlex.split(argument)
         else:
-            raise ReadmeError(f"{where}: unknown directive `readme: {name}` (skip, env, gateway, timeout)")
+            raise ReadmeError(f"{where}: unknown directive `readme: {name}` (skip, requires, env, gateway, timeout)")
 
 
 def parse(text: str) -> list[Section]:
@@ -229,23 +238,28 @@ class Shell:
         prelude = [f"source {shlex.quote(str(self.state))}", self._save, "set -o pipefail"]
         if strict:
             prelude += ["set -e", "trap 'echo \"readme: exit $? from: $BASH_COMMAND\" >&2' ERR"]
-        process = subprocess.Popen(
-            ["bash", "-c", "\n".join([*prelude, script])],
-            cwd=self.cwd,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self.groups.append(process.pid)
-        try:
-            output, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-            return 124, output + f"\nreadme: timed out after {timeout:g} s (a server in a block? mark it skip)"
-        return process.returncode, output
+        # Output goes to a file, not a pipe: a server a block starts in the background keeps its
+        # copy of the pipe open, and waiting for the pipe's end would wait for the server.
+        log = self.cwd.parent / "command-output.txt"
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                ["bash", "-c", "\n".join([*prelude, script])],
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            self.groups.append(process.pid)
+            try:
+                status = process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                output = log.read_text(errors="replace")
+                return 124, output + f"\nreadme: timed out after {timeout:g} s (a server in a block? mark it skip)"
+        return status, log.read_text(errors="replace")
 
     def close(self) -> None:
         """End what the section's commands left running in the background (their process groups)."""
@@ -319,6 +333,7 @@ class SectionRun:
     gateway: Gateway | None = None
     shell: Shell | None = None
     ran: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # blocks not run: a tool they need is not installed
 
     def env(self) -> dict[str, str]:
         venv = ROOT / ".venv" / "bin"
@@ -342,6 +357,10 @@ class SectionRun:
     def run(self) -> None:
         for block in self.section.blocks:
             if block.skip:
+                continue
+            missing = [tool for tool in block.requires if shutil.which(tool) is None]
+            if missing:
+                self.missing.append(f"README.md:{block.line} needs {', '.join(missing)}")
                 continue
             if self.shell is None:
                 self.start()
