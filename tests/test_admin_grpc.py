@@ -94,26 +94,26 @@ def test_dry_run_and_routes_history(gw: RunningGateway) -> None:
 
 def test_versions_load_and_unload(gw: RunningGateway, tmp_path: Path) -> None:
     root = tmp_path / "models"
-    shutil.copytree(root / "ctr-ranker/1.14", root / "ctr-ranker/1.15")
-    digest = file_sha256(root / "ctr-ranker/1.15/model.onnx")
+    shutil.copytree(root / "ctr-ranker/1.14", root / "ctr-ranker/1.20")
+    digest = file_sha256(root / "ctr-ranker/1.20/model.onnx")
     before = time.time()
     loaded = gw.admin(
         "LoadVersion",
         pb.LoadVersionRequest(
-            endpoint="ctr-ranker", version="1.15", path="ctr-ranker/1.15", sha256=digest, reason="new"
+            endpoint="ctr-ranker", version="1.20", path="ctr-ranker/1.20", sha256=digest, reason="new"
         ),
     )
     assert loaded.revision == 2
     versions = {v.version: v for v in gw.admin("ListVersions", pb.ListVersionsRequest(endpoint="ctr-ranker")).versions}
-    assert versions["1.15"].state == "ready" and versions["1.15"].sha256 == digest
+    assert versions["1.20"].state == "ready" and versions["1.20"].sha256 == digest
     assert versions["1.12"].traffic == 90 and list(versions["1.12"].labels) == ["stable"]
-    assert versions["1.12"].loaded_at <= before <= versions["1.15"].loaded_at <= time.time()
-    assert gw.predict("ctr-ranker@1.15").version == "1.15"
+    assert versions["1.12"].loaded_at <= before <= versions["1.20"].loaded_at <= time.time()
+    assert gw.predict("ctr-ranker@1.20").version == "1.20"
     bad = rpc_error(
         lambda: gw.admin(
             "LoadVersion",
             pb.LoadVersionRequest(
-                endpoint="ctr-ranker", version="1.16", path="ctr-ranker/1.15", sha256="c" * 64, reason="x"
+                endpoint="ctr-ranker", version="1.21", path="ctr-ranker/1.20", sha256="c" * 64, reason="x"
             ),
         )
     )
@@ -122,8 +122,8 @@ def test_versions_load_and_unload(gw: RunningGateway, tmp_path: Path) -> None:
         lambda: gw.admin("UnloadVersion", pb.UnloadVersionRequest(endpoint="ctr-ranker", version="1.12", reason="x"))
     )
     assert busy.code() == grpc.StatusCode.FAILED_PRECONDITION
-    gw.admin("UnloadVersion", pb.UnloadVersionRequest(endpoint="ctr-ranker", version="1.15", reason="done"))
-    gone = rpc_error(lambda: gw.predict("ctr-ranker@1.15"))
+    gw.admin("UnloadVersion", pb.UnloadVersionRequest(endpoint="ctr-ranker", version="1.20", reason="done"))
+    gone = rpc_error(lambda: gw.predict("ctr-ranker@1.20"))
     assert gone.code() == grpc.StatusCode.NOT_FOUND
 
 

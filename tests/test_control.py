@@ -164,26 +164,26 @@ def test_switch_is_blue_green(gateway: Gateway) -> None:
 
 
 def test_load_and_unload_at_run_time(gateway: Gateway, model_root: Path) -> None:
-    new = model_root / "ctr-ranker" / "1.15" / "model.onnx"
+    new = model_root / "ctr-ranker" / "1.20" / "model.onnx"
     new.parent.mkdir()
     shutil.copy(model_root / "ctr-ranker/1.14/model.onnx", new)
     digest = file_sha256(new)
     control = gateway.control
     with pytest.raises(Exception, match="was registered with"):
-        control.load_version("ci", "ctr-ranker", "1.15", "ctr-ranker/1.15/model.onnx", "a" * 64, reason="x")
+        control.load_version("ci", "ctr-ranker", "1.20", "ctr-ranker/1.20/model.onnx", "a" * 64, reason="x")
     with pytest.raises(NotFound):
-        gateway.registry.get("ctr-ranker", "1.15")  # a refused artifact leaves nothing behind
-    result = control.load_version("ci", "ctr-ranker", "1.15", "ctr-ranker/1.15/model.onnx", digest, reason="new model")
+        gateway.registry.get("ctr-ranker", "1.20")  # a refused artifact leaves nothing behind
+    result = control.load_version("ci", "ctr-ranker", "1.20", "ctr-ranker/1.20/model.onnx", digest, reason="new model")
     assert result.revision == 2
-    assert gateway.registry.is_ready("ctr-ranker", "1.15")
-    assert "1.15" in gateway.router.table.endpoint("ctr-ranker").versions
-    info = {v.version: v for v in control.versions("ctr-ranker")}["1.15"]
+    assert gateway.registry.is_ready("ctr-ranker", "1.20")
+    assert "1.20" in gateway.router.table.endpoint("ctr-ranker").versions
+    info = {v.version: v for v in control.versions("ctr-ranker")}["1.20"]
     assert (info.state, info.sha256, info.traffic) == ("ready", digest, 0)
-    with pytest.raises(FailedPrecondition, match="already has version 1.15"):
-        control.load_version("ci", "ctr-ranker", "1.15", "ctr-ranker/1.15/model.onnx", digest, reason="again")
-    control.set_traffic("ci", "ctr-ranker", {"1.12": 90, "1.15": 10}, reason="canary 1.15")
+    with pytest.raises(FailedPrecondition, match="already has version 1.20"):
+        control.load_version("ci", "ctr-ranker", "1.20", "ctr-ranker/1.20/model.onnx", digest, reason="again")
+    control.set_traffic("ci", "ctr-ranker", {"1.12": 90, "1.20": 10}, reason="canary 1.20")
     with pytest.raises(FailedPrecondition, match="takes 10% of traffic"):
-        control.unload_version("ci", "ctr-ranker", "1.15", reason="x")
+        control.unload_version("ci", "ctr-ranker", "1.20", reason="x")
     with pytest.raises(FailedPrecondition, match="is the target of label canary"):
         control.unload_version("ci", "ctr-ranker", "1.13", reason="x")
     control.unload_version("ci", "ctr-ranker", "1.14", reason="unused")
@@ -286,25 +286,25 @@ def test_a_shadow_that_failed_to_load_cannot_take_live_traffic(model_root: Path,
 
 
 def test_apply_keeps_a_version_loaded_by_path(gateway: Gateway, model_root: Path) -> None:
-    new = model_root / "ctr-ranker" / "1.15" / "model.onnx"
+    new = model_root / "ctr-ranker" / "1.20" / "model.onnx"
     new.parent.mkdir()
     shutil.copy(model_root / "ctr-ranker/1.14/model.onnx", new)
-    gateway.control.load_version("ci", "ctr-ranker", "1.15", str(new), file_sha256(new), reason="x")
-    document = config_text(versions='["1.12", "1.13", "1.15"]', traffic='{"1.12": 90, "1.15": 10}')
-    gateway.control.apply("ci", document.replace(f"model_root: {MODELS}", "model_root: ."), reason="canary 1.15")
-    assert weights(gateway) == {"1.12": 90, "1.15": 10}
-    assert gateway.registry.is_ready("ctr-ranker", "1.15")
+    gateway.control.load_version("ci", "ctr-ranker", "1.20", str(new), file_sha256(new), reason="x")
+    document = config_text(versions='["1.12", "1.13", "1.20"]', traffic='{"1.12": 90, "1.20": 10}')
+    gateway.control.apply("ci", document.replace(f"model_root: {MODELS}", "model_root: ."), reason="canary 1.20")
+    assert weights(gateway) == {"1.12": 90, "1.20": 10}
+    assert gateway.registry.is_ready("ctr-ranker", "1.20")
 
 
 def test_a_refused_duplicate_load_leaves_the_loaded_model_alone(gateway: Gateway, model_root: Path) -> None:
-    new = model_root / "ctr-ranker" / "1.15" / "model.onnx"
+    new = model_root / "ctr-ranker" / "1.20" / "model.onnx"
     new.parent.mkdir()
     shutil.copy(model_root / "ctr-ranker/1.14/model.onnx", new)
-    artifact = gateway.registry.repository.at_path("ctr-ranker", "1.15", str(new), file_sha256(new))
+    artifact = gateway.registry.repository.at_path("ctr-ranker", "1.20", str(new), file_sha256(new))
     gateway.registry.load(artifact)  # a concurrent LoadVersion of the same version got there first
     with pytest.raises(AlreadyExists):
-        gateway.control.load_version("ci", "ctr-ranker", "1.15", str(new), file_sha256(new), reason="x")
-    assert gateway.registry.is_ready("ctr-ranker", "1.15")
+        gateway.control.load_version("ci", "ctr-ranker", "1.20", str(new), file_sha256(new), reason="x")
+    assert gateway.registry.is_ready("ctr-ranker", "1.20")
 
 
 def test_audit_log_is_append_only(gateway: Gateway, tmp_path: Path) -> None:
