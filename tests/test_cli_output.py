@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -193,3 +194,21 @@ def test_runbook_from_the_live_configuration(served: GatewayProcess) -> None:
         "latency_p95_ratio > 1.3 for 10m",
     ]
     assert body["at_least"] == 2 and body["rollback"][0]["command"].startswith("gateway admin rollback ctr-ranker")
+
+
+def test_trace_ids_are_shown_on_success_and_on_failure(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Traced: spans go to an OTLP endpoint nobody listens on (export fails quietly; ids exist).
+    traced = GatewayProcess(tmp_path_factory.mktemp("traced") / "gateway.db", "--otlp-endpoint", "http://127.0.0.1:9")
+    try:
+        env = {"GATEWAY_TARGET": traced.target}
+        served = _run("predict", "ctr-ranker", "--features", ROW, env=env)
+        assert served.returncode == 0, served.stderr
+        assert re.search(r"\(arm: \w+, request id: [0-9a-f]+, trace id: [0-9a-f]{32}\)", served.stdout)
+        assert re.fullmatch(r"[0-9a-f]{32}", json.loads(_run("predict", "ctr-ranker", "--features", ROW, "--json",
+                                                              env=env).stdout)["trace_id"])  # fmt: skip
+        refused = _run("predict", "ctr-ranker@7", "--features", ROW, env=env)
+        assert refused.returncode == 1
+        assert re.fullmatch(r"error: NOT_FOUND: .* \(trace id [0-9a-f]{32}\)\n", refused.stderr), refused.stderr
+    finally:  # no graceful stop: it would retry the span export to the missing collector first
+        traced.process.kill()
+        traced.process.wait(15)
