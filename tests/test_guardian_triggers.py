@@ -377,3 +377,20 @@ def test_memory_growth_pinned_on_a_shadow_alerts_without_touching_traffic(tmp_pa
     assert incident.candidate == "1.14" and incident.outcome.startswith("alert: shadow 1.14: memory_growth > 200MB")
     assert "--off" in incident.outcome and weights(gateway) == {"1.12": 100}
     gateway.close()
+
+
+def test_after_a_drift_rollback_stables_histograms_are_checked_against_their_own(
+    tmp_path: Path, clock: SimClock
+) -> None:
+    gateway = make(
+        tmp_path, clock, guardrails='["feature_drift[any] > 0.2 psi for 10m"]', traffic='{"1.12": 50, "1.13": 50}'
+    )
+    (first,) = run(gateway, clock, 200, shift=unit_change_on("1.13")) or [None]
+    assert first is not None and weights(gateway) == {"1.12": 100}
+    assert run(gateway, clock, 601, per_second=10, seed=1) == []  # one window of stable alone, unchanged inputs
+    check = gateway.incidents.get(first).verification
+    assert check is not None and check["status"] == "healthy", check
+    (verdict,) = check["verdicts"]
+    assert verdict["baseline"] == "1.12 when the rule fired" and verdict["observed"] < 0.2
+    assert verdict["samples"]["1.12"] >= 1000
+    gateway.close()

@@ -123,7 +123,7 @@ class Guardian:
         self._holding: set[_Breach] = set()
         self._leadership: Leadership | None = None
         # One window after each rollback: is the version the traffic went to healthy?
-        self.verifier = Verifier(windows, incidents, clock)
+        self.verifier = Verifier(windows, incidents, clock, histograms=self._drift.window, feature_names=self._features)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

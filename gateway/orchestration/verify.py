@@ -9,8 +9,10 @@ and then re-reads the same rules for the version the traffic went to:
 - a rule that compares two arms compares that version's window since the rollback with its own
   window when the rule fired (a snapshot taken then): "is stable back to what it was?".
 
-The result, with every verdict and the routes at that moment, is appended to the incident. The
-snapshot lives in memory: after a restart the comparing rules come out inconclusive and say why.
+The drift rules compare the version's histograms the same way (now against when the rule
+fired). The result, with every verdict and the routes at that moment, is appended to the
+incident. The snapshot lives in memory: after a restart the comparing rules come out
+inconclusive and say why.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.guardrails.rules import Rule, parse_rule
 from gateway.orchestration.evaluate import Status, Verdict, evaluate, needs_baseline
 from gateway.orchestration.incidents import Incident, IncidentLog
+from gateway.telemetry.drift import HistogramStats
 from gateway.telemetry.windows import SeriesKey, WindowStats, WindowStore
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,8 @@ _RESUME_LIMIT = 200
 
 #: An endpoint's routes as the check reports them: (revision, weights).
 Routes = Callable[[str], tuple[int, Mapping[str, int]]]
+#: A version's drift histograms over a window: (endpoint, version, seconds) -> histograms.
+Histograms = Callable[[str, str, int], HistogramStats | None]
 
 
 @dataclass
@@ -45,16 +51,26 @@ class _Check:
     version: str
     due: float
     rules: tuple[Rule, ...]
-    before: dict[int, WindowStats] | None  # the version's windows when the rule fired, by length
+    before: dict[int, tuple[WindowStats, HistogramStats | None]] | None  # when the rule fired, by window
 
 
 class Verifier:
     """Owns the checks scheduled after rollbacks, runs them when due, and records their results."""
 
-    def __init__(self, windows: WindowStore, incidents: IncidentLog, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        windows: WindowStore,
+        incidents: IncidentLog,
+        clock: Callable[[], float],
+        *,
+        histograms: Histograms | None = None,
+        feature_names: Callable[[str, str], Sequence[str]] | None = None,
+    ) -> None:
         self._windows = windows
         self._incidents = incidents
         self._clock = clock
+        self._histograms = histograms
+        self._feature_names = feature_names
         self._checks: dict[str, _Check] = {}
         self._resumed = False
 
@@ -64,8 +80,7 @@ class Verifier:
         Sets `incident.verification` (the caller saves the incident).
         """
         window = max((r.window_seconds for r in rules), default=0)
-        window_of = self._windows.window(SeriesKey(incident.endpoint, version))
-        before = {r.window_seconds: window_of.stats(r.window_seconds) for r in rules}
+        before = {r.window_seconds: self._read(incident.endpoint, version, r.window_seconds) for r in rules}
         due = incident.at + window
         self._checks[incident.id] = _Check(incident.id, incident.endpoint, version, due, tuple(rules), before)
         incident.verification = {
@@ -105,15 +120,24 @@ class Verifier:
             done.append(incident)
         return done
 
+    def _read(self, endpoint: str, version: str, seconds: int) -> tuple[WindowStats, HistogramStats | None]:
+        stats = self._windows.window(SeriesKey(endpoint, version)).stats(seconds)
+        return stats, self._histograms(endpoint, version, seconds) if self._histograms is not None else None
+
     def _verdict(self, check: _Check, rule: Rule) -> Verdict:
-        now = self._windows.window(SeriesKey(check.endpoint, check.version)).stats(rule.window_seconds)
+        now, now_histograms = self._read(check.endpoint, check.version, rule.window_seconds)
+        evidence: dict[str, Any] = {}
+        if self._feature_names is not None:
+            evidence["feature_names"] = self._feature_names(check.endpoint, check.version)
         baseline = f"{check.version} when the rule fired"
         if not needs_baseline(rule):
-            return evaluate(rule, check.version, "", now, None)
+            return evaluate(rule, check.version, "", now, None, **evidence)
         if check.before is None:
             detail = "the gateway restarted within the window: the snapshot taken when the rule fired is gone"
             return Verdict(rule, check.version, baseline, Status.INCONCLUSIVE, math.nan, {}, detail=detail)
-        return evaluate(rule, check.version, baseline, now, check.before[rule.window_seconds])
+        before, before_histograms = check.before[rule.window_seconds]
+        evidence["histograms"] = (now_histograms, before_histograms)
+        return evaluate(rule, check.version, baseline, now, before, **evidence)
 
     def _resume(self) -> None:
         """Pick up checks an earlier process scheduled and did not finish (without their snapshots)."""
