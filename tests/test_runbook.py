@@ -68,7 +68,7 @@ def test_without_an_idle_version_the_rollforward_loads_one_and_a_rollout_can_be_
 
 
 def test_every_metric_renders_without_an_edit_here() -> None:
-    rules = [Rule(f"{m.value} > 1 for 5m", m, 1.0, 300) for m in Metric]
+    rules = [Rule(f"{m.value} > 1 for 5m", m, 1.0, 300, alpha=0.05) for m in Metric]
     routes = _routes([], {"1.12": 100})
     book = build(routes, _versions(), _revisions(), None)
     book.triggers = [trigger(r) for r in rules]
