@@ -85,7 +85,8 @@ class _Parser:
 
     def __init__(self) -> None:
         self.sections = [Section("(before the first section)", 1)]
-        self.skip, self.timeout, self.requires = "", DEFAULT_TIMEOUT, ()
+        self.skip, self.timeout = "", DEFAULT_TIMEOUT
+        self.requires: tuple[str, ...] = ()
         self.fence: tuple[int, str, str, list[str]] | None = None  # (line, indent, language, lines)
 
     def line(self, number: int, line: str) -> None:

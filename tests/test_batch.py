@@ -554,7 +554,7 @@ def test_the_mean_gate_is_relative_to_the_published_mean(tmp_path: Path) -> None
     shifted = fake_run("shifted", base * 0.71)
     gates = {g.name: g for g in evaluate_gates(shifted, published, BatchGatesConfig())}
     mean = gates["mean_shift"]
-    assert not mean.passed and mean.percent and abs(mean.value + 0.29) < 1e-3
+    assert not mean.passed and mean.percent and mean.value is not None and abs(mean.value + 0.29) < 1e-3
     assert mean.shown() == "-29.0%" and mean.shown(threshold=True) == "±5%"
     absolute = BatchGatesConfig(mean_shift="absolute")
     assert {g.name: g for g in evaluate_gates(shifted, published, absolute)}["mean_shift"].passed

@@ -17,7 +17,7 @@ from gateway.cli import build_parser
 from gateway.cli.output import MISSING, print_json, shown, table
 from gateway.cli.report import _print, report_dict
 from gateway.pb.gateway.v1 import admin_pb2 as pb
-from tests.helpers import ONCALL_TOKEN, ROOT, GatewayProcess
+from testkit.gateways import ONCALL_TOKEN, ROOT, GatewayProcess
 
 GATEWAY = [sys.executable, "-m", "gateway.cli"]
 ROW = json.dumps([0.1] * 32)
