@@ -311,7 +311,7 @@ def test_cli_validate_exit_codes_and_history(tmp_path: Path) -> None:
     runs = {line.split()[0]: line.split() for line in history.stdout.splitlines() if line.startswith(("b ", "g "))}
     assert (runs["b"][5], runs["g"][5]) == ("failed-gates", "published"), history.stdout
     assert "ks_statistic:FAIL," in runs["b"] and "ks_statistic:FAIL," not in runs["g"]
-    assert re.search(r"batch +batch-publish +None -> g +gates passed", history.stdout), history.stdout
+    assert re.search(r"batch +batch-publish +- -> g +gates passed", history.stdout), history.stdout
 
 
 def cli_batch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -120,7 +120,7 @@ def test_help_lists_every_command_with_a_summary_and_the_readme_shows_each(capsy
     result = run("--help")
     assert result.returncode == 0, result.stderr
     listed = dict(re.findall(r"^    ([a-z]+) +(\S.*)$", result.stdout, re.MULTILINE))
-    expected = {"serve", "predict", "admin", "report", "rollout", "incidents", "gameday", "batch"}
+    expected = {"serve", "predict", "admin", "report", "rollout", "incidents", "runbook", "gameday", "batch"}
     assert set(listed) == expected, result.stdout
     readme = (ROOT / "README.md").read_text()
     undocumented = sorted(name for name in listed if f"gateway {name} " not in readme)

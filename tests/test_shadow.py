@@ -81,7 +81,9 @@ def test_every_copy_is_accounted_for_and_logged(tmp_path: Path) -> None:
         assert line["outputs"][0]["name"] == "score"
         assert line["outputs"][0]["max_abs"] == pytest.approx(diff, rel=1e-4, abs=1e-7)
         assert len(line["routing_key_hash"]) == 16 and "user-" not in json.dumps(line)
-        assert line["primary_ms"] > 0 and line["shadow_ms"] > 0
+        # A copy run only in a batch has no time of its own (null): latency is compared like with like.
+        assert line["primary_ms"] > 0 and (line["shadow_ms"] is None or line["shadow_ms"] > 0)
+    assert any(line["shadow_ms"] is not None for line in lines)
 
 
 def test_an_erroring_shadow_never_fails_the_primary() -> None:
