@@ -2,7 +2,7 @@
 
 Connection options (`--target`, `--token`, env `GATEWAY_ADMIN_TARGET` / `GATEWAY_ADMIN_TOKEN`)
 are shared with the other operator commands (`rollout`, `incidents`, `report`, `runbook`)
-through `gateway/cli/connection.py`.
+through `gateway/cli/connect.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from gateway.cli.connection import ENV_ADMIN_TARGET, AdminClient, connection_options
+from gateway.cli.connect import ENV_ADMIN_TARGET, AdminClient, connection_options
 from gateway.cli.output import fail, print_json, rpc_failure, sorted_map, table, when
 from gateway.guardrails.rules import RuleSet
 from gateway.pb.gateway.v1 import admin_pb2 as pb

@@ -36,7 +36,7 @@ def fail(message: str, code: int = 1) -> int:
 
 def _hint(code: grpc.StatusCode | None, target: str, target_env: str) -> str:
     """What the caller can do about a refusal that is theirs to fix ("" when nothing)."""
-    from gateway.cli.connection import ENV_ADMIN_TOKEN
+    from gateway.cli.connect import ENV_ADMIN_TOKEN
 
     if code is grpc.StatusCode.UNAUTHENTICATED:
         return (

@@ -10,8 +10,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from gateway.cli.connect import add_tls_options, open_channel
-from gateway.cli.connection import DEFAULT_TARGET, ENV_TARGET, inference_target
+from gateway.cli.connect import DEFAULT_TARGET, ENV_TARGET, add_tls_options, inference_target, open_channel
 from gateway.cli.output import MISSING, fail, print_json, rpc_failure
 from gateway.errors import GatewayError
 from gateway.routing import version_sort_key

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from gateway.cli.connection import ENV_ADMIN_TARGET, AdminClient, connection_options
+from gateway.cli.connect import ENV_ADMIN_TARGET, AdminClient, connection_options
 from gateway.cli.output import MISSING, fail, print_json, rpc_failure, shown, sorted_map, table
 from gateway.cli.report_html import render
 from gateway.errors import InvalidInput

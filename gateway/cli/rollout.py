@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from gateway.cli.admin import change_options
-from gateway.cli.connection import ENV_ADMIN_TARGET, AdminClient, connection_options
+from gateway.cli.connect import ENV_ADMIN_TARGET, AdminClient, connection_options
 from gateway.cli.output import fail, print_json, rpc_failure, table, when
 from gateway.errors import InvalidInput
 from gateway.guardrails.rules import parse_duration

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from gateway.cli.connection import ENV_ADMIN_TARGET, AdminClient, connection_options
+from gateway.cli.connect import ENV_ADMIN_TARGET, AdminClient, connection_options
 from gateway.cli.output import MISSING, fail, print_json, rpc_failure, when
 from gateway.errors import GatewayError
 from gateway.guardrails.rules import Rule, parse_rule
