@@ -184,6 +184,23 @@ def _wanted_outputs(
     return names or model.output_names
 
 
+def _timed_run(  # noqa: PLR0917 - per request: positional is cheaper
+    time_left: Callable[[], float | None] | None,
+    routes: EndpointRoutes,
+    decision: RouteDecision,
+    model: OnnxModel,
+    inputs: Mapping[str, np.ndarray],
+    wanted: tuple[str, ...],
+) -> tuple[list[np.ndarray], float]:
+    """The model's outputs (within the caller's deadline, when there is one) and how long the run took."""
+    ran = time.perf_counter()
+    if time_left is None:
+        arrays = model.run(inputs, wanted)
+    else:
+        arrays = _run_within(time_left, routes, decision, model, inputs, wanted)
+    return arrays, time.perf_counter() - ran
+
+
 def _run_within(  # noqa: PLR0917 - per request: positional is cheaper
     time_left: Callable[[], float | None],
     routes: EndpointRoutes,
@@ -318,14 +335,8 @@ class InferenceService:
                 _check_inputs(routes, decision, model.inputs, request.inputs)
                 rows, nan, features = _rows_and_nans(model, request.inputs)
                 wanted = _wanted_outputs(routes, decision, model, request.output_names)
-                ran = time.perf_counter()
-                if deadline is None:
-                    arrays = model.run(request.inputs, wanted)
-                else:
-                    left = partial(admission.left, deadline)
-                    arrays = _run_within(left, routes, decision, model, request.inputs, wanted)
-                # The shadow report compares like with like: this request's model run (plus any injected delay).
-                run_seconds = time.perf_counter() - ran + (fault.latency_ms / 1000 if fault is not None else 0.0)
+                left = None if deadline is None else partial(admission.left, deadline)
+                arrays, run_seconds = _timed_run(left, routes, decision, model, request.inputs, wanted)
         except GatewayError as err:
             self._measure(series, decision.arm, err.code.name, started, rows, nan, features, span)
             raise
@@ -348,7 +359,9 @@ class InferenceService:
                 outputs.get(model.output_names[0]),
             )
         if routes.mirror and self._shadow is not None and decision.reason in _MIRRORED:
-            self._mirror(routes, decision, request, request_id, outputs, run_seconds, span)
+            # The shadow report compares like with like: this request's model run (plus any injected delay).
+            delay = fault.latency_ms / 1000 if fault is not None else 0.0
+            self._mirror(routes, decision, request, request_id, outputs, run_seconds + delay, span)
         return InferResult(
             request_id=request_id,
             endpoint=routes.name,

@@ -123,7 +123,10 @@ class Guardian:
         self._holding: set[_Breach] = set()
         self._leadership: Leadership | None = None
         # One window after each rollback: is the version the traffic went to healthy?
-        self.verifier = Verifier(windows, incidents, clock, histograms=self._drift.window, feature_names=self._features)
+        # The windows are the guardian's own: a leader's term swaps in the fleet's merged windows.
+        self.verifier = Verifier(
+            lambda: self._windows, incidents, clock, histograms=self._drift.window, feature_names=self._features
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -244,6 +247,7 @@ class Guardian:
             self.memory.others = None
             return
         self._windows = windows
+        self.verifier.resume()  # checks the last leader scheduled
         assert self._leadership is not None
         self.memory.others = self._leadership.memory
         body = self._control.store.get_record(HOLDING_KIND, HOLDING_KEY)

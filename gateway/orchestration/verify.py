@@ -59,7 +59,7 @@ class Verifier:
 
     def __init__(
         self,
-        windows: WindowStore,
+        windows: Callable[[], WindowStore],
         incidents: IncidentLog,
         clock: Callable[[], float],
         *,
@@ -121,7 +121,7 @@ class Verifier:
         return done
 
     def _read(self, endpoint: str, version: str, seconds: int) -> tuple[WindowStats, HistogramStats | None]:
-        stats = self._windows.window(SeriesKey(endpoint, version)).stats(seconds)
+        stats = self._windows().window(SeriesKey(endpoint, version)).stats(seconds)
         return stats, self._histograms(endpoint, version, seconds) if self._histograms is not None else None
 
     def _verdict(self, check: _Check, rule: Rule) -> Verdict:
@@ -138,6 +138,10 @@ class Verifier:
         before, before_histograms = check.before[rule.window_seconds]
         evidence["histograms"] = (now_histograms, before_histograms)
         return evaluate(rule, check.version, baseline, now, before, **evidence)
+
+    def resume(self) -> None:
+        """Read the store again for checks another process scheduled (this one has just begun to lead)."""
+        self._resumed = False
 
     def _resume(self) -> None:
         """Pick up checks an earlier process scheduled and did not finish (without their snapshots)."""

@@ -40,7 +40,14 @@ from gateway.registry import ModelRegistry
 from gateway.settings import ShadowSettings
 from gateway.shadow.compare import RequestDiff, compare_batch
 from gateway.shadow.difflog import COUNTS_LOG, DIFF_LOG, DiffLog, DivergentInputs, counts_line, read_history
-from gateway.shadow.stats import HORIZON_SECONDS, LATENCY_MEASURE, ComparisonRecord, ShadowReport, ShadowStats, ShadowSummary
+from gateway.shadow.stats import (
+    HORIZON_SECONDS,
+    LATENCY_MEASURE,
+    ComparisonRecord,
+    ShadowReport,
+    ShadowStats,
+    ShadowSummary,
+)
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.tracing import SpanRecord
 from gateway.telemetry.windows import SeriesKey
