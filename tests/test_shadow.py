@@ -303,7 +303,7 @@ def test_without_a_diff_log_a_restart_is_told_apart_from_never_a_shadow(tmp_path
         gw.admin("SetShadow", pb.SetShadowRequest(endpoint="ctr-ranker", version="1.14", percent=0, reason="done"))
     with running_gateway(SHADOWED, store_path=store) as gw:
         report = gw.admin("GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker", shadow_version="1.14"))
-        assert report.mirrored == 0 and "nothing recorded since the restart" in report.note
+        assert report.mirrored == 0 and "nothing recorded since this gateway started" in report.note
         with pytest.raises(grpc.RpcError) as never:
             gw.admin("GetShadowReport", pb.GetShadowReportRequest(endpoint="ctr-ranker", shadow_version="1.13"))
         assert never.value.code() is grpc.StatusCode.NOT_FOUND

@@ -416,9 +416,12 @@ class ShadowRunner:
         if window_seconds <= 0:
             raise InvalidInput(f"window {window_seconds} s must be positive")
         summary = self.stats.summary(endpoint, version, window_seconds, top)
-        for other in others(version) if others is not None else ():
+        merged = list(others(version)) if others is not None else []
+        for other in merged:
             summary.merge(other, top)
         report = summary.report()
+        if merged:  # each process has its own start: a note about one would mislead in the fleet's sum
+            return report, shadows.get(version, 0)
         return replace(report, note=self._note(report, version in seen)), shadows.get(version, 0)
 
     def _note(self, report: ShadowReport, recorded: bool) -> str:
@@ -426,17 +429,17 @@ class ShadowRunner:
         now = self._clock()
         if not self.started_at or now - report.window_seconds >= self.started_at:
             return ""  # the window lies within this process's life
-        restart = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started_at))
+        start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started_at))
         if self._difflog is not None:
             if self.replayed:
-                return f"the time before the restart at {restart} was read back from the diff log"
+                return f"the time before this gateway started at {start} was read back from the diff log"
             return ""
         if not recorded or not report.mirrored:
             return (
-                f"nothing recorded since the restart at {restart}; without a diff log (--shadow-log-dir) "
-                "nothing from before it is kept"
+                f"nothing recorded since this gateway started at {start}; without a diff log "
+                "(--shadow-log-dir) nothing from before a restart is kept"
             )
-        return f"counts since the restart at {restart} only: without a diff log nothing from before it is kept"
+        return f"counts since this gateway started at {start} only: without a diff log nothing from before is kept"
 
     @property
     def latency_measure(self) -> str:
