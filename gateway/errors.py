@@ -83,6 +83,10 @@ class LockLost(Conflict):
     """A write made for the holder of a lock (the guardian leader) found the lock lost: nothing was written."""
 
 
+class RecordChanged(Conflict):
+    """A record (a rollout's state) changed since it was read: nothing was written; read it again and decide again."""
+
+
 class TooLarge(GatewayError):
     """A request exceeds a configured limit (batch size, message size)."""
 

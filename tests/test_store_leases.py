@@ -1,4 +1,4 @@
-"""Membership, locks and fenced writes, against both stores: SQLite (a file) and etcd (a real server)."""
+"""Membership, locks, fenced writes and record swaps, against both stores: SQLite (a file) and etcd (a real server)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import LockLost
-from gateway.state import AuditDraft, StateStore, fenced, open_store
+from gateway.errors import Conflict, LockLost, RecordChanged
+from gateway.state import AuditDraft, RecordSwap, StateStore, fenced, open_store, swapping
 from gateway.state.sqlite import SqliteStore
 from testkit.fleet import wait_until
 
@@ -129,3 +129,81 @@ def test_etcd_members_and_locks_expire_with_their_lease(etcd) -> None:  # type: 
     finally:
         store.close()
         other.close()
+
+
+def test_record_swaps_compare_the_version_every_write_changes(store: StateStore) -> None:
+    assert store.read_record("rollout", "ctr-ranker") is None
+    with pytest.raises(RecordChanged, match="expected version 7"):
+        store.swap_record("rollout", "ctr-ranker", "lost", 1.0, 7)  # it does not exist
+    first = store.swap_record("rollout", "ctr-ranker", "a", 1.0, 0)
+    assert store.read_record("rollout", "ctr-ranker") == ("a", first)
+    with pytest.raises(RecordChanged, match="must not exist|expected no record"):
+        store.swap_record("rollout", "ctr-ranker", "again", 1.0, 0)
+    second = store.swap_record("rollout", "ctr-ranker", "b", 2.0, first)
+    assert second != first
+    with pytest.raises(RecordChanged):
+        store.swap_record("rollout", "ctr-ranker", "stale", 3.0, first)  # read before `b` was written
+    store.put_record("rollout", "ctr-ranker", "c", 4.0)  # a plain write changes the version too
+    held = store.read_record("rollout", "ctr-ranker")
+    assert held is not None and held[0] == "c" and held[1] != second
+    with pytest.raises(RecordChanged):
+        store.swap_record("rollout", "ctr-ranker", "stale", 5.0, second)
+    assert store.get_record("rollout", "ctr-ranker") == "c"
+
+
+def test_a_record_swap_rides_on_a_commit_or_an_audit_entry_or_neither_is_written(store: StateStore) -> None:
+    version = store.swap_record("rollout", "ctr-ranker", "step 0", 1.0, 0)
+    with swapping(RecordSwap("rollout", "ctr-ranker", "step 1", 2.0, version)) as swap:
+        revision, _ = store.commit(0, '{"v": 1}', draft(0))
+        store.append_audit(draft(1))  # the swap is spent: a later write in the block carries nothing
+    held = store.read_record("rollout", "ctr-ranker")
+    assert held == ("step 1", swap.written) and swap.written != version
+    audit = len(store.audit(limit=100))
+    # Stale: neither the revision nor its audit entry nor the record is written.
+    with swapping(RecordSwap("rollout", "ctr-ranker", "stale", 3.0, version)) as stale:
+        with pytest.raises(RecordChanged):
+            store.commit(1, '{"v": 2}', draft(1))
+        with pytest.raises(RecordChanged):
+            store.append_audit(draft(1))
+    assert stale.written == 0
+    latest = store.latest()
+    assert latest is not None and latest.revision == revision.revision == 1
+    assert len(store.audit(limit=100)) == audit
+    assert store.read_record("rollout", "ctr-ranker") == held
+    # On an audit entry, under the leader's fence: both checks in one transaction.
+    store.join("a", "{}", 10)
+    assert store.acquire("leader", "a") == "a"
+    with fenced("leader", "a"), swapping(RecordSwap("rollout", "ctr-ranker", "paused", 4.0, swap.written)) as note:
+        store.append_audit(draft(1))
+    assert store.read_record("rollout", "ctr-ranker") == ("paused", note.written)
+    assert len(store.audit(limit=100)) == audit + 1
+    # A route conflict is a Conflict, not a changed record: the record is not written either.
+    with swapping(RecordSwap("rollout", "ctr-ranker", "x", 5.0, note.written)), pytest.raises(Conflict) as err:
+        store.commit(0, '{"v": 2}', draft(0))
+    assert not isinstance(err.value, RecordChanged)
+    assert store.get_record("rollout", "ctr-ranker") == "paused"
+
+
+def test_a_sqlite_store_from_before_record_versions_gains_them(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # the schema before records had a version
+        db.executescript(
+            "CREATE TABLE revisions (revision INTEGER PRIMARY KEY, at REAL NOT NULL, document TEXT NOT NULL);"
+            "CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,"
+            " action TEXT NOT NULL, endpoint TEXT NOT NULL, reason TEXT NOT NULL, dry_run INTEGER NOT NULL,"
+            " revision_before INTEGER NOT NULL, revision_after INTEGER NOT NULL, changes TEXT NOT NULL,"
+            " detail TEXT NOT NULL);"
+            "CREATE TABLE records (kind TEXT NOT NULL, key TEXT NOT NULL, at REAL NOT NULL, body TEXT NOT NULL,"
+            " PRIMARY KEY (kind, key));"
+            "INSERT INTO records VALUES ('rollout', 'ctr-ranker', 1.0, 'running');"
+        )
+    db.close()
+    store = SqliteStore(path)
+    try:
+        held = store.read_record("rollout", "ctr-ranker")
+        assert held is not None and held[0] == "running"
+        assert store.swap_record("rollout", "ctr-ranker", "paused", 2.0, held[1]) == held[1] + 1
+    finally:
+        store.close()

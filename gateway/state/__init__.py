@@ -9,6 +9,11 @@ It also knows which processes are alive (members, each on a lease it renews) and
 lock (the guardian leader): a lock lives as long as its holder's membership. Writes made
 inside `fenced(lock, member)` commit only while that member still holds the lock, in the same
 transaction, so a leader that lost its lease (paused, cut off) cannot act after another took over.
+
+Records carry a version that every write of them changes, so a read-modify-write can commit
+with compare-and-swap (`swap_record`); `swapping(RecordSwap)` makes a record write ride on the
+next route commit or audit entry, in the same transaction (a rollout's step and its traffic
+change commit together, or neither does).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.errors import InvalidInput
+from gateway.errors import InvalidInput, RecordChanged
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +116,15 @@ class StateStore(Protocol):
     def create_record(self, kind: str, key: str, body: str, at: float) -> str:
         """Store a record unless it exists; the stored body either way (the first writer's wins)."""
 
+    def read_record(self, kind: str, key: str) -> tuple[str, int] | None:
+        """One record's body and version (every write changes the version), or None."""
+
+    def swap_record(self, kind: str, key: str, body: str, at: float, version: int) -> int:
+        """Store a record if its version is still `version` (0: it must not exist); the new version.
+
+        Raises RecordChanged, writing nothing, when another write came first.
+        """
+
     # --- the fleet: who is alive, who leads ----------------------------------------------------
 
     def join(self, member: str, body: str, ttl: float) -> None:
@@ -166,6 +180,51 @@ def fenced(lock: str, member: str) -> Iterator[None]:
 def current_fence() -> tuple[str, str] | None:
     """(lock, member) the current writes must be fenced by, or None."""
     return _FENCE.get()
+
+
+@dataclass
+class RecordSwap:
+    """A record write that commits only if the record is still at `version` (0: absent), with another write."""
+
+    kind: str
+    key: str
+    body: str
+    at: float
+    version: int
+    #: The record's version once written (0 until then).
+    written: int = 0
+
+
+_SWAP: ContextVar[RecordSwap | None] = ContextVar("gateway_store_swap", default=None)
+
+
+@contextmanager
+def swapping(swap: RecordSwap) -> Iterator[RecordSwap]:
+    """The first route commit or audit entry this thread writes inside also writes `swap`, in its transaction.
+
+    When the record is no longer at `swap.version` that write raises RecordChanged and nothing
+    is written. A block that wrote neither leaves `swap.written` at 0: write it with `swap_record`.
+    """
+    token = _SWAP.set(swap)
+    try:
+        yield swap
+    finally:
+        _SWAP.reset(token)
+
+
+def pending_swap() -> RecordSwap | None:
+    """The record swap the next write in this thread must carry, or None (none, or already written)."""
+    swap = _SWAP.get()
+    return swap if swap is not None and not swap.written else None
+
+
+def record_changed(swap: RecordSwap, found: int) -> RecordChanged:
+    """The error of a swap that found the record at another version."""
+    now = f"version {found}" if found else "no record"
+    return RecordChanged(
+        f"the {swap.kind} record {swap.key} changed meanwhile ({now}, expected "
+        f"{f'version {swap.version}' if swap.version else 'no record'}); nothing was written"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,8 @@ Keys under the store's prefix (default `/gateway`):
   loses a revision, and zero padding makes key order revision order;
 - `{prefix}/audit/{endpoint}/{uuid}`: one audit entry; its id is the etcd revision that
   created it (unique, increasing, assigned inside the same transaction);
-- `{prefix}/records/{kind}/{key}`: a rollout's state, an incident, a batch read pointer;
+- `{prefix}/records/{kind}/{key}`: a rollout's state, an incident, a batch read pointer; a
+  record's version is its key's `mod_revision`, so a record swap compares that;
 - `{prefix}/members/{member}`: one live process, on that process's lease (it keeps the lease
   alive; when the process dies the lease expires and etcd deletes the key);
 - `{prefix}/locks/{lock}`: who holds a lock (the guardian leader), on the holder's lease, so a
@@ -35,7 +36,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from gateway.errors import Conflict, LockLost, NotFound, StoreUnavailable
-from gateway.state import AuditDraft, AuditEntry, Revision, current_fence
+from gateway.state import AuditDraft, AuditEntry, RecordSwap, Revision, current_fence, pending_swap, record_changed
 from gateway.state.etcd_client import Compacted, EtcdClient, EtcdSettings, decode, encode, prefix_end
 
 _KEY_WIDTH = 20
@@ -110,6 +111,7 @@ class EtcdStore:
             [_put(self._revision_key(revision.revision), {"at": revision.at, "document": document}), audit_put],
             compare,
             [{"request_range": {**self._newest(1), "keys_only": True}}],
+            swap=pending_swap(),
         )
         if not answer.get("succeeded"):
             kvs = answer["responses"][0]["response_range"].get("kvs", [])
@@ -141,8 +143,9 @@ class EtcdStore:
     def append_audit(self, audit: AuditDraft) -> AuditEntry:
         """An entry that changes no state."""
         put, entry = self._audit_put(audit, audit.revision_before)
-        if current_fence() is not None:
-            return _numbered(entry, self._fenced_txn([put]))
+        swap = pending_swap()
+        if current_fence() is not None or swap is not None:
+            return _numbered(entry, self._fenced_txn([put], swap=swap))
         return _numbered(entry, self._client.call("/v3/kv/put", put["request_put"], idempotent=False))
 
     def audit(self, endpoint: str | None = None, limit: int = 100, before_id: int = 0) -> list[AuditEntry]:
@@ -196,15 +199,40 @@ class EtcdStore:
         kvs = answer["responses"][0]["response_range"].get("kvs", [])
         return str(json.loads(decode(kvs[0]["value"]))["body"])
 
+    def read_record(self, kind: str, key: str) -> tuple[str, int] | None:
+        """One record's body and version (its key's mod_revision)."""
+        kvs = self._client.call("/v3/kv/range", {"key": encode(self._record_key(kind, key))}).get("kvs", [])
+        if not kvs:
+            return None
+        return str(json.loads(decode(kvs[0]["value"]))["body"]), int(kvs[0]["mod_revision"])
+
+    def swap_record(self, kind: str, key: str, body: str, at: float, version: int) -> int:
+        """Put a record if its mod_revision is still `version` (one transaction); the new version."""
+        swap = RecordSwap(kind, key, body, at, version)
+        self._fenced_txn([], swap=swap)
+        return swap.written
+
     def _fenced_txn(
         self,
         success: list[dict[str, Any]],
         compare: list[dict[str, Any]] | None = None,
         failure: list[dict[str, Any]] | None = None,
+        *,
+        swap: RecordSwap | None = None,
     ) -> dict[str, Any]:
-        """One write transaction; under a fence, it also compares the lock's holder (LockLost when it changed)."""
+        """One write transaction; under a fence, it also compares the lock's holder (LockLost when it changed).
+
+        With `swap`, it also compares the record's version and writes it (RecordChanged when it changed).
+        """
         compare = list(compare or [])
         failure = list(failure or [])
+        success = list(success)
+        swap_at = len(failure)
+        if swap is not None:
+            record = self._record_key(swap.kind, swap.key)
+            compare.append(_absent(record) if not swap.version else _modified_at(record, swap.version))
+            success.append(_put(record, {"at": swap.at, "body": swap.body}))
+            failure.append({"request_range": {"key": encode(record), "keys_only": True}})
         fence = current_fence()
         if fence is not None:
             lock_key = self._lock_key(fence[0])
@@ -220,6 +248,14 @@ class EtcdStore:
             if holder != fence[1]:
                 held = f"held by {holder}" if holder else "held by nobody"
                 raise LockLost(f"{fence[1]} no longer holds {fence[0]} ({held} now); nothing was written")
+        if swap is not None:
+            if not answer.get("succeeded"):
+                kvs = answer["responses"][swap_at]["response_range"].get("kvs", [])
+                found = int(kvs[0]["mod_revision"]) if kvs else 0
+                if found != swap.version:
+                    raise record_changed(swap, found)
+            else:
+                swap.written = int(answer["header"]["revision"])
         return answer
 
     def get_record(self, kind: str, key: str) -> str | None:
@@ -333,6 +369,10 @@ def _put(key: str, value: Mapping[str, Any]) -> dict[str, Any]:
 
 def _absent(key: str) -> dict[str, Any]:
     return {"key": encode(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+
+
+def _modified_at(key: str, revision: int) -> dict[str, Any]:
+    return {"key": encode(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(revision)}
 
 
 def _present(key: str) -> dict[str, Any]:

@@ -6,7 +6,8 @@ revision and its audit entry, and commits once; triggers make the audit log appe
 
 Members are rows with an expiry (the processes sharing the file share one clock), renewed by
 their process; a lock is a row naming its holder, held while the holder's row is live. A
-fenced write checks the lock inside its own `BEGIN IMMEDIATE` transaction.
+fenced write checks the lock inside its own `BEGIN IMMEDIATE` transaction, and a record swap
+compares the record's version there too (every write of a record adds one to it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import Conflict, LockLost, NotFound, StoreUnavailable
-from gateway.state import AuditDraft, AuditEntry, Revision, current_fence
+from gateway.state import AuditDraft, AuditEntry, RecordSwap, Revision, current_fence, pending_swap, record_changed
 
 #: How often a waiting follower checks for another process's commit.
 POLL_SECONDS = 0.02
@@ -51,6 +52,7 @@ CREATE TABLE IF NOT EXISTS records (
     key TEXT NOT NULL,
     at REAL NOT NULL,
     body TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (kind, key)
 );
 CREATE TABLE IF NOT EXISTS members (
@@ -138,10 +140,17 @@ class SqliteStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(_SCHEMA)
+                self._migrate()
                 self._check_writable()
         except BaseException:
             self._db.close()
             raise
+
+    def _migrate(self) -> None:
+        """Bring a store made by an earlier version up to this schema (records gained a version)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
+        if "version" not in columns:
+            self._db.execute("ALTER TABLE records ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
 
     def _check_writable(self) -> None:
         """Write (and roll back) a row, so a read-only file or directory is found now, not at the first change."""
@@ -223,6 +232,7 @@ class SqliteStore:
     def commit(self, expected_revision: int, document: str, audit: AuditDraft) -> tuple[Revision, AuditEntry]:
         """Compare-and-swap the next revision and its audit entry in one transaction."""
         with self._lock, self._errors("be written"):
+            swap = pending_swap()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._check_fence()
@@ -232,6 +242,7 @@ class SqliteStore:
                         f"the routes changed meanwhile (revision {newest}, expected {expected_revision}); "
                         "look at the new routes and retry"
                     )
+                written = self._swap(swap) if swap is not None else 0
                 revision = Revision(newest + 1, audit.at, document)
                 self._db.execute(
                     "INSERT INTO revisions (revision, at, document) VALUES (?, ?, ?)",
@@ -242,11 +253,13 @@ class SqliteStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        if swap is not None:
+            swap.written = written
         return revision, entry
 
     def append_audit(self, audit: AuditDraft) -> AuditEntry:
         """An entry that changes no state."""
-        with self._lock, self._errors("be written"), self._fenced_write():
+        with self._lock, self._errors("be written"), self._fenced_write(carry_swap=True):
             return self._insert_audit(audit, audit.revision_before)
 
     def audit(self, endpoint: str | None = None, limit: int = 100, before_id: int = 0) -> list[AuditEntry]:
@@ -266,7 +279,8 @@ class SqliteStore:
         with self._lock, self._errors("be written"), self._fenced_write():
             self._db.execute(
                 "INSERT INTO records (kind, key, at, body) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (kind, key) DO UPDATE SET at = excluded.at, body = excluded.body",
+                "ON CONFLICT (kind, key) DO UPDATE SET at = excluded.at, body = excluded.body, "
+                "version = records.version + 1",
                 (kind, key, at, body),
             )
 
@@ -278,7 +292,8 @@ class SqliteStore:
                 self._check_fence()
                 self._db.execute(
                     "INSERT INTO records (kind, key, at, body) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (kind, key) DO UPDATE SET at = excluded.at, body = excluded.body",
+                    "ON CONFLICT (kind, key) DO UPDATE SET at = excluded.at, body = excluded.body, "
+                    "version = records.version + 1",
                     (kind, key, at, body),
                 )
                 entry = self._insert_audit(audit, audit.revision_before)
@@ -297,6 +312,38 @@ class SqliteStore:
             )
             (stored,) = self._db.execute("SELECT body FROM records WHERE kind = ? AND key = ?", (kind, key)).fetchone()
         return str(stored)
+
+    def read_record(self, kind: str, key: str) -> tuple[str, int] | None:
+        """One record's body and version."""
+        with self._lock, self._errors("be read"):
+            row = self._db.execute(
+                "SELECT body, version FROM records WHERE kind = ? AND key = ?", (kind, key)
+            ).fetchone()
+        return (str(row[0]), int(row[1])) if row else None
+
+    def swap_record(self, kind: str, key: str, body: str, at: float, version: int) -> int:
+        """Write a record if it is still at `version` (checked in the write's transaction); the new version."""
+        swap = RecordSwap(kind, key, body, at, version)
+        with self._lock, self._errors("be written"), self._transaction():
+            self._check_fence()
+            written = self._swap(swap)
+        swap.written = written
+        return written
+
+    def _swap(self, swap: RecordSwap) -> int:
+        """Compare the record's version and write it (inside a transaction); its new version."""
+        row = self._db.execute(
+            "SELECT version FROM records WHERE kind = ? AND key = ?", (swap.kind, swap.key)
+        ).fetchone()
+        found = int(row[0]) if row else 0
+        if found != swap.version:
+            raise record_changed(swap, found)
+        self._db.execute(
+            "INSERT INTO records (kind, key, at, body, version) VALUES (?, ?, ?, ?, ?) ON CONFLICT (kind, key) "
+            "DO UPDATE SET at = excluded.at, body = excluded.body, version = excluded.version",
+            (swap.kind, swap.key, swap.at, swap.body, found + 1),
+        )
+        return found + 1
 
     def get_record(self, kind: str, key: str) -> str | None:
         """One record's body."""
@@ -326,14 +373,21 @@ class SqliteStore:
             raise
 
     @contextmanager
-    def _fenced_write(self) -> Iterator[None]:
-        """A single write, in a transaction that checks the fence when there is one; call with the lock held."""
-        if current_fence() is None:
+    def _fenced_write(self, *, carry_swap: bool = False) -> Iterator[None]:
+        """A single write, in a transaction that checks the fence when there is one; call with the lock held.
+
+        With `carry_swap`, a pending record swap (`swapping`) commits in the same transaction.
+        """
+        swap = pending_swap() if carry_swap else None
+        if current_fence() is None and swap is None:
             yield
             return
         with self._transaction():
             self._check_fence()
+            written = self._swap(swap) if swap is not None else 0
             yield
+        if swap is not None:
+            swap.written = written
 
     def _check_fence(self) -> None:
         fence = current_fence()
