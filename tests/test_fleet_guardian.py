@@ -257,3 +257,31 @@ def test_two_workers_on_sqlite_make_one_rollback_and_give_one_answer(tmp_path: P
     finally:
         if gateway.process.poll() is None:
             gateway.stop()
+
+
+def test_a_shadow_only_another_process_mirrored_to_is_reported_from_any(tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        asked, mirrored = start_members(stack, tmp_path / "state.db", 2, *FAST)
+        on = admin_pb.SetShadowRequest(endpoint="ctr-ranker", version="1.14", percent=100, reason="dark launch")
+        revision = int(admin(asked, "SetShadow", on).revision)
+        assert wait_until(lambda: mirrored.served_revision() >= revision)
+        for k in range(20):  # only this process mirrors to the shadow
+            assert predict(mirrored, f"mirrored-{k}") is not None
+        off = admin_pb.SetShadowRequest(endpoint="ctr-ranker", version="1.14", percent=0, reason="done")
+        revision = int(admin(asked, "SetShadow", off).revision)  # `asked` never served a request meanwhile
+        assert wait_until(lambda: mirrored.served_revision() >= revision)
+
+        def report(member: Member, version: str) -> admin_pb.ShadowReport:
+            request = admin_pb.GetShadowReportRequest(endpoint="ctr-ranker", shadow_version=version)
+            answer: admin_pb.ShadowReport = admin(member, "GetShadowReport", request)
+            return answer
+
+        assert wait_until(lambda: report(mirrored, "1.14").compared >= 20, timeout=30)
+        # The process asked never mirrored to 1.14, and 1.14 is no longer a shadow: the fleet has seen it.
+        named, unnamed = report(asked, "1.14"), report(asked, "")
+        assert named == unnamed == report(mirrored, "1.14")
+        assert (named.shadow_version, named.processes, named.compared) == ("1.14", 2, report(mirrored, "1.14").compared)
+        with pytest.raises(grpc.RpcError) as never:
+            report(asked, "1.13")
+        assert never.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "1.13 has never been a shadow" in str(never.value.details())

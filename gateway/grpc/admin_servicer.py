@@ -37,6 +37,10 @@ class ShadowPeers(Protocol):
         """Every other live process's summary of a shadow over a window."""
         ...
 
+    def shadows_seen(self, endpoint: str) -> set[str]:
+        """The endpoint's shadow versions any other live process has mirrored to."""
+        ...
+
 
 def _reason(request: Any) -> str:
     """A caller's reason, within the audit log's limit (the guardian's and rollouts' own are not checked)."""
@@ -150,6 +154,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             if peers is None
             else lambda version: peers.shadow_summaries(endpoint.name, version, window, top),
             past_shadows=lambda: self._control.past_shadows(endpoint.name),
+            seen_elsewhere=None if peers is None else lambda: peers.shadows_seen(endpoint.name),
         )
         return convert.shadow_report(report, percent)
 

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -170,11 +170,16 @@ class FleetServicer(pb_grpc.FleetServicer):
         return window_counts(now, series, self._memory.export(request.since_second))
 
     def PullShadowSummary(self, request: pb.PullShadowSummaryRequest, context: object) -> pb.ShadowSummary:
-        """A summary of one shadow in this process over a window."""
+        """A summary of one shadow in this process over a window (none asked: which shadows it has seen)."""
+        seen = sorted(version for endpoint, version in self._shadow.shadows() if endpoint == request.endpoint)
+        if not request.shadow_version:
+            return pb.ShadowSummary(shadows_seen=seen)
         summary = self._shadow.summary(
             request.endpoint, request.shadow_version, request.window_seconds or 3600, request.top or 10
         )
-        return shadow_summary(summary)
+        answer = shadow_summary(summary)
+        answer.shadows_seen.extend(seen)
+        return answer
 
 
 def _peer_authenticator(key: FleetKey) -> Any:
@@ -301,20 +306,17 @@ class FleetPeers:
         self._silent &= {m.id for m, _ in asks}
         return answers
 
+    def _ask_others(self, call: Callable[[pb_grpc.FleetStub], Any]) -> list[tuple[Member, Any]]:
+        """`call` on every other live member with an address, all in flight at once: (member, future)."""
+        me = self._fleet.member_id
+        return [(m, call(self._stub(m.address))) for m in self._fleet.members() if m.id != me and m.address]
+
     def shadow_summaries(self, endpoint: str, version: str, window: int, top: int) -> list[ShadowSummary]:
         """Every other live process's summary of a shadow (a process that does not answer is left out, and logged)."""
-        me = self._fleet.member_id
-        others = [m for m in self._fleet.members() if m.id != me and m.address]
         request = pb.PullShadowSummaryRequest(endpoint=endpoint, shadow_version=version, window_seconds=window, top=top)
-        calls = [
-            (
-                m,
-                self._stub(m.address).PullShadowSummary.future(
-                    request, metadata=self._metadata, timeout=SHADOW_TIMEOUT
-                ),
-            )
-            for m in others
-        ]
+        calls = self._ask_others(
+            lambda stub: stub.PullShadowSummary.future(request, metadata=self._metadata, timeout=SHADOW_TIMEOUT)
+        )
         summaries = []
         for member, call in calls:
             try:
@@ -322,6 +324,20 @@ class FleetPeers:
             except grpc.RpcError as err:
                 log.warning("no shadow summary from %s (%s): %s", member.process, member.address, err.code().name)
         return summaries
+
+    def shadows_seen(self, endpoint: str) -> set[str]:
+        """The endpoint's shadows every other live process has mirrored to (one that does not answer is logged)."""
+        seen: set[str] = set()
+        request = pb.PullShadowSummaryRequest(endpoint=endpoint)
+        calls = self._ask_others(
+            lambda stub: stub.PullShadowSummary.future(request, metadata=self._metadata, timeout=SHADOW_TIMEOUT)
+        )
+        for member, call in calls:
+            try:
+                seen.update(call.result().shadows_seen)
+            except grpc.RpcError as err:
+                log.warning("no shadows from %s (%s): %s", member.process, member.address, err.code().name)
+        return seen
 
     def close(self) -> None:
         """Close every channel."""

@@ -389,6 +389,7 @@ class ShadowRunner:
         *,
         others: Callable[[str], Sequence[ShadowSummary]] | None = None,
         past_shadows: Callable[[], Collection[str]] = frozenset,
+        seen_elsewhere: Callable[[], Collection[str]] | None = None,
     ) -> tuple[ShadowReport, int]:
         """A shadow's report and its configured percent (`shadows`: the endpoint's shadows now).
 
@@ -396,11 +397,15 @@ class ShadowRunner:
         processes' summaries of it (the fleet's report adds them to this process's).
         `past_shadows` names the versions that were shadows at any earlier route revision (asked
         only when this process has no record of the version), so "never a shadow" and "nothing
-        recorded since the restart" differ.
+        recorded since the restart" differ; `seen_elsewhere()` the endpoint's shadows that other
+        processes mirrored to (asked only when no shadow is configured, or the version named is
+        known neither here nor in the route history).
         """
-        seen = sorted(v for e, v in self.stats.shadows() if e == endpoint)
+        local = {v for e, v in self.stats.shadows() if e == endpoint}
         if not version:
-            candidates = sorted(shadows) or seen
+            candidates = sorted(shadows)
+            if not candidates:  # none configured now: those the fleet mirrored to
+                candidates = sorted(local | set(seen_elsewhere() if seen_elsewhere is not None else ()))
             if len(candidates) != 1:
                 earlier = sorted(past_shadows()) if not candidates else []
                 if earlier:
@@ -410,7 +415,12 @@ class ShadowRunner:
                 listed = ", ".join(candidates) or "(none)"
                 raise InvalidInput(f"{endpoint} has shadows {listed}; name the version to report on")
             version = candidates[0]
-        elif version not in shadows and version not in seen and version not in past_shadows():
+        elif (
+            version not in shadows
+            and version not in local
+            and version not in past_shadows()
+            and (seen_elsewhere is None or version not in seen_elsewhere())
+        ):
             listed = ", ".join(sorted(shadows)) or "(none)"
             raise NotFound(f"{endpoint} {version} has never been a shadow; shadows: {listed}")
         if window_seconds <= 0:
@@ -422,7 +432,7 @@ class ShadowRunner:
         report = summary.report()
         if merged:  # each process has its own start: a note about one would mislead in the fleet's sum
             return report, shadows.get(version, 0)
-        return replace(report, note=self._note(report, version in seen)), shadows.get(version, 0)
+        return replace(report, note=self._note(report, version in local)), shadows.get(version, 0)
 
     def _note(self, report: ShadowReport, recorded: bool) -> str:
         """Where the numbers come from, when a restart is in the window."""

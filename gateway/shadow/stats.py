@@ -344,6 +344,11 @@ class ShadowStats:
             series = self._series[key] = _Series(self._records)
         return series
 
+    def _read(self, endpoint: str, version: str) -> _Series:
+        """The series of a shadow, or an empty one; a read never makes a version a shadow seen here."""
+        series = self._series.get((endpoint, version))
+        return series if series is not None else _Series(self._records)
+
     def mirrored(self, endpoint: str, version: str) -> None:
         """A copy was sampled for the shadow."""
         with self._lock:
@@ -377,7 +382,7 @@ class ShadowStats:
     def totals(self, endpoint: str, version: str) -> tuple[int, int, int, dict[str, int]]:
         """Cumulative (mirrored, compared, dropped, errors by code)."""
         with self._lock:
-            total = self._get(endpoint, version).total
+            total = self._read(endpoint, version).total
             return total.mirrored, total.compared, total.dropped, dict(total.errors)
 
     def shadows(self) -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!gateway/pb/gateway/v1/fleet.proto\x12\ngateway.v1\"*\n\x12PullWindowsRequest\x12\x14\n\x0csince_second\x18\x01 \x01(\x03\"8\n\x06Sparse\x12\r\n\x05index\x18\x01 \x03(\r\x12\x10\n\x08integers\x18\x02 \x03(\x12\x12\r\n\x05reals\x18\x03 \x03(\x01\"n\n\x0b\x46ieldCounts\x12\r\n\x05\x66ield\x18\x01 \x01(\r\x12\x11\n\x07integer\x18\x02 \x01(\x12H\x00\x12\x0e\n\x04real\x18\x03 \x01(\x01H\x00\x12$\n\x06vector\x18\x04 \x01(\x0b\x32\x12.gateway.v1.SparseH\x00\x42\x07\n\x05value\"G\n\x0cSecondCounts\x12\x0e\n\x06second\x18\x01 \x01(\x03\x12\'\n\x06\x66ields\x18\x02 \x03(\x0b\x32\x17.gateway.v1.FieldCounts\"l\n\x0cSeriesCounts\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06pinned\x18\x03 \x01(\x08\x12)\n\x07seconds\x18\x04 \x03(\x0b\x32\x18.gateway.v1.SecondCounts\"\x86\x01\n\x0cWindowCounts\x12\x12\n\nnow_second\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ields\x18\x02 \x03(\t\x12(\n\x06series\x18\x03 \x03(\x0b\x32\x18.gateway.v1.SeriesCounts\x12(\n\x06memory\x18\x04 \x03(\x0b\x32\x18.gateway.v1.MemorySample\"-\n\x0cMemorySample\x12\x0e\n\x06second\x18\x01 \x01(\x03\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"i\n\x18PullShadowSummaryRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x16\n\x0eshadow_version\x18\x02 \x01(\t\x12\x16\n\x0ewindow_seconds\x18\x03 \x01(\r\x12\x0b\n\x03top\x18\x04 \x01(\r\"5\n\tDivergent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cmax_abs_diff\x18\x02 \x01(\x01\"\xd9\x03\n\rShadowSummary\x12\x0c\n\x04seen\x18\x01 \x01(\x08\x12\x10\n\x08mirrored\x18\x02 \x01(\x04\x12\x10\n\x08\x63ompared\x18\x03 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x04 \x01(\x04\x12\x35\n\x06\x65rrors\x18\x05 \x03(\x0b\x32%.gateway.v1.ShadowSummary.ErrorsEntry\x12\x11\n\tdecisions\x18\x06 \x01(\x04\x12\r\n\x05\x61gree\x18\x07 \x01(\x04\x12%\n\tdiff_bins\x18\x08 \x01(\x0b\x32\x12.gateway.v1.Sparse\x12\x10\n\x08\x64iff_max\x18\t \x01(\x01\x12\x14\n\x0c\x64iff_decades\x18\n \x03(\x04\x12+\n\x0fprimary_latency\x18\x0b \x01(\x0b\x32\x12.gateway.v1.Sparse\x12*\n\x0eshadow_latency\x18\x0c \x01(\x0b\x32\x12.gateway.v1.Sparse\x12\"\n\x03top\x18\r \x03(\x0b\x32\x15.gateway.v1.Divergent\x12\x18\n\x10primary_versions\x18\x0e \x03(\t\x12\x17\n\x0flatency_samples\x18\x0f \x01(\x04\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xa6\x01\n\x05\x46leet\x12G\n\x0bPullWindows\x12\x1e.gateway.v1.PullWindowsRequest\x1a\x18.gateway.v1.WindowCounts\x12T\n\x11PullShadowSummary\x12$.gateway.v1.PullShadowSummaryRequest\x1a\x19.gateway.v1.ShadowSummaryb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!gateway/pb/gateway/v1/fleet.proto\x12\ngateway.v1\"*\n\x12PullWindowsRequest\x12\x14\n\x0csince_second\x18\x01 \x01(\x03\"8\n\x06Sparse\x12\r\n\x05index\x18\x01 \x03(\r\x12\x10\n\x08integers\x18\x02 \x03(\x12\x12\r\n\x05reals\x18\x03 \x03(\x01\"n\n\x0b\x46ieldCounts\x12\r\n\x05\x66ield\x18\x01 \x01(\r\x12\x11\n\x07integer\x18\x02 \x01(\x12H\x00\x12\x0e\n\x04real\x18\x03 \x01(\x01H\x00\x12$\n\x06vector\x18\x04 \x01(\x0b\x32\x12.gateway.v1.SparseH\x00\x42\x07\n\x05value\"G\n\x0cSecondCounts\x12\x0e\n\x06second\x18\x01 \x01(\x03\x12\'\n\x06\x66ields\x18\x02 \x03(\x0b\x32\x17.gateway.v1.FieldCounts\"l\n\x0cSeriesCounts\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06pinned\x18\x03 \x01(\x08\x12)\n\x07seconds\x18\x04 \x03(\x0b\x32\x18.gateway.v1.SecondCounts\"\xb7\x01\n\x0cWindowCounts\x12\x12\n\nnow_second\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ields\x18\x02 \x03(\t\x12(\n\x06series\x18\x03 \x03(\x0b\x32\x18.gateway.v1.SeriesCounts\x12(\n\x06memory\x18\x04 \x03(\x0b\x32\x18.gateway.v1.MemorySample\x12/\n\nhistograms\x18\x05 \x03(\x0b\x32\x1b.gateway.v1.HistogramCounts\"z\n\x0fHistogramCounts\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04\x62ins\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\r\x12(\n\x05slots\x18\x05 \x03(\x0b\x32\x19.gateway.v1.HistogramSlot\"C\n\rHistogramSlot\x12\x0e\n\x06second\x18\x01 \x01(\x03\x12\"\n\x06\x63ounts\x18\x02 \x01(\x0b\x32\x12.gateway.v1.Sparse\"-\n\x0cMemorySample\x12\x0e\n\x06second\x18\x01 \x01(\x03\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"i\n\x18PullShadowSummaryRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x16\n\x0eshadow_version\x18\x02 \x01(\t\x12\x16\n\x0ewindow_seconds\x18\x03 \x01(\r\x12\x0b\n\x03top\x18\x04 \x01(\r\"5\n\tDivergent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cmax_abs_diff\x18\x02 \x01(\x01\"\xef\x03\n\rShadowSummary\x12\x0c\n\x04seen\x18\x01 \x01(\x08\x12\x10\n\x08mirrored\x18\x02 \x01(\x04\x12\x10\n\x08\x63ompared\x18\x03 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x04 \x01(\x04\x12\x35\n\x06\x65rrors\x18\x05 \x03(\x0b\x32%.gateway.v1.ShadowSummary.ErrorsEntry\x12\x11\n\tdecisions\x18\x06 \x01(\x04\x12\r\n\x05\x61gree\x18\x07 \x01(\x04\x12%\n\tdiff_bins\x18\x08 \x01(\x0b\x32\x12.gateway.v1.Sparse\x12\x10\n\x08\x64iff_max\x18\t \x01(\x01\x12\x14\n\x0c\x64iff_decades\x18\n \x03(\x04\x12+\n\x0fprimary_latency\x18\x0b \x01(\x0b\x32\x12.gateway.v1.Sparse\x12*\n\x0eshadow_latency\x18\x0c \x01(\x0b\x32\x12.gateway.v1.Sparse\x12\"\n\x03top\x18\r \x03(\x0b\x32\x15.gateway.v1.Divergent\x12\x18\n\x10primary_versions\x18\x0e \x03(\t\x12\x17\n\x0flatency_samples\x18\x0f \x01(\x04\x12\x14\n\x0cshadows_seen\x18\x10 \x03(\t\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xa6\x01\n\x05\x46leet\x12G\n\x0bPullWindows\x12\x1e.gateway.v1.PullWindowsRequest\x1a\x18.gateway.v1.WindowCounts\x12T\n\x11PullShadowSummary\x12$.gateway.v1.PullShadowSummaryRequest\x1a\x19.gateway.v1.ShadowSummaryb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERIESCOUNTS']._serialized_start=336
   _globals['_SERIESCOUNTS']._serialized_end=444
   _globals['_WINDOWCOUNTS']._serialized_start=447
-  _globals['_WINDOWCOUNTS']._serialized_end=581
-  _globals['_MEMORYSAMPLE']._serialized_start=583
-  _globals['_MEMORYSAMPLE']._serialized_end=628
-  _globals['_PULLSHADOWSUMMARYREQUEST']._serialized_start=630
-  _globals['_PULLSHADOWSUMMARYREQUEST']._serialized_end=735
-  _globals['_DIVERGENT']._serialized_start=737
-  _globals['_DIVERGENT']._serialized_end=790
-  _globals['_SHADOWSUMMARY']._serialized_start=793
-  _globals['_SHADOWSUMMARY']._serialized_end=1266
-  _globals['_SHADOWSUMMARY_ERRORSENTRY']._serialized_start=1221
-  _globals['_SHADOWSUMMARY_ERRORSENTRY']._serialized_end=1266
-  _globals['_FLEET']._serialized_start=1269
-  _globals['_FLEET']._serialized_end=1435
+  _globals['_WINDOWCOUNTS']._serialized_end=630
+  _globals['_HISTOGRAMCOUNTS']._serialized_start=632
+  _globals['_HISTOGRAMCOUNTS']._serialized_end=754
+  _globals['_HISTOGRAMSLOT']._serialized_start=756
+  _globals['_HISTOGRAMSLOT']._serialized_end=823
+  _globals['_MEMORYSAMPLE']._serialized_start=825
+  _globals['_MEMORYSAMPLE']._serialized_end=870
+  _globals['_PULLSHADOWSUMMARYREQUEST']._serialized_start=872
+  _globals['_PULLSHADOWSUMMARYREQUEST']._serialized_end=977
+  _globals['_DIVERGENT']._serialized_start=979
+  _globals['_DIVERGENT']._serialized_end=1032
+  _globals['_SHADOWSUMMARY']._serialized_start=1035
+  _globals['_SHADOWSUMMARY']._serialized_end=1530
+  _globals['_SHADOWSUMMARY_ERRORSENTRY']._serialized_start=1485
+  _globals['_SHADOWSUMMARY_ERRORSENTRY']._serialized_end=1530
+  _globals['_FLEET']._serialized_start=1533
+  _globals['_FLEET']._serialized_end=1699
 # @@protoc_insertion_point(module_scope)

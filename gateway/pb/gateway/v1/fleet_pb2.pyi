@@ -173,6 +173,7 @@ class WindowCounts(_message.Message):
     FIELDS_FIELD_NUMBER: _builtins.int
     SERIES_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
+    HISTOGRAMS_FIELD_NUMBER: _builtins.int
     now_second: _builtins.int
     """This process's current second: still counting, so the next pull asks for it again."""
     @_builtins.property
@@ -187,6 +188,10 @@ class WindowCounts(_message.Message):
     def memory(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemorySample]:
         """This process's resident memory, one sample a second, from `since_second` on (memory_growth)."""
 
+    @_builtins.property
+    def histograms(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistogramCounts]:
+        """This process's drift histograms (feature_drift, score_drift) from the slot of `since_second` on."""
+
     def __init__(
         self,
         *,
@@ -194,14 +199,75 @@ class WindowCounts(_message.Message):
         fields: _abc.Iterable[_builtins.str] | None = ...,
         series: _abc.Iterable[Global___SeriesCounts] | None = ...,
         memory: _abc.Iterable[Global___MemorySample] | None = ...,
+        histograms: _abc.Iterable[Global___HistogramCounts] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "memory", b"memory", "now_second", b"now_second", "series", b"series"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "histograms", b"histograms", "memory", b"memory", "now_second", b"now_second", "series", b"series"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WindowCounts: _TypeAlias = WindowCounts  # noqa: Y015
+
+@_typing.final
+class HistogramCounts(_message.Message):
+    """One series' drift histograms: what each slot (SLOT_SECONDS of `gateway/telemetry/drift.py`) added."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    BINS_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    version: _builtins.str
+    bins: _builtins.str
+    """Which bins they count on (a digest of the bin edges): histograms add up only on the same bins."""
+    size: _builtins.int
+    """Counters per slot: features x (FEATURE_BINS + 1) + 2 x (SCORE_BINS + 1)."""
+    @_builtins.property
+    def slots(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistogramSlot]: ...
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        version: _builtins.str = ...,
+        bins: _builtins.str = ...,
+        size: _builtins.int = ...,
+        slots: _abc.Iterable[Global___HistogramSlot] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bins", b"bins", "endpoint", b"endpoint", "size", b"size", "slots", b"slots", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistogramCounts: _TypeAlias = HistogramCounts  # noqa: Y015
+
+@_typing.final
+class HistogramSlot(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECOND_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    second: _builtins.int
+    """The slot's first second; the slot of `now_second` is still counting."""
+    @_builtins.property
+    def counts(self) -> Global___Sparse: ...
+    def __init__(
+        self,
+        *,
+        second: _builtins.int = ...,
+        counts: Global___Sparse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "second", b"second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistogramSlot: _TypeAlias = HistogramSlot  # noqa: Y015
 
 @_typing.final
 class MemorySample(_message.Message):
@@ -315,6 +381,7 @@ class ShadowSummary(_message.Message):
     TOP_FIELD_NUMBER: _builtins.int
     PRIMARY_VERSIONS_FIELD_NUMBER: _builtins.int
     LATENCY_SAMPLES_FIELD_NUMBER: _builtins.int
+    SHADOWS_SEEN_FIELD_NUMBER: _builtins.int
     seen: _builtins.bool
     """Whether this process has ever mirrored to the shadow."""
     mirrored: _builtins.int
@@ -345,6 +412,13 @@ class ShadowSummary(_message.Message):
     def top(self) -> _containers.RepeatedCompositeFieldContainer[Global___Divergent]: ...
     @_builtins.property
     def primary_versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def shadows_seen(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every shadow version of the endpoint this process has mirrored to: a report that names a
+        version no longer configured, or none, looks across the fleet. An empty `shadow_version`
+        in the request asks for this list only.
+        """
+
     def __init__(
         self,
         *,
@@ -363,10 +437,11 @@ class ShadowSummary(_message.Message):
         top: _abc.Iterable[Global___Divergent] | None = ...,
         primary_versions: _abc.Iterable[_builtins.str] | None = ...,
         latency_samples: _builtins.int = ...,
+        shadows_seen: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["diff_bins", b"diff_bins", "primary_latency", b"primary_latency", "shadow_latency", b"shadow_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agree", b"agree", "compared", b"compared", "decisions", b"decisions", "diff_bins", b"diff_bins", "diff_decades", b"diff_decades", "diff_max", b"diff_max", "dropped", b"dropped", "errors", b"errors", "latency_samples", b"latency_samples", "mirrored", b"mirrored", "primary_latency", b"primary_latency", "primary_versions", b"primary_versions", "seen", b"seen", "shadow_latency", b"shadow_latency", "top", b"top"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agree", b"agree", "compared", b"compared", "decisions", b"decisions", "diff_bins", b"diff_bins", "diff_decades", b"diff_decades", "diff_max", b"diff_max", "dropped", b"dropped", "errors", b"errors", "latency_samples", b"latency_samples", "mirrored", b"mirrored", "primary_latency", b"primary_latency", "primary_versions", b"primary_versions", "seen", b"seen", "shadow_latency", b"shadow_latency", "shadows_seen", b"shadows_seen", "top", b"top"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
