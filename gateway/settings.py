@@ -166,6 +166,10 @@ class GatewaySettings(BaseSettings):
     """Host others reach this process at (a pod IP); empty: --fleet-listen's host (this machine's name for 0.0.0.0)."""
     fleet_lease: Seconds = Field(default=10, ge=2, le=600)
     """Seconds a process stays a fleet member unrenewed; a dead guardian leader is replaced within about this."""
+    fleet_tls_ca: Annotated[Path | None, BeforeValidator(_optional_path)] = None
+    """PEM CA certificate(s) the other processes' tls_cert is checked against (with TLS on); unset: default roots."""
+    fleet_tls_server_name: str = ""
+    """Name expected in the other processes' certificates when it is not the host they advertise."""
     log_format: Literal["text", "json"] = "text"
     """`json`: one JSON object per log line, for log shippers."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -81,7 +81,7 @@ async def _serve(settings: GatewaySettings) -> int:
     try:
         gateway = Gateway.from_file(settings.config, store, settings=settings, telemetry=runtime.telemetry)
         revision = await asyncio.to_thread(gateway.start)
-        fleet = await start_fleet(gateway, settings.fleet_listen, settings.fleet_advertise)
+        fleet = await start_fleet(gateway, settings.fleet_listen, settings.fleet_advertise, tls)
         gateway.guardian.start()
         gateway.follower.start()
         inference = await start_inference_server(gateway, settings.listen, tokens, tls)

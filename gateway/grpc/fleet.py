@@ -5,6 +5,10 @@ shared between workers, so each process can be asked on its own) and registers i
 in the store. `FleetPeers` is the calling side: the guardian leader's `pull_windows` (one call
 per member, all in flight at once, each bounded by `PULL_TIMEOUT`), and `shadow_summaries`
 for a fleet-wide shadow report. Calls carry the fleet's token (`FleetKey.peer_token`).
+
+With TLS on (`--tls-cert`/`--tls-key`), the fleet listener serves TLS like the other
+listeners (mutual TLS with `--tls-client-ca`, reloaded on SIGHUP with them), and the calling
+side verifies each peer's certificate (`--fleet-tls-ca`), showing its own under mutual TLS.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from gateway.app import Gateway
 from gateway.auth import FleetKey
 from gateway.grpc.errors import guard_threaded_servicer
 from gateway.grpc.server import bind, server_options
+from gateway.grpc.tls import ClientTls, ServerTls
 from gateway.orchestration.fleet import Fleet, Member
 from gateway.orchestration.fleet_windows import Pulled
 from gateway.pb.gateway.v1 import fleet_pb2 as pb
@@ -219,10 +224,27 @@ def advertised(listen: str, port: int, advertise: str = "") -> str:
     return f"{host}:{port}"
 
 
-async def start_fleet(gateway: Gateway, listen: str, advertise: str = "") -> FleetServer:
-    """Start the fleet listener and join the fleet with its address; the guardian then acts while it leads."""
+def _loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+async def start_fleet(gateway: Gateway, listen: str, advertise: str = "", tls: ServerTls | None = None) -> FleetServer:
+    """Start the fleet listener and join the fleet with its address; the guardian then acts while it leads.
+
+    `tls`: the listeners' TLS, served here too; the other processes are then called over TLS,
+    verified against `fleet_tls_ca` of the gateway's settings.
+    """
     key = gateway.fleet_key
     assert key is not None, "gateway.start() reads the fleet key first"
+    settings = gateway.settings
+    client = ClientTls.for_fleet(tls, settings.fleet_tls_ca, settings.fleet_tls_server_name)
+    if tls is None and not _loopback(listen):
+        log.warning(
+            "the fleet listener on %s is plaintext: its token and window counts cross the network in the clear; "
+            "serve TLS (--tls-cert, --tls-key, and --fleet-tls-ca for the peers' CA) across hosts",
+            listen,
+        )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="fleet"),
         options=server_options(gateway.settings.max_message_bytes),
@@ -235,10 +257,10 @@ async def start_fleet(gateway: Gateway, listen: str, advertise: str = "") -> Fle
         ),
         server,
     )
-    port = bind(server, listen)
+    port = bind(server, listen, tls)
     server.start()
     address = advertised(listen, port, advertise)
-    peers = FleetPeers(key, gateway.fleet, gateway.settings.max_message_bytes)
+    peers = FleetPeers(key, gateway.fleet, settings.max_message_bytes, tls=client)
     try:
         await asyncio.to_thread(gateway.join_fleet, address, peers.pull_windows)
     except BaseException:
@@ -254,19 +276,31 @@ async def start_fleet(gateway: Gateway, listen: str, advertise: str = "") -> Fle
 class FleetPeers:
     """Channels to the other live processes (opened on first use, closed when they leave) and the calls on them."""
 
-    def __init__(self, key: FleetKey, fleet: Fleet, max_message_bytes: int = 4 * 1024 * 1024) -> None:
+    def __init__(
+        self, key: FleetKey, fleet: Fleet, max_message_bytes: int = 4 * 1024 * 1024, *, tls: ClientTls | None = None
+    ) -> None:
         self._metadata = (("authorization", f"Bearer {key.peer_token}"),)
         self._fleet = fleet
-        self._options = [("grpc.max_receive_message_length", max_message_bytes)]
+        self._options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", max_message_bytes)]
+        self._tls = tls
+        self._generation = 0  # of the TLS files the open channels were made with
         self._channels: dict[str, tuple[grpc.Channel, pb_grpc.FleetStub]] = {}
         self._lock = threading.Lock()
         self._silent: set[str] = set()  # members whose last pull failed (logged once, not every tick)
 
     def _stub(self, address: str) -> pb_grpc.FleetStub:
+        tls = self._tls
+        if tls is not None and tls.current()[0] != self._generation:
+            self._forget_except(set())  # certificates rotated (SIGHUP): new channels, with the new files
+            self._generation = tls.current()[0]
         with self._lock:
             held = self._channels.get(address)
             if held is None:
-                channel = grpc.insecure_channel(address, options=self._options)
+                channel = (
+                    tls.channel(address, self._options)
+                    if tls is not None
+                    else grpc.insecure_channel(address, options=self._options)
+                )
                 held = self._channels[address] = (channel, pb_grpc.FleetStub(channel))
             return held[1]
 
