@@ -82,7 +82,7 @@ class Gateway:
             gauges=self.telemetry.gauges,
         )
         self.fleet = Fleet(store, lease_seconds=self.settings.fleet_lease)
-        self.fleet_windows = FleetWindows(self.telemetry.windows, self.fleet.member_id)
+        self.fleet_windows = FleetWindows(self.telemetry.windows, self.fleet.member_id, drift=self.telemetry.drift)
         #: The secret the fleet's processes share (read from the store by `start`).
         self.fleet_key: FleetKey | None = None
         self.inference = InferenceService(

@@ -16,15 +16,18 @@ from contextlib import ExitStack, suppress
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from gateway.pb.gateway.v1 import admin_pb2 as admin_pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
+from gateway.routing import EndpointRoutes
+from gateway.state import open_store
 from testkit.etcd import EtcdServer
 from testkit.fleet import Member, start_members, wait_until
-from testkit.gateways import GatewayProcess, bearer, predict_request
+from testkit.gateways import GatewayProcess, bearer, predict_request, tensor
 
 pytestmark = pytest.mark.slow
 FAST = ("--guardian-tick", "0.2", "--fleet-lease", "3")
@@ -285,3 +288,52 @@ def test_a_shadow_only_another_process_mirrored_to_is_reported_from_any(tmp_path
             report(asked, "1.13")
         assert never.value.code() == grpc.StatusCode.NOT_FOUND
         assert "1.13 has never been a shadow" in str(never.value.details())
+
+
+def test_a_feature_shift_split_over_three_replicas_each_below_the_minimum_is_seen_on_the_merged_histograms(
+    etcd: EtcdServer,
+) -> None:
+    minimum, url = 300, etcd.url()
+    with ExitStack() as stack:
+        members = start_members(stack, url, 3, *FAST)
+        set_traffic(members[0], 0)
+        revision = guardrails(members[0], f"feature_drift[any] > 0.2 psi for 10m min {minimum}")
+        assert wait_until(lambda: all(m.served_revision() >= revision for m in members))
+        wait_until(lambda: False, timeout=1)  # a few ticks: every process counts histograms for the endpoint
+        # Only one process sees enough of stable to place the bins; it stores them, and the others adopt them.
+        rng = np.random.default_rng(5)
+        for k in range(25):
+            warm = tensor("features", rng.normal(size=(50, 32)).astype(np.float32))
+            assert members[0].predict_stub.Predict(predict_request(inputs=[warm], routing_key=f"w{k}"), timeout=10)
+        store = open_store(url)
+        stack.callback(store.close)
+        assert wait_until(lambda: store.get_record("drift-bins", "ctr-ranker@1.12") is not None, timeout=30)
+        wait_until(lambda: False, timeout=2)  # every process's next ticks adopt them
+
+        set_traffic(members[1], 50)
+        revision = int(members[1].routes().revision)
+        assert wait_until(lambda: all(m.served_revision() >= revision for m in members))
+        table = EndpointRoutes(
+            "ctr-ranker", ("1.12", "1.13", "1.14"), {"1.12": 50, "1.13": 50}, {"stable": "1.12", "canary": "1.13"}
+        )
+        served = {(i, arm): 0 for i in range(3) for arm in ("stable", "canary")}
+        key = 0
+        while min(served.values()) < 120:  # 120 rows per arm per process: 360 in all, each process alone < 300
+            key += 1
+            i, arm = key % 3, table.choose(f"user-{key}").arm
+            if served[(i, arm)] >= 120:
+                continue
+            rows = rng.normal(size=(10, 32)).astype(np.float32)
+            if arm == "canary":
+                rows[:, 3] *= 100  # an upstream unit change, only on the canary's inputs
+            response = members[i].predict_stub.Predict(
+                predict_request(inputs=[tensor("features", rows)], routing_key=f"user-{key}"), timeout=10
+            )
+            assert response.arm == arm
+            served[(i, arm)] += 10
+        assert wait_until(lambda: all(canary_share(m) == 0 for m in members), timeout=60)
+        (incident,) = incidents(members[2]).incidents
+        (verdict,) = [v for v in json.loads(incident.record)["verdicts"] if v["status"] == "breach"]
+        assert verdict["metric"] == "feature_drift" and verdict["detail"] == "feature features[3]"
+        assert min(verdict["samples"].values()) >= minimum > max(served.values())  # only the merged rows are enough
+        assert len(guardian_rollbacks(members[0])) == 1

@@ -131,3 +131,6 @@ class _WithOther:
 
     def memory(self):  # type: ignore[no-untyped-def]
         return self._leadership.memory()
+
+    def drift(self):  # type: ignore[no-untyped-def]
+        return self._leadership.drift()

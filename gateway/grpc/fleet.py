@@ -17,7 +17,7 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +35,7 @@ from gateway.orchestration.fleet_windows import Pulled
 from gateway.pb.gateway.v1 import fleet_pb2 as pb
 from gateway.pb.gateway.v1 import fleet_pb2_grpc as pb_grpc
 from gateway.shadow.stats import DIFF_EDGES, ShadowStats, ShadowSummary
+from gateway.telemetry.drift import DriftTracker, HistogramKey
 from gateway.telemetry.memory import MemoryWindow
 from gateway.telemetry.windows import Counts, SeriesKey, WindowStore
 
@@ -65,11 +66,22 @@ def _dense(sparse: pb.Sparse) -> np.ndarray:
 
 
 def window_counts(
-    now: int, series: dict[SeriesKey, list[tuple[int, Counts]]], memory: Sequence[tuple[int, int]] = ()
+    now: int,
+    series: dict[SeriesKey, list[tuple[int, Counts]]],
+    memory: Sequence[tuple[int, int]] = (),
+    histograms: Mapping[HistogramKey, list[tuple[int, np.ndarray]]] | None = None,
 ) -> pb.WindowCounts:
-    """A member's export as the wire carries it (field names once, then indices), with its memory samples."""
+    """A member's export as the wire carries it (field names once, then indices), with memory and histograms."""
     names: dict[str, int] = {}
     out = pb.WindowCounts(now_second=now, memory=[pb.MemorySample(second=t, bytes=b) for t, b in memory])
+    for histogram, slots in (histograms or {}).items():
+        out.histograms.add(
+            endpoint=histogram.endpoint,
+            version=histogram.version,
+            bins=histogram.bins,
+            size=len(slots[0][1]) if slots else 0,
+            slots=[pb.HistogramSlot(second=second, counts=_sparse(counts)) for second, counts in slots],
+        )
     for key, seconds in series.items():
         wire = out.series.add(endpoint=key.endpoint, version=key.version, pinned=key.pinned)
         for second, counts in seconds:
@@ -105,7 +117,20 @@ def pulled(answer: pb.WindowCounts) -> Pulled:
                     counts[name] = field.integer
             seconds.append((second.second, counts))
     memory = [(sample.second, sample.bytes) for sample in answer.memory]
-    return Pulled(answer.now_second, series, answer.ByteSize(), memory)
+    histograms = {
+        HistogramKey(wire.endpoint, wire.bins, wire.version): [
+            (slot.second, _sized(_dense(slot.counts), wire.size)) for slot in wire.slots
+        ]
+        for wire in answer.histograms
+    }
+    return Pulled(answer.now_second, series, answer.ByteSize(), memory, histograms)
+
+
+def _sized(vector: np.ndarray, size: int) -> np.ndarray:
+    """A dense vector of exactly `size` (the sparse form drops trailing zeros; more than `size` is cut)."""
+    out = np.zeros(size, dtype=np.int64)
+    out[: min(size, len(vector))] = vector[:size]
+    return out
 
 
 def shadow_summary(summary: ShadowSummary) -> pb.ShadowSummary:
@@ -164,15 +189,17 @@ def from_shadow_summary(endpoint: str, version: str, window: int, wire: pb.Shado
 class FleetServicer(pb_grpc.FleetServicer):
     """Answers the other processes: this process's window counts and shadow summaries."""
 
-    def __init__(self, windows: WindowStore, shadow: ShadowStats, memory: MemoryWindow) -> None:
+    def __init__(self, windows: WindowStore, shadow: ShadowStats, memory: MemoryWindow, drift: DriftTracker) -> None:
         self._windows = windows
         self._shadow = shadow
         self._memory = memory
+        self._drift = drift
 
     def PullWindows(self, request: pb.PullWindowsRequest, context: object) -> pb.WindowCounts:
-        """Window counts of this process from a second on, and its memory samples."""
-        now, series = self._windows.export(request.since_second)
-        return window_counts(now, series, self._memory.export(request.since_second))
+        """Window counts of this process from a second on, its memory samples and its drift histograms."""
+        since = request.since_second
+        now, series = self._windows.export(since)
+        return window_counts(now, series, self._memory.export(since), self._drift.export(since))
 
     def PullShadowSummary(self, request: pb.PullShadowSummaryRequest, context: object) -> pb.ShadowSummary:
         """A summary of one shadow in this process over a window (none asked: which shadows it has seen)."""
@@ -251,7 +278,9 @@ async def start_fleet(gateway: Gateway, listen: str, advertise: str = "", tls: S
     )
     pb_grpc.add_FleetServicer_to_server(
         guard_threaded_servicer(
-            FleetServicer(gateway.telemetry.windows, gateway.shadow.stats, gateway.telemetry.memory),
+            FleetServicer(
+                gateway.telemetry.windows, gateway.shadow.stats, gateway.telemetry.memory, gateway.telemetry.drift
+            ),
             FLEET,
             _peer_authenticator(key),
         ),

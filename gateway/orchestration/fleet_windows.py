@@ -16,6 +16,9 @@ non-zero fields, histograms as vectors) and adds them into its own windows
   however many there are (catching up after a takeover, or a member's backlog, costs one pass).
 - A member missing from the list keeps its place for the horizon, so a lease renewed late
   never makes the leader pull (and count) its history twice.
+
+The drift histograms come along the same way, per `SLOT_SECONDS` slot instead of per second
+(the slot holding the member's current second is still counting), into `FleetHistograms`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gateway.orchestration.fleet import Fleet, Member
+from gateway.orchestration.fleet_drift import FleetHistograms
+from gateway.telemetry.drift import SLOT_SECONDS, DriftTracker, HistogramKey
 from gateway.telemetry.memory import MemoryWindow
 from gateway.telemetry.windows import Counts, SeriesKey, WindowStore
 
@@ -45,6 +50,8 @@ class Pulled:
     size: int = 0
     #: Its resident memory, (second, bytes), one sample a second.
     memory: list[tuple[int, int]] = field(default_factory=list)
+    #: Its drift histograms: per series and bins, the slots (first second, counters) that changed.
+    histograms: dict[HistogramKey, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
 
 
 #: Asks several members at once for their seconds from `since`; None for a member that did not answer.
@@ -57,6 +64,8 @@ class _Cursor:
 
     since: int = 0
     counting: dict[SeriesKey, tuple[int, Counts]] = field(default_factory=dict)
+    #: The current slot's histogram counters it added, per series.
+    counting_slots: dict[HistogramKey, tuple[int, np.ndarray]] = field(default_factory=dict)
     #: When the member was last listed (the leader's clock).
     seen: float = 0.0
 
@@ -75,11 +84,16 @@ class Refresh:
 class FleetWindows:
     """Owns the leader's merged windows and, per member, how far they have been pulled."""
 
-    def __init__(self, local: WindowStore, member_id: str, puller: Puller | None = None) -> None:
+    def __init__(
+        self, local: WindowStore, member_id: str, puller: Puller | None = None, *, drift: DriftTracker | None = None
+    ) -> None:
         self._local = local
         self._member_id = member_id
         self.puller = puller
+        self._drift = drift
         self.merged = WindowStore(local.horizon, clock=local.clock)
+        #: The fleet's drift histograms (None: this process counts none).
+        self.histograms = FleetHistograms(drift) if drift is not None else None
         self._cursors: dict[str, _Cursor] = {}
         #: The other members' resident memory (memory_growth watches every process), by member id.
         self.memory: dict[str, tuple[str, MemoryWindow]] = {}
@@ -87,6 +101,7 @@ class FleetWindows:
     def reset(self) -> WindowStore:
         """Start over (a new leadership): empty windows, every member pulled from the start of its history."""
         self.merged = WindowStore(self._local.horizon, clock=self._local.clock)
+        self.histograms = FleetHistograms(self._drift) if self._drift is not None else None
         self._cursors = {}
         self.memory = {}
         return self.merged
@@ -98,10 +113,18 @@ class FleetWindows:
         for member, since in asks:
             if member.id == self._member_id:
                 now, series = self._local.export(since)
-                pulled.append(Pulled(now, series))
+                histograms = self._drift.export(since) if self._drift is not None else {}
+                pulled.append(Pulled(now, series, histograms=histograms))
             else:
                 pulled.append(next(answers))
         return pulled
+
+    def _keep_memory(self, member: Member, samples: list[tuple[int, int]]) -> None:
+        _, memory = self.memory.setdefault(
+            member.id, (member.process, MemoryWindow(self._local.horizon, clock=self._local.clock))
+        )
+        for second, value in samples:
+            memory.put(second, value)
 
     def refresh(self, members: Sequence[Member]) -> Refresh:
         """Pull every member's new seconds and add them into the merged windows."""
@@ -110,6 +133,7 @@ class FleetWindows:
         if not any(m.id == self._member_id for m in members):
             asks.append((Member(self._member_id, "", "", 0.0), self._cursors.get(self._member_id, _Cursor()).since))
         batch: dict[SeriesKey, list[tuple[int, Counts]]] = {}
+        slots: dict[HistogramKey, list[tuple[int, np.ndarray]]] = {}
         answered = size = 0
         for (member, _), pulled in zip(asks, self._pull(asks), strict=True):
             if pulled is None:
@@ -118,25 +142,18 @@ class FleetWindows:
             size += pulled.size
             cursor = self._cursors.setdefault(member.id, _Cursor())
             if pulled.memory and member.id != self._member_id:
-                _, memory = self.memory.setdefault(
-                    member.id, (member.process, MemoryWindow(self._local.horizon, clock=self._local.clock))
-                )
-                for second, value in pulled.memory:
-                    memory.put(second, value)
-            for key, seconds in pulled.series.items():
-                before = cursor.counting.get(key)
-                for second, counts in seconds:
-                    grown = minus(counts, before[1]) if before is not None and before[0] == second else counts
-                    if grown:
-                        batch.setdefault(key, []).append((second, grown))
-            cursor.counting = {
-                key: seconds[-1] for key, seconds in pulled.series.items() if seconds and seconds[-1][0] == pulled.now
-            }
+                self._keep_memory(member, pulled.memory)
+            _grown_seconds(cursor, pulled, batch)
+            _grown_slots(cursor, pulled, slots)
             cursor.since = pulled.now
         merged = 0
         for key, seconds in batch.items():
             self.merged.window(key).merge(sorted(seconds, key=lambda item: item[0]))
             merged += len(seconds)
+        if self.histograms is not None:
+            for histogram, changed in slots.items():
+                self.histograms.merge(histogram, changed)
+            self.histograms.forget_stale()
         # A member missing from the list keeps its cursor for the horizon: were it listed again (a
         # lease renewed late), it must not be pulled from the start and counted twice.
         now = self._local.clock()
@@ -165,6 +182,10 @@ class GuardianLeadership:
         """The other live processes' resident memory, by process name (what the last pull brought)."""
         return dict(self.windows.memory.values())
 
+    def drift(self) -> FleetHistograms | None:
+        """The fleet's drift histograms of this term (None: this process counts none)."""
+        return self.windows.histograms
+
     @contextmanager
     def term(self) -> Iterator[WindowStore | None]:
         """The merged windows with this tick's counts, writes fenced; None when this process does not lead."""
@@ -178,6 +199,33 @@ class GuardianLeadership:
         self.last = self.windows.refresh(self._fleet.members())
         with self._fleet.fence():
             yield self.windows.merged
+
+
+def _grown_seconds(cursor: _Cursor, pulled: Pulled, into: dict[SeriesKey, list[tuple[int, Counts]]]) -> None:
+    """What a member's seconds added since the last pull (into `into`); its current second noted."""
+    for key, seconds in pulled.series.items():
+        before = cursor.counting.get(key)
+        for second, counts in seconds:
+            grown = minus(counts, before[1]) if before is not None and before[0] == second else counts
+            if grown:
+                into.setdefault(key, []).append((second, grown))
+    cursor.counting = {
+        key: seconds[-1] for key, seconds in pulled.series.items() if seconds and seconds[-1][0] == pulled.now
+    }
+
+
+def _grown_slots(cursor: _Cursor, pulled: Pulled, into: dict[HistogramKey, list[tuple[int, np.ndarray]]]) -> None:
+    """What a member's histogram slots added since the last pull (into `into`); its current slot noted."""
+    for key, changed in pulled.histograms.items():
+        before = cursor.counting_slots.get(key)
+        for second, counts in changed:
+            grown = np.maximum(counts - before[1], 0) if before is not None and before[0] == second else counts
+            if grown.any():
+                into.setdefault(key, []).append((second, grown))
+    current = pulled.now // SLOT_SECONDS * SLOT_SECONDS
+    cursor.counting_slots = {
+        key: changed[-1] for key, changed in pulled.histograms.items() if changed and changed[-1][0] == current
+    }
 
 
 def minus(counts: Counts, before: Counts) -> Counts:

@@ -15,9 +15,10 @@ whose step is due and whose rules all pass. Each tick also samples the process's
 what it measured (`gateway.guardrail.observed`).
 
 With `lead(leadership)` (every `gateway serve` process), a tick judges and acts only on the
-process that leads the fleet, on the fleet's merged windows, its writes fenced by the
-leader's lock; the breaches it holds off on are kept in the store, so a new leader does not
-act on them again. Every process still samples its memory and counts its drift histograms.
+process that leads the fleet, on the fleet's merged windows and drift histograms, its writes
+fenced by the leader's lock; the breaches it holds off on are kept in the store, so a new
+leader does not act on them again. Every process still samples its memory, counts its drift
+histograms, and each tick agrees with the others on the bins they count on (`SharedBins`).
 
 One window after each rollback it checks the version the traffic went to and appends the
 result to the incident (`verify.py`).
@@ -40,6 +41,7 @@ from gateway.errors import Conflict, FailedPrecondition, GatewayError, LockLost,
 from gateway.guardrails.rules import Action, Metric, Rule, RuleSet
 from gateway.guardrails.sequential import CtrExperiment, ValueExperiment
 from gateway.orchestration.evaluate import Status, Verdict, combine, evaluate
+from gateway.orchestration.fleet_drift import SharedBins
 from gateway.orchestration.incidents import Incident, IncidentLog
 from gateway.orchestration.memory import MemoryAttribution, MemoryEvidence
 from gateway.orchestration.rollout import Rollout, RolloutDriver, RolloutStatus
@@ -74,6 +76,18 @@ _Experiment = CtrExperiment | ValueExperiment
 HOLDING_KIND, HOLDING_KEY = "guardian", "holding"
 
 
+class HistogramReader(Protocol):
+    """Where the drift rules read histograms: this process's, or the fleet's (the leader)."""
+
+    def window(self, endpoint: str, version: str, seconds: int) -> HistogramStats | None:
+        """A version's histograms over the last `seconds` (None when none are counted)."""
+        ...
+
+    def status(self, endpoint: str) -> str:
+        """Why an endpoint has no histograms to compare yet ("" when its bins are placed)."""
+        ...
+
+
 class Leadership(Protocol):
     """Whether this process leads the fleet's guardian, tick by tick."""
 
@@ -86,6 +100,10 @@ class Leadership(Protocol):
 
     def memory(self) -> Mapping[str, MemoryWindow]:
         """The other live processes' resident memory, by process name (memory_growth watches every process)."""
+        ...
+
+    def drift(self) -> HistogramReader | None:
+        """The fleet's drift histograms of this term (None: read this process's)."""
         ...
 
 
@@ -110,6 +128,8 @@ class Guardian:
         self._windows = windows
         self._registry = registry
         self._drift = drift or DriftTracker(windows.horizon, clock=clock)
+        self._histograms: HistogramReader = self._drift
+        self._bins = SharedBins(control.store, self._drift, clock)
         self.memory = MemoryAttribution(memory or MemoryWindow(windows.horizon, clock=clock), registry, clock)
         self._gauges = gauges
         self.rollouts = rollouts
@@ -123,12 +143,20 @@ class Guardian:
         self._holding: set[_Breach] = set()
         self._leadership: Leadership | None = None
         # One window after each rollback: is the version the traffic went to healthy?
-        # The windows are the guardian's own: a leader's term swaps in the fleet's merged windows.
+        # The windows and histograms are the guardian's own: a leader's term swaps in the fleet's.
         self.verifier = Verifier(
-            lambda: self._windows, incidents, clock, histograms=self._drift.window, feature_names=self._features
+            lambda: self._windows,
+            incidents,
+            clock,
+            histograms=self._histogram_window,
+            feature_names=self._features,
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _histogram_window(self, endpoint: str, version: str, seconds: int) -> HistogramStats | None:
+        """A version's histograms as the rules read them now (the fleet's while leading)."""
+        return self._histograms.window(endpoint, version, seconds)
 
     def lead(self, leadership: Leadership) -> None:
         """Tick only while this process leads the fleet, on the fleet's merged windows."""
@@ -156,11 +184,11 @@ class Guardian:
             )
         return experiment
 
-    def _histograms(
+    def _pair(
         self, endpoint: str, candidate: str, baseline: str, seconds: int
     ) -> tuple[HistogramStats | None, HistogramStats | None]:
-        c = self._drift.window(endpoint, candidate, seconds)
-        return c, self._drift.window(endpoint, baseline, seconds) if baseline else None
+        c = self._histograms.window(endpoint, candidate, seconds)
+        return c, self._histograms.window(endpoint, baseline, seconds) if baseline else None
 
     def _evidence(self, ep: EndpointState, rule: Rule, candidate: str, stable: str) -> dict[str, object]:
         """What a rule needs beyond the windows: its running test, histograms, memory attribution."""
@@ -169,8 +197,8 @@ class Guardian:
             return {"ctr_test" if rule.metric is Metric.CTR_DROP else "value_test": test}
         if rule.metric in _DRIFT:
             return {
-                "histograms": self._histograms(ep.name, candidate, stable, rule.window_seconds),
-                "drift_note": self._drift.status(ep.name),
+                "histograms": self._pair(ep.name, candidate, stable, rule.window_seconds),
+                "drift_note": self._histograms.status(ep.name),
             }
         if rule.metric is Metric.MEMORY_GROWTH:
             evidence: MemoryEvidence = self.memory.evidence(ep.name, candidate, rule.window_seconds)
@@ -205,8 +233,8 @@ class Guardian:
                 extra = {}
                 if rule.metric is Metric.SCORE_DRIFT:
                     extra = {
-                        "histograms": (self._drift.window(ep.name, shadow, rule.window_seconds), None),
-                        "drift_note": self._drift.status(ep.name),
+                        "histograms": (self._histograms.window(ep.name, shadow, rule.window_seconds), None),
+                        "drift_note": self._histograms.status(ep.name),
                     }
                 elif rule.metric is Metric.MEMORY_GROWTH:
                     extra = {"memory": self.memory.evidence(ep.name, shadow, rule.window_seconds)}
@@ -215,6 +243,7 @@ class Guardian:
 
     def tick(self) -> TickReport:
         """Evaluate every endpoint once; act on breaches; advance due rollouts (as the leader, when leading)."""
+        self._bins.sync(self._control.state)
         if self._leadership is None:
             return self._tick()
         with self._leadership.term() as windows:
@@ -245,11 +274,13 @@ class Guardian:
         self._holding = set()
         if windows is None:
             self.memory.others = None
+            self._histograms = self._drift
             return
         self._windows = windows
         self.verifier.resume()  # checks the last leader scheduled
         assert self._leadership is not None
         self.memory.others = self._leadership.memory
+        self._histograms = self._leadership.drift() or self._drift
         body = self._control.store.get_record(HOLDING_KIND, HOLDING_KEY)
         if body:
             self._holding = {(str(e), str(c), bool(o)) for e, c, o in json.loads(body)}

@@ -1,26 +1,23 @@
-"""Input and score histograms per series, for the drift guardrails: fixed bins, bounded memory, mergeable counts.
+"""Drift bins per endpoint, and the histograms of its weighted series on them (`histograms.py`), for the drift rules.
 
 Per endpoint the bins are fixed once: `FEATURE_BINS` per input feature and `SCORE_BINS` for
 the score, at quantiles of a reference. The reference is a file named in the route file
 (`drift_reference`: rows of the model's features, optionally with scores), or else the first
 `warmup_rows` rows that stable serves once a drift rule asks for them. Then every weighted
-request of the endpoint counts each row into its series' histograms: per feature the bin of
-its value (one more bin for NaN), and the bin of its score (the first element of each row of
-the model's first output). A shadow's series also counts its primary's scores on the same
-mirrored requests (`paired`), so a shadow's score drift compares like with like.
+request of the endpoint counts its rows and scores into its version's histograms, and a
+shadow's series also counts its primary's scores on the same mirrored requests, so a
+shadow's score drift compares like with like.
 
-No samples are kept after the warm-up, only counts: histograms from two windows or two
-processes merge by adding them. Like the sliding windows, a series keeps running totals and a
-snapshot of them at the start of each `SLOT_SECONDS`-second slot, so a window's histogram is
-"totals now minus the snapshot at the window's first slot" (a window is resolved to
-`SLOT_SECONDS`). Memory per series is fixed: at most `horizon / SLOT_SECONDS` snapshots of
-`features x (FEATURE_BINS + 1) + 2 x (SCORE_BINS + 1)` 64-bit counters (32 features: 3.2 KB
-a snapshot, 580 KB for 30 minutes). Endpoints without a drift rule cost one set lookup.
+No samples are kept after the warm-up, only counts: histograms add up across windows and
+processes when they count on the same bins (`DriftBins.digest`). With many processes, every
+one adopts the bins the first of them learnt (`adopt`; the orchestration layer agrees on them
+through the store), and `export` hands the guardian leader every series' slots to add up.
+Endpoints without a drift rule cost one set lookup.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -30,169 +27,37 @@ from pathlib import Path
 import numpy as np
 
 from gateway.guardrails.drift import quantile_edges
+from gateway.telemetry.histograms import (
+    FEATURE_BINS,
+    SCORE_BINS,
+    SLOT_SECONDS,
+    FloatInputs,
+    HistogramKey,
+    Histograms,
+    HistogramStats,
+    rows_of,
+)
 
-FEATURE_BINS = 10
-SCORE_BINS = 20
-SLOT_SECONDS = 10
-#: Requests a series holds (by reference) before binning their rows together.
-STAGE_REQUESTS = 64
+__all__ = [
+    "FEATURE_BINS",
+    "LEARN_FROM_ARM",
+    "SCORE_BINS",
+    "SLOT_SECONDS",
+    "WARMUP_ROWS",
+    "DriftBins",
+    "DriftTracker",
+    "FloatInputs",
+    "HistogramKey",
+    "HistogramStats",
+    "Histograms",
+    "Placement",
+    "load_reference",
+    "rows_of",
+]
+
 WARMUP_ROWS = 1000
 #: Bins are learnt from the rows this arm serves (the route table's `stable` label).
 LEARN_FROM_ARM = "stable"
-#: A model's float inputs with their widths (features per row), in the model's order.
-FloatInputs = tuple[tuple[str, int], ...]
-
-
-@dataclass(frozen=True)
-class HistogramStats:
-    """A series' histograms over a window: [features, FEATURE_BINS + 1] (the last bin NaN) and the scores'."""
-
-    seconds: int
-    features: np.ndarray
-    scores: np.ndarray
-    paired_scores: np.ndarray
-
-    @property
-    def rows(self) -> int:
-        """Rows counted into the feature histograms."""
-        return int(self.features[0].sum()) if len(self.features) else 0
-
-    @property
-    def scored(self) -> int:
-        """Scores counted."""
-        return int(self.scores.sum())
-
-    @property
-    def paired(self) -> int:
-        """Primary scores counted on the same requests (shadows only)."""
-        return int(self.paired_scores.sum())
-
-
-class Histograms:
-    """One version's running histogram totals and their per-slot snapshots. Thread-safe.
-
-    The request path only keeps a reference to its (immutable) input and output arrays; they
-    are binned `STAGE_REQUESTS` requests at a time (numpy's cost per call, not per row,
-    dominates at batch 1), and always before a snapshot is taken or a window read, so every
-    row lands in its own slot.
-    """
-
-    def __init__(
-        self,
-        horizon_seconds: int,
-        edges: np.ndarray,
-        score_edges: np.ndarray | None,
-        clock: Callable[[], float],
-    ) -> None:
-        self.features = len(edges)
-        # [FEATURE_BINS - 1, 1, features]: comparing rows [n, features] with it and summing over the
-        # first axis adds whole rows at a time (summing over a short last axis is ~6x slower).
-        self._edges = np.ascontiguousarray(edges.T)[:, None, :]
-        self._edges32 = self._edges.astype(np.float32)  # float32 rows compare without widening to float64
-        self._score_edges = score_edges
-        self._clock = clock
-        self._width = FEATURE_BINS + 1
-        self._offsets = np.arange(self.features, dtype=np.intp) * self._width
-        # One array for every counter: [features x width | scores | paired scores], one copy per snapshot.
-        self._score_at = self.features * self._width
-        self._paired_at = self._score_at + SCORE_BINS + 1
-        self._totals = np.zeros(self._paired_at + SCORE_BINS + 1, dtype=np.int64)
-        self._slots: list[tuple[int, np.ndarray | None]] = [(-1, None)] * (horizon_seconds // SLOT_SECONDS + 1)
-        self._pending: list[tuple[FloatInputs, Mapping[str, np.ndarray], np.ndarray | None]] = []
-        self._slot = -1
-        self._lock = threading.Lock()
-
-    def _tick(self) -> None:
-        slot = int(self._clock()) // SLOT_SECONDS
-        if slot != self._slot:
-            self._flush()  # staged rows belong to the slot they arrived in
-            self._slot = slot
-            index = slot % len(self._slots)
-            if self._slots[index][0] != slot:
-                self._slots[index] = (slot, self._totals.copy())
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        rows = _stack([rows_of(float_inputs, inputs) for float_inputs, inputs, _ in pending])
-        self.count(rows)
-        if self._score_edges is not None:
-            scores = [score for _, _, score in pending if score is not None]
-            stacked = _stack(scores) if len(scores) == len(pending) else None
-            if stacked is not None and len(stacked) == len(rows):
-                histogram = _score_histogram(stacked.reshape(len(rows), -1)[:, 0], self._score_edges)
-                self._totals[self._score_at : self._paired_at] += histogram
-
-    def count(self, rows: np.ndarray) -> None:
-        """Bin rows [n, features] into the totals (callers hold the lock, or own the object alone)."""
-        edges = self._edges32 if rows.dtype == np.float32 else self._edges
-        bins = np.add.reduce(rows > edges, axis=0, dtype=np.intp)
-        bins[np.isnan(rows)] = FEATURE_BINS
-        bins += self._offsets
-        self._totals[: self._score_at] += np.bincount(bins.ravel(), minlength=self._score_at)
-
-    def add(self, float_inputs: FloatInputs, inputs: Mapping[str, np.ndarray], score: np.ndarray | None) -> None:
-        """Count one request's rows (its float inputs) and scores (its first output, or None).
-
-        `float_inputs` names the float inputs with their widths, in the model's order.
-        """
-        with self._lock:
-            if int(self._clock()) // SLOT_SECONDS != self._slot:
-                self._tick()
-            self._pending.append((float_inputs, inputs, score))
-            if len(self._pending) >= STAGE_REQUESTS:
-                self._flush()
-
-    def add_scores(self, scores: np.ndarray, paired: np.ndarray) -> None:
-        """Count a shadow's scores and its primary's on the same rows (shadow workers: already batched)."""
-        if self._score_edges is None:
-            return
-        with self._lock:
-            self._tick()
-            totals = self._totals
-            totals[self._score_at : self._paired_at] += _score_histogram(scores, self._score_edges)
-            totals[self._paired_at :] += _score_histogram(paired, self._score_edges)
-
-    def window(self, seconds: int) -> HistogramStats:
-        """The histograms over the last `seconds` (resolved to whole slots; this slot included)."""
-        slots = min(max(1, math.ceil(seconds / SLOT_SECONDS)), len(self._slots) - 1)
-        with self._lock:
-            self._tick()
-            self._flush()
-            start = None
-            for slot in range(self._slot - slots + 1, self._slot + 1):
-                held, snapshot = self._slots[slot % len(self._slots)]
-                if held == slot:
-                    start = snapshot
-                    break
-            counts = self._totals - start if start is not None else np.zeros_like(self._totals)
-        return HistogramStats(
-            seconds=slots * SLOT_SECONDS,
-            features=counts[: self._score_at].reshape(self.features, self._width),
-            scores=counts[self._score_at : self._paired_at],
-            paired_scores=counts[self._paired_at :],
-        )
-
-
-def rows_of(float_inputs: FloatInputs, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    """A request's float inputs as rows [n, features], in the model's order."""
-    if len(float_inputs) == 1:
-        name, width = float_inputs[0]
-        array = inputs[name]
-        return array if array.ndim == 2 and array.shape[1] == width else array.reshape(-1, width)
-    return np.concatenate([inputs[name].reshape(-1, width) for name, width in float_inputs], axis=1)
-
-
-def _stack(arrays: list[np.ndarray]) -> np.ndarray:
-    """Arrays of one version's requests, one after the other along the batch axis."""
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-
-
-def _score_histogram(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    bins = np.searchsorted(edges, scores)
-    bins[np.isnan(scores)] = SCORE_BINS
-    return np.bincount(bins, minlength=SCORE_BINS + 1)
 
 
 @dataclass(frozen=True)
@@ -202,6 +67,15 @@ class DriftBins:
     features: np.ndarray | None
     scores: np.ndarray | None
     source: str
+
+    @property
+    def digest(self) -> str:
+        """Which bins these are: equal edges give equal digests, in any process."""
+        sha = hashlib.sha256()
+        for edges in (self.features, self.scores):
+            sha.update(b"none" if edges is None else np.ascontiguousarray(edges, dtype="<f8").tobytes() + b"|")
+            sha.update(str(() if edges is None else edges.shape).encode())
+        return sha.hexdigest()[:16]
 
     @classmethod
     def from_sample(cls, rows: np.ndarray | None, scores: np.ndarray | None, source: str) -> DriftBins:
@@ -254,6 +128,19 @@ class _Learner:
         return self.count == len(self.rows)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where an endpoint's bins stand: placed or not, learnt here (from which stable), agreed by the fleet."""
+
+    bins: DriftBins | None
+    #: Still learning (some bins): from stable's next rows.
+    learning: bool
+    #: The stable version whose rows placed bins here ("" when none did: a reference, or the fleet's).
+    learnt_from: str
+    #: The key under which the fleet agreed on them ("" until then).
+    shared: str
+
+
 class _Endpoint:
     """Drift state of one endpoint: its bins (or the learner placing them), its series, a problem to report."""
 
@@ -265,6 +152,13 @@ class _Endpoint:
         self.problem = ""
         self.unusable = False  # its reference file failed: no bins, and none learnt in its place
         self.series: dict[str, Histograms] = {}
+        self.learnt_from = ""
+        self.shared = ""
+        self.digest = self.bins().digest
+
+    def bins(self) -> DriftBins:
+        """Its bins as they are (features None while placing)."""
+        return DriftBins(self.features, self.scores, self.source)
 
 
 class DriftTracker:
@@ -339,7 +233,11 @@ class DriftTracker:
         state = self._endpoints.get(endpoint)
         if state is None or state.unusable:
             return
-        if arm == LEARN_FROM_ARM and (state.features is None or (state.scores is None and score is not None)):
+        if (
+            arm == LEARN_FROM_ARM
+            and not state.shared
+            and (state.features is None or (state.scores is None and score is not None))
+        ):
             self._learn(version, state, float_inputs, inputs, score)
         histograms = state.series.get(version) or self._histograms(endpoint, version, state, float_inputs)
         if histograms is not None:
@@ -371,6 +269,8 @@ class DriftTracker:
         if state.scores is None and not np.isnan(learner.scores).all():
             state.scores = quantile_edges(learner.scores.reshape(-1, 1), SCORE_BINS)[0]
             state.source = source if state.source == source else f"{state.source}; scores {source}"
+        state.learnt_from = version
+        state.digest = state.bins().digest
         state.series = {}  # histograms start afresh with every bin in place
 
     def observe_shadow(self, endpoint: str, version: str, shadow: np.ndarray, primary: np.ndarray) -> None:
@@ -398,9 +298,65 @@ class DriftTracker:
         with self._lock:
             histograms = state.series.get(version)
             if histograms is None:
-                histograms = Histograms(self.horizon, state.features, state.scores, self._clock)
+                histograms = Histograms(self.horizon, state.features, state.scores, self._clock, bins=state.digest)
                 state.series = {**state.series, version: histograms}
         return histograms
+
+    # --- the fleet: shared bins, histograms to merge ------------------------------------------------
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock its histograms' slots follow."""
+        return self._clock
+
+    def tracked(self) -> list[str]:
+        """The endpoints whose histograms are counted."""
+        return list(self._endpoints)
+
+    def placement(self, endpoint: str) -> Placement | None:
+        """Where an endpoint's bins stand (None: not tracked, or its reference file failed)."""
+        state = self._endpoints.get(endpoint)
+        if state is None or state.unusable:
+            return None
+        bins = state.bins() if state.features is not None else None
+        return Placement(bins, bins is None or state.learner is not None, state.learnt_from, state.shared)
+
+    def adopt(self, endpoint: str, bins: DriftBins, key: str) -> None:
+        """Count on bins the fleet agreed on (under `key`); the histograms start afresh unless the bins are the same.
+
+        No bin of the endpoint is learnt here any more, until `relearn`.
+        """
+        with self._lock:
+            state = self._endpoints.get(endpoint)
+            if state is None or state.unusable or bins.features is None:
+                return
+            if state.features is not None and state.digest == bins.digest:
+                state.shared, state.learner = key, None
+                return
+            adopted = _Endpoint(bins)
+            adopted.shared = key
+            self._endpoints = {**self._endpoints, endpoint: adopted}
+
+    def relearn(self, endpoint: str) -> None:
+        """Place an endpoint's bins again from stable's next rows (a reference file's stay as they are)."""
+        with self._lock:
+            if endpoint in self._endpoints:
+                self._endpoints = {**self._endpoints, endpoint: self._fresh(endpoint)}
+
+    def export(self, first_second: int) -> dict[HistogramKey, list[tuple[int, np.ndarray]]]:
+        """Every series' slots from the one holding `first_second` on (`Histograms.export`), by series and bins."""
+        exported = {}
+        for endpoint, state in list(self._endpoints.items()):
+            for version, histograms in list(state.series.items()):
+                slots = histograms.export(first_second)
+                if slots:
+                    exported[HistogramKey(endpoint, histograms.bins, version)] = slots
+        return exported
+
+    def digest(self, endpoint: str) -> str:
+        """The digest of an endpoint's bins ("" when it has none)."""
+        state = self._endpoints.get(endpoint)
+        return state.digest if state is not None and state.features is not None else ""
 
     # --- reading (the guardian) -----------------------------------------------------------------
 
