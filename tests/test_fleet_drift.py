@@ -22,7 +22,7 @@ from gateway.orchestration.fleet_windows import FleetWindows, Pulled
 from gateway.pb.gateway.v1 import fleet_pb2
 from gateway.state import StateStore, open_store
 from gateway.state.sqlite import SqliteStore
-from gateway.telemetry.drift import FEATURE_BINS, SCORE_BINS, DriftBins, DriftTracker, HistogramStats
+from gateway.telemetry.drift import FEATURE_BINS, SCORE_BINS, SLOT_SECONDS, DriftBins, DriftTracker, HistogramStats
 from gateway.telemetry.windows import WindowStore
 
 INPUTS = (("features", 4),)
@@ -89,6 +89,7 @@ def test_the_leaders_histograms_are_the_sum_of_every_process_whatever_the_pull_t
         if step % 3 == 0:
             leader.refresh(fleet.members)
         clock.advance(0.25)
+    clock.advance(SLOT_SECONDS)  # the last slot with traffic is over: every process gives it whole
     leader.refresh(fleet.members)
     assert leader.histograms is not None
     for version in ("1.12", "1.13"):
@@ -112,6 +113,7 @@ def test_histograms_on_other_bins_are_kept_apart() -> None:
     leader = FleetWindows(fleet.windows["p0"], "p0", fleet.pull, drift=fleet.trackers["p0"])
     for tracker in fleet.trackers.values():
         observe(tracker, "1.13", "canary", rng.normal(size=(50, 4)).astype(np.float32))
+    clock.advance(SLOT_SECONDS)
     leader.refresh(fleet.members)
     assert leader.histograms is not None
     merged = leader.histograms.window("ep", "1.13", 60)
@@ -122,7 +124,10 @@ def test_histograms_on_other_bins_are_kept_apart() -> None:
     fleet.trackers["p1"].set_references({"ep": placement.bins})
     fleet.trackers["p1"].track(["ep"])
     observe(fleet.trackers["p1"], "1.13", "canary", rng.normal(size=(30, 4)).astype(np.float32))
-    clock.advance(1)
+    leader.refresh(fleet.members)
+    merged = leader.histograms.window("ep", "1.13", 60)
+    assert merged is not None and merged.rows == 50  # p1's slot is still counting: it crosses once it is over
+    clock.advance(SLOT_SECONDS)
     leader.refresh(fleet.members)
     merged = leader.histograms.window("ep", "1.13", 60)
     assert merged is not None and merged.rows == 80
@@ -135,6 +140,8 @@ def test_the_wire_keeps_every_counter_trailing_zeros_too() -> None:
     tracker.set_references({"ep": DriftBins.from_sample(rng.normal(size=(100, 4)), None, "ref")})
     tracker.track(["ep"])
     tracker.observe("ep", "1.12", "stable", INPUTS, {"features": rng.normal(size=(7, 4))}, None)  # no scores
+    assert tracker.export(0) == {}  # its slot is still counting
+    clock.advance(SLOT_SECONDS)
     exported = tracker.export(0)
     answer = pulled(fleet_pb2.WindowCounts.FromString(window_counts(0, {}, (), exported).SerializeToString()))
     assert answer.histograms.keys() == exported.keys()

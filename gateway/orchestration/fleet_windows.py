@@ -17,8 +17,9 @@ non-zero fields, histograms as vectors) and adds them into its own windows
 - A member missing from the list keeps its place for the horizon, so a lease renewed late
   never makes the leader pull (and count) its history twice.
 
-The drift histograms come along the same way, per `SLOT_SECONDS` slot instead of per second
-(the slot holding the member's current second is still counting), into `FleetHistograms`.
+The drift histograms come along, per `SLOT_SECONDS` slot instead of per second, into
+`FleetHistograms`: a member gives only the slots that are over, each once and whole (so the
+leader's histograms trail by at most a slot, and the bins of a slot cross the wire once).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 
 from gateway.orchestration.fleet import Fleet, Member
 from gateway.orchestration.fleet_drift import FleetHistograms
-from gateway.telemetry.drift import SLOT_SECONDS, DriftTracker, HistogramKey
+from gateway.telemetry.drift import DriftTracker, HistogramKey
 from gateway.telemetry.memory import MemoryWindow
 from gateway.telemetry.windows import Counts, SeriesKey, WindowStore
 
@@ -64,8 +65,6 @@ class _Cursor:
 
     since: int = 0
     counting: dict[SeriesKey, tuple[int, Counts]] = field(default_factory=dict)
-    #: The current slot's histogram counters it added, per series.
-    counting_slots: dict[HistogramKey, tuple[int, np.ndarray]] = field(default_factory=dict)
     #: When the member was last listed (the leader's clock).
     seen: float = 0.0
 
@@ -144,7 +143,8 @@ class FleetWindows:
             if pulled.memory and member.id != self._member_id:
                 self._keep_memory(member, pulled.memory)
             _grown_seconds(cursor, pulled, batch)
-            _grown_slots(cursor, pulled, slots)
+            for histogram, finished in pulled.histograms.items():
+                slots.setdefault(histogram, []).extend(finished)
             cursor.since = pulled.now
         merged = 0
         for key, seconds in batch.items():
@@ -211,20 +211,6 @@ def _grown_seconds(cursor: _Cursor, pulled: Pulled, into: dict[SeriesKey, list[t
                 into.setdefault(key, []).append((second, grown))
     cursor.counting = {
         key: seconds[-1] for key, seconds in pulled.series.items() if seconds and seconds[-1][0] == pulled.now
-    }
-
-
-def _grown_slots(cursor: _Cursor, pulled: Pulled, into: dict[HistogramKey, list[tuple[int, np.ndarray]]]) -> None:
-    """What a member's histogram slots added since the last pull (into `into`); its current slot noted."""
-    for key, changed in pulled.histograms.items():
-        before = cursor.counting_slots.get(key)
-        for second, counts in changed:
-            grown = np.maximum(counts - before[1], 0) if before is not None and before[0] == second else counts
-            if grown.any():
-                into.setdefault(key, []).append((second, grown))
-    current = pulled.now // SLOT_SECONDS * SLOT_SECONDS
-    cursor.counting_slots = {
-        key: changed[-1] for key, changed in pulled.histograms.items() if changed and changed[-1][0] == current
     }
 
 

@@ -161,10 +161,10 @@ class Histograms:
         return len(self._totals)
 
     def export(self, first_second: int) -> list[tuple[int, np.ndarray]]:
-        """What each slot from the one holding `first_second` on added: (slot's first second, counters).
+        """What each finished slot from the one holding `first_second` on added: (slot's first second, counters).
 
-        Slots without a change are left out. The current slot is still counting: a later export
-        from it says again what it holds then.
+        Slots without a change are left out, and so is the current slot, which is still counting:
+        an export from it, once it is over, gives it whole. So each slot crosses once, complete.
         """
         with self._lock:
             self._tick()
@@ -176,7 +176,11 @@ class Histograms:
                 if (snapshot := self._slots[slot % ring][1]) is not None and self._slots[slot % ring][0] == slot
             ]
             ends = [snapshot for _, snapshot in held[1:]] + [self._totals]
-            deltas = [(slot * SLOT_SECONDS, end - start) for (slot, start), end in zip(held, ends, strict=True)]
+            deltas = [
+                (slot * SLOT_SECONDS, end - start)
+                for (slot, start), end in zip(held, ends, strict=True)
+                if slot < self._slot
+            ]
         return [(second, delta) for second, delta in deltas if delta.any()]
 
     def merge(self, slots: Sequence[tuple[int, np.ndarray]]) -> None:

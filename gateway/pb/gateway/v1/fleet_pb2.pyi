@@ -190,7 +190,9 @@ class WindowCounts(_message.Message):
 
     @_builtins.property
     def histograms(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistogramCounts]:
-        """This process's drift histograms (feature_drift, score_drift) from the slot of `since_second` on."""
+        """This process's drift histograms (feature_drift, score_drift): the slots from the one holding
+        `since_second` on that are over (the current one comes whole in a later answer).
+        """
 
     def __init__(
         self,
@@ -252,7 +254,7 @@ class HistogramSlot(_message.Message):
     SECOND_FIELD_NUMBER: _builtins.int
     COUNTS_FIELD_NUMBER: _builtins.int
     second: _builtins.int
-    """The slot's first second; the slot of `now_second` is still counting."""
+    """The slot's first second."""
     @_builtins.property
     def counts(self) -> Global___Sparse: ...
     def __init__(
