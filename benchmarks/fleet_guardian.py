@@ -7,7 +7,10 @@
   gRPC call carries them), adds them into its windows, and evaluates the demo's four rules on
   them. Reported per tick: the leader's CPU to parse and merge, to evaluate, the bytes pulled,
   and the members' CPU to export and serialise (spread over them). Also the first tick of a
-  new leader, which pulls every process's 30 minutes of history at once.
+  new leader, which pulls every process's 30 minutes of history at once. Then the same with
+  two drift rules on: every process also counts its rows and scores into drift histograms on
+  the fleet's bins, and the leader adds up their finished 10-second slots and evaluates
+  `feature_drift[any]` and `score_drift` on them, beside the run without.
 - **Breach -> rollback**: 3 `gateway serve` processes on one etcd, 50/50 canary, closed-loop
   traffic on all three, rule `error_rate > 20% for 5s min 20`, the default 1 s guardian tick.
   The clock starts when `SetFault(1.13, error_rate=1)` returns (through one process) and stops
@@ -41,6 +44,7 @@ from gateway.pb.gateway.v1 import admin_pb2 as admin_pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import fleet_pb2 as fleet_pb
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
+from gateway.telemetry.drift import DriftBins, DriftTracker
 from gateway.telemetry.windows import SeriesKey, WindowStore
 
 STABLE, CANARY = SeriesKey("ctr-ranker", "1.12"), SeriesKey("ctr-ranker", "1.13")
@@ -52,21 +56,38 @@ RULES = RuleSet.parse(
         "feature_null_rate_delta > 1pt for 10m",
     ]
 )
+DRIFT_RULES = RuleSet.parse(["feature_drift[any] > 0.2 psi for 10m", "score_drift > 0.1 ks for 10m"])
 FEATURES = 32
+INPUTS = (("features", FEATURES),)
 RATE = 50  # requests per simulated process-second
 HORIZON = 1800
 TICKS = 60
 
 
-class _Process:
-    """One simulated gateway process: its windows and the traffic it records each second."""
+_ROWS = np.random.default_rng(0).normal(size=(4096, 1, FEATURES)).astype(np.float32)
+_SCORES = np.random.default_rng(1).random(size=(4096, 1, 1)).astype(np.float32)
+#: The fleet's bins (what every process adopts from the store), placed on a sample like the traffic.
+BINS = DriftBins.from_sample(_ROWS[:2000, 0], _SCORES[:2000, 0, 0], "bench")
 
-    def __init__(self, index: int, clock: SimClock, rng: random.Random) -> None:
+
+def _tracker(clock: SimClock) -> DriftTracker:
+    tracker = DriftTracker(HORIZON, clock=clock)
+    tracker.set_references({"ctr-ranker": BINS})
+    tracker.track(["ctr-ranker"])
+    return tracker
+
+
+class _Process:
+    """One simulated gateway process: its windows (and drift histograms) and the traffic it records each second."""
+
+    def __init__(self, index: int, clock: SimClock, rng: random.Random, *, drift: bool) -> None:
         self.member = Member(f"p{index}", f"sim {index}", f"sim:{index}", 0.0)
         self.windows = WindowStore(HORIZON, clock=clock)
+        self.drift = _tracker(clock) if drift else None
         self._rng = rng
         self._clock = clock
         self.cpu = 0.0
+        self._row = index * 97
 
     def second(self) -> None:
         rng, base = self._rng, self._clock.now
@@ -78,19 +99,26 @@ class _Process:
             self.windows.window(key, FEATURES).record(rng.lognormvariate(-6.5, 0.4), code, 1, nan)
             if i % 2 == 0:
                 self.windows.window(key).record_outcome(1.0 if rng.random() < 0.05 else 0.0)
+            if self.drift is not None:
+                self._row = (self._row + 1) % len(_ROWS)
+                arm = "canary" if key is CANARY else "stable"
+                inputs = {"features": _ROWS[self._row]}
+                self.drift.observe("ctr-ranker", key.version, arm, INPUTS, inputs, _SCORES[self._row])
         self._clock.now = base
 
     def answer(self, since: int) -> bytes:
         started = time.process_time()
-        wire = window_counts(*self.windows.export(since)).SerializeToString()
+        now, series = self.windows.export(since)
+        histograms = self.drift.export(since) if self.drift is not None else None
+        wire = window_counts(now, series, (), histograms).SerializeToString()
         self.cpu += time.process_time() - started
         return wire
 
 
-def _leader(count: int) -> dict[str, float]:
+def _leader(count: int, *, drift: bool = False) -> dict[str, float]:
     clock = SimClock(1_800_000_000.0)
     rng = random.Random(count)
-    processes = [_Process(i, clock, rng) for i in range(count)]
+    processes = [_Process(i, clock, rng, drift=drift) for i in range(count)]
     leader_windows = WindowStore(HORIZON, clock=clock)
     by_id = {p.member.id: p for p in processes}
 
@@ -102,13 +130,21 @@ def _leader(count: int) -> dict[str, float]:
             c = windows.window(CANARY).stats(rule.window_seconds)
             b = windows.window(STABLE).stats(rule.window_seconds)
             evaluate(rule, "1.13", "1.12", c, b)
+        if fleet.histograms is None:
+            return
+        for rule in DRIFT_RULES.canary_rules:
+            c = windows.window(CANARY).stats(rule.window_seconds)
+            b = windows.window(STABLE).stats(rule.window_seconds)
+            pair = tuple(fleet.histograms.window("ctr-ranker", v, rule.window_seconds) for v in ("1.13", "1.12"))
+            verdict = evaluate(rule, "1.13", "1.12", c, b, histograms=pair)  # type: ignore[arg-type]
+            assert verdict.samples, verdict.detail
 
     # 30 minutes of history, then a new leader's first tick pulls all of it.
     for _ in range(HORIZON):
         for process in processes:
             process.second()
         clock.advance(1)
-    fleet = FleetWindows(leader_windows, "leader", puller)
+    fleet = FleetWindows(leader_windows, "leader", puller, drift=_tracker(clock) if drift else None)
     members = [p.member for p in processes]
     first = fleet.refresh(members)
     for process in processes:
@@ -127,6 +163,8 @@ def _leader(count: int) -> dict[str, float]:
     exported = sum(p.cpu for p in processes) / TICKS
     return {
         "merge_ms": statistics.median(merge) * 1000,
+        "merge_mean_ms": statistics.fmean(merge) * 1000,
+        "bytes_mean": statistics.fmean(size),
         "merge_p99_ms": float(np.percentile(merge, 99)) * 1000,
         "evaluate_ms": statistics.median(judge) * 1000,
         "bytes": statistics.median(size),
@@ -234,6 +272,23 @@ def run(seconds: float, rounds: int, concurrencies: tuple[int, ...]) -> str:
         )
     ratio = results[10]["merge_ms"] / results[1]["merge_ms"]
     lines.append(f"| **10 / 1** | **{ratio:.1f}x** | | | **{results[10]['bytes'] / results[1]['bytes']:.1f}x** | | | |")
+    lines += [
+        "",
+        "The same with drift rules on (`feature_drift[any]`, `score_drift`): every process also counts "
+        f"histograms ({FEATURES} features x 11 bins + scores) on the fleet's bins; the leader merges their finished "
+        "10 s slots and evaluates the two rules besides the four. Means over the ticks (a slot crosses once "
+        "in ten ticks, so medians would hide it), beside the means of the run above ('without'):\n",
+        "| processes | leader: parse + merge ms/tick | without | p99 | leader: evaluate ms/tick | "
+        "bytes pulled/tick | without | member: export ms/tick | new leader's first tick: ms | its bytes |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for count in (1, 3, 10):
+        m, without = _leader(count, drift=True), results[count]
+        lines.append(
+            f"| {count} | {m['merge_mean_ms']:.2f} | {without['merge_mean_ms']:.2f} | {m['merge_p99_ms']:.2f} | "
+            f"{m['evaluate_ms']:.2f} | {m['bytes_mean']:.0f} | {without['bytes_mean']:.0f} | {m['export_ms']:.2f} | "
+            f"{m['first_ms']:.0f} | {m['first_bytes']:.0f} |"
+        )
     trials = max(3, rounds * 2)
     times = sorted(_breach_to_rollback(trials))
     lines += [
