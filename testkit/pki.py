@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from pathlib import Path
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -60,3 +62,22 @@ class Authority:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def write_pems(directory: Path, pems: dict[str, bytes]) -> dict[str, Path]:
+    """Each PEM written to DIRECTORY/NAME.pem; the paths by name."""
+    paths = {}
+    for name, data in pems.items():
+        paths[name] = directory / f"{name}.pem"
+        paths[name].write_bytes(data)
+    return paths
+
+
+def secure_channel(target: str, ca: Path, cert: Path | None = None, key: Path | None = None) -> grpc.Channel:
+    """A TLS channel trusting CA, showing CERT/KEY when given (mutual TLS)."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None,
+    )
+    return grpc.secure_channel(target, credentials)

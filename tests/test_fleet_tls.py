@@ -24,7 +24,7 @@ from gateway.pb.gateway.v1 import admin_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
 from testkit.fleet import wait_until
 from testkit.gateways import GatewayProcess, RunningGateway, bearer, predict_request, running_gateway
-from testkit.pki import Authority
+from testkit.pki import Authority, secure_channel, write_pems
 
 
 @pytest.fixture
@@ -35,20 +35,7 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     files["client_cert"], files["client_key"] = operators.issue("oncall", server=False)
     files["rotated_ca"] = rotated.pem
     files["rotated_cert"], files["rotated_key"] = rotated.issue("gateway", server=True)
-    paths = {}
-    for name, data in files.items():
-        paths[name] = tmp_path / f"{name}.pem"
-        paths[name].write_bytes(data)
-    return paths
-
-
-def secure(target: str, ca: Path, cert: Path | None = None, key: Path | None = None) -> grpc.Channel:
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes(),
-        private_key=key.read_bytes() if key else None,
-        certificate_chain=cert.read_bytes() if cert else None,
-    )
-    return grpc.secure_channel(target, credentials)
+    return write_pems(tmp_path, files)
 
 
 @dataclass
@@ -93,7 +80,7 @@ def test_the_fleet_listener_serves_mutual_tls_and_the_caller_verifies_it(pki: di
         request, token = fleet_pb2.PullWindowsRequest(), a.fleet.peers._metadata
         for channel in (
             grpc.insecure_channel(b.target),  # plaintext
-            secure(b.target, pki["ca"]),  # TLS, but no client certificate
+            secure_channel(b.target, pki["ca"]),  # TLS, but no client certificate
         ):
             with channel, pytest.raises(grpc.RpcError) as refused:
                 fleet_pb2_grpc.FleetStub(channel).PullWindows(request, metadata=token, timeout=10)
@@ -119,7 +106,7 @@ def test_a_reload_rotates_every_listener_and_the_callers_follow(pki: dict[str, P
                 pki[name].write_bytes(pki[f"rotated_{name}"].read_bytes())
             b.tls.request_reload()  # what SIGHUP does
             # Fresh connections to both of b's TLS listeners get the rotated certificate.
-            with secure(b_inference, pki["rotated_ca"], pki["client_cert"], pki["client_key"]) as fresh:
+            with secure_channel(b_inference, pki["rotated_ca"], pki["client_cert"], pki["client_key"]) as fresh:
                 assert gw_grpc.InferenceStub(fresh).Predict(predict_request(), timeout=10).model == "ctr-ranker"
             a.fleet.peers.close()  # a's open connection would keep its session: make it handshake again
             assert not pull(a.fleet.peers, b)  # a still trusts the old CA only, and b's certificate moved on
@@ -150,8 +137,8 @@ class TlsMember:
     def __init__(self, process: GatewayProcess, pki: dict[str, Path]) -> None:
         self.process = process
         client = (pki["client_cert"], pki["client_key"])
-        self.channel = secure(process.target, pki["ca"], *client)
-        self.admin_channel = secure(process.admin_target, pki["ca"], *client)
+        self.channel = secure_channel(process.target, pki["ca"], *client)
+        self.admin_channel = secure_channel(process.admin_target, pki["ca"], *client)
         self.predict_stub = gw_grpc.InferenceStub(self.channel)
         self.admin_stub = admin_pb2_grpc.AdminStub(self.admin_channel)
 

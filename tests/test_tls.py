@@ -24,7 +24,7 @@ from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
 from gateway.pb.grpc.reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from testkit.gateways import DEMO_CONFIG, ONCALL_TOKEN, ROOT, TOKENS, bearer, predict_request, running_gateway
-from testkit.pki import Authority
+from testkit.pki import Authority, secure_channel, write_pems
 
 
 @pytest.fixture
@@ -37,20 +37,7 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     rotated = Authority("rotated CA")
     files["rotated_ca"] = rotated.pem
     files["rotated_cert"], files["rotated_key"] = rotated.issue("gateway", server=True)
-    paths = {}
-    for name, data in files.items():
-        paths[name] = tmp_path / f"{name}.pem"
-        paths[name].write_bytes(data)
-    return paths
-
-
-def channel(target: str, ca: Path, cert: Path | None = None, key: Path | None = None) -> grpc.Channel:
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes(),
-        private_key=key.read_bytes() if key else None,
-        certificate_chain=cert.read_bytes() if cert else None,
-    )
-    return grpc.secure_channel(target, credentials)
+    return write_pems(tmp_path, files)
 
 
 @contextmanager
@@ -68,12 +55,12 @@ def tls_gateway(pki: dict[str, Path], *, mutual: bool) -> Iterator[tuple[str, st
 
 def test_tls_serves_and_admin_still_needs_a_token(pki: dict[str, Path]) -> None:
     with tls_gateway(pki, mutual=False) as (target, admin_target, _):
-        with channel(target, pki["ca"]) as secure:
+        with secure_channel(target, pki["ca"]) as secure:
             assert gw_grpc.InferenceStub(secure).Predict(predict_request(), timeout=10).model == "ctr-ranker"
         with grpc.insecure_channel(target) as plaintext, pytest.raises(grpc.RpcError) as err:
             gw_grpc.InferenceStub(plaintext).Predict(predict_request(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        with channel(admin_target, pki["ca"]) as secure:
+        with secure_channel(admin_target, pki["ca"]) as secure:
             stub = admin_pb2_grpc.AdminStub(secure)
             with pytest.raises(grpc.RpcError) as err:
                 stub.GetRoutes(pb.GetRoutesRequest(), timeout=10)
@@ -83,12 +70,12 @@ def test_tls_serves_and_admin_still_needs_a_token(pki: dict[str, Path]) -> None:
 
 def test_mutual_tls_requires_a_client_certificate(pki: dict[str, Path]) -> None:
     with tls_gateway(pki, mutual=True) as (target, admin_target, _):
-        with channel(target, pki["ca"], pki["client_cert"], pki["client_key"]) as mutual:
+        with secure_channel(target, pki["ca"], pki["client_cert"], pki["client_key"]) as mutual:
             assert gw_grpc.InferenceStub(mutual).Predict(predict_request(), timeout=10).model == "ctr-ranker"
-        with channel(target, pki["ca"]) as anonymous, pytest.raises(grpc.RpcError) as err:
+        with secure_channel(target, pki["ca"]) as anonymous, pytest.raises(grpc.RpcError) as err:
             gw_grpc.InferenceStub(anonymous).Predict(predict_request(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        with channel(admin_target, pki["ca"], pki["client_cert"], pki["client_key"]) as mutual:
+        with secure_channel(admin_target, pki["ca"], pki["client_cert"], pki["client_key"]) as mutual:
             stub = admin_pb2_grpc.AdminStub(mutual)
             with pytest.raises(grpc.RpcError) as err:
                 stub.GetRoutes(pb.GetRoutesRequest(), timeout=10)
@@ -97,25 +84,25 @@ def test_mutual_tls_requires_a_client_certificate(pki: dict[str, Path]) -> None:
 
 def test_reload_rotates_certificates_without_dropping_open_connections(pki: dict[str, Path]) -> None:
     with tls_gateway(pki, mutual=False) as (target, _, tls):
-        old = channel(target, pki["ca"])
+        old = secure_channel(target, pki["ca"])
         old_stub = gw_grpc.InferenceStub(old)
         assert old_stub.Predict(predict_request(), timeout=10).model == "ctr-ranker"
         pki["cert"].write_bytes(pki["rotated_cert"].read_bytes())
         pki["key"].write_bytes(pki["rotated_key"].read_bytes())
         tls.request_reload()  # what SIGHUP does
-        with channel(target, pki["rotated_ca"]) as fresh:
+        with secure_channel(target, pki["rotated_ca"]) as fresh:
             assert gw_grpc.InferenceStub(fresh).Predict(predict_request(), timeout=10).model == "ctr-ranker"
         assert tls.reloads == 1
         # The connection opened before the rotation still works, call after call.
         for _ in range(5):
             assert old_stub.Predict(predict_request(), timeout=10).model == "ctr-ranker"
         old.close()
-        with channel(target, pki["ca"]) as stale, pytest.raises(grpc.RpcError):
+        with secure_channel(target, pki["ca"]) as stale, pytest.raises(grpc.RpcError):
             gw_grpc.InferenceStub(stale).Predict(predict_request(), timeout=5)  # new handshakes use the new cert
         # A broken file on the next reload keeps the current certificates.
         pki["key"].write_bytes(b"not a key")
         tls.request_reload()
-        with channel(target, pki["rotated_ca"]) as fresh:
+        with secure_channel(target, pki["rotated_ca"]) as fresh:
             assert gw_grpc.InferenceStub(fresh).Predict(predict_request(), timeout=10).model == "ctr-ranker"
         assert tls.reloads == 1
 
@@ -186,7 +173,7 @@ def test_serve_and_cli_over_mutual_tls_with_sighup_reload(pki: dict[str, Path], 
         )  # fmt: skip
         assert predicted.returncode == 0, predicted.stderr
         process.send_signal(signal.SIGHUP)  # reload: the process keeps serving
-        with channel(match.group(1), pki["ca"], pki["client_cert"], pki["client_key"]) as mutual:
+        with secure_channel(match.group(1), pki["ca"], pki["client_cert"], pki["client_key"]) as mutual:
             assert gw_grpc.InferenceStub(mutual).Predict(predict_request(), timeout=10).model == "ctr-ranker"
         plaintext = subprocess.run(
             [*cli, "admin", "routes", "--target", match.group(2), "--token", ONCALL_TOKEN],
