@@ -144,17 +144,21 @@ def _assign(message: Any, field: FieldDescriptor, value: Any) -> None:
         setattr(message, field.name, value)
 
 
+def _valid_infer() -> oip.ModelInferRequest:
+    return oip.ModelInferRequest(
+        model_name="ctr-ranker",
+        inputs=[oip.ModelInferRequest.InferInputTensor(name="features", datatype="FP32", shape=[1, 32])],
+        raw_input_contents=[ROW],
+    )
+
+
 def _nearly_valid(method: MethodDescriptor) -> st.SearchStrategy[Any] | None:
     """Valid requests with one generated field changed, so the deeper checks are reached too."""
     base: Any
     if method.name == "Predict":
         base = predict_request()
-    elif method.name == "ModelInfer":
-        base = oip.ModelInferRequest(
-            model_name="ctr-ranker",
-            inputs=[oip.ModelInferRequest.InferInputTensor(name="features", datatype="FP32", shape=[1, 32])],
-            raw_input_contents=[ROW],
-        )
+    elif method.name in ("ModelInfer", "ModelStreamInfer"):
+        base = _valid_infer()
     else:
         return None
     descriptor = method.input_type
@@ -228,12 +232,19 @@ def _keeps_serving(gw: RunningGateway) -> None:
         assert err.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), err.details()
 
 
+def _stream(call: Any, request: Any, metadata: Any) -> None:
+    """The generated message then a valid one on one ModelStreamInfer stream: both answered, neither INTERNAL/UNKNOWN."""
+    replies = list(call(iter([request, _valid_infer()]), metadata=metadata, timeout=20))
+    assert len(replies) == 2, f"a stream of 2 messages got {len(replies)} answers: {replies}"
+    for reply in replies:
+        error = reply.error_message  # in band, "CODE: message"
+        assert not error.startswith(("INTERNAL", "UNKNOWN")), f"{error}\nrequest: {str(request)[:2000]}"
+
+
 @pytest.mark.parametrize(("service", "method"), RPCS, ids=[f"{s}.{m.name}" for s, m in RPCS])
 def test_generated_requests_never_get_internal(target: RunningGateway, service: str, method: MethodDescriptor) -> None:
     stub = _stub(target, service)
     call = getattr(stub, method.name)
-    streaming = method.name == "ServerReflectionInfo"
-    assert not streaming
     strategy = messages(method.input_type)
     nearly = _nearly_valid(method)
     if nearly is not None:
@@ -252,7 +263,10 @@ def test_generated_requests_never_get_internal(target: RunningGateway, service: 
         COUNTS[method.full_name] += 1
         metadata = bearer() if service != "Admin" or authenticated or COUNTS[method.full_name] % 5 else ()
         try:
-            call(request, metadata=metadata, timeout=20)
+            if method.client_streaming:
+                _stream(call, request, metadata)
+            else:
+                call(request, metadata=metadata, timeout=20)
         except grpc.RpcError as err:
             assert err.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (
                 f"{method.full_name}: {err.code().name}: {err.details()}\nrequest: {str(request)[:2000]}"
