@@ -159,9 +159,9 @@ class Gateway:
         Blocking; returns the revision. A failed start stops what it started. The guardian is
         started apart (`guardian.start()`): tests and drills tick it themselves.
         """
-        self.telemetry.start()
-        self.shadow.start()
         try:
+            self.telemetry.start()
+            self.shadow.start()
             revision = self.control.start(
                 lambda: desired_from_config(self.config, self.repository), seed_source=self.config_source
             )
@@ -169,6 +169,8 @@ class Gateway:
             self.feedback.sign_with(self.fleet_key.derive("feedback-ids"))
         except BaseException:
             self.shadow.shutdown()
+            if self._owns_telemetry:
+                self.telemetry.shutdown()
             raise
         return revision.revision
 

@@ -77,7 +77,7 @@ async def _serve(settings: GatewaySettings) -> int:
     tls = ServerTls.from_settings(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     runtime = build_telemetry(TelemetrySettings.of(settings))
     store = open_store(settings.store)
-    fleet = None
+    gateway = fleet = inference = None
     try:
         gateway = Gateway.from_file(settings.config, store, settings=settings, telemetry=runtime.telemetry)
         revision = await asyncio.to_thread(gateway.start)
@@ -86,10 +86,15 @@ async def _serve(settings: GatewaySettings) -> int:
         gateway.follower.start()
         inference = await start_inference_server(gateway, settings.listen, tokens, tls)
         admin = await start_admin_server(gateway, settings.admin_listen, tokens, tls, peers=fleet.peers)
-    except BaseException:
+    except BaseException:  # stop what started, in reverse order, so a failed start leaves nothing running
+        if inference is not None:
+            await inference.stop(grace=0)
         if fleet is not None:
             await fleet.stop(grace=0)
-        store.close()
+        if gateway is not None:
+            gateway.close()  # the follower, guardian, fleet membership and shadow workers, and the store
+        else:
+            store.close()
         runtime.shutdown()
         raise
     if not tokens.names:

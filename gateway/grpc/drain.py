@@ -48,5 +48,6 @@ class Drain:
                 log.info("drained: no call in flight; %d new calls refused meanwhile", self.refused)
                 return True
             await asyncio.sleep(0.02)
-        log.warning("grace period over with %d calls in flight; they are cancelled", self.active)
-        return False
+        if self.active:
+            log.warning("grace period over with %d calls in flight; they are cancelled", self.active)
+        return self.active == 0
