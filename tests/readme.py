@@ -10,7 +10,9 @@ The rules (also in the README's last section, "The README is tested"):
 - The environment has `.venv/bin` first on PATH, `GATEWAY_TARGET` / `GATEWAY_ADMIN_TARGET`
   pointing at that gateway and `GATEWAY_ADMIN_TOKEN` set to the demo token. In commands,
   `localhost:8001`, `localhost:8002` and `localhost:9464` (or `127.0.0.1:...`) become its
-  inference, admin and metrics addresses.
+  inference, admin and metrics addresses; in a section without one, free ports (also set as
+  GATEWAY_LISTEN / GATEWAY_ADMIN_LISTEN). The examples' other fixed ports (8011, 8012, 2379,
+  2380) become free ports in every section.
 - ```sh / ```bash blocks run as one script with `set -eo pipefail`: any failing command fails
   the test. ```console blocks hold `$ ` commands (continued by `> ` lines) with their output
   below; every output line shown must appear in the real output, in order (`...` matches
@@ -35,10 +37,11 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +53,8 @@ DEFAULT_TIMEOUT = 180.0
 _DIRECTIVE = re.compile(r"^\s*<!--\s*readme:\s*(\w+)\s*(.*?)\s*-->\s*$")
 _FENCE = re.compile(r"^(\s*)```\s*([\w+-]*)\s*$")
 _PORTS = {"8001": "inference", "8002": "admin", "9464": "metrics"}
+#: Other fixed ports the README's examples use (a second process, etcd): free ports per section.
+_OTHER_PORTS = {"8011": "inference-b", "8012": "admin-b", "2379": "etcd", "2380": "etcd-peer"}
 
 
 @dataclass
@@ -272,11 +277,23 @@ class Shell:
 def substitute(text: str, addresses: dict[str, str]) -> str:
     """The README's default addresses replaced by the section gateway's."""
 
+    names = {**_PORTS, **_OTHER_PORTS}
+
     def replace(match: re.Match[str]) -> str:
-        address = addresses.get(_PORTS[match.group(2)], "")
+        address = addresses.get(names[match.group(2)], "")
         return address or match.group(0)
 
-    return re.sub(r"\b(localhost|127\.0\.0\.1):(8001|8002|9464)\b", replace, text)
+    return re.sub(rf"\b(localhost|127\.0\.0\.1):({'|'.join(names)})\b", replace, text)
+
+
+def free_addresses(names: Iterable[str]) -> dict[str, str]:
+    """A free loopback address for each name (the README's fixed ports, moved so runs never collide)."""
+    addresses = {}
+    for name in names:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            addresses[name] = f"127.0.0.1:{probe.getsockname()[1]}"
+    return addresses
 
 
 def console_commands(text: str) -> Iterator[tuple[int, str, list[str]]]:
@@ -335,6 +352,8 @@ class SectionRun:
     shell: Shell | None = None
     ran: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # blocks not run: a tool they need is not installed
+    #: The README's fixed addresses, by name, as this section runs them.
+    addresses: dict[str, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         venv = ROOT / ".venv" / "bin"
@@ -346,13 +365,19 @@ class SectionRun:
     def start(self) -> None:
         cwd = scratch_copy(self.workdir / "repo")
         env = self.env()
+        self.addresses = free_addresses(_OTHER_PORTS.values())
         if self.section.gateway:
             self.gateway = Gateway(cwd, env, self.section.gateway_flags)
-            addresses = self.gateway.addresses
-            env.update(GATEWAY_TARGET=addresses["inference"], GATEWAY_ADMIN_TARGET=addresses["admin"])
+            self.addresses.update(self.gateway.addresses)
+        else:  # the section starts its own: the defaults move to free ports, through the settings' environment
+            self.addresses.update(free_addresses(_PORTS.values()))
+            env.update(
+                GATEWAY_LISTEN=self.addresses["inference"],
+                GATEWAY_ADMIN_LISTEN=self.addresses["admin"],
+            )
+        env.update(GATEWAY_TARGET=self.addresses["inference"], GATEWAY_ADMIN_TARGET=self.addresses["admin"])
         env["GATEWAY_ADMIN_TOKEN"] = DEMO_TOKEN
-        addresses = self.gateway.addresses if self.gateway else {}
-        env.update({k: substitute(v, addresses) for k, v in self.section.env.items()})
+        env.update({k: substitute(v, self.addresses) for k, v in self.section.env.items()})
         self.shell = Shell(cwd, env)
 
     def run(self) -> None:
@@ -367,12 +392,9 @@ class SectionRun:
                 self.start()
             self._block(block)
 
-    def _addresses(self) -> dict[str, str]:
-        return self.gateway.addresses if self.gateway else {}
-
     def _block(self, block: Block) -> None:
         assert self.shell is not None
-        text = substitute(block.text, self._addresses())
+        text = substitute(block.text, self.addresses)
         where = f"README.md:{block.line} ({self.section.title})"
         if block.kind == "script":
             status, output = self.shell.run(text, strict=True, timeout=block.timeout)

@@ -7,7 +7,16 @@ import warnings
 
 import pytest
 
-from tests.readme import README, ReadmeError, check_output, console_commands, parse, run_section, substitute
+from tests.readme import (
+    README,
+    ReadmeError,
+    check_output,
+    console_commands,
+    free_addresses,
+    parse,
+    run_section,
+    substitute,
+)
 
 SECTIONS = parse(README.read_text())
 
@@ -104,6 +113,11 @@ def test_addresses_are_rewritten_to_the_sections_gateway() -> None:
     assert substitute(text, addresses) == (
         "grpcurl 127.0.0.1:40001 list; curl http://127.0.0.1:40003/metrics; x localhost:80012"
     )
+    others = free_addresses(["etcd", "admin-b"])
+    assert substitute("etcd://127.0.0.1:2379/demo --target 127.0.0.1:8012", others) == (
+        f"etcd://{others['etcd']}/demo --target {others['admin-b']}"
+    )
+    assert others["etcd"] != "127.0.0.1:2379"
 
 
 def test_a_failing_command_fails_the_section(tmp_path_factory: pytest.TempPathFactory) -> None:
