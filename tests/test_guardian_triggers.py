@@ -91,21 +91,23 @@ def unit_change_on(version: str) -> Row:
     return shift
 
 
-def test_an_upstream_feature_shift_on_the_canary_rolls_back(tmp_path: Path, clock: SimClock) -> None:
-    gateway = make(
-        tmp_path,
-        clock,
-        guardrails='["feature_drift[any] > 0.2 psi for 10m"]',
-        traffic='{"1.12": 50, "1.13": 50}',
-    )
+@pytest.mark.parametrize(
+    ("rule", "statistic", "threshold"),
+    [("feature_drift[any] > 0.2 psi for 10m", "psi", 0.2), ("feature_drift[features[3]] > 0.1 ks for 10m", "ks", 0.1)],
+)
+def test_an_upstream_feature_shift_on_the_canary_rolls_back(
+    tmp_path: Path, clock: SimClock, rule: str, statistic: str, threshold: float
+) -> None:
+    gateway = make(tmp_path, clock, guardrails=f'["{rule}"]', traffic='{"1.12": 50, "1.13": 50}')
     (first,) = run(gateway, clock, 200, shift=unit_change_on("1.13")) or [""]
     assert first and weights(gateway) == {"1.12": 100}
     incident = gateway.incidents.get(first)
     (verdict,) = incident.verdicts
-    assert verdict["status"] == "breach" and verdict["detail"] == "feature features[3]" and verdict["observed"] > 0.2
+    assert verdict["status"] == "breach" and verdict["detail"] == "feature features[3]"
+    assert verdict["observed"] > threshold
     assert verdict["samples"]["1.13"] >= 1000 and verdict["samples"]["1.12"] >= 1000
-    assert "psi features[3]" in verdict["values"] and verdict["threshold"] == 0.2
-    assert "feature_drift[any] > 0.2 psi for 10m" in incident.to_markdown()
+    assert f"{statistic} features[3]" in verdict["values"] and verdict["threshold"] == threshold
+    assert rule in incident.to_markdown()
     gateway.close()
 
 
