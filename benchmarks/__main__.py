@@ -16,6 +16,7 @@ from benchmarks import (
     control,
     fleet,
     fleet_guardian,
+    fleet_takeover,
     guardrails,
     serving,
     shadow,
@@ -35,6 +36,7 @@ SUITES = {
     "streaming": streaming,
     "triggers": triggers,
     "fleet-guardian": fleet_guardian,
+    "fleet-takeover": fleet_takeover,
 }
 
 

@@ -49,6 +49,11 @@ def _optional_path(value: Any) -> Any:
 Seconds = Annotated[int, BeforeValidator(_duration)]
 
 
+def _compression(value: Any) -> Any:
+    """OpenTelemetry's spelling: any case, and empty for none."""
+    return (value.strip().lower() or "none") if isinstance(value, str) else value
+
+
 class ShadowSettings(BaseModel):
     """How shadow copies run: workers, their queue, their CPU budget and the diff log."""
 
@@ -127,6 +132,46 @@ class GatewaySettings(BaseSettings):
         json_schema_extra={"flag": None},
     )
     """`none` turns OTLP metric export off while an OTLP endpoint is set (OTEL_METRICS_EXPORTER)."""
+    otlp_headers: SecretStr = Field(
+        default=SecretStr(""),
+        validation_alias=AliasChoices(
+            "otlp_headers", "GATEWAY_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"
+        ),
+        json_schema_extra={"flag": None},
+    )
+    """Headers on every OTLP export, KEY=VALUE,KEY=VALUE (environment only: they often carry credentials)."""
+    otlp_certificate: Annotated[Path | None, BeforeValidator(_optional_path)] = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "otlp_certificate",
+            "GATEWAY_OTLP_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        ),
+    )
+    """PEM CA certificate(s) an https:// collector is checked against; unset: the system's roots."""
+    otlp_timeout_ms: int = Field(
+        default=10_000,
+        ge=1,
+        le=600_000,
+        validation_alias=AliasChoices(
+            "otlp_timeout_ms",
+            "GATEWAY_OTLP_TIMEOUT_MS",
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ),
+    )
+    """Milliseconds one OTLP export may take (OTEL_EXPORTER_OTLP_TIMEOUT)."""
+    otlp_compression: Annotated[Literal["none", "gzip"], BeforeValidator(_compression)] = Field(
+        default="none",
+        validation_alias=AliasChoices(
+            "otlp_compression",
+            "GATEWAY_OTLP_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ),
+    )
+    """`gzip` compresses OTLP exports (OTEL_EXPORTER_OTLP_COMPRESSION)."""
     trace_sampler: str = Field(
         default="parentbased_always_on",
         validation_alias=AliasChoices("trace_sampler", "GATEWAY_TRACE_SAMPLER", "OTEL_TRACES_SAMPLER"),

@@ -11,12 +11,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from gateway.cli.serve import register
 from gateway.errors import ConfigError
 from gateway.logs import REQUEST_ID, TRACE_ID, configure_logging
 from gateway.settings import GatewaySettings, ShadowSettings, setting_flags
+from gateway.telemetry.setup import TelemetrySettings
 from testkit.gateways import ROOT, config_text
 
 
@@ -67,6 +69,25 @@ def test_standard_otel_variables_map_onto_the_settings(clean_env: pytest.MonkeyP
     )
 
 
+def test_otlp_export_options_come_from_the_standard_variables_traces_first(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer general")
+    clean_env.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "Authorization=Bearer traces, x-tenant=ml")
+    clean_env.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/ssl/collector-ca.pem")
+    clean_env.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2500")
+    clean_env.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "GZIP")
+    settings = GatewaySettings.load({"config": "missing.yaml"})
+    assert "Bearer" not in repr(settings)  # headers carry credentials: never shown
+    otlp = TelemetrySettings.of(settings).otlp
+    assert otlp.headers == (("authorization", "Bearer traces"), ("x-tenant", "ml"))
+    assert (otlp.certificate, otlp.timeout, otlp.compression) == (
+        Path("/etc/ssl/collector-ca.pem"),
+        2.5,
+        grpc.Compression.Gzip,
+    )
+    flags = GatewaySettings.load({"config": "missing.yaml", "otlp_timeout_ms": 700, "otlp_compression": "none"})
+    assert (flags.otlp_timeout_ms, flags.otlp_compression) == (700, "none")
+
+
 def test_a_bad_value_names_the_setting_and_every_place_it_can_come_from(
     route_file: Path, clean_env: pytest.MonkeyPatch
 ) -> None:
@@ -83,10 +104,17 @@ def test_a_bad_value_names_the_setting_and_every_place_it_can_come_from(
 
 def test_secrets_have_no_flag_and_every_other_setting_has_one_with_its_docstring() -> None:
     flags = {dotted: flag for flag, dotted, _ in setting_flags()}
-    assert "admin_tokens" not in flags
+    assert "admin_tokens" not in flags and "otlp_headers" not in flags
     for name, info in GatewaySettings.model_fields.items():
         assert info.description, f"{name} has no docstring"
-        if name not in {"admin_tokens", "traces_exporter", "metrics_exporter", "trace_sampler", "shadow"}:
+        if name not in {
+            "admin_tokens",
+            "otlp_headers",
+            "traces_exporter",
+            "metrics_exporter",
+            "trace_sampler",
+            "shadow",
+        }:
             assert flags[name] == "--" + name.replace("_", "-")
     for name, info in ShadowSettings.model_fields.items():
         assert info.description, f"shadow.{name} has no docstring"

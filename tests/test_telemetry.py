@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.pb.gateway.v1 import admin_pb2 as admin
 from gateway.pb.inference import grpc_service_pb2 as oip
 from gateway.pb.inference import grpc_service_pb2_grpc as oip_grpc
+from gateway.telemetry.otlp import OtlpOptions
 from gateway.telemetry.setup import TelemetryRuntime, TelemetrySettings, build_telemetry
 from gateway.telemetry.tracing import Sampler
 from gateway.telemetry.windows import SeriesKey
@@ -231,8 +232,11 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2
         self.spans: list[Any] = []
         self.metric_names: set[str] = set()
         self.received = threading.Event()
+        self.metadata: dict[str, dict[str, str]] = {}  # the last export's metadata, by "traces" / "metrics"
 
     def Export(self, request: Any, context: Any) -> Any:
+        kind = "traces" if isinstance(request, trace_service_pb2.ExportTraceServiceRequest) else "metrics"
+        self.metadata[kind] = dict(context.invocation_metadata())
         if isinstance(request, trace_service_pb2.ExportTraceServiceRequest):
             for resource in request.resource_spans:
                 for scope in resource.scope_spans:
@@ -253,7 +257,9 @@ def test_otlp_export_to_a_collector() -> None:
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(collector, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    runtime = build_telemetry(TelemetrySettings(otlp_endpoint=f"http://127.0.0.1:{port}", sampler=Sampler(1.0)))
+    otlp = OtlpOptions.parse("Authorization=Bearer t0ken, X-Tenant=ml", None, 10.0, gzip=True)
+    settings = TelemetrySettings(otlp_endpoint=f"http://127.0.0.1:{port}", sampler=Sampler(1.0), otlp=otlp)
+    runtime = build_telemetry(settings)
     try:
         with running_gateway(telemetry=runtime.telemetry) as gw:
             for i in range(5):
@@ -275,6 +281,9 @@ def test_otlp_export_to_a_collector() -> None:
         "gateway.requests",
         "gateway.request.errors",
     } <= collector.metric_names
+    for kind in ("traces", "metrics"):  # the configured headers reach the collector with both (gzip on)
+        metadata = collector.metadata[kind]
+        assert (metadata["authorization"], metadata["x-tenant"]) == ("Bearer t0ken", "ml"), kind
 
 
 def test_nan_inputs_feed_null_counters_and_windows(observed) -> None:  # type: ignore[no-untyped-def]

@@ -12,9 +12,9 @@ CERTIFICATE}`.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,33 +133,47 @@ class SpanEncoder:
         return _field(1, self._resource + scope_spans)
 
 
-def _setting(name: str, default: str = "") -> str:
-    return os.environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or os.environ.get(f"OTEL_EXPORTER_OTLP_{name}", default)
+@dataclass(frozen=True)
+class OtlpOptions:
+    """How OTLP exports are sent: headers, the collector's CA, the timeout and compression."""
+
+    headers: tuple[tuple[str, str], ...] = ()
+    certificate: Path | None = None
+    timeout: float = 10.0
+    compression: grpc.Compression | None = None
+
+    @classmethod
+    def parse(cls, headers: str, certificate: Path | None, timeout: float, gzip: bool) -> OtlpOptions:
+        """From the settings' forms (headers as KEY=VALUE,KEY=VALUE, as OTEL_EXPORTER_OTLP_HEADERS)."""
+        pairs = tuple(
+            (key.strip().lower(), value.strip())
+            for key, _, value in (h.partition("=") for h in headers.split(",") if "=" in h)
+        )
+        return cls(pairs, certificate, timeout, grpc.Compression.Gzip if gzip else None)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """TLS credentials trusting the configured CA (or the system's roots)."""
+        return grpc.ssl_channel_credentials(self.certificate.read_bytes() if self.certificate else None)
 
 
 class OtlpSpanSink:
     """Sends encoded batches to an OTLP/gRPC collector; the recorder keeps and retries what failed."""
 
-    def __init__(self, endpoint: str, resource: Resource) -> None:
+    def __init__(self, endpoint: str, resource: Resource, options: OtlpOptions | None = None) -> None:
+        options = options or OtlpOptions()
         self.encoder = SpanEncoder(resource)
         target = endpoint.split("://", 1)[-1].rstrip("/")
         secure = endpoint.startswith("https://")
         # Reconnect within a couple of seconds of a collector coming back (gRPC's default backoff
         # grows to two minutes, and calls fail fast until the next attempt).
-        options = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
+        channel_options = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
         if secure:
-            certificate = _setting("CERTIFICATE")
-            roots = Path(certificate).read_bytes() if certificate else None
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
+            self._channel = grpc.secure_channel(target, options.credentials(), options=channel_options)
         else:
-            self._channel = grpc.insecure_channel(target, options=options)
-        self._metadata = tuple(
-            (key.strip().lower(), value.strip())
-            for key, _, value in (h.partition("=") for h in _setting("HEADERS").split(",") if "=" in h)
-        )
-        self._timeout = float(_setting("TIMEOUT", "10000")) / 1000
-        compression = _setting("COMPRESSION").lower()
-        self._compression = grpc.Compression.Gzip if compression == "gzip" else None
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        self._metadata = options.headers
+        self._timeout = options.timeout
+        self._compression = options.compression
         self._export = self._channel.unary_unary(
             EXPORT_METHOD,
             request_serializer=lambda payload: payload,

@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from gateway.errors import ConfigError
 from gateway.settings import GatewaySettings
 from gateway.telemetry.metrics import Telemetry
-from gateway.telemetry.otlp import OtlpSpanSink
+from gateway.telemetry.otlp import OtlpOptions, OtlpSpanSink
 from gateway.telemetry.tracing import Sampler, SdkSpanSink, SpanRecorder, SpanSink
 from gateway.telemetry.windows import WindowStore
 
@@ -41,6 +41,7 @@ class TelemetrySettings:
     sampler: Sampler | None = None
     export_traces: bool = True
     export_metrics: bool = True
+    otlp: OtlpOptions = field(default_factory=OtlpOptions)
 
     @classmethod
     def of(cls, settings: GatewaySettings) -> TelemetrySettings:
@@ -52,6 +53,12 @@ class TelemetrySettings:
             sampler=Sampler.named(settings.trace_sampler, settings.trace_sample),
             export_traces=settings.traces_exporter != "none",
             export_metrics=settings.metrics_exporter != "none",
+            otlp=OtlpOptions.parse(
+                settings.otlp_headers.get_secret_value(),
+                settings.otlp_certificate,
+                settings.otlp_timeout_ms / 1000,
+                settings.otlp_compression == "gzip",
+            ),
         )
 
 
@@ -110,10 +117,19 @@ def build_telemetry(settings: TelemetrySettings) -> TelemetryRuntime:
         if settings.export_metrics:
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
-            exporter = OTLPMetricExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"))
+            otlp = settings.otlp
+            secure = endpoint.startswith("https://")
+            exporter = OTLPMetricExporter(
+                endpoint=endpoint,
+                insecure=not secure,
+                credentials=otlp.credentials() if secure else None,
+                headers=otlp.headers,
+                timeout=otlp.timeout,
+                compression=otlp.compression,
+            )
             readers.append(PeriodicExportingMetricReader(exporter))
         if sink is None and settings.export_traces:
-            sink = OtlpSpanSink(endpoint, resource)
+            sink = OtlpSpanSink(endpoint, resource, settings.otlp)
     meter_provider = MeterProvider(metric_readers=readers, resource=resource) if readers else None
     spans = SpanRecorder(sink, sampler=settings.sampler or Sampler()) if sink else None
     telemetry = Telemetry(WindowStore(settings.window_horizon_seconds), meter_provider=meter_provider, spans=spans)
