@@ -12,6 +12,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import grpc
@@ -110,3 +111,28 @@ def test_a_store_that_stops_taking_writes_answers_unavailable(tmp_path: Path) ->
         assert gw.predict().route_revision == 1  # serving goes on (fail static)
         store._db.execute("PRAGMA query_only = OFF")
         assert gw.admin("SetTraffic", request).revision == 2
+
+
+def test_processes_creating_one_new_store_together_all_open_it(tmp_path: Path) -> None:
+    """`--workers N` (or N `gateway serve`) on a store file that does not exist yet: none sees a half-made file."""
+    opened: list[SqliteStore] = []
+    errors: list[BaseException] = []
+
+    def open_together(path: Path, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        try:
+            opened.append(SqliteStore(path))
+        except BaseException as err:  # collected for the assertion below
+            errors.append(err)
+
+    for round_ in range(5):  # the race is at the first open: a fresh path each round
+        path, barrier = tmp_path / f"round{round_}" / "gateway.db", threading.Barrier(8)
+        threads = [threading.Thread(target=open_together, args=(path, barrier)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not [p.name for p in path.parent.iterdir() if ".new-" in p.name]  # no temporary file left
+    assert errors == [] and len(opened) == 40
+    for store in opened:
+        store.close()

@@ -12,7 +12,10 @@ compares the record's version there too (every write of a record adds one to it)
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -118,8 +121,9 @@ class SqliteStore:
         self._clock = clock
         self.path = path
         self._lock = threading.Lock()
-        existed = path.exists()
-        if existed and path.is_file() and path.stat().st_size == 0:
+        if not path.exists():
+            _create(path)
+        if path.is_file() and path.stat().st_size == 0:
             raise StoreUnavailable(
                 f"store {path} is an empty file (0 bytes): it holds no revisions, but the gateway will not "
                 "seed over an existing file; restore it from a backup, or delete it to start a new store"
@@ -132,7 +136,7 @@ class SqliteStore:
         try:
             with self._errors("open"):
                 tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if existed and tables and not tables >= _OURS:
+                if tables and not tables >= _OURS:
                     raise StoreUnavailable(
                         f"store {path} is not a gateway store (it has tables {', '.join(sorted(tables))}); "
                         "point --store at a new file or at the gateway's own database"
@@ -489,3 +493,32 @@ class SqliteStore:
         """Close the connection."""
         with self._lock:
             self._db.close()
+
+
+def _create(path: Path) -> None:
+    """A new store file with the schema, appearing at `path` whole (processes starting together agree).
+
+    It is written under a temporary name and linked into place, so another process opening
+    `path` at the same moment never sees a half-made (empty) file; when another process linked
+    its own first, that one is the store.
+    """
+    temporary = path.with_name(f".{path.name}.new-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(temporary), isolation_level=None)
+        try:
+            db.executescript(_SCHEMA)
+        finally:
+            db.close()
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: a rename, which may replace a racing twin
+            if not path.exists():
+                os.replace(temporary, path)
+    except (OSError, sqlite3.Error) as err:
+        raise StoreUnavailable(f"store {path} cannot be created: {_why(err)}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
