@@ -71,23 +71,25 @@ def start(
     scratch: tempfile.TemporaryDirectory[str] | None = None,
 ) -> Server:
     """Start a server process and wait for its ready line; `ready` is a regex with the port as group 1."""
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        match = re.search(ready, line)
-        if match:
-            return Server(name, process, f"127.0.0.1:{match.group(1)}", line, scratch)
-    code = process.wait()
-    if scratch is not None:
-        scratch.cleanup()
-    raise RuntimeError(f"{name} exited before it was ready (code {code})")
+    with tempfile.TemporaryFile("w+") as errors:  # the server's stderr, to say why a start failed
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            match = re.search(ready, line)
+            if match:
+                return Server(name, process, f"127.0.0.1:{match.group(1)}", line, scratch)
+        code = process.wait()
+        if scratch is not None:
+            scratch.cleanup()
+        errors.seek(0)
+        raise RuntimeError(f"{name} exited before it was ready (code {code}): {errors.read()[-2000:]}")
 
 
 def start_gateway(name: str = "gateway", extra: Sequence[str] = (), env: dict[str, str] | None = None) -> Server:
