@@ -1,6 +1,6 @@
 """Soak: a real `gateway serve` under bounded loopback load for minutes, with churn. Not part of `make test`.
 
-python -m benchmarks.soak [--seconds 600] [--warmup 60] [--clients 8]
+python -m benchmarks.soak [--seconds 900] [--warmup 300] [--clients 8] [--max-rss-growth 10]
 
 `--seconds` is the whole run, warm-up included. Bounded buffers fill during the first minutes
 (the feedback join's 200,000 request ids take ~200 s at 1,000 requests/s, about 50 MB; the
@@ -13,7 +13,10 @@ shadow's 100,000 comparison records longer): a warm-up past that measures leaks,
 - Measured on the gateway process (from /proc): resident memory, threads and open files
   after warm-up and at the end; every non-OK answer to a valid request is an error.
 
-Prints one JSON object; the figures go into benchmarks/RESULTS.md.
+Prints one JSON object with a verdict (valid requests all OK, every invalid one
+INVALID_ARGUMENT, RSS after warm-up grown by at most `--max-rss-growth` percent, threads and
+open files unchanged, exit 0 on SIGTERM) and exits 1 when it fails; the figures go into
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -74,8 +78,9 @@ def _start(store: Path) -> tuple[subprocess.Popen[str], str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.soak")
-    parser.add_argument("--seconds", type=float, default=600.0)
-    parser.add_argument("--warmup", type=float, default=60.0)
+    parser.add_argument("--seconds", type=float, default=900.0)
+    parser.add_argument("--warmup", type=float, default=300.0)
+    parser.add_argument("--max-rss-growth", type=float, default=10.0, help="percent, after the warm-up")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--churn-seconds", type=float, default=5.0)
     args = parser.parse_args()
@@ -182,7 +187,29 @@ def main() -> None:
         "open_files_growth": end["open_files"] - warm["open_files"],
         "exit_code": exit_code,
     }
+    failures = _verdict(result, args.max_rss_growth)
+    result["verdict"] = "pass" if not failures else "fail: " + "; ".join(failures)
     print(json.dumps(result, indent=2))
+    if failures:
+        sys.exit(1)
+
+
+def _verdict(result: dict[str, Any], max_rss_growth: float) -> list[str]:
+    """What the run shows to be wrong (empty: it passed)."""
+    answers = {code: n for code, n in result["valid"].items() if code not in ("OK", "changes")}
+    failures = [f"valid requests or changes answered {code}: {n}" for code, n in answers.items()]
+    failures += [
+        f"invalid requests answered {code}: {n}" for code, n in result["invalid"].items() if code != "INVALID_ARGUMENT"
+    ]
+    if result["rss_growth_after_warmup_pct"] > max_rss_growth:
+        failures.append(
+            f"RSS grew {result['rss_growth_after_warmup_pct']}% after the warm-up (limit {max_rss_growth}%)"
+        )
+    if result["threads_growth"] or result["open_files_growth"]:
+        failures.append(f"threads {result['threads_growth']:+d}, open files {result['open_files_growth']:+d}")
+    if result["exit_code"] != 0:
+        failures.append(f"exit code {result['exit_code']} after SIGTERM")
+    return failures
 
 
 if __name__ == "__main__":
