@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
+from gateway.errors import Conflict, InvalidInput, NotFound, RecordChanged, StoreUnavailable
 from gateway.state import AuditDraft, StateStore, StoreHealth, open_store
 from gateway.state.etcd import EtcdStore
 from gateway.state.etcd_client import EtcdSettings
@@ -67,7 +67,9 @@ def test_records_and_a_record_committed_with_its_audit(store: StateStore) -> Non
     store.put_record("rollout", "ctr-ranker", '{"step": 0}', 1.0)
     store.put_record("rollout", "ctr-ranker", '{"step": 1}', 3.0)
     store.put_record("rollout", "other/with slash", '{"step": 5}', 2.0)
-    entry = store.commit_record("pointer", "scores", '{"run": "r1"}', 4.0, draft("publish", "scores", before=0))
+    entry = store.commit_record(
+        "pointer", "scores", '{"run": "r1"}', 4.0, draft("publish", "scores", before=0), version=0
+    )
     assert store.get_record("rollout", "ctr-ranker") == '{"step": 1}'
     assert store.list_records("rollout") == [
         ("ctr-ranker", 3.0, '{"step": 1}'),
@@ -76,6 +78,19 @@ def test_records_and_a_record_committed_with_its_audit(store: StateStore) -> Non
     assert store.list_records("rollout", limit=1) == [("ctr-ranker", 3.0, '{"step": 1}')]
     assert store.get_record("pointer", "scores") == '{"run": "r1"}'
     assert store.audit("scores", 5)[0].id == entry.id
+
+
+def test_a_record_committed_with_its_audit_is_compare_and_swap(store: StateStore) -> None:
+    store.commit_record("pointer", "scores", '{"run": "r1"}', 1.0, draft("publish", "scores"), version=0)
+    held = store.read_record("pointer", "scores")
+    assert held is not None and held[0] == '{"run": "r1"}'
+    with pytest.raises(RecordChanged, match="expected no record"):  # it exists: a first publish lost a race
+        store.commit_record("pointer", "scores", '{"run": "r0"}', 2.0, draft("publish", "scores"), version=0)
+    store.commit_record("pointer", "scores", '{"run": "r2"}', 3.0, draft("publish", "scores"), version=held[1])
+    with pytest.raises(RecordChanged, match=f"expected version {held[1]}"):  # read before r2 was written
+        store.commit_record("pointer", "scores", '{"run": "r3"}', 4.0, draft("freeze", "scores"), version=held[1])
+    assert store.get_record("pointer", "scores") == '{"run": "r2"}'
+    assert [e.action for e in store.audit("scores", 10)] == ["publish", "publish"]  # neither lost write is audited
 
 
 def test_wait_for_change_returns_what_another_writer_commits(store: StateStore, tmp_path: Path) -> None:

@@ -67,7 +67,9 @@ def test_fenced_writes_commit_only_while_the_lock_is_held(store: StateStore) -> 
         store.commit(0, '{"v": 1}', draft(0))
         store.put_record("incident", "i1", '{"n": 1}', 1.0)
         store.append_audit(draft(1))
-        store.commit_record("rollout", "ctr-ranker", '{"step": 1}', 1.0, draft(1))
+        store.commit_record("rollout", "ctr-ranker", '{"step": 1}', 1.0, draft(1), version=0)
+    held = store.read_record("rollout", "ctr-ranker")
+    assert held is not None
     store.leave("a")
     assert store.acquire("leader", "b") == "b"
     audit_before = len(store.audit(limit=100))
@@ -79,7 +81,7 @@ def test_fenced_writes_commit_only_while_the_lock_is_held(store: StateStore) -> 
         with pytest.raises(LockLost):
             store.append_audit(draft(1))
         with pytest.raises(LockLost):
-            store.commit_record("rollout", "ctr-ranker", '{"step": 2}', 2.0, draft(1))
+            store.commit_record("rollout", "ctr-ranker", '{"step": 2}', 2.0, draft(1), version=held[1])
     latest = store.latest()
     assert latest is not None and latest.revision == 1
     assert store.get_record("incident", "i2") is None

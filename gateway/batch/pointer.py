@@ -8,25 +8,36 @@ run before the current one (or a named one), marks the one it leaves as rolled b
 leaves the freeze as it was. A run whose files do not match its manifest is never pointed to.
 The pointer and its audit entry commit in one store transaction, so with etcd every replica
 sees the same pointer.
+
+Every move is compare-and-swap on the pointer record's version: it commits only if the pointer
+is still as the move read it. When another process moved, froze or unfroze it in between,
+nothing is written and the move decides again on the pointer as it now is (a publish checks the
+freeze and runs its gates against the run published meanwhile), `RACE_TRIES` times at most; a
+rollback without a named run is refused instead when the run it meant to roll back was replaced.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.batch.gates import Gate, Run, evaluate_gates
 from gateway.config import BatchGatesConfig
-from gateway.errors import FailedPrecondition, InvalidInput, NotFound
+from gateway.errors import Conflict, FailedPrecondition, InvalidInput, NotFound, RecordChanged
 from gateway.state import AuditDraft, AuditEntry, StateStore
 
 RUN = "batch-run"
 POINTER = "batch-pointer"
 _FIRST_PAGE = 1_000
+#: How many times a pointer move decides again after another move came between its read and its write.
+RACE_TRIES = 5
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -79,6 +90,24 @@ class Pointer:
     by: str
     reason: str
     frozen: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """An endpoint's pointer as one read found it: a move based on it commits only if it is still so."""
+
+    endpoint: str
+    #: The pointer (None: nothing published yet) and its record's version (0: none).
+    pointer: Pointer | None
+    version: int
+    #: The pointer as the first read of this decision found it (it differs once a race was lost).
+    first: Pointer | None
+
+    def required(self) -> Pointer:
+        """The pointer, or NotFound."""
+        if self.pointer is None:
+            raise NotFound(f"{self.endpoint} has no published batch run yet")
+        return self.pointer
 
 
 class BatchPointers:
@@ -139,20 +168,23 @@ class BatchPointers:
 
     # --- the pointer -----------------------------------------------------------------------------
 
+    def _read(self, endpoint: str) -> Held:
+        """The endpoint's pointer as stored, with its record's version."""
+        held = self._store.read_record(POINTER, endpoint)
+        pointer = None
+        if held is not None:
+            data = json.loads(held[0])
+            pointer = Pointer(
+                endpoint, data["run_id"], Path(data["path"]), data["at"], data["by"], data["reason"], data["frozen"]
+            )
+        return Held(endpoint, pointer, held[1] if held else 0, pointer)
+
     def current(self, endpoint: str) -> Pointer:
         """The published run consumers read, or NotFound."""
-        body = self._store.get_record(POINTER, endpoint)
-        if body is None:
-            raise NotFound(f"{endpoint} has no published batch run yet")
-        data = json.loads(body)
-        return Pointer(
-            endpoint, data["run_id"], Path(data["path"]), data["at"], data["by"], data["reason"], data["frozen"]
-        )
+        return self._read(endpoint).required()
 
-    def _published(self, endpoint: str) -> Run | None:
-        try:
-            pointer = self.current(endpoint)
-        except NotFound:
+    def _published(self, pointer: Pointer | None) -> Run | None:
+        if pointer is None:
             return None
         try:
             return Run.load(pointer.path)
@@ -163,9 +195,13 @@ class BatchPointers:
 
     def validate(self, endpoint: str, run: Run, settings: BatchGatesConfig) -> list[Gate]:
         """Run every gate against the currently published run; records the results."""
+        return self._validate(endpoint, run, settings, self._read(endpoint).pointer)
+
+    def _validate(self, endpoint: str, run: Run, settings: BatchGatesConfig, pointer: Pointer | None) -> list[Gate]:
+        """Run every gate against the run `pointer` names; records the results."""
         if run.manifest["endpoint"] != endpoint:
             raise InvalidInput(f"run {run.run_id} was scored for {run.manifest['endpoint']}, not {endpoint}")
-        published = self._published(endpoint)
+        published = self._published(pointer)
         gates = evaluate_gates(run, published if published and published.run_id != run.run_id else None, settings)
         record = self._record_or_register(endpoint, run)
         if record.status in ("scored", "validated", "failed-gates"):
@@ -180,13 +216,32 @@ class BatchPointers:
         except NotFound:
             return self.register(run)
 
-    def _move(self, actor: str, endpoint: str, run: Run, action: str, reason: str, *, frozen: bool) -> AuditEntry:
+    def _decide(self, endpoint: str, doing: str, decide: Callable[[Held], T]) -> T:
+        """`decide(held)` on the pointer as stored, again on the new pointer each time its move lost a race."""
+        held = self._read(endpoint)
+        for _ in range(RACE_TRIES):
+            try:
+                return decide(held)
+            except RecordChanged as err:  # another process moved, froze or unfroze it since it was read
+                log.info("%s; deciding the %s of %s again on the pointer as it now is", err.message, doing, endpoint)
+            held = replace(self._read(endpoint), first=held.first)
+        raise Conflict(
+            f"the batch pointer of {endpoint} kept changing while this {doing} was decided ({RACE_TRIES} tries; "
+            f"nothing was written); `gateway batch history {endpoint}` shows who moves it: retry once it settles"
+        )
+
+    def _move(self, actor: str, held: Held, run: Run, action: str, reason: str, *, frozen: bool) -> Pointer:
+        """Point consumers at `run` if the pointer is still as `held` read it, with its audit entry.
+
+        RecordChanged (nothing written) when another move came first.
+        """
         run.verify()  # never point at files that differ from their manifest
         now = self._clock()
-        previous = self._store.get_record(POINTER, endpoint)
-        body = {"run_id": run.run_id, "path": str(run.path.resolve()), "at": now, "by": actor, "reason": reason,
+        endpoint = held.endpoint
+        pointer = Pointer(endpoint, run.run_id, run.path.resolve(), now, actor, reason, frozen)
+        body = {"run_id": run.run_id, "path": str(pointer.path), "at": now, "by": actor, "reason": reason,
                 "frozen": frozen}  # fmt: skip
-        before = json.loads(previous)["run_id"] if previous else ""
+        before = held.pointer.run_id if held.pointer else None
         audit = AuditDraft(
             at=now,
             actor=actor,
@@ -195,10 +250,11 @@ class BatchPointers:
             reason=reason,
             dry_run=False,
             revision_before=0,
-            changes=[{"path": f"{endpoint} batch pointer", "before": before or None, "after": run.run_id}],
-            detail={"path": str(run.path.resolve()), "frozen": frozen},
+            changes=[{"path": f"{endpoint} batch pointer", "before": before, "after": run.run_id}],
+            detail={"path": str(pointer.path), "frozen": frozen},
         )
-        return self._store.commit_record(POINTER, endpoint, json.dumps(body), now, audit)
+        self._store.commit_record(POINTER, endpoint, json.dumps(body), now, audit, version=held.version)
+        return pointer
 
     def publish(
         self,
@@ -210,27 +266,36 @@ class BatchPointers:
         force: bool = False,
         reason: str = "",
     ) -> list[Gate]:
-        """Validate, then move the pointer if every gate passed (or `force`, with a reason)."""
-        try:
-            if self.current(endpoint).frozen:
-                raise FailedPrecondition(
-                    f"{endpoint} is frozen; `gateway batch unfreeze {endpoint} --reason ...` before publishing"
-                )
-        except NotFound:
-            pass
-        gates = self.validate(endpoint, run, settings)
-        failed = [g for g in gates if not g.passed]
-        if any(g.name == "files_intact" for g in failed):
-            raise FailedPrecondition(f"{run.run_id}: {failed[0].detail}")
-        if failed and not force:
-            listed = "; ".join(g.refusal() for g in failed)
-            raise FailedPrecondition(f"{run.run_id} failed its gates: {listed}; fix the run, or --force --reason")
-        if force and not reason.strip():
-            raise InvalidInput("--force needs --reason: forcing past failed gates is audited", field="reason")
-        action = "batch-publish-forced" if failed else "batch-publish"
-        self._move(actor, endpoint, run, action, reason or "gates passed", frozen=False)
+        """Validate, then move the pointer if every gate passed (or `force`, with a reason).
+
+        When another move lands between the read and the write, it decides again on the new
+        pointer: refused when that is frozen, the gates run against the run it names.
+        """
+        gates_against: dict[str, list[Gate]] = {}  # by the run they compared with: a retry reuses them
+
+        def decide(held: Held) -> tuple[list[Gate], bool]:
+            pointer = held.pointer
+            if pointer is not None and pointer.frozen:
+                raise _frozen(pointer, meanwhile=held.first is None or not held.first.frozen)
+            against = pointer.run_id if pointer else ""
+            if against not in gates_against:
+                gates_against[against] = self._validate(endpoint, run, settings, pointer)
+            gates = gates_against[against]
+            failed = [g for g in gates if not g.passed]
+            if any(g.name == "files_intact" for g in failed):
+                raise FailedPrecondition(f"{run.run_id}: {failed[0].detail}")
+            if failed and not force:
+                listed = "; ".join(g.refusal() for g in failed)
+                raise FailedPrecondition(f"{run.run_id} failed its gates: {listed}; fix the run, or --force --reason")
+            if force and not reason.strip():
+                raise InvalidInput("--force needs --reason: forcing past failed gates is audited", field="reason")
+            action = "batch-publish-forced" if failed else "batch-publish"
+            self._move(actor, held, run, action, reason or "gates passed", frozen=False)
+            return gates, bool(failed)
+
+        gates, forced = self._decide(endpoint, "publish", decide)
         record = self.record(endpoint, run.run_id)
-        record.status = "forced" if failed else "published"
+        record.status = "forced" if forced else "published"
         record.published_by, record.published_at = actor, self._clock()
         record.note = reason
         self._save(record)
@@ -245,55 +310,87 @@ class BatchPointers:
             )
         return max(good, key=lambda r: r.published_at)
 
-    def _repoint(
-        self, actor: str, current: Pointer, target: RunRecord, *, action: str, reason: str, frozen: bool
-    ) -> Pointer:
-        endpoint = current.endpoint
-        self._move(actor, endpoint, Run.load(Path(target.path)), action, reason, frozen=frozen)
+    def _repoint(self, actor: str, held: Held, target: RunRecord, *, action: str, reason: str, frozen: bool) -> Pointer:
+        current = held.required()
+        pointer = self._move(actor, held, Run.load(Path(target.path)), action, reason, frozen=frozen)
         if current.run_id != target.run_id:
-            left = self.record(endpoint, current.run_id)
+            left = self.record(current.endpoint, current.run_id)
             left.status, left.note = "rolled-back", reason
             self._save(left)
-        return self.current(endpoint)
+        return pointer
 
     def freeze(self, actor: str, endpoint: str, *, to: str = "", reason: str) -> Pointer:
         """Stop publishing until `unfreeze`, with consumers on a known-good run.
 
         The pointer moves to `to` when given; otherwise it stays when the run consumers read is
         known-good, and moves to the newest known-good run when it is not (refused when there
-        is none: then name a run).
+        is none: then name a run). When another move lands first, it decides again on the new pointer.
         """
         _require(reason)
-        current = self.current(endpoint)
-        if to:
-            target = self.record(endpoint, to)
-        elif self.record(endpoint, current.run_id).known_good:
-            target = self.record(endpoint, current.run_id)
-        else:
-            target = self._last_good(endpoint, current.run_id, "freeze")
-        return self._repoint(actor, current, target, action="batch-freeze", reason=reason, frozen=True)
+
+        def decide(held: Held) -> Pointer:
+            current = held.required()
+            if to:
+                target = self.record(endpoint, to)
+            elif self.record(endpoint, current.run_id).known_good:
+                target = self.record(endpoint, current.run_id)
+            else:
+                target = self._last_good(endpoint, current.run_id, "freeze")
+            return self._repoint(actor, held, target, action="batch-freeze", reason=reason, frozen=True)
+
+        return self._decide(endpoint, "freeze", decide)
 
     def rollback(self, actor: str, endpoint: str, *, to: str = "", reason: str) -> Pointer:
-        """Repoint to `to`, or to the newest known-good run besides the current one; a freeze stays as it was."""
+        """Repoint to `to`, or to the newest known-good run besides the current one; a freeze stays as it was.
+
+        Without `to` it rolls back the run it read: when another move repointed consumers first,
+        it is refused (Conflict) rather than rolling back a run the operator did not look at.
+        """
         _require(reason)
-        current = self.current(endpoint)
-        target = self.record(endpoint, to) if to else self._last_good(endpoint, current.run_id, "rollback")
-        if target.run_id == current.run_id:
-            return current  # consumers already read it: nothing to move, nothing to audit
-        return self._repoint(actor, current, target, action="batch-rollback", reason=reason, frozen=current.frozen)
+
+        def decide(held: Held) -> Pointer:
+            current, first = held.required(), held.first
+            if not to and first is not None and first.run_id != current.run_id:
+                raise Conflict(
+                    f"{endpoint}'s batch pointer moved from {first.run_id} to {current.run_id} meanwhile "
+                    f"(by {current.by}: {current.reason}); nothing was rolled back; `gateway batch current "
+                    f"{endpoint}` shows it: roll back again if {current.run_id} should go too"
+                )
+            target = self.record(endpoint, to) if to else self._last_good(endpoint, current.run_id, "rollback")
+            if target.run_id == current.run_id:
+                return current  # consumers already read it: nothing to move, nothing to audit
+            return self._repoint(actor, held, target, action="batch-rollback", reason=reason, frozen=current.frozen)
+
+        return self._decide(endpoint, "rollback", decide)
 
     def unfreeze(self, actor: str, endpoint: str, *, reason: str) -> Pointer:
-        """Allow publishing again (the pointer stays where it is)."""
+        """Allow publishing again (the pointer stays where it is, wherever another move put it meanwhile)."""
         _require(reason)
-        current = self.current(endpoint)
-        if not current.frozen:
-            raise FailedPrecondition(f"{endpoint} is not frozen (consumers read {current.run_id}); nothing to do")
-        self._move(actor, endpoint, Run.load(current.path), "batch-unfreeze", reason, frozen=False)
-        return self.current(endpoint)
+
+        def decide(held: Held) -> Pointer:
+            current = held.required()
+            if not current.frozen:
+                first = held.first
+                by = f" (unfrozen meanwhile by {current.by}: {current.reason})" if first and first.frozen else ""
+                raise FailedPrecondition(
+                    f"{endpoint} is not frozen{by} (consumers read {current.run_id}); nothing to do"
+                )
+            return self._move(actor, held, Run.load(current.path), "batch-unfreeze", reason, frozen=False)
+
+        return self._decide(endpoint, "unfreeze", decide)
 
     def history(self, endpoint: str, limit: int = 100) -> list[AuditEntry]:
         """Who published, rolled back or froze what, newest first."""
         return _newest(lambda n: self._store.audit(endpoint, n), lambda e: e.action.startswith("batch-"), limit)
+
+
+def _frozen(pointer: Pointer, *, meanwhile: bool) -> FailedPrecondition:
+    """The refusal to publish past a freeze, saying who froze it and why."""
+    when = "was frozen meanwhile" if meanwhile else "is frozen"
+    return FailedPrecondition(
+        f"{pointer.endpoint} {when} (by {pointer.by}: {pointer.reason}); nothing was published; "
+        f"`gateway batch unfreeze {pointer.endpoint} --reason ...` before publishing"
+    )
 
 
 def _require(reason: str) -> None:

@@ -104,8 +104,13 @@ class StateStore(Protocol):
     def put_record(self, kind: str, key: str, body: str, at: float) -> None:
         """Store (or replace) a JSON record: a rollout's state, an incident."""
 
-    def commit_record(self, kind: str, key: str, body: str, at: float, audit: AuditDraft) -> AuditEntry:
-        """Store a record and its audit entry in one transaction (a batch read pointer moving)."""
+    def commit_record(
+        self, kind: str, key: str, body: str, at: float, audit: AuditDraft, *, version: int
+    ) -> AuditEntry:
+        """Store a record and its audit entry in one transaction if the record is still at `version` (0: absent).
+
+        A batch read pointer moving: raises RecordChanged, writing neither, when another write came first.
+        """
 
     def get_record(self, kind: str, key: str) -> str | None:
         """One record's JSON body, or None."""

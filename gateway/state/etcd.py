@@ -177,10 +177,12 @@ class EtcdStore:
             return
         self._client.call("/v3/kv/put", put["request_put"])
 
-    def commit_record(self, kind: str, key: str, body: str, at: float, audit: AuditDraft) -> AuditEntry:
-        """Put a record and its audit entry in one transaction."""
+    def commit_record(
+        self, kind: str, key: str, body: str, at: float, audit: AuditDraft, *, version: int
+    ) -> AuditEntry:
+        """Put a record (if its mod_revision is still `version`) and its audit entry in one transaction."""
         audit_put, entry = self._audit_put(audit, audit.revision_before)
-        answer = self._fenced_txn([_put(self._record_key(kind, key), {"at": at, "body": body}), audit_put])
+        answer = self._fenced_txn([audit_put], swap=RecordSwap(kind, key, body, at, version))
         return _numbered(entry, answer)
 
     def create_record(self, kind: str, key: str, body: str, at: float) -> str:

@@ -288,24 +288,14 @@ class SqliteStore:
                 (kind, key, at, body),
             )
 
-    def commit_record(self, kind: str, key: str, body: str, at: float, audit: AuditDraft) -> AuditEntry:
-        """Upsert a record and append its audit entry atomically."""
-        with self._lock, self._errors("be written"):
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._check_fence()
-                self._db.execute(
-                    "INSERT INTO records (kind, key, at, body) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (kind, key) DO UPDATE SET at = excluded.at, body = excluded.body, "
-                    "version = records.version + 1",
-                    (kind, key, at, body),
-                )
-                entry = self._insert_audit(audit, audit.revision_before)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return entry
+    def commit_record(
+        self, kind: str, key: str, body: str, at: float, audit: AuditDraft, *, version: int
+    ) -> AuditEntry:
+        """Swap a record (if still at `version`) and append its audit entry in one transaction."""
+        with self._lock, self._errors("be written"), self._transaction():
+            self._check_fence()
+            self._swap(RecordSwap(kind, key, body, at, version))
+            return self._insert_audit(audit, audit.revision_before)
 
     def create_record(self, kind: str, key: str, body: str, at: float) -> str:
         """Insert a record unless one exists; the stored body."""
