@@ -185,3 +185,37 @@ def test_a_pointer_that_never_stops_changing_gives_up_with_aborted(sides: Sides,
     assert len(touches) == RACE_TRIES
     assert not sides.theirs.current(EP).frozen
     assert [e.action for e in sides.theirs.history(EP)] == ["batch-publish"]
+
+
+def test_the_cli_reports_a_lost_race_in_one_line_and_exits_1(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    runs: dict[str, Run],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from gateway.cli import batch, build_parser
+
+    store = SqliteStore(tmp_path / "state.db")
+    request.addfinalizer(store.close)
+    theirs = BatchPointers(store)
+    theirs.publish("nightly", EP, runs["n1"], GATES)
+    theirs.publish("nightly", EP, runs["n2"], GATES)
+    real = SqliteStore.commit_record
+    staged: list[bool] = []
+
+    def first_lets_another_publish(self: SqliteStore, *args: Any, **kwargs: Any) -> Any:
+        if self is not store and not staged:  # the CLI's own store: another process publishes n3 first
+            staged.append(True)
+            theirs.publish("backfill", EP, runs["n3"], GATES)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqliteStore, "commit_record", first_lets_another_publish)
+    args = build_parser().parse_args(
+        ["batch", "rollback", EP, "--reason", "n2 looks wrong", "--store", f"sqlite:///{tmp_path / 'state.db'}"]
+    )
+    assert batch.run(args) == 1
+    err = capsys.readouterr().err
+    assert staged and err.count("\n") == 1, err
+    assert err.startswith("error: ABORTED: ctr-ranker's batch pointer moved from n2 to n3 meanwhile"), err
+    assert theirs.current(EP).run_id == "n3"
