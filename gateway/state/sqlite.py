@@ -497,6 +497,7 @@ def _create(path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(str(temporary), isolation_level=None)
         try:
+            db.execute("PRAGMA journal_mode=WAL")  # kept in the file: openers need not switch it (an exclusive lock)
             db.executescript(_SCHEMA)
         finally:
             db.close()
