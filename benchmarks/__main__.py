@@ -22,6 +22,7 @@ from benchmarks import (
     shadow,
     streaming,
     telemetry,
+    throughput,
     triggers,
 )
 
@@ -37,6 +38,7 @@ SUITES = {
     "triggers": triggers,
     "fleet-guardian": fleet_guardian,
     "fleet-takeover": fleet_takeover,
+    "throughput": throughput,
 }
 
 

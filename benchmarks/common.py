@@ -111,8 +111,10 @@ def start_gateway(name: str = "gateway", extra: Sequence[str] = (), env: dict[st
         raise
 
 
-def start_bare() -> Server:
-    return start("bare", [sys.executable, "-m", "benchmarks.bare_server", str(STABLE_MODEL)], r"ready (\d+)")
+def start_bare(name: str = "bare", model: Path = STABLE_MODEL, threads: int = 0) -> Server:
+    """A bare server on `model`: grpc.aio with the run inline, or a thread-pool server with `threads`."""
+    command = [sys.executable, "-m", "benchmarks.bare_server", str(model)]
+    return start(name, [*command, "--threads", str(threads)] if threads else command, r"ready (\d+)")
 
 
 def admin_target(server: Server) -> str:
@@ -123,10 +125,20 @@ def admin_target(server: Server) -> str:
     return match.group(1)
 
 
-def load(server: Server, concurrency: int, seconds: float, *, sink: Server | None = None) -> dict[str, float]:
-    """Drive one closed-loop run; adds the server's CPU seconds per request (measured window only),
-    and the sink's (`sink_cpu_us_per_req`) when one is given."""
+def load(
+    server: Server,
+    concurrency: int,
+    seconds: float,
+    *,
+    sink: Server | None = None,
+    model: str = "",
+    rows: int = 1,
+) -> dict[str, float]:
+    """Drive one closed-loop run; adds the server's CPU seconds per request and its CPU use in percent
+    of one core (measured window only), and the sink's (`sink_cpu_us_per_req`) when one is given.
+    `model` and `rows` choose the endpoint called (default ctr-ranker) and the rows per request."""
     args = [sys.executable, "-m", "benchmarks.loadgen", server.target, str(concurrency), str(seconds)]
+    args += [*(["--model", model] if model else []), "--rows", str(rows)]
     client = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert client.stdout is not None
     if client.stdout.readline().strip() != "measuring":
@@ -140,6 +152,7 @@ def load(server: Server, concurrency: int, seconds: float, *, sink: Server | Non
     result: dict[str, float] = json.loads(line)
     per_request = [(a - b) / max(result["requests"], 1) * 1e6 for a, b in zip(after, before, strict=True)]
     result["cpu_us_per_req"] = per_request[0]
+    result["cpu_percent"] = (after[0] - before[0]) / max(result["seconds"], 1e-9) * 100
     if sink is not None:
         result["sink_cpu_us_per_req"] = per_request[1]
     return result

@@ -1,7 +1,7 @@
-"""Closed-loop load: N concurrent callers on one grpc.aio channel, each sending batch-1 Predicts
-for the ctr-ranker endpoint, every request with a routing key.
+"""Closed-loop load: N concurrent callers on one grpc.aio channel, each sending Predicts (batch 1
+by default) for the ctr-ranker endpoint (or `--model`), every request with a routing key.
 
-Usage: python -m benchmarks.loadgen TARGET CONCURRENCY SECONDS [--warmup S] [--channels K]
+Usage: python -m benchmarks.loadgen TARGET CONCURRENCY SECONDS [--warmup S] [--channels K] [--model M] [--rows N]
 
 `--channels K` spreads the callers over K connections (as K clients would): with
 `gateway serve --workers N` the kernel hands each connection to one worker.
@@ -30,39 +30,52 @@ MODEL = "ctr-ranker"
 Record = Callable[[float, float, gw.PredictResponse], None]
 
 
-def request(key: str) -> gw.PredictRequest:
-    x = np.random.default_rng(0).normal(size=(1, 32)).astype(np.float32)
+def request(key: str, model: str = MODEL, rows: int = 1) -> gw.PredictRequest:
+    x = np.random.default_rng(0).normal(size=(rows, 32)).astype(np.float32)
     return gw.PredictRequest(
-        model=MODEL,
+        model=model,
         routing_key=key,
-        inputs=[gw.Tensor(name="features", datatype=gw.DATA_TYPE_FP32, shape=[1, 32], data=x.tobytes())],
+        inputs=[gw.Tensor(name="features", datatype=gw.DATA_TYPE_FP32, shape=[rows, 32], data=x.tobytes())],
     )
 
 
 async def closed_loop(
-    target: str, concurrency: int, seconds: float, warmup: float, record: Record, channels: int = 1
+    target: str,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    record: Record,
+    channels: int = 1,
+    requests: list[gw.PredictRequest] | None = None,
 ) -> tuple[int, float]:
     """Run the callers: `warmup` seconds unrecorded, then print "measuring" and record for `seconds`.
 
+    `requests` (default: batch-1 ctr-ranker requests with 1000 routing keys) are sent in turn.
     Returns the failed calls in the measured window and its length in seconds.
     """
+    requests = requests or [request(f"user-{i}") for i in range(1000)]
     # A local subchannel pool per channel: otherwise channels to one target share one connection.
     opened = [
         grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)] if channels > 1 else None)
         for _ in range(channels)
     ]
     try:
-        return await _callers([gw_grpc.InferenceStub(c).Predict for c in opened], concurrency, seconds, warmup, record)
+        stubs = [gw_grpc.InferenceStub(c).Predict for c in opened]
+        return await _callers(stubs, concurrency, seconds, warmup, record, requests)
     finally:
         for channel in opened:
             await channel.close()
 
 
 async def _callers(
-    stubs: list[Callable[..., object]], concurrency: int, seconds: float, warmup: float, record: Record
+    stubs: list[Callable[..., object]],
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    record: Record,
+    requests: list[gw.PredictRequest],
 ) -> tuple[int, float]:
     """The callers of `closed_loop`, caller i on stub i mod len(stubs)."""
-    requests = [request(f"user-{i}") for i in range(1000)]
     errors = 0
     measuring = False
     deadline = 0.0
@@ -95,10 +108,18 @@ async def _callers(
     return errors, time.monotonic() - begin
 
 
-async def run(target: str, concurrency: int, seconds: float, warmup: float, channels: int = 1) -> dict[str, float]:
+async def run(
+    target: str, concurrency: int, seconds: float, warmup: float, channels: int = 1, model: str = MODEL, rows: int = 1
+) -> dict[str, float]:
     latencies: list[float] = []
     errors, elapsed = await closed_loop(
-        target, concurrency, seconds, warmup, lambda started, ended, _: latencies.append(ended - started), channels
+        target,
+        concurrency,
+        seconds,
+        warmup,
+        lambda started, ended, _: latencies.append(ended - started),
+        channels,
+        [request(f"user-{i}", model, rows) for i in range(1000)],
     )
     lat = np.asarray(latencies) * 1000
     result = {
@@ -120,8 +141,10 @@ def main() -> None:
     parser.add_argument("seconds", type=float)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--model", default=MODEL, help=f"endpoint to call (default {MODEL})")
+    parser.add_argument("--rows", type=int, default=1, help="rows per request (default 1)")
     args = parser.parse_args()
-    asyncio.run(run(args.target, args.concurrency, args.seconds, args.warmup, args.channels))
+    asyncio.run(run(args.target, args.concurrency, args.seconds, args.warmup, args.channels, args.model, args.rows))
 
 
 if __name__ == "__main__":

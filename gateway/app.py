@@ -24,6 +24,7 @@ from gateway.orchestration.rollout import RolloutDriver
 from gateway.registry import ModelRegistry, ModelVersion, VersionState
 from gateway.repository import ModelRepository
 from gateway.routing import Router, RouteTable
+from gateway.runner import ModelRunner, RunnerSettings, default_threads
 from gateway.settings import GatewaySettings
 from gateway.shadow.runner import ShadowRunner
 from gateway.state import StateStore
@@ -85,6 +86,13 @@ class Gateway:
         self.fleet_windows = FleetWindows(self.telemetry.windows, self.fleet.member_id, drift=self.telemetry.drift)
         #: The secret the fleet's processes share (read from the store by `start`).
         self.fleet_key: FleetKey | None = None
+        self.runner = ModelRunner(
+            RunnerSettings(
+                # Each worker process gets its share of the cores.
+                threads=self.settings.runner_threads or max(1, default_threads() // self.settings.workers),
+                inline_max_seconds=self.settings.inline_run_max_us / 1e6,
+            )
+        )
         self.inference = InferenceService(
             self.registry,
             self.router,
@@ -93,6 +101,7 @@ class Gateway:
             faults=self.faults,
             feedback=self.feedback,
             admission=Admission(self.settings.max_concurrent_per_version, self.settings.default_deadline),
+            runner=self.runner,
         )
         self._observe()
 
@@ -103,6 +112,8 @@ class Gateway:
         def loaded(snapshot: ModelVersion) -> None:
             if snapshot.state is VersionState.READY:
                 telemetry.model_loaded(snapshot.endpoint, snapshot.version, snapshot.load_seconds)
+                if snapshot.model is not None:
+                    log.info("%s", self.runner.describe(snapshot.endpoint, snapshot.version, snapshot.model))
 
         def routed(revision: int, state: DesiredState) -> None:
             table = self.router.table
@@ -154,7 +165,7 @@ class Gateway:
         return cls(load_route_file(path), store, settings=settings, config_source=str(path), telemetry=telemetry)
 
     def start(self) -> int:
-        """Start telemetry export and the shadow workers, restore (or seed) the desired state, load every version.
+        """Start telemetry export, shadow workers and runner pool; restore (or seed) the routes; load versions.
 
         Blocking; returns the revision. A failed start stops what it started. The guardian is
         started apart (`guardian.start()`): tests and drills tick it themselves.
@@ -162,12 +173,14 @@ class Gateway:
         try:
             self.telemetry.start()
             self.shadow.start()
+            self.runner.start()
             revision = self.control.start(
                 lambda: desired_from_config(self.config, self.repository), seed_source=self.config_source
             )
             self.fleet_key = load_fleet_key(self.store)
             self.feedback.sign_with(self.fleet_key.derive("feedback-ids"))
         except BaseException:
+            self.runner.shutdown()
             self.shadow.shutdown()
             if self._owns_telemetry:
                 self.telemetry.shutdown()
@@ -199,11 +212,12 @@ class Gateway:
         return state.compare if state else ShadowCompareConfig()
 
     def close(self) -> None:
-        """Stop following the store, the guardian and shadow workers; release the store (and owned telemetry)."""
+        """Stop following the store, the guardian, shadow and runner threads; release the store (and telemetry)."""
         self.follower.stop()
         self.guardian.stop()
         self.fleet.stop()
         self.shadow.shutdown()
+        self.runner.shutdown()
         self.store.close()
         if self._owns_telemetry:
             self.telemetry.shutdown()

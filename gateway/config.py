@@ -8,6 +8,8 @@
         labels: {stable: "1.12", canary: "1.13"}
         max_batch_size: 256
         nan_policy: allow                     # allow | reject
+        batching: {max_batch_size: 32, max_delay_ms: 2}   # merge concurrent requests (off when absent)
+        runner: auto                          # auto | inline | pool: where model runs happen
 
 Versions are strings. YAML reads `1.10` as the number 1.1, so this loader keeps every
 unquoted decimal as the text that was written (`1.10` stays "1.10").
@@ -19,7 +21,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from gateway.errors import ConfigError, InvalidInput
 from gateway.guardrails.rules import RuleSet, parse_rule
@@ -46,6 +57,51 @@ class ShadowCompareConfig(BaseModel):
 
     threshold: float = 0.5
     top_k: StrictInt = Field(default=0, ge=0, le=1000)
+
+
+class BatchingConfig(BaseModel):
+    """Adaptive batching of one endpoint: concurrent requests to one version merged into one run.
+
+    A request to an idle version runs at once; requests that arrive while it is busy form a
+    batch, dispatched when its rows reach `max_batch_size` or one of `preferred_batch_sizes`,
+    or when its oldest request has waited `max_delay_ms`. The one type for these settings: the
+    route file, the desired state, the admin API and the data plane all use it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    max_batch_size: StrictInt = Field(ge=1, le=1 << 16)
+    max_delay_ms: float = Field(ge=0, le=10_000)
+    preferred_batch_sizes: tuple[StrictInt, ...] = ()
+
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _preferred_fit(cls, sizes: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        largest = info.data.get("max_batch_size")
+        if largest is not None and any(not 1 <= size <= largest for size in sizes):
+            raise ValueError(f"{list(sizes)}: each must be between 1 and max_batch_size {largest}")
+        if list(sizes) != sorted(set(sizes)):
+            raise ValueError(f"{list(sizes)}: list each size once, in increasing order")
+        return sizes
+
+    def describe(self) -> str:
+        """`max_batch_size 32, max_delay_ms 2, preferred 8/16` for logs and messages."""
+        sizes = self.preferred_batch_sizes
+        preferred = f", preferred {'/'.join(map(str, sizes))}" if sizes else ""
+        return f"max_batch_size {self.max_batch_size}, max_delay_ms {self.max_delay_ms:g}{preferred}"
+
+    @classmethod
+    def checked(cls, source: str, **fields: object) -> BatchingConfig:
+        """Settings from an API call, validated as the route file is (ConfigError names the field)."""
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(err, source)) from None
+
+
+#: Where an endpoint's model runs happen: decided by the measured cost, or always one way.
+RunnerMode = Literal["auto", "inline", "pool"]
+RUNNER_MODES: tuple[str, ...] = ("auto", "inline", "pool")
 
 
 class GuardrailsConfig(BaseModel):
@@ -110,6 +166,8 @@ class EndpointConfig(BaseModel):
 
     #: Default deadline of this endpoint's requests (a caller's shorter deadline wins).
     deadline_ms: StrictInt | None = Field(default=None, ge=1, le=3_600_000)
+    batching: BatchingConfig | None = None
+    runner: RunnerMode = "auto"
 
     @field_validator("versions")
     @classmethod

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import edits
+from gateway.config import BatchingConfig
 from gateway.desired import DesiredState, endpoint_from_config, parse_route_file
 from gateway.errors import AlreadyExists, FailedPrecondition, GatewayError, InvalidInput, NotFound, TooLarge
 from gateway.faults import Fault
@@ -186,6 +187,20 @@ class ControlPlane(RouteReplica):
         """Inject (or with None, clear) errors and latency on a version, for drills."""
         detail = {"version": version, **(fault.to_dict() if fault else {"cleared": True})}
         return self._change(Intent(actor, "fault", endpoint, reason, dry_run, detail), edits.set_fault(version, fault))
+
+    def set_batching(
+        self, actor: str, endpoint: str, batching: BatchingConfig | None, *, reason: str, dry_run: bool = False
+    ) -> ChangeResult:
+        """Merge concurrent requests to one version into one run (None turns batching off)."""
+        detail = {"batching": batching.model_dump(mode="json") if batching else None}
+        intent = Intent(actor, "batching", endpoint, reason, dry_run, detail)
+        return self._change(intent, edits.set_batching(batching))
+
+    def set_runner(self, actor: str, endpoint: str, runner: str, *, reason: str, dry_run: bool = False) -> ChangeResult:
+        """Where the endpoint's model runs happen: auto (by measured cost), inline or pool."""
+        return self._change(
+            Intent(actor, "runner", endpoint, reason, dry_run, {"runner": runner}), edits.set_runner(runner)
+        )
 
     def promote(
         self, actor: str, endpoint: str, *, reason: str, dry_run: bool = False, trigger: str = "manual"

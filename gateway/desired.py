@@ -14,7 +14,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from gateway.config import EndpointConfig, GatewayConfig, ShadowCompareConfig, load_config, parse_config
+from gateway.config import (
+    BatchingConfig,
+    EndpointConfig,
+    GatewayConfig,
+    ShadowCompareConfig,
+    load_config,
+    parse_config,
+)
 from gateway.errors import ConfigError, InvalidInput, NotFound
 from gateway.faults import Fault
 from gateway.guardrails.rules import RuleSet
@@ -47,6 +54,10 @@ class EndpointState:
     drift_reference: str = ""
     #: Default deadline of the endpoint's requests, milliseconds (None: the gateway's `default_deadline`).
     deadline_ms: int | None = None
+    #: Merge concurrent requests to a version into one run (None: off).
+    batching: BatchingConfig | None = None
+    #: Where model runs happen: `auto` (by measured cost), `inline` or `pool`.
+    runner: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "artifacts", _frozen(self.artifacts))
@@ -71,6 +82,8 @@ class EndpointState:
             reject_nan=self.nan_policy == "reject",
             shadows=dict(self.shadows),
             deadline=None if self.deadline_ms is None else self.deadline_ms / 1000,
+            batching=self.batching,
+            runner=self.runner,
         )
 
     def require_version(self, version: str) -> None:
@@ -104,6 +117,8 @@ class EndpointState:
             "faults": {v: f.to_dict() for v, f in sorted(self.faults.items())},
             **({"drift_reference": self.drift_reference} if self.drift_reference else {}),
             **({"deadline_ms": self.deadline_ms} if self.deadline_ms is not None else {}),
+            "batching": self.batching.model_dump(mode="json") if self.batching else None,
+            "runner": self.runner,
         }
 
     @classmethod
@@ -123,6 +138,8 @@ class EndpointState:
             faults={str(v): Fault(**f) for v, f in data.get("faults", {}).items()},
             drift_reference=str(data.get("drift_reference", "")),
             deadline_ms=None if data.get("deadline_ms") is None else int(data["deadline_ms"]),
+            batching=BatchingConfig.model_validate(data["batching"]) if data.get("batching") else None,
+            runner=str(data.get("runner", "auto")),
         )
 
 
@@ -224,6 +241,9 @@ def _flatten(state: DesiredState) -> dict[str, Any]:
             flat[f"{name} guardrails observe_only"] = guardrails["observe_only"]
         for version, fault in body.pop("faults").items():
             flat[f"{name} fault {version}"] = fault
+        for key, value in (body.pop("batching") or {}).items():
+            if value != []:  # no preferred sizes: nothing to show
+                flat[f"{name} batching {key}"] = value
         for key, value in body.items():
             flat[f"{name} {key}"] = value
     return flat
@@ -259,6 +279,8 @@ def endpoint_from_config(name: str, config: EndpointConfig, artifacts: Mapping[s
         guardrails=config.rule_set(),
         drift_reference=config.drift_reference or "",
         deadline_ms=config.deadline_ms,
+        batching=config.batching,
+        runner=config.runner,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from gateway.config import BatchingConfig
 from gateway.desired import EndpointState
 from gateway.errors import FailedPrecondition, NotFound
 from gateway.faults import Fault
@@ -80,6 +81,16 @@ def set_fault(version: str, fault: Fault | None) -> Edit:
         return ep.with_(faults=faults)
 
     return edit
+
+
+def set_batching(batching: BatchingConfig | None) -> Edit:
+    """Merge concurrent requests into one run with these settings; None turns batching off."""
+    return lambda ep: ep.with_(batching=batching)
+
+
+def set_runner(runner: str) -> Edit:
+    """Where model runs happen: auto, inline or pool (checked when the routes compile)."""
+    return lambda ep: ep.with_(runner=runner)
 
 
 def promote(ep: EndpointState) -> EndpointState:

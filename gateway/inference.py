@@ -8,33 +8,36 @@ maps them to statuses in one place.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-import math
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from gateway import __version__
 from gateway.admission import Admission, Slot
-from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, NotFound, TooLarge
+from gateway.batcher import Batcher
+from gateway.checks import check_bounds, check_inputs, rows_and_nans, wanted_outputs
+from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, NotFound
 from gateway.faults import Fault, FaultInjector
 from gateway.feedback import FeedbackJoin
-from gateway.limits import MAX_ID_CHARS, MAX_NAME_CHARS, MAX_TENSOR_NAME_CHARS, MAX_TENSORS, check_count, check_text
+from gateway.limits import MAX_ID_CHARS, MAX_NAME_CHARS, check_text
 from gateway.logs import REQUEST_ID
 from gateway.registry import ModelRegistry
 from gateway.routing import STABLE, EndpointRoutes, ModelRef, RouteDecision, Router, RouteTable, RoutingReason
+from gateway.runner import ModelRunner, timed_run
 from gateway.runtime import OnnxModel
 from gateway.shadow.runner import ShadowJob, ShadowRunner
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.tracing import SpanRecord
 from gateway.telemetry.windows import SeriesKey
-from gateway.tensors import DataType, TensorSpec
+from gateway.tensors import TensorSpec
 
 PLATFORM = "onnxruntime_onnx"
 #: Live (weighted) traffic is mirrored to shadows; explicitly pinned requests are not.
@@ -91,152 +94,10 @@ class EndpointMetadata:
     traffic: Mapping[str, int] = field(default_factory=dict)
 
 
-def _check_inputs(
-    routes: EndpointRoutes,
-    decision: RouteDecision,
-    specs: tuple[TensorSpec, ...],
-    inputs: Mapping[str, np.ndarray],
-) -> None:
-    """Names, dtypes, shapes, batch limit and NaN policy; the common case is a few comparisons."""
-    if len(inputs) != len(specs):
-        _explain_names(routes, decision, specs, inputs)
-    for spec in specs:
-        array = inputs.get(spec.name)
-        if array is None:
-            _explain_names(routes, decision, specs, inputs)
-            return
-        if not spec.matches(array):
-            _explain_mismatch(routes, decision, spec, array)
-        if spec.batched and array.shape[0] > routes.max_batch_size:
-            raise TooLarge(
-                f"{routes.name} {decision.version}: batch size {array.shape[0]} of input {spec.name!r} "
-                f"exceeds the endpoint's max_batch_size {routes.max_batch_size}; split the request"
-            )
-        if routes.reject_nan and array.dtype.kind == "f" and np.isnan(array).any():
-            index = [int(i) for i in np.argwhere(np.isnan(array))[0]]
-            raise InvalidInput(
-                f"{routes.name} {decision.version}: input {spec.name!r} has NaN at index {index}; "
-                "this endpoint's nan_policy is 'reject' (finite values only)"
-            )
-
-
-def _explain_names(
-    routes: EndpointRoutes,
-    decision: RouteDecision,
-    specs: tuple[TensorSpec, ...],
-    inputs: Mapping[str, np.ndarray],
-) -> None:
-    expected = ", ".join(f"{s.name} ({s.describe()})" for s in specs)
-    names = {s.name for s in specs}
-    missing = [s.name for s in specs if s.name not in inputs]
-    unexpected = [name for name in inputs if name not in names]
-    problems = []
-    if missing:
-        problems.append(f"missing input {', '.join(map(repr, missing))}")
-    if unexpected:
-        problems.append(f"unexpected input {', '.join(map(repr, unexpected))}")
-    raise InvalidInput(f"{routes.name} {decision.version}: {'; '.join(problems)}; expected inputs: {expected}")
-
-
-def _explain_mismatch(routes: EndpointRoutes, decision: RouteDecision, spec: TensorSpec, array: np.ndarray) -> None:
-    where = f"{routes.name} {decision.version}: input {spec.name!r}"
-    if array.dtype != spec.dtype:
-        raise InvalidInput(
-            f"{where} has datatype {_datatype_name(array)}; expected {spec.datatype.value} (shape {spec.wire_shape})"
-        )
-    raise InvalidInput(f"{where} has shape {list(array.shape)}; expected {spec.wire_shape} (-1 is any size)")
-
-
-def _rows_and_nans(model: OnnxModel, inputs: Mapping[str, np.ndarray]) -> tuple[int, list[int] | None, tuple[str, ...]]:
-    """Batch rows, and NaN counts per feature when any float input holds a NaN (else None)."""
-    rows = 0
-    nan: list[int] | None = None
-    offset = 0
-    for name, width in model.float_inputs:
-        array = inputs[name]
-        rows = rows or (array.shape[0] if array.ndim else 1)
-        if not math.isnan(array.sum()):  # one reduction; a NaN anywhere makes the sum NaN
-            offset += width
-            continue
-        mask = np.isnan(array)
-        if mask.any():
-            if nan is None:
-                nan = [0] * model.feature_count
-            per_feature = mask.reshape(mask.shape[0], -1).sum(axis=0) if mask.ndim > 1 else [int(mask.sum())]
-            for i, count in enumerate(per_feature):
-                nan[offset + i] += int(count)
-        offset += width
-    if not rows and inputs:
-        first = next(iter(inputs.values()))
-        rows = first.shape[0] if first.ndim else 1
-    return rows, nan, model.feature_names
-
-
-def _wanted_outputs(
-    routes: EndpointRoutes, decision: RouteDecision, model: OnnxModel, names: tuple[str, ...]
-) -> tuple[str, ...]:
-    """The outputs a request asked for (all when none), or InvalidInput naming the unknown one."""
-    for name in names:
-        if name not in model.output_names:
-            raise InvalidInput(
-                f"{routes.name} {decision.version} has no output {name!r}; outputs: {', '.join(model.output_names)}"
-            )
-    return names or model.output_names
-
-
-def _timed_run(  # noqa: PLR0917 - per request: positional is cheaper
-    time_left: Callable[[], float | None] | None,
-    routes: EndpointRoutes,
-    decision: RouteDecision,
-    model: OnnxModel,
-    inputs: Mapping[str, np.ndarray],
-    wanted: tuple[str, ...],
-) -> tuple[list[np.ndarray], float]:
-    """The model's outputs (within the caller's deadline, when there is one) and how long the run took."""
-    ran = time.perf_counter()
-    if time_left is None:
-        arrays = model.run(inputs, wanted)
-    else:
-        arrays = _run_within(time_left, routes, decision, model, inputs, wanted)
-    return arrays, time.perf_counter() - ran
-
-
-def _run_within(  # noqa: PLR0917 - per request: positional is cheaper
-    time_left: Callable[[], float | None],
-    routes: EndpointRoutes,
-    decision: RouteDecision,
-    model: OnnxModel,
-    inputs: Mapping[str, np.ndarray],
-    wanted: tuple[str, ...],
-) -> list[np.ndarray]:
-    """Run the model unless the caller's deadline has passed; DEADLINE_EXCEEDED if it passes meanwhile."""
-    where = f"{routes.name} {decision.version}: the caller's deadline passed"
-    remaining = time_left()
-    if remaining is not None and remaining <= 0:
-        raise DeadlineExceeded(f"{where} before the model ran; it was not run")
-    arrays = model.run(inputs, wanted)
-    remaining = time_left()
-    if remaining is not None and remaining <= 0:
-        raise DeadlineExceeded(f"{where} while the model ran; the answer was dropped")
-    return arrays
-
-
-def _datatype_name(array: np.ndarray) -> str:
-    try:
-        return DataType.of(array.dtype).value
-    except InvalidInput:
-        return str(array.dtype)
-
-
-def _check_bounds(request: InferRequest) -> None:
-    """Every caller-chosen string of a request within its limit (it is echoed, logged, remembered)."""
-    check_text(request.model, "model", MAX_NAME_CHARS)
-    check_text(request.version, "model_version", MAX_NAME_CHARS)
-    check_text(request.request_id, "request_id", MAX_ID_CHARS)
-    check_text(request.routing_key, "routing_key", MAX_ID_CHARS)
-    check_count(len(request.output_names), "output_names", MAX_TENSORS)
-    for index, name in enumerate(request.output_names):
-        check_text(name, f"output_names[{index}]", MAX_TENSOR_NAME_CHARS)
+def _seconds_left(admission: Admission, deadline: float | None) -> float | None:
+    """How long a waiting request may still wait (None: no deadline)."""
+    left = admission.left(deadline)
+    return None if left is None else max(0.0, left)
 
 
 def _route(table: RouteTable, request: InferRequest) -> tuple[EndpointRoutes, RouteDecision]:
@@ -254,8 +115,45 @@ def _route(table: RouteTable, request: InferRequest) -> tuple[EndpointRoutes, Ro
     return routes, routes.resolve(ref, request.routing_key)
 
 
+class _Call:
+    """One routed request: what routing decided and what its measurement needs (it lives while the request waits)."""
+
+    __slots__ = ("decision", "fault", "features", "nan", "pinned", "request_id", "revision", "routes", "rows",
+                 "series", "span", "started")  # fmt: skip
+
+    def __init__(  # noqa: PLR0917 - per request: positional is cheaper
+        self,
+        started: float,
+        routes: EndpointRoutes,
+        decision: RouteDecision,
+        revision: int,
+        request_id: str,
+        series: SeriesKey,
+        pinned: bool,
+        fault: Fault | None,
+        span: SpanRecord | None,
+    ) -> None:
+        self.started = started
+        self.routes = routes
+        self.decision = decision
+        self.revision = revision
+        self.request_id = request_id
+        self.series = series
+        self.pinned = pinned
+        self.fault = fault
+        self.span = span
+        self.rows = 0
+        self.nan: list[int] | None = None
+        self.features: tuple[str, ...] = ()
+
+
 class InferenceService:
-    """Serves predictions: routing, input checks, model run. Shared by every transport."""
+    """Serves predictions: routing, admission, input checks, model run. Shared by every transport.
+
+    `serve` is the serving path: it applies the endpoint's batching and runs models inline or
+    on the runner pool by their measured cost. `infer` runs the model inline, for in-process
+    callers without an event loop (tools, tests, simulations).
+    """
 
     def __init__(
         self,
@@ -267,6 +165,7 @@ class InferenceService:
         faults: FaultInjector | None = None,
         feedback: FeedbackJoin | None = None,
         admission: Admission | None = None,
+        runner: ModelRunner | None = None,
     ) -> None:
         self._registry = registry
         self._admission = admission or Admission(DEFAULT_CONCURRENCY)
@@ -275,6 +174,8 @@ class InferenceService:
         self._shadow = shadow
         self._faults = faults or FaultInjector()
         self._feedback = feedback
+        self.runner = runner or ModelRunner()
+        self.batcher = Batcher(self.runner, self._admission.left)
         # Request ids: 16 hex digits random per process + a 16-digit counter. No syscall per
         # request (os.urandom after a GIL-releasing model run costs several microseconds).
         self._series_keys: dict[tuple[str, str, bool], SeriesKey] = {}
@@ -284,7 +185,7 @@ class InferenceService:
     def infer(
         self, request: InferRequest, span: SpanRecord | None = None, time_left: Callable[[], float | None] | None = None
     ) -> InferResult:
-        """Route and run one request; every routed request is measured, failed or not.
+        """Route and run one request inline (no batching, no runner thread); measured, failed or not.
 
         `time_left` gives the seconds left before the caller's deadline (None: no deadline). The
         request's deadline is the caller's, or the endpoint's `deadline_ms`, or the gateway's
@@ -292,6 +193,28 @@ class InferenceService:
         passed is not run, and one whose deadline passed while the model ran fails with
         DEADLINE_EXCEEDED (the caller is gone); both count as timeouts.
         """
+        result = self._serve(request, span, time_left, False)
+        assert isinstance(result, InferResult)
+        return result
+
+    def serve(
+        self, request: InferRequest, span: SpanRecord | None = None, time_left: Callable[[], float | None] | None = None
+    ) -> InferResult | Coroutine[Any, Any, InferResult]:
+        """`infer`, with the endpoint's batching and the runner pool for runs that cost more than the inline limit.
+
+        A request whose run happens inline is answered at once (an `InferResult`, no coroutine
+        on the hot path); one that waits for a batch or a runner thread gets a coroutine to
+        await, which holds the request's admission slot until its run is over.
+        """
+        return self._serve(request, span, time_left, True)
+
+    def _serve(
+        self,
+        request: InferRequest,
+        span: SpanRecord | None,
+        time_left: Callable[[], float | None] | None,
+        may_wait: bool,
+    ) -> InferResult | Coroutine[Any, Any, InferResult]:
         started = time.perf_counter()
         if (
             len(request.request_id) > MAX_ID_CHARS
@@ -300,7 +223,8 @@ class InferenceService:
             or request.version
             or request.output_names
         ):
-            _check_bounds(request)  # the common request (short ids, no version, all outputs) skips it
+            # The common request (short ids, no version, all outputs) skips it.
+            check_bounds(request.model, request.version, request.request_id, request.routing_key, request.output_names)
         table = self._router.table
         routes, decision = _route(table, request)
         request_id = request.request_id or self._new_request_id()
@@ -316,40 +240,136 @@ class InferenceService:
                     "gateway.request_id": request_id,
                 }
             )
-        rows: int = 0
-        nan: list[int] | None = None
-        features: tuple[str, ...] = ()
-        fault = self._faults.get(routes.name, decision.version)
         # Requests that named their version are measured apart from the weighted traffic guardrails judge.
         pinned = decision.reason is RoutingReason.PINNED or decision.reason is RoutingReason.LABEL
-        series = self._series(routes.name, decision.version, pinned)
+        call = _Call(
+            started,
+            routes,
+            decision,
+            table.revision,
+            request_id,
+            self._series(routes.name, decision.version, pinned),
+            pinned,
+            self._faults.get(routes.name, decision.version),
+            span,
+        )
+        admission = self._admission
+        waits = False
         try:
             # Admission control (gateway/admission.py): a slot in the version's limit, within the deadline.
-            admission = self._admission
             deadline = admission.deadline(time_left() if time_left is not None else None, routes.deadline)
-            with admission.admit(routes.name, decision.version, deadline) as slot:
-                if fault is not None:
-                    started -= fault.latency_ms / 1000  # the injected delay counts as this version's latency
-                    self._inject(fault, routes.name, decision.version, span, slot, deadline)
-                model = self._registry.runnable(routes.name, decision.version)
-                _check_inputs(routes, decision, model.inputs, request.inputs)
-                rows, nan, features = _rows_and_nans(model, request.inputs)
-                wanted = _wanted_outputs(routes, decision, model, request.output_names)
+            slot = admission.admit(routes.name, decision.version, deadline)
+            try:
+                model, wanted = self._checked(call, request, slot, deadline)
+                if may_wait and (
+                    (routes.batching is not None and model.batchable)
+                    or self.runner.off_loop(model, call.rows, routes.runner)
+                ):
+                    waits = True  # the coroutine owns the slot from here
+                    return self._waited(call, request, model, wanted, slot, deadline)
                 left = None if deadline is None else partial(admission.left, deadline)
-                arrays, run_seconds = _timed_run(left, routes, decision, model, request.inputs, wanted)
+                arrays, run_seconds = timed_run(left, routes, decision, model, request.inputs, wanted)
+            finally:
+                if not waits:
+                    slot.release()
         except GatewayError as err:
-            self._measure(series, decision.arm, err.code.name, started, rows, nan, features, span)
+            self._measure(call, err.code.name)
             raise
         except Exception:
-            self._measure(series, decision.arm, "INTERNAL", started, rows, nan, features, span)
+            self._measure(call, "INTERNAL")
             raise
-        self._measure(series, decision.arm, "OK", started, rows, nan, features, span)
+        return self._served(call, request, model, wanted, arrays, run_seconds)
+
+    def _checked(
+        self, call: _Call, request: InferRequest, slot: Slot, deadline: float | None
+    ) -> tuple[OnnxModel, tuple[str, ...]]:
+        """Faults, the ready model, input checks and the outputs to return: all before any queue."""
+        routes, decision, fault = call.routes, call.decision, call.fault
+        if fault is not None:
+            call.started -= fault.latency_ms / 1000  # the injected delay counts as this version's latency
+            self._inject(fault, routes.name, decision.version, call.span, slot, deadline)
+        model = self._registry.runnable(routes.name, decision.version)
+        check_inputs(routes, decision, model.inputs, request.inputs)
+        call.rows, call.nan, call.features = rows_and_nans(model, request.inputs)
+        return model, wanted_outputs(routes, decision, model, request.output_names)
+
+    async def _waited(  # noqa: PLR0917 - per request: positional is cheaper
+        self,
+        call: _Call,
+        request: InferRequest,
+        model: OnnxModel,
+        wanted: tuple[str, ...],
+        slot: Slot,
+        deadline: float | None,
+    ) -> InferResult:
+        """The rest of `serve` for a request that waits: in a batch, or for a runner thread.
+
+        The request's slot is held until its run is over (by the batcher, or the runner thread's
+        completion when the caller leaves mid-run), never past it. A request still waiting at
+        its deadline is answered DEADLINE_EXCEEDED at once, and its batch-mates run without it.
+        """
+        routes, decision = call.routes, call.decision
+        admission = self._admission
+        owned = True  # released here unless the batcher or the runner took it
+        shared = 0
+        try:
+            try:
+                if routes.batching is not None and model.batchable:
+                    batched = self.batcher.submit(
+                        model, request.inputs, wanted, call.rows, routes.batching, routes.runner, slot, deadline
+                    )
+                    owned = False
+                    async with asyncio.timeout(_seconds_left(admission, deadline)):
+                        arrays, shared, run_seconds = await batched
+                else:
+                    left = None if deadline is None else partial(admission.left, deadline)
+                    alone = self.runner.run(
+                        timed_run, left, routes, decision, model, request.inputs, wanted, after=slot.release
+                    )
+                    owned = False
+                    async with asyncio.timeout(_seconds_left(admission, deadline)):
+                        arrays, run_seconds = await alone
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"{routes.name} {decision.version}: the request's deadline passed while it waited for its "
+                    "model run; it was answered without it"
+                ) from None
+        except GatewayError as err:
+            self._measure(call, err.code.name)
+            raise
+        except asyncio.CancelledError:
+            # The caller left (its deadline, or a cancellation): a timeout of this version for the guardrails.
+            remaining = admission.left(deadline)
+            self._measure(call, "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
+            raise
+        except Exception:
+            self._measure(call, "INTERNAL")
+            raise
+        finally:
+            if owned:
+                slot.release()
+        if shared and call.span is not None:
+            call.span.attributes["gateway.batch.requests"] = shared
+        return self._served(call, request, model, wanted, arrays, run_seconds)
+
+    def _served(  # noqa: PLR0917 - per request: positional is cheaper
+        self,
+        call: _Call,
+        request: InferRequest,
+        model: OnnxModel,
+        wanted: tuple[str, ...],
+        arrays: list[np.ndarray],
+        run_seconds: float,
+    ) -> InferResult:
+        """Measure a served request, remember it for feedback, observe drift, mirror it to shadows, answer."""
+        self._measure(call, "OK")
+        routes, decision, fault = call.routes, call.decision, call.fault
         feedback_id = ""
         if self._feedback is not None:
-            self._feedback.served(request_id, series, decision.arm)
-            feedback_id = self._feedback.feedback_id(series, decision.arm)
+            self._feedback.served(call.request_id, call.series, decision.arm)
+            feedback_id = self._feedback.feedback_id(call.series, decision.arm)
         outputs = dict(zip(wanted, arrays, strict=True))
-        if not pinned:
+        if not call.pinned:
             self._telemetry.drift.observe(
                 routes.name,
                 decision.version,
@@ -358,19 +378,19 @@ class InferenceService:
                 request.inputs,
                 outputs.get(model.output_names[0]),
             )
+        delay = fault.latency_ms / 1000 if fault is not None else 0.0
         if routes.mirror and self._shadow is not None and decision.reason in _MIRRORED:
             # The shadow report compares like with like: this request's model run (plus any injected delay).
-            delay = fault.latency_ms / 1000 if fault is not None else 0.0
-            self._mirror(routes, decision, request, request_id, outputs, run_seconds + delay, span)
+            self._mirror(routes, decision, request, call.request_id, outputs, run_seconds + delay, call.span)
         return InferResult(
-            request_id=request_id,
+            request_id=call.request_id,
             endpoint=routes.name,
             version=decision.version,
             arm=decision.arm,
             reason=decision.reason,
-            route_revision=table.revision,
+            route_revision=call.revision,
             outputs=outputs,
-            delay_seconds=fault.latency_ms / 1000 if fault is not None else 0.0,
+            delay_seconds=delay,
             feedback_id=feedback_id,
         )
 
@@ -421,22 +441,11 @@ class InferenceService:
                     )
                 )
 
-    def _measure(  # noqa: PLR0917 - per request: positional is cheaper
-        self,
-        series: SeriesKey,
-        arm: str,
-        code: str,
-        started: float,
-        rows: int,
-        nan: list[int] | None,
-        features: tuple[str, ...],
-        span: SpanRecord | None,
-    ) -> float:
-        seconds = time.perf_counter() - started
-        self._telemetry.record(series, arm, code, seconds, rows, nan, features)
-        if span is not None:
-            span.attributes["gateway.batch_size"] = rows
-        return seconds
+    def _measure(self, call: _Call, code: str) -> None:
+        seconds = time.perf_counter() - call.started
+        self._telemetry.record(call.series, call.decision.arm, code, seconds, call.rows, call.nan, call.features)
+        if call.span is not None:
+            call.span.attributes["gateway.batch_size"] = call.rows
 
     def abandoned(self, result: InferResult) -> None:
         """The caller of a request already answered had gone before the answer left (a timeout)."""

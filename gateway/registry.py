@@ -105,6 +105,7 @@ class ModelRegistry:
                 artifact, lambda path: OnnxModel(path, source=artifact.path, intra_op_threads=intra_op_threads)
             )
             model.warm_up(batch_size=warm_up_batch)
+            model.measure_cost()
         except GatewayError as err:
             self._publish(self._failed(artifact, err.message))
             raise
@@ -123,7 +124,14 @@ class ModelRegistry:
             model=model,
         )
         self._publish(snapshot)
-        log.info("loaded %s %s sha256=%s in %.3fs", endpoint, version, artifact.sha256, snapshot.load_seconds)
+        log.info(
+            "loaded %s %s sha256=%s in %.3fs (measured: %s)",
+            endpoint,
+            version,
+            artifact.sha256,
+            snapshot.load_seconds,
+            model.cost.describe(),
+        )
         return snapshot
 
     @staticmethod

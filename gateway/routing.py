@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from gateway.config import RUNNER_MODES, BatchingConfig
 from gateway.errors import InvalidInput, NotFound
 
 BUCKETS = 10_000
@@ -127,6 +128,10 @@ class EndpointRoutes:
     shadows: Mapping[str, int] = field(default_factory=dict)
     #: Seconds a request may take when its caller sets no shorter deadline (None: the gateway's default).
     deadline: float | None = None
+    #: Merge concurrent requests to one version into one run (None: each request runs alone).
+    batching: BatchingConfig | None = None
+    #: Where model runs happen: `auto` (by their measured cost), `inline` (event loop) or `pool`.
+    runner: str = "auto"
     #: (version, fraction) for the request path's draw.
     mirror: tuple[tuple[str, float], ...] = field(init=False, repr=False, compare=False)
     _bounds: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -217,6 +222,11 @@ class EndpointRoutes:
             raise InvalidInput(
                 f"{where}.max_batch_size: {self.max_batch_size} must be between 1 and {1 << 20}",
                 field=f"{where}.max_batch_size",
+            )
+        if self.runner not in RUNNER_MODES:
+            raise InvalidInput(
+                f"{where}.runner: {self.runner!r} is not a runner; valid: {', '.join(RUNNER_MODES)}",
+                field=f"{where}.runner",
             )
 
     def bucket(self, routing_key: str) -> int:

@@ -203,6 +203,10 @@ class GatewaySettings(BaseSettings):
     """Seconds to finish in-flight calls on SIGTERM/SIGINT before the process exits."""
     workers: int = Field(default=1, ge=1, le=256)
     """Gateway processes sharing the listen addresses and the store, e.g. one per core."""
+    runner_threads: int = Field(default=0, ge=0, le=256)
+    """Threads per process that run costly model calls off the event loop; 0: the cores over the workers."""
+    inline_run_max_us: float = Field(default=200.0, ge=0, le=1_000_000)
+    """Model runs measured to cost more than this (microseconds) leave the event loop for the runner threads."""
     reuse_port: bool = False
     """Share the listen ports with other gateway processes (SO_REUSEPORT); --workers sets it for its workers."""
     fleet_listen: str = "127.0.0.1:0"

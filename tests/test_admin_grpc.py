@@ -162,6 +162,34 @@ def test_versions_load_and_unload(gw: RunningGateway, tmp_path: Path) -> None:
         ),
         ("Apply", pb.ApplyRequest(document="endpoints: {}", reason="x"), "INVALID_ARGUMENT", "endpoints"),
         ("GetRoutes", pb.GetRoutesRequest(revision=42), "NOT_FOUND", "no revision 42"),
+        (
+            "SetBatching",
+            pb.SetBatchingRequest(endpoint="ctr-ranker", reason="x"),
+            "INVALID_ARGUMENT",
+            "give the batching settings (max_batch_size, max_delay_ms, optional preferred_batch_sizes), or off",
+        ),
+        (
+            "SetBatching",
+            pb.SetBatchingRequest(endpoint="ctr-ranker", off=True, batching=pb.Batching(max_batch_size=4), reason="x"),
+            "INVALID_ARGUMENT",
+            "or off to turn batching off, not both",
+        ),
+        (
+            "SetBatching",
+            pb.SetBatchingRequest(
+                endpoint="ctr-ranker",
+                batching=pb.Batching(max_batch_size=4, max_delay_ms=1, preferred_batch_sizes=[8]),
+                reason="x",
+            ),
+            "INVALID_ARGUMENT",
+            "batching: preferred_batch_sizes: Value error, [8]: each must be between 1 and max_batch_size 4",
+        ),
+        (
+            "SetRunner",
+            pb.SetRunnerRequest(endpoint="ctr-ranker", runner="gpu", reason="x"),
+            "INVALID_ARGUMENT",
+            "endpoints.ctr-ranker.runner: 'gpu' is not a runner; valid: auto, inline, pool",
+        ),
     ],
 )
 def test_admin_errors(gw: RunningGateway, method: str, request_: Message, code: str, message: str) -> None:
@@ -178,3 +206,41 @@ def test_apply_over_grpc(gw: RunningGateway) -> None:
     assert dict(gw.gateway.router.table.endpoint("ctr-ranker").weights) == {"1.12": 50, "1.13": 50}
     again = gw.admin("Apply", pb.ApplyRequest(document=document, reason="again"))
     assert again.revision == 2 and not again.changes and "no change" in again.message
+
+
+def test_batching_and_runner_changes_are_audited_and_shown(gw: RunningGateway) -> None:
+    settings = pb.Batching(max_batch_size=16, max_delay_ms=2, preferred_batch_sizes=[4, 8])
+    dry = gw.admin(
+        "SetBatching", pb.SetBatchingRequest(endpoint="ctr-ranker", batching=settings, reason="try", dry_run=True)
+    )
+    assert dry.dry_run and gw.gateway.router.table.endpoint("ctr-ranker").batching is None
+    change = gw.admin("SetBatching", pb.SetBatchingRequest(endpoint="ctr-ranker", batching=settings, reason="merge"))
+    assert {c.path: c.after for c in change.changes} == {
+        "ctr-ranker batching max_batch_size": "16",
+        "ctr-ranker batching max_delay_ms": "2.0",
+        "ctr-ranker batching preferred_batch_sizes": "[4, 8]",
+    }
+    batching = gw.gateway.router.table.endpoint("ctr-ranker").batching
+    assert batching is not None and batching.preferred_batch_sizes == (4, 8)
+    runner = gw.admin("SetRunner", pb.SetRunnerRequest(endpoint="ctr-ranker", runner="pool", reason="heavy"))
+    assert [(c.path, c.before, c.after) for c in runner.changes] == [("ctr-ranker runner", '"auto"', '"pool"')]
+    (routes,) = gw.admin("GetRoutes", pb.GetRoutesRequest(endpoint="ctr-ranker")).endpoints
+    assert (routes.batching.max_batch_size, list(routes.batching.preferred_batch_sizes), routes.runner) == (
+        16,
+        [4, 8],
+        "pool",
+    )
+    off = gw.admin("SetBatching", pb.SetBatchingRequest(endpoint="ctr-ranker", off=True, reason="back"))
+    assert {c.path: c.after for c in off.changes}["ctr-ranker batching max_batch_size"] == ""
+    (routes,) = gw.admin("GetRoutes", pb.GetRoutesRequest(endpoint="ctr-ranker")).endpoints
+    assert not routes.HasField("batching")
+    audit = gw.admin("GetAudit", pb.GetAuditRequest(endpoint="ctr-ranker", limit=4)).entries
+    assert [(e.action, e.dry_run) for e in audit] == [
+        ("batching", False),
+        ("runner", False),
+        ("batching", False),
+        ("batching", True),
+    ]
+    assert json.loads(audit[2].detail) == {
+        "batching": {"max_batch_size": 16, "max_delay_ms": 2.0, "preferred_batch_sizes": [4, 8]}
+    }

@@ -172,3 +172,19 @@ def test_apply_file(fresh: dict[str, str], tmp_path: Path) -> None:
     assert result.stdout == "revision 2\n  ctr-ranker traffic 1.12: 90 -> 60\n  ctr-ranker traffic 1.13: 10 -> 40\n"
     routes = json.loads(gateway(fresh, "admin", "routes", "ctr-ranker", "--json").stdout)
     assert routes["endpoints"][0]["traffic"] == {"1.12": 60, "1.13": 40}
+
+
+def test_batching_and_runner_commands(fresh: dict[str, str]) -> None:
+    on = gateway(
+        fresh, "admin", "batching", "ctr-ranker", "--max-batch-size", "8", "--max-delay-ms", "2",
+        "--preferred", "2", "4", "--reason", "merge concurrent requests",
+    )  # fmt: skip
+    assert on.returncode == 0, on.stderr
+    assert "ctr-ranker batching max_batch_size: (none) -> 8" in on.stdout
+    runner = gateway(fresh, "admin", "runner", "ctr-ranker", "pool", "--reason", "heavy model")
+    assert runner.returncode == 0, runner.stderr
+    routes = gateway(fresh, "admin", "routes")
+    assert "batching ctr-ranker: max_batch_size 8, max_delay_ms 2, preferred 2/4" in routes.stdout
+    assert "runner ctr-ranker: pool" in routes.stdout
+    off = gateway(fresh, "admin", "batching", "ctr-ranker", "--off", "--max-delay-ms", "2", "--reason", "done")
+    assert off.returncode == 2 and "--off turns batching off" in off.stderr

@@ -63,6 +63,22 @@ def test_unquoted_versions_keep_their_text() -> None:
         ),
         ({"guardrails": '["error_rate > 2%"]'}, r"rule 1: .*write METRIC > THRESHOLD for DURATION"),
         ({"guardrails": '{rules: ["error_rate > 2% for 5m"], at_least: 3}'}, r"at_least 3 must be between 1 and 1"),
+        ({"batching": "{max_batch_size: 32}"}, r"endpoints.ctr-ranker.batching.max_delay_ms: required field"),
+        (
+            {"batching": "{max_batch_size: 0, max_delay_ms: 2}"},
+            r"batching.max_batch_size: Input should be greater than or equal to 1",
+        ),
+        ({"batching": "{max_batch_size: 8, max_delay_ms: -1}"}, r"batching.max_delay_ms: Input should be greater"),
+        (
+            {"batching": "{max_batch_size: 8, max_delay_ms: 2, preferred_batch_sizes: [4, 2]}"},
+            r"batching.preferred_batch_sizes: .*\[4, 2\]: list each size once, in increasing order",
+        ),
+        (
+            {"batching": "{max_batch_size: 8, max_delay_ms: 2, preferred_batch_sizes: [16]}"},
+            r"batching.preferred_batch_sizes: .*\[16\]: each must be between 1 and max_batch_size 8",
+        ),
+        ({"batching": "{max_batch_size: 8, max_delay_ms: 2, timeout: 3}"}, r"batching.timeout: unknown field"),
+        ({"runner": "gpu"}, r"endpoints.ctr-ranker.runner: Input should be 'auto', 'inline' or 'pool'"),
     ],
 )
 def test_invalid_route_files_name_the_field(overrides: dict[str, str], message: str) -> None:
@@ -88,3 +104,17 @@ def test_bad_endpoint_name() -> None:
     text = config_text().replace("ctr-ranker:", "CTR@ranker:")
     with pytest.raises(ConfigError, match="endpoint name 'CTR@ranker' is invalid"):
         parse_route_file(text)
+
+
+def test_batching_and_runner_travel_from_the_route_file_to_the_routes_and_back() -> None:
+    text = config_text(
+        batching="{max_batch_size: 32, max_delay_ms: 2.5, preferred_batch_sizes: [8, 16]}", runner="pool"
+    )
+    config = parse_route_file(text)
+    routes = check_routes_table(config)
+    assert routes.batching is not None and routes.runner == "pool"
+    assert (routes.batching.max_batch_size, routes.batching.max_delay_ms) == (32, 2.5)
+    assert routes.batching.preferred_batch_sizes == (8, 16)
+    assert routes.batching.describe() == "max_batch_size 32, max_delay_ms 2.5, preferred 8/16"
+    plain = check_routes_table(parse_route_file(config_text()))
+    assert plain.batching is None and plain.runner == "auto"

@@ -80,3 +80,21 @@ def test_demo_data_is_deterministic_and_the_gates_see_the_one_hot_shift(tmp_path
     fixed = pointers.validate("ctr-ranker", runs["2026-11-26-fixed"], BatchGatesConfig())
     assert all(g.passed for g in fixed), fixed
     store.close()
+
+
+def test_heavier_model_builds_the_same_bytes_into_a_scratch_directory(tmp_path: Path) -> None:
+    from gateway.desired import desired_from_config, load_route_file
+    from gateway.repository import ModelRepository
+
+    spec = importlib.util.spec_from_file_location("make_heavy_model", MODELS / "make_heavy_model.py")
+    assert spec and spec.loader
+    heavy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(heavy)
+    first, second = heavy.write(tmp_path / "a"), heavy.write(tmp_path / "b")
+    model = Path("ranker-xl") / "1.0" / "model.onnx"
+    assert (first.parent / model).read_bytes() == (second.parent / model).read_bytes()
+    config = load_route_file(first)
+    state = desired_from_config(config, ModelRepository(config.model_root))  # the manifest's digest matches
+    session = ort.InferenceSession(str(first.parent / model), providers=["CPUExecutionProvider"])
+    scores = session.run(None, {"features": np.ones((4, 32), np.float32)})[0]
+    assert scores.shape == (4, 1) and state.endpoints["ranker-xl"].weights == {"1.0": 100}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gateway import edits
-from gateway.desired import EndpointState
+from gateway.config import BatchingConfig
+from gateway.desired import DesiredState, EndpointState, diff
 from gateway.errors import FailedPrecondition, NotFound
 from gateway.faults import Fault
 from gateway.repository import Artifact
@@ -79,3 +80,24 @@ def test_restoring_a_revision_needs_its_versions_loaded() -> None:
         edits.restore(past, 7)(endpoint())
     restored = edits.restore(EndpointState("ranker", endpoint().artifacts, {"1": 50, "3": 50}), 7)(endpoint())
     assert dict(restored.weights) == {"1": 50, "3": 50}
+
+
+def test_batching_and_runner_edits_round_trip_through_the_stored_form_and_diff() -> None:
+    batching = BatchingConfig(max_batch_size=32, max_delay_ms=2, preferred_batch_sizes=(8, 16))
+    before = DesiredState({"ranker": endpoint()})
+    after = before.update("ranker", edits.set_batching(batching)).update("ranker", edits.set_runner("pool"))
+    restored = DesiredState.from_json(after.to_json())
+    assert restored == after
+    assert restored.endpoints["ranker"].batching == batching
+    assert [c.render() for c in diff(before, after)] == [
+        "ranker batching max_batch_size: (none) -> 32",
+        "ranker batching max_delay_ms: (none) -> 2.0",
+        "ranker batching preferred_batch_sizes: (none) -> [8, 16]",
+        'ranker runner: "auto" -> "pool"',
+    ]
+    off = after.update("ranker", edits.set_batching(None))
+    assert off.endpoints["ranker"].batching is None
+    # Revisions stored before batching existed read as batching off, runner auto.
+    old = before.to_json().replace(',"batching":null,"runner":"auto"', "")
+    assert '"runner"' not in old
+    assert DesiredState.from_json(old) == before

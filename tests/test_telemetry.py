@@ -53,9 +53,13 @@ def finished(gw: RunningGateway, exporter: InMemorySpanExporter) -> list[Any]:
     return list(exporter.get_finished_spans())
 
 
-def points(reader: InMemoryMetricReader, name: str) -> list[Any]:
+def points(reader: InMemoryMetricReader, name: str, runtime: TelemetryRuntime | None = None) -> list[Any]:
+    """Data points of a metric as a reader collects them (with `runtime`: as its OTLP exporter sends them,
+    the gateway's own request-duration histogram added)."""
     data = reader.get_metrics_data()
     assert data is not None
+    if runtime is not None:
+        data = runtime.telemetry.durations.added_to(data)
     return [
         point
         for resource in data.resource_metrics
@@ -156,7 +160,7 @@ def test_unsampled_requests_make_no_span_and_no_trailer() -> None:
 
 
 def test_metrics_per_version_with_errors_at_zero(observed) -> None:  # type: ignore[no-untyped-def]
-    gw, _, reader, _ = observed
+    gw, _, reader, runtime = observed
     served = Counter(gw.predict(routing_key=f"metrics-{key}").version for key in range(40))
     assert served["1.12"] and served["1.13"]  # these keys reach both arms
     gw.predict("ctr-ranker@1.14")
@@ -168,11 +172,12 @@ def test_metrics_per_version_with_errors_at_zero(observed) -> None:  # type: ign
     assert errors[("1.13", "canary", "UNAVAILABLE")] == 0
     durations = {
         (p.attributes["version"], p.attributes["arm"], p.attributes["code"]): p
-        for p in points(reader, "gateway.request.duration")
+        for p in points(reader, "gateway.request.duration", runtime)
     }
     stable = durations[("1.12", "stable", "OK")]
     assert stable.count == served["1.12"] and stable.sum > 0
     assert list(stable.explicit_bounds)[:3] == [0.0001, 0.00025, 0.0005]
+    assert sum(stable.bucket_counts) == stable.count and len(stable.bucket_counts) == len(stable.explicit_bounds) + 1
     assert durations[("1.14", "pinned", "OK")].count >= 1
     requests = {
         (p.attributes["version"], p.attributes["code"]): p.value
@@ -220,6 +225,15 @@ def test_prometheus_endpoint_scraped_and_parsed(observed) -> None:  # type: igno
     assert any(s.labels.get("version") == "1.14" and s.value == 0 for s in errors.samples)
     histogram = families["gateway_request_duration_seconds"]
     assert any(s.name.endswith("_bucket") and s.labels.get("le") == "0.001" for s in histogram.samples)
+    pinned_13 = {
+        s.name.rpartition("_")[2] + s.labels.get("le", ""): s.value
+        for s in histogram.samples
+        if s.labels.get("version") == "1.13" and s.labels.get("arm") == "pinned" and s.labels.get("code") == "OK"
+    }
+    assert pinned_13["bucket+Inf"] == pinned_13["count"] == pinned[0].value
+    assert pinned_13["sum"] > 0
+    scope = next(s for s in histogram.samples if s.labels.get("version") == "1.13")
+    assert scope.labels["otel_scope_name"] == "gateway"  # the labels the OTel exporter gives its metrics
     assert "gateway_route_revision" in families
     rollbacks = [s for s in families["gateway_rollbacks"].samples if s.name == "gateway_rollbacks_total"]
     assert [(s.labels["endpoint"], s.value) for s in rollbacks] == [("ctr-ranker", 1.0)]
@@ -231,6 +245,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2
     def __init__(self) -> None:
         self.spans: list[Any] = []
         self.metric_names: set[str] = set()
+        self.durations = 0
         self.received = threading.Event()
         self.metadata: dict[str, dict[str, str]] = {}  # the last export's metadata, by "traces" / "metrics"
 
@@ -246,6 +261,10 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2
         for resource in request.resource_metrics:
             for scope in resource.scope_metrics:
                 self.metric_names.update(m.name for m in scope.metrics)
+                for metric in scope.metrics:
+                    if metric.name == "gateway.request.duration":
+                        count = sum(p.count for p in metric.histogram.data_points)
+                        self.durations = max(self.durations, count)  # cumulative: the latest export has all
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
@@ -284,6 +303,7 @@ def test_otlp_export_to_a_collector() -> None:
     for kind in ("traces", "metrics"):  # the configured headers reach the collector with both (gzip on)
         metadata = collector.metadata[kind]
         assert (metadata["authorization"], metadata["x-tenant"]) == ("Bearer t0ken", "ml"), kind
+    assert collector.durations == 5
 
 
 def test_nan_inputs_feed_null_counters_and_windows(observed) -> None:  # type: ignore[no-untyped-def]

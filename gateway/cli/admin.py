@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from gateway.cli import execution
 from gateway.cli.connect import ENV_ADMIN_TARGET, AdminClient, connection_options
 from gateway.cli.output import fail, print_json, rpc_failure, sorted_map, table, when
 from gateway.guardrails.rules import RuleSet
@@ -95,6 +96,7 @@ def _print_routes(routes: pb.Routes, as_json: bool) -> None:
             "guardrails": list(e.guardrails),
             "guardrails_at_least": e.guardrails_at_least,
             "guardrails_observe_only": e.guardrails_observe_only,
+            **execution.to_json(e),
         }
         for e in routes.endpoints
     ]
@@ -124,6 +126,8 @@ def _print_routes(routes: pb.Routes, as_json: bool) -> None:
     for e in endpoints:
         for rule in e["guardrails"]:
             print(f"guardrail {e['name']}: {rule}")
+        for line in execution.lines(e["name"], e):
+            print(line)
 
 
 # --- subcommands ---------------------------------------------------------------------------
@@ -324,6 +328,7 @@ def _mutation(args: argparse.Namespace) -> tuple[str, Any]:
             "Apply",
             pb.ApplyRequest(document=Path(args.file).read_text(), source=str(args.file), **common),
         ),
+        **execution.mutations(args, common),
     }
     return builders[args.admin_command]()
 
@@ -354,7 +359,7 @@ def _explain_rules(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Dispatch one admin subcommand."""
     args.json = getattr(args, "json", False)
-    problem = _usage_problem(args)
+    problem = _usage_problem(args) or execution.usage_problem(args)
     if problem:
         return fail(problem, 2)
     try:
@@ -470,5 +475,6 @@ def _register_changes(sub: Any, common: argparse.ArgumentParser, mutating: argpa
     fault.add_argument("--error-rate", type=float, default=0.0, help="share of requests failing, 0..1")
     fault.add_argument("--latency-ms", type=float, default=0.0, help="added latency per request")
     fault.add_argument("--clear", action="store_true", help="remove the fault")
+    execution.register(sub, common, mutating)
     apply = sub.add_parser("apply", parents=[common, mutating], help="apply a whole route file")
     apply.add_argument("-f", "--file", required=True, help="the route file (YAML) to make true")

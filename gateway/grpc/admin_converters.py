@@ -6,8 +6,10 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from gateway.config import BatchingConfig
 from gateway.control import ChangeResult, VersionInfo
 from gateway.desired import DesiredState
+from gateway.errors import InvalidInput
 from gateway.orchestration.fleet import Member
 from gateway.orchestration.incidents import Incident
 from gateway.orchestration.rollout import Rollout
@@ -81,9 +83,40 @@ def routes(revision: int, committed_at: float, state: DesiredState, endpoint: st
                 if state.endpoints[name].guardrails.rules
                 else 0,
                 guardrails_observe_only=state.endpoints[name].guardrails.observe_only,
+                batching=_batching_message(state.endpoints[name].batching),
+                runner=state.endpoints[name].runner,
             )
             for name in names
         ],
+    )
+
+
+def _batching_message(batching: BatchingConfig | None) -> pb.Batching | None:
+    if batching is None:
+        return None
+    return pb.Batching(
+        max_batch_size=batching.max_batch_size,
+        max_delay_ms=batching.max_delay_ms,
+        preferred_batch_sizes=list(batching.preferred_batch_sizes),
+    )
+
+
+def batching(request: pb.SetBatchingRequest) -> BatchingConfig | None:
+    """The settings of a SetBatching call (None: off), validated as the route file's are."""
+    given = request.HasField("batching")
+    if request.off == given:
+        raise InvalidInput(
+            "give the batching settings (max_batch_size, max_delay_ms, optional preferred_batch_sizes), "
+            "or off to turn batching off" + (", not both" if given else "")
+        )
+    if request.off:
+        return None
+    settings = request.batching
+    return BatchingConfig.checked(
+        "batching",
+        max_batch_size=settings.max_batch_size,
+        max_delay_ms=settings.max_delay_ms,
+        preferred_batch_sizes=tuple(settings.preferred_batch_sizes),
     )
 
 

@@ -172,6 +172,12 @@ class AdminServicer(pb_grpc.AdminServicer):
         fault = None if request.clear else Fault(error_rate=request.error_rate, latency_ms=request.latency_ms)
         return self._change(self._control.set_fault, request, request.endpoint, request.version, fault)
 
+    def SetBatching(self, request: pb.SetBatchingRequest, context: Context) -> pb.ChangeResponse:
+        return self._change(self._control.set_batching, request, request.endpoint, convert.batching(request))
+
+    def SetRunner(self, request: pb.SetRunnerRequest, context: Context) -> pb.ChangeResponse:
+        return self._change(self._control.set_runner, request, request.endpoint, request.runner)
+
     def StartRollout(self, request: pb.StartRolloutRequest, context: Context) -> pb.RolloutStatus:
         state = self._rollouts.start(
             ACTOR.get(),

@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from types import SimpleNamespace
+from types import CoroutineType, SimpleNamespace
 from typing import Any
 
 import grpc
@@ -110,7 +110,7 @@ def _span_attributes(method: str, listener: Mapping[str, Any]) -> tuple[str, str
 def _traced(
     method: str, behavior: Behavior, spans: SpanRecorder, stamp: Stamp, listener: Mapping[str, Any]
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-    """`guard` for a sync behavior, with a span per call.
+    """`guard` with a span per call (a behavior that returns a coroutine has it awaited).
 
     The trace id reaches the caller in the response (`stamp`) when the call succeeds and in
     the `trace-id` trailing metadata when it fails: setting trailing metadata on every call
@@ -130,6 +130,8 @@ def _traced(
         TRACE_ID.set(span.trace_id_hex)
         try:
             response = behavior(request, context)
+            if type(response) is CoroutineType:  # the request waits (a batch, a runner thread)
+                response = await response
         except GatewayError as err:
             status, message, extra = refusal(err)
             span.fail(status.value[0], status.name, message)
@@ -186,6 +188,8 @@ def guard_stream(
             trace_id = span.trace_id_hex if span is not None else ""
             try:
                 response = behavior(request, context)
+                if type(response) is CoroutineType:
+                    response = await response
             except GatewayError as err:
                 status, message, _ = refusal(err)
                 response = refuse(request, status, message)
@@ -254,6 +258,8 @@ def guard(
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             response = behavior(request, context)
+            if type(response) is CoroutineType:  # the request waits (a batch, a runner thread)
+                response = await response
             if PENDING_DELAY.get():
                 await _wait(context)
             return response

@@ -7,8 +7,8 @@ coroutine gRPC needs, with the error mapping around them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from gateway.control import ControlPlane
 from gateway.errors import FailedPrecondition, InvalidInput, NotFound
@@ -30,12 +30,29 @@ EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 REPOSITORY_REASON = "RepositoryModelLoad/Unload over the Open Inference Protocol"
 
 
+R = TypeVar("R")
+S = TypeVar("S")
+#: What an inference RPC's behavior returns: the response, or (the request waits for a batch or a
+#: runner thread) a coroutine that gives it; the guard awaits the latter.
+Answer: TypeAlias = R | Coroutine[Any, Any, R]
+
+
 class Context(Protocol):
     """What the inference RPCs use of a gRPC servicer context."""
 
     def time_remaining(self) -> float | None:
         """Seconds before the caller's deadline (None without one)."""
         ...
+
+
+async def _answer(
+    pending: Coroutine[Any, Any, InferResult], service: InferenceService, convert: Callable[[InferResult], R]
+) -> R:
+    return convert(_delay(await pending, service))
+
+
+async def _then(pending: Coroutine[Any, Any, R], convert: Callable[[R], S]) -> S:
+    return convert(await pending)
 
 
 def _delay(result: InferResult, service: InferenceService) -> InferResult:
@@ -54,12 +71,14 @@ class PredictServicer(gw_grpc.InferenceServicer):
 
     def __init__(self, service: InferenceService, feedback: FeedbackJoin | None = None) -> None:
         self._service = service
-        self._infer = service.infer
+        self._infer = service.serve
         self._feedback = feedback
 
-    def Predict(self, request: gw.PredictRequest, context: Context) -> gw.PredictResponse:
+    def Predict(self, request: gw.PredictRequest, context: Context) -> Answer[gw.PredictResponse]:
         result = self._infer(converters.predict_request(request), CURRENT_SPAN.get(), context.time_remaining)
-        return converters.predict_response(_delay(result, self._service))
+        if isinstance(result, InferResult):  # run inline: no coroutine on the hot path
+            return converters.predict_response(_delay(result, self._service))
+        return _answer(result, self._service, converters.predict_response)
 
     def Feedback(self, request: gw.FeedbackRequest, context: object) -> gw.FeedbackResponse:
         if self._feedback is None:
@@ -87,20 +106,25 @@ class OpenInferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self._service = service
         self._server_name = server_name
-        self._infer = service.infer
+        self._infer = service.serve
         self._control = control
         self._telemetry = telemetry
         self._authenticate = authenticate
 
-    def ModelInfer(self, request: oip.ModelInferRequest, context: Context) -> oip.ModelInferResponse:
+    def ModelInfer(self, request: oip.ModelInferRequest, context: Context) -> Answer[oip.ModelInferResponse]:
         result = self._infer(converters.model_infer_request(request), CURRENT_SPAN.get(), context.time_remaining)
-        return converters.model_infer_response(_delay(result, self._service))
+        if isinstance(result, InferResult):
+            return converters.model_infer_response(_delay(result, self._service))
+        return _answer(result, self._service, converters.model_infer_response)
 
     def ModelStreamInfer(  # type: ignore[override]  # per message: guard_stream iterates the stream
         self, request: oip.ModelInferRequest, context: Context
-    ) -> oip.ModelStreamInferResponse:
+    ) -> Answer[oip.ModelStreamInferResponse]:
         """One message of the stream (the guard iterates the stream and sends errors in-band)."""
-        return extensions.stream_reply(self.ModelInfer(request, context))
+        response = self.ModelInfer(request, context)
+        if isinstance(response, oip.ModelInferResponse):
+            return extensions.stream_reply(response)
+        return _then(response, extensions.stream_reply)
 
     def ModelConfig(self, request: oip.ModelConfigRequest, context: object) -> oip.ModelConfigResponse:
         metadata = self._service.endpoint_metadata(self._known(request.name), request.version)

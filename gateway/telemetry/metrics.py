@@ -21,21 +21,20 @@ Instruments (Prometheus names in brackets):
   [`gateway_feedback_total`].
 
 The request count and error counters are observed from the gateway's own cumulative counts
-at collection time, so the hot path makes one instrument call (the histogram).
+at collection time, and the duration histogram is aggregated by the gateway
+(`gateway.telemetry.durations`): the hot path makes no OpenTelemetry SDK call at all.
 
 Units follow the OpenTelemetry conventions: seconds for durations (as `rpc.server.call.duration`),
 `{request}`-style annotations for counts (Prometheus names leave them out). The duration is per
 model request with the gateway's attributes; a second, RPC-level histogram would cost another
-record per call for the same figure.
+observation per call for the same figure.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
@@ -43,14 +42,12 @@ from opentelemetry.sdk.metrics import MeterProvider
 from gateway import __version__
 from gateway.telemetry import guardrail_metrics
 from gateway.telemetry.drift import DriftTracker
+from gateway.telemetry.durations import LATENCY_BUCKETS, DurationHistogram
 from gateway.telemetry.memory import MemoryWindow
 from gateway.telemetry.tracing import SpanRecorder
 from gateway.telemetry.windows import SeriesKey, WindowStore
 
-#: Explicit latency buckets, 100 us to 10 s.
-LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+__all__ = ["ERROR_CODES", "LATENCY_BUCKETS", "Telemetry", "VersionTotals"]
 #: Codes pre-created at 0 for every loaded version, so error ratios exist before the first error.
 ERROR_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL")
 
@@ -82,6 +79,7 @@ class Telemetry:
         meter_provider: MeterProvider | None = None,
         spans: SpanRecorder | None = None,
         memory: MemoryWindow | None = None,
+        durations: DurationHistogram | None = None,
     ) -> None:
         self.windows = windows or WindowStore()
         self.drift = DriftTracker(self.windows.horizon, clock=self.windows.clock)
@@ -90,28 +88,23 @@ class Telemetry:
         self._arms: dict[tuple[str, str], str] = {}
         self.meter_provider = meter_provider
         self.spans = spans
-        self._lock = threading.Lock()
+        #: The request-duration histogram, kept when metrics are on (its exporters read it).
+        self.durations = durations or DurationHistogram()
+        self._observe_durations = meter_provider is not None
+        self._lock = self.durations.lock
         self._counts: dict[tuple[str, str, str, str], int] = {}
         # Per (endpoint, version, arm, code): [seconds, rows, wall time of the last request].
         self._sums: dict[tuple[str, str, str, str], list[float]] = {}
         self._rows: dict[tuple[str, str, str], int] = {}
         self._nulls: dict[tuple[str, str, str, str], int] = {}
-        self._attributes: dict[tuple[str, str, str, str], dict[str, str]] = {}
         self._revision = 0
         self._store_connected = 1
         self._traffic: dict[tuple[str, str], int] = {}
-        self._duration: Any = None
         if meter_provider is not None:
             self._instruments(meter_provider)
 
     def _instruments(self, provider: MeterProvider) -> None:
         meter = provider.get_meter("gateway", __version__)
-        self._duration = meter.create_histogram(
-            "gateway.request.duration",
-            unit="s",
-            description="Time to serve a request in the gateway, by endpoint, version, arm and status code",
-            explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS),
-        )
         meter.create_observable_counter(
             "gateway.requests",
             [self._observe_requests],
@@ -191,7 +184,7 @@ class Telemetry:
         nan_per_feature: Sequence[int] | None = None,
         features: Sequence[str] = (),
     ) -> None:
-        """One request: feeds the series' window, the counters and the latency histogram.
+        """One request: feeds the series' window, the counters and (metrics on) the latency histogram.
 
         `features` names the model's float input features; `nan_per_feature` (None when the
         request had no NaN) counts NaNs per feature.
@@ -212,14 +205,9 @@ class Telemetry:
                     if count:
                         null_key = (*rows_key, name)
                         self._nulls[null_key] = self._nulls.get(null_key, 0) + count
+            if self._observe_durations:
+                self.durations.observe(key, seconds)
         self.windows.window(series, len(features)).record(seconds, code, rows, nan_per_feature)
-        if self._duration is not None:
-            attributes = self._attributes.get(key)
-            if attributes is None:
-                attributes = self._attributes.setdefault(
-                    key, {"endpoint": key[0], "version": key[1], "arm": arm, "code": code}
-                )
-            self._duration.record(seconds, attributes)
 
     def abandoned(self, series: SeriesKey) -> None:
         """A request already recorded whose caller had gone (deadline or cancellation) when its answer was ready."""

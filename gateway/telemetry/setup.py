@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from gateway.errors import ConfigError
 from gateway.settings import GatewaySettings
+from gateway.telemetry.durations import DurationHistogram
 from gateway.telemetry.metrics import Telemetry
 from gateway.telemetry.otlp import OtlpOptions, OtlpSpanSink
 from gateway.telemetry.tracing import Sampler, SdkSpanSink, SpanRecorder, SpanSink
@@ -89,7 +90,7 @@ def _resource() -> Resource:
     return resource
 
 
-def _prometheus(listen: str, readers: list[MetricReader]) -> ThreadingHTTPServer:
+def _prometheus(listen: str, readers: list[MetricReader], durations: DurationHistogram) -> ThreadingHTTPServer:
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from prometheus_client import CollectorRegistry, start_http_server
 
@@ -98,6 +99,7 @@ def _prometheus(listen: str, readers: list[MetricReader]) -> ThreadingHTTPServer
         raise ConfigError(f"--metrics-listen {listen!r}: use HOST:PORT (port 0 picks one)")
     registry = CollectorRegistry()
     readers.append(PrometheusMetricReader(registry=registry))
+    registry.register(durations)  # a prometheus_client collector: collect() and describe()
     try:
         server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
     except OSError as err:
@@ -109,17 +111,19 @@ def _prometheus(listen: str, readers: list[MetricReader]) -> ThreadingHTTPServer
 def build_telemetry(settings: TelemetrySettings) -> TelemetryRuntime:
     """Telemetry as the settings and environment ask for."""
     readers = list(settings.metric_readers)
-    prometheus = _prometheus(settings.metrics_listen, readers) if settings.metrics_listen else None
+    durations = DurationHistogram()
+    prometheus = _prometheus(settings.metrics_listen, readers, durations) if settings.metrics_listen else None
     endpoint = settings.otlp_endpoint
     resource = _resource()
     sink: SpanSink | None = SdkSpanSink(settings.span_exporter, resource) if settings.span_exporter else None
     if endpoint:
         if settings.export_metrics:
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            from gateway.telemetry.otlp_metrics import DurationOtlpExporter
 
             otlp = settings.otlp
             secure = endpoint.startswith("https://")
-            exporter = OTLPMetricExporter(
+            exporter = DurationOtlpExporter(
+                durations,
                 endpoint=endpoint,
                 insecure=not secure,
                 credentials=otlp.credentials() if secure else None,
@@ -132,5 +136,7 @@ def build_telemetry(settings: TelemetrySettings) -> TelemetryRuntime:
             sink = OtlpSpanSink(endpoint, resource, settings.otlp)
     meter_provider = MeterProvider(metric_readers=readers, resource=resource) if readers else None
     spans = SpanRecorder(sink, sampler=settings.sampler or Sampler()) if sink else None
-    telemetry = Telemetry(WindowStore(settings.window_horizon_seconds), meter_provider=meter_provider, spans=spans)
+    telemetry = Telemetry(
+        WindowStore(settings.window_horizon_seconds), meter_provider=meter_provider, spans=spans, durations=durations
+    )
     return TelemetryRuntime(telemetry, prometheus)

@@ -104,6 +104,104 @@ class SetFaultRequest(_message.Message):
 Global___SetFaultRequest: _TypeAlias = SetFaultRequest  # noqa: Y015
 
 @_typing.final
+class Batching(_message.Message):
+    """Adaptive batching: a request to an idle version runs at once; requests that arrive while it
+    is busy form a batch, dispatched when its rows reach max_batch_size or a preferred size, or
+    when its oldest request has waited max_delay_ms.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_DELAY_MS_FIELD_NUMBER: _builtins.int
+    PREFERRED_BATCH_SIZES_FIELD_NUMBER: _builtins.int
+    max_batch_size: _builtins.int
+    """Rows of one merged run at most, 1..65536."""
+    max_delay_ms: _builtins.float
+    """Longest a request waits for batch-mates, milliseconds, 0..10000."""
+    @_builtins.property
+    def preferred_batch_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Row counts to dispatch at as soon as a batch reaches one (increasing; optional)."""
+
+    def __init__(
+        self,
+        *,
+        max_batch_size: _builtins.int = ...,
+        max_delay_ms: _builtins.float = ...,
+        preferred_batch_sizes: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "max_delay_ms", b"max_delay_ms", "preferred_batch_sizes", b"preferred_batch_sizes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Batching: _TypeAlias = Batching  # noqa: Y015
+
+@_typing.final
+class SetBatchingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    BATCHING_FIELD_NUMBER: _builtins.int
+    OFF_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    off: _builtins.bool
+    reason: _builtins.str
+    dry_run: _builtins.bool
+    @_builtins.property
+    def batching(self) -> Global___Batching:
+        """The settings; unset (or `off`) turns batching off."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        batching: Global___Batching | None = ...,
+        off: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "dry_run", b"dry_run", "endpoint", b"endpoint", "off", b"off", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBatchingRequest: _TypeAlias = SetBatchingRequest  # noqa: Y015
+
+@_typing.final
+class SetRunnerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    RUNNER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    runner: _builtins.str
+    """auto (runs measured above the gateway's inline limit leave the event loop), inline or pool."""
+    reason: _builtins.str
+    dry_run: _builtins.bool
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        runner: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "endpoint", b"endpoint", "reason", b"reason", "runner", b"runner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRunnerRequest: _TypeAlias = SetRunnerRequest  # noqa: Y015
+
+@_typing.final
 class StartRolloutRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -529,11 +627,15 @@ class EndpointRoutes(_message.Message):
     SHADOWS_FIELD_NUMBER: _builtins.int
     FAULTS_FIELD_NUMBER: _builtins.int
     GUARDRAILS_FIELD_NUMBER: _builtins.int
+    BATCHING_FIELD_NUMBER: _builtins.int
+    RUNNER_FIELD_NUMBER: _builtins.int
     GUARDRAILS_AT_LEAST_FIELD_NUMBER: _builtins.int
     GUARDRAILS_OBSERVE_ONLY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     max_batch_size: _builtins.int
     nan_policy: _builtins.str
+    runner: _builtins.str
+    """auto | inline | pool"""
     guardrails_at_least: _builtins.int
     """The guardrails act when at least this many rules breach at once (0 without rules)."""
     guardrails_observe_only: _builtins.bool
@@ -554,6 +656,10 @@ class EndpointRoutes(_message.Message):
 
     @_builtins.property
     def guardrails(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def batching(self) -> Global___Batching:
+        """Unset: batching is off."""
+
     def __init__(
         self,
         *,
@@ -566,12 +672,14 @@ class EndpointRoutes(_message.Message):
         shadows: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         faults: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         guardrails: _abc.Iterable[_builtins.str] | None = ...,
+        batching: Global___Batching | None = ...,
+        runner: _builtins.str = ...,
         guardrails_at_least: _builtins.int = ...,
         guardrails_observe_only: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["faults", b"faults", "guardrails", b"guardrails", "guardrails_at_least", b"guardrails_at_least", "guardrails_observe_only", b"guardrails_observe_only", "labels", b"labels", "max_batch_size", b"max_batch_size", "name", b"name", "nan_policy", b"nan_policy", "shadows", b"shadows", "traffic", b"traffic", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "faults", b"faults", "guardrails", b"guardrails", "guardrails_at_least", b"guardrails_at_least", "guardrails_observe_only", b"guardrails_observe_only", "labels", b"labels", "max_batch_size", b"max_batch_size", "name", b"name", "nan_policy", b"nan_policy", "runner", b"runner", "shadows", b"shadows", "traffic", b"traffic", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -119,6 +119,16 @@ class AdminStub(object):
                 request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetFaultRequest.SerializeToString,
                 response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
                 _registered_method=True)
+        self.SetBatching = channel.unary_unary(
+                '/gateway.v1.Admin/SetBatching',
+                request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetBatchingRequest.SerializeToString,
+                response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
+                _registered_method=True)
+        self.SetRunner = channel.unary_unary(
+                '/gateway.v1.Admin/SetRunner',
+                request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetRunnerRequest.SerializeToString,
+                response_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
+                _registered_method=True)
         self.StartRollout = channel.unary_unary(
                 '/gateway.v1.Admin/StartRollout',
                 request_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.StartRolloutRequest.SerializeToString,
@@ -271,6 +281,20 @@ class AdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetBatching(self, request, context):
+        """Merge concurrent requests to one version into one model run (the route file's `batching`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRunner(self, request, context):
+        """Where an endpoint's model runs happen: auto (by measured cost), inline or pool (`runner`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StartRollout(self, request, context):
         """Progressive rollout: ramp a version step by step while its guardrails pass.
         """
@@ -396,6 +420,16 @@ def add_AdminServicer_to_server(servicer, server):
             'SetFault': grpc.unary_unary_rpc_method_handler(
                     servicer.SetFault,
                     request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetFaultRequest.FromString,
+                    response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.SerializeToString,
+            ),
+            'SetBatching': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBatching,
+                    request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetBatchingRequest.FromString,
+                    response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.SerializeToString,
+            ),
+            'SetRunner': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRunner,
+                    request_deserializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetRunnerRequest.FromString,
                     response_serializer=gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.SerializeToString,
             ),
             'StartRollout': grpc.unary_unary_rpc_method_handler(
@@ -865,6 +899,60 @@ class Admin(object):
             target,
             '/gateway.v1.Admin/SetFault',
             gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetFaultRequest.SerializeToString,
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBatching(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Admin/SetBatching',
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetBatchingRequest.SerializeToString,
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRunner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.v1.Admin/SetRunner',
+            gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.SetRunnerRequest.SerializeToString,
             gateway_dot_pb_dot_gateway_dot_v1_dot_admin__pb2.ChangeResponse.FromString,
             options,
             channel_credentials,

@@ -69,6 +69,10 @@ class AdminStub:
     """Replace an endpoint's guardrail rules (the route file's `guardrails`)."""
     SetFault: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetFaultRequest, _admin_pb2.ChangeResponse]
     """Inject errors and/or latency on a version, for drills (clear to stop)."""
+    SetBatching: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetBatchingRequest, _admin_pb2.ChangeResponse]
+    """Merge concurrent requests to one version into one model run (the route file's `batching`)."""
+    SetRunner: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetRunnerRequest, _admin_pb2.ChangeResponse]
+    """Where an endpoint's model runs happen: auto (by measured cost), inline or pool (`runner`)."""
     StartRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.StartRolloutRequest, _admin_pb2.RolloutStatus]
     """Progressive rollout: ramp a version step by step while its guardrails pass."""
     GetRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.RolloutStatus]
@@ -114,6 +118,10 @@ class AdminAsyncStub(AdminStub):
     """Replace an endpoint's guardrail rules (the route file's `guardrails`)."""
     SetFault: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetFaultRequest, _admin_pb2.ChangeResponse]  # type: ignore[assignment]
     """Inject errors and/or latency on a version, for drills (clear to stop)."""
+    SetBatching: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetBatchingRequest, _admin_pb2.ChangeResponse]  # type: ignore[assignment]
+    """Merge concurrent requests to one version into one model run (the route file's `batching`)."""
+    SetRunner: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetRunnerRequest, _admin_pb2.ChangeResponse]  # type: ignore[assignment]
+    """Where an endpoint's model runs happen: auto (by measured cost), inline or pool (`runner`)."""
     StartRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.StartRolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
     """Progressive rollout: ramp a version step by step while its guardrails pass."""
     GetRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.RolloutStatus]  # type: ignore[assignment]
@@ -252,6 +260,22 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ChangeResponse, _abc.Awaitable[_admin_pb2.ChangeResponse]]:
         """Inject errors and/or latency on a version, for drills (clear to stop)."""
+
+    @_abc_1.abstractmethod
+    def SetBatching(
+        self,
+        request: _admin_pb2.SetBatchingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ChangeResponse, _abc.Awaitable[_admin_pb2.ChangeResponse]]:
+        """Merge concurrent requests to one version into one model run (the route file's `batching`)."""
+
+    @_abc_1.abstractmethod
+    def SetRunner(
+        self,
+        request: _admin_pb2.SetRunnerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ChangeResponse, _abc.Awaitable[_admin_pb2.ChangeResponse]]:
+        """Where an endpoint's model runs happen: auto (by measured cost), inline or pool (`runner`)."""
 
     @_abc_1.abstractmethod
     def StartRollout(
