@@ -49,6 +49,10 @@ class Bare(gw_grpc.InferenceServicer):
     async def Predict(self, request: gw.PredictRequest, context: grpc.aio.ServicerContext) -> gw.PredictResponse:
         return _predict(self.session, request)
 
+    async def Feedback(self, request: gw.FeedbackRequest, context: grpc.aio.ServicerContext) -> gw.FeedbackResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the bare server serves Predict only")
+        raise AssertionError("abort raises")
+
 
 class BareThreaded(gw_grpc.InferenceServicer):
     def __init__(self, path: str) -> None:
@@ -57,8 +61,9 @@ class BareThreaded(gw_grpc.InferenceServicer):
     def Predict(self, request: gw.PredictRequest, context: grpc.ServicerContext) -> gw.PredictResponse:
         return _predict(self.session, request)
 
-    async def Feedback(self, request: gw.FeedbackRequest, context: grpc.aio.ServicerContext) -> gw.FeedbackResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the bare server serves Predict only")
+    def Feedback(self, request: gw.FeedbackRequest, context: grpc.ServicerContext) -> gw.FeedbackResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the bare server serves Predict only")
+        raise AssertionError("abort raises")
         raise AssertionError("abort raises")
 
 
