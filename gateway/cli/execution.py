@@ -19,14 +19,18 @@ def register(sub: Any, common: argparse.ArgumentParser, mutating: argparse.Argum
     batching = sub.add_parser(
         "batching", parents=[common, mutating], help="merge concurrent requests into one model run (or --off)"
     )
-    batching.add_argument("endpoint")
+    batching.add_argument("endpoint", help="the endpoint whose requests are merged")
     batching.add_argument("--max-batch-size", type=int, help="rows of one merged run at most")
     batching.add_argument("--max-delay-ms", type=float, help="longest a request waits for batch-mates")
     batching.add_argument("--preferred", type=int, nargs="+", metavar="N", help="row counts to dispatch at at once")
     batching.add_argument("--off", action="store_true", help="turn batching off")
     runner = sub.add_parser("runner", parents=[common, mutating], help="where model runs happen: auto, inline or pool")
-    runner.add_argument("endpoint")
-    runner.add_argument("runner", choices=RUNNER_MODES)
+    runner.add_argument("endpoint", help="the endpoint whose model runs move")
+    runner.add_argument(
+        "runner",
+        choices=RUNNER_MODES,
+        help="auto: by the cost measured at load; inline: on the event loop; pool: threads",
+    )
 
 
 def mutations(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, Callable[[], tuple[str, Any]]]:
