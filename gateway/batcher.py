@@ -222,6 +222,21 @@ class Batcher:
         except Exception as err:  # the pool is shut down: no request may wait forever
             _fail(queue, entries, err)
 
+    def leave(self, model: OnnxModel, future: asyncio.Future[Result]) -> None:
+        """A request whose caller left: out of its batch, its slot given back, if its batch has not run yet.
+
+        (A request already in a run keeps its slot until the run is over.)
+        """
+        queue = self._queues.get(model)
+        if queue is None:
+            return
+        for index, entry in enumerate(queue.entries):
+            if entry.future is future:
+                del queue.entries[index]
+                queue.rows -= entry.rows
+                entry.slot.release()
+                return
+
     def pending(self) -> int:
         """Requests waiting for a batch (for tests and introspection)."""
         return sum(len(q.entries) for q in list(self._queues.values()))

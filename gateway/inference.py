@@ -23,6 +23,7 @@ import numpy as np
 from gateway import __version__
 from gateway.admission import Admission, Slot
 from gateway.batcher import Batcher
+from gateway.batcher import Result as BatchResult
 from gateway.checks import check_bounds, check_inputs, rows_and_nans, wanted_outputs
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, NotFound
 from gateway.faults import Fault, FaultInjector
@@ -312,6 +313,7 @@ class InferenceService:
         admission = self._admission
         owned = True  # released here unless the batcher or the runner took it
         shared = 0
+        batched: asyncio.Future[BatchResult] | None = None
         try:
             try:
                 if routes.batching is not None and model.batchable:
@@ -348,6 +350,8 @@ class InferenceService:
         finally:
             if owned:
                 slot.release()
+            elif batched is not None and batched.cancelled():
+                self.batcher.leave(model, batched)  # the caller left: not one more moment in the queue
         if shared and call.span is not None:
             call.span.attributes["gateway.batch.requests"] = shared
         return self._served(call, request, model, wanted, arrays, run_seconds)

@@ -132,6 +132,9 @@ def _traced(
             response = behavior(request, context)
             if type(response) is CoroutineType:  # the request waits (a batch, a runner thread)
                 response = await response
+        except asyncio.CancelledError:
+            _left(span, spans, context)
+            raise
         except GatewayError as err:
             status, message, extra = refusal(err)
             span.fail(status.value[0], status.name, message)
@@ -146,9 +149,7 @@ def _traced(
             try:
                 await _wait(context)
             except asyncio.CancelledError:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.CANCELLED
-                span.fail(code.value[0], code.name, "the caller left before the answer")
-                spans.end(span)
+                _left(span, spans, context)
                 raise
         attributes["rpc.grpc.status_code"] = 0
         spans.end(span)
@@ -187,21 +188,11 @@ def guard_stream(
             CURRENT_SPAN.set(span)
             trace_id = span.trace_id_hex if span is not None else ""
             try:
-                response = behavior(request, context)
-                if type(response) is CoroutineType:
-                    response = await response
-            except GatewayError as err:
-                status, message, _ = refusal(err)
-                response = refuse(request, status, message)
-            except Exception:
-                status, message = _abort_internal(method, trace_id)
-                response = refuse(request, status, message)
-            else:
-                status = grpc.StatusCode.OK
-                if PENDING_DELAY.get():
-                    await _wait(context)
-                    PENDING_DELAY.set(0.0)
-                    ON_ABANDON.set(None)
+                response, status, message = await _one_message(method, behavior, refuse, request, context, trace_id)
+            except asyncio.CancelledError:
+                if span is not None:
+                    _left(span, spans, context)  # type: ignore[arg-type]
+                raise
             if span is not None:
                 if status is grpc.StatusCode.OK:
                     span.attributes["rpc.grpc.status_code"] = 0
@@ -215,6 +206,27 @@ def guard_stream(
     return streamed
 
 
+async def _one_message(  # noqa: PLR0917 - one stream message
+    method: str, behavior: Behavior, refuse: Refuse, request: Any, context: grpc.aio.ServicerContext, trace_id: str
+) -> tuple[Any, grpc.StatusCode, str]:
+    """The reply to one stream message, its status and error message (an error becomes an in-band reply)."""
+    try:
+        response = behavior(request, context)
+        if type(response) is CoroutineType:  # the request waits (a batch, a runner thread)
+            response = await response
+    except GatewayError as err:
+        status, message, _ = refusal(err)
+        return refuse(request, status, message), status, message
+    except Exception:
+        status, message = _abort_internal(method, trace_id)
+        return refuse(request, status, message), status, message
+    if PENDING_DELAY.get():
+        await _wait(context)
+        PENDING_DELAY.set(0.0)
+        ON_ABANDON.set(None)
+    return response, grpc.StatusCode.OK, ""
+
+
 async def _wait(context: grpc.aio.ServicerContext) -> None:
     """Wait out an injected delay; a caller that leaves meanwhile is reported to `ON_ABANDON`."""
     try:
@@ -224,6 +236,13 @@ async def _wait(context: grpc.aio.ServicerContext) -> None:
         if abandoned is not None:
             abandoned()
         raise
+
+
+def _left(span: SpanRecord, spans: SpanRecorder, context: grpc.aio.ServicerContext) -> None:
+    """End the span of a call whose caller left (its deadline, or a cancellation) before the answer."""
+    code = grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.CANCELLED
+    span.fail(code.value[0], code.name, "the caller left before the answer")
+    spans.end(span)
 
 
 def _expired(context: grpc.aio.ServicerContext) -> bool:
