@@ -36,7 +36,7 @@ def in_flight(running: RunningGateway) -> int:
 
 def test_a_request_holds_its_slot_while_it_waits_for_a_batch_and_while_it_runs_off_the_loop() -> None:
     text = config_text(batching=WAIT_FOR_FULL % 3, runner="pool")
-    settings = {"runner_threads": 3, "max_concurrent_per_version": 3}
+    settings: dict[str, object] = {"runner_threads": 3, "max_concurrent_per_version": 3}
     with (
         running_gateway(text, settings=settings) as gw,
         observed_runs(gw.gateway, "1.12", hold_first=True) as runs,
@@ -164,8 +164,8 @@ def test_each_request_of_a_batch_keeps_its_own_id_span_samples_drift_shadow_copy
     # Spans: one per request, each with its own id and rows, all saying three requests shared the run.
     assert gw.gateway.telemetry.spans is not None
     gw.gateway.telemetry.spans.flush()
-    spans = {
-        s.attributes["gateway.request_id"]: s
+    spans: dict[Any, Any] = {
+        dict(s.attributes or {})["gateway.request_id"]: s
         for s in exporter.get_finished_spans()
         if s.name == "gateway.v1.Inference/Predict"
     }
@@ -206,5 +206,6 @@ def test_the_span_of_a_request_whose_caller_left_while_it_waited_ends_as_cancell
         runs.release.set()
     assert gw.gateway.telemetry.spans is not None
     gw.gateway.telemetry.spans.flush()
-    (span,) = [s for s in exporter.get_finished_spans() if s.attributes.get("gateway.routing") == "sticky"]
-    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    finished = [dict(s.attributes or {}) for s in exporter.get_finished_spans()]
+    (attributes,) = [a for a in finished if a.get("gateway.routing") == "sticky"]
+    assert attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
