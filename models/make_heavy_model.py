@@ -37,14 +37,14 @@ endpoints:
 """
 
 
-def build() -> onnx.ModelProto:
-    """The model, from a fixed seed."""
+def build(hidden: int = HIDDEN) -> onnx.ModelProto:
+    """The model, from a fixed seed (`hidden` units in each hidden layer)."""
     rng = np.random.default_rng(4096)
-    w1 = rng.normal(0.0, (2 / FEATURES) ** 0.5, size=(FEATURES, HIDDEN)).astype(np.float32)
-    b1 = np.zeros(HIDDEN, dtype=np.float32)
-    w2 = rng.normal(0.0, (2 / HIDDEN) ** 0.5, size=(HIDDEN, HIDDEN)).astype(np.float32)
-    b2 = np.zeros(HIDDEN, dtype=np.float32)
-    w3 = rng.normal(0.0, (1 / HIDDEN) ** 0.5, size=(HIDDEN, 1)).astype(np.float32)
+    w1 = rng.normal(0.0, (2 / FEATURES) ** 0.5, size=(FEATURES, hidden)).astype(np.float32)
+    b1 = np.zeros(hidden, dtype=np.float32)
+    w2 = rng.normal(0.0, (2 / hidden) ** 0.5, size=(hidden, hidden)).astype(np.float32)
+    b2 = np.zeros(hidden, dtype=np.float32)
+    w3 = rng.normal(0.0, (1 / hidden) ** 0.5, size=(hidden, 1)).astype(np.float32)
     b3 = np.array([-3.0], dtype=np.float32)
     graph = helper.make_graph(
         nodes=[
@@ -68,25 +68,28 @@ def build() -> onnx.ModelProto:
         opset_imports=[helper.make_opsetid("", OPSET)],
         producer_name="model-gateway-demo",
         producer_version="1",
-        doc_string="Heavier ranker for throughput benchmarks (32 -> 1024 -> 1024 -> 1)",
+        doc_string=f"Heavier ranker for throughput benchmarks ({FEATURES} -> {hidden} -> {hidden} -> 1)",
     )
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     return model
 
 
-def write(root: Path) -> Path:
-    """Write root/ranker-xl/1.0/{model.onnx,manifest.yaml} and root/gateway.yaml; returns the route file."""
+def write(root: Path, hidden: int = HIDDEN) -> Path:
+    """Write root/ranker-xl/1.0/{model.onnx,manifest.yaml} and root/gateway.yaml; returns the route file.
+
+    `hidden` widens the hidden layers (the benchmarks also run a 2048-wide variant).
+    """
     directory = root / ENDPOINT / VERSION
     directory.mkdir(parents=True, exist_ok=True)
-    data = build().SerializeToString(deterministic=True)
+    data = build(hidden).SerializeToString(deterministic=True)
     (directory / "model.onnx").write_bytes(data)
     (directory / "manifest.yaml").write_text(
         "# Written by models/make_heavy_model.py; artifacts are immutable.\n"
         "format: onnx\n"
         "file: model.onnx\n"
         f"sha256: {hashlib.sha256(data).hexdigest()}\n"
-        f"description: heavier ranker ({FEATURES} -> {HIDDEN} -> {HIDDEN} -> 1 MLP)\n"
+        f"description: heavier ranker ({FEATURES} -> {hidden} -> {hidden} -> 1 MLP)\n"
     )
     route_file = root / "gateway.yaml"
     route_file.write_text(ROUTE_FILE)
