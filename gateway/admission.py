@@ -7,9 +7,9 @@ requests and cannot take the others' memory or workers.
 
 Every request has a deadline: the caller's, or the endpoint's default (`deadline_ms` in the
 route file, else the `default_deadline` setting), whichever comes first. Work whose deadline
-has passed is not started (DEADLINE_EXCEEDED). Whatever runs the model (inline today; a
-batcher or a runner pool) holds the `Slot` while the request is in flight and releases it
-when done; a known future delay (an injected latency) is held with `hold` without a timer.
+has passed is not started (DEADLINE_EXCEEDED). Whatever runs the model (inline, the batcher,
+or a runner thread) holds the `Slot` while the request is in flight and releases it when the
+run is over; a known future delay (an injected latency) is held with `hold` without a timer.
 """
 
 from __future__ import annotations
