@@ -116,6 +116,13 @@ class Admission:
             held = [t for t in self._held.get(key, ()) if t > now]
             return self._active.get(key, 0) + len(held)
 
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        """Requests in flight per (endpoint, version), held slots included (for the in-flight gauge)."""
+        now = self._clock()
+        with self._lock:
+            keys = set(self._active) | set(self._held)
+            return {key: self._active.get(key, 0) + sum(1 for t in self._held.get(key, ()) if t > now) for key in keys}
+
     def _release(self, key: tuple[str, str], held: float) -> None:
         with self._lock:
             self._active[key] -= 1

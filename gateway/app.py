@@ -93,6 +93,7 @@ class Gateway:
                 inline_max_seconds=self.settings.inline_run_max_us / 1e6,
             )
         )
+        admission = Admission(self.settings.max_concurrent_per_version, self.settings.default_deadline)
         self.inference = InferenceService(
             self.registry,
             self.router,
@@ -100,9 +101,10 @@ class Gateway:
             shadow=self.shadow,
             faults=self.faults,
             feedback=self.feedback,
-            admission=Admission(self.settings.max_concurrent_per_version, self.settings.default_deadline),
+            admission=admission,
             runner=self.runner,
         )
+        self.telemetry.in_flight = admission.snapshot
         self._observe()
 
     def _observe(self) -> None:

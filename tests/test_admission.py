@@ -50,6 +50,19 @@ def test_the_limit_sheds_with_a_retry_hint_and_frees_on_release() -> None:
     assert admission.in_flight("e", "1") <= 1
 
 
+def test_the_in_flight_snapshot_counts_every_version_with_held_slots() -> None:
+    clock = Clock()
+    admission = Admission(4, clock=clock)
+    running, held = admission.admit("e", "1"), admission.admit("e", "1")
+    admission.admit("e", "2")
+    held.hold(3.0)
+    held.release()
+    assert admission.snapshot() == {("e", "1"): 2, ("e", "2"): 1}
+    running.release()
+    clock.now += 3.0
+    assert admission.snapshot() == {("e", "1"): 0, ("e", "2"): 1}
+
+
 def test_work_past_its_deadline_is_not_started() -> None:
     clock = Clock()
     admission = Admission(4, default_deadline=10.0, clock=clock)

@@ -10,22 +10,35 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import admin_pb2_grpc
 from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
+from testkit.fleet import wait_until
 from testkit.gateways import GatewayProcess, bearer, predict_request
 
 CLIENTS = 32
 
 
+def in_flight(gateway: GatewayProcess, version: str) -> float:
+    """The gateway's `gateway_requests_in_flight` for one version of ctr-ranker (0 when absent)."""
+    page = urllib.request.urlopen(f"http://{gateway.metrics_target}/metrics", timeout=10).read().decode()
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            if sample.name == "gateway_requests_in_flight" and sample.labels.get("version") == version:
+                return sample.value
+    return 0.0
+
+
 @pytest.mark.slow
 def test_sigterm_under_load_drops_no_request(tmp_path: Path) -> None:
-    first = GatewayProcess(tmp_path / "a.db", "--grace", "10")
+    first = GatewayProcess(tmp_path / "a.db", "--grace", "10", "--metrics-listen", "127.0.0.1:0")
     second = GatewayProcess(tmp_path / "b.db")
     try:
         with grpc.insecure_channel(first.admin_target) as admin:
@@ -82,7 +95,7 @@ def test_sigterm_under_load_drops_no_request(tmp_path: Path) -> None:
         time.sleep(1.5)
         for thread in slow:
             thread.start()
-        time.sleep(0.5)  # the slow calls are in flight (1.5 s each)
+        assert wait_until(lambda: in_flight(first, "1.14") == 8, timeout=30)  # the slow calls are in flight
         first.process.send_signal(__import__("signal").SIGTERM)
         exit_code = first.process.wait(timeout=30)
         time.sleep(0.5)

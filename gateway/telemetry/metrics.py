@@ -10,6 +10,8 @@ Instruments (Prometheus names in brackets):
 - `gateway.store.connected` gauge, 1 while the state store answers, 0 while this process
   serves its last known routes without it [`gateway_store_connected`];
 - `gateway.version.traffic` gauge, percent by endpoint and version [`gateway_version_traffic_percent`];
+- `gateway.requests.in_flight` gauge, requests admitted and not yet answered (queued in a batch or
+  running) by endpoint and version [`gateway_requests_in_flight`];
 - `gateway.admin.changes` counter by endpoint, action, trigger [`gateway_admin_changes_total`];
 - `gateway.rollbacks` counter by endpoint and trigger [`gateway_rollbacks_total`];
 - `gateway.model.load.duration` histogram by endpoint and version [`gateway_model_load_duration_seconds`];
@@ -33,7 +35,7 @@ observation per call for the same figure.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -85,6 +87,8 @@ class Telemetry:
         self.drift = DriftTracker(self.windows.horizon, clock=self.windows.clock)
         self.memory = memory or MemoryWindow(self.windows.horizon, clock=self.windows.clock)
         self.gauges = guardrail_metrics.GuardrailGauges()
+        #: Requests in flight per (endpoint, version), read when metrics are collected (set by the gateway).
+        self.in_flight: Callable[[], Mapping[tuple[str, str], int]] = dict
         self._arms: dict[tuple[str, str], str] = {}
         self.meter_provider = meter_provider
         self.spans = spans
@@ -124,6 +128,12 @@ class Telemetry:
             "gateway.store.connected",
             [lambda _options: [Observation(self._store_connected)]],
             description="1 while the state store answers; 0 while serving the last known routes without it",
+        )
+        meter.create_observable_gauge(
+            "gateway.requests.in_flight",
+            [self._observe_in_flight],
+            unit="{request}",
+            description="Requests admitted and not yet answered, by endpoint and version (queued or running)",
         )
         meter.create_observable_gauge(
             "gateway.version.traffic",
@@ -280,6 +290,9 @@ class Telemetry:
 
     def _observe_revision(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self._revision)]
+
+    def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(n, {"endpoint": e, "version": v}) for (e, v), n in self.in_flight().items()]
 
     def _observe_traffic(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(share, {"endpoint": e, "version": v}) for (e, v), share in self._traffic.items()]
