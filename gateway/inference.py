@@ -354,7 +354,7 @@ class InferenceService:
                 self.batcher.leave(model, batched)  # the caller left: not one more moment in the queue
         if shared and call.span is not None:
             call.span.attributes["gateway.batch.requests"] = shared
-        return self._served(call, request, model, wanted, arrays, run_seconds)
+        return self._served(call, request, model, wanted, arrays, run_seconds, shared or 1)
 
     def _served(  # noqa: PLR0917 - per request: positional is cheaper
         self,
@@ -364,10 +364,12 @@ class InferenceService:
         wanted: tuple[str, ...],
         arrays: list[np.ndarray],
         run_seconds: float,
+        shared: int = 1,
     ) -> InferResult:
         """Measure a served request, remember it for feedback, observe drift, mirror it to shadows, answer."""
         self._measure(call, "OK")
         routes, decision, fault = call.routes, call.decision, call.fault
+        self._telemetry.ran(routes.name, decision.version, run_seconds, shared)
         feedback_id = ""
         if self._feedback is not None:
             self._feedback.served(call.request_id, call.series, decision.arm)

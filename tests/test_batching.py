@@ -121,6 +121,8 @@ def test_requests_that_arrive_while_a_run_is_busy_share_one_run_and_each_gets_it
         assert runs.rows == [1, 6]
         runs.release.set()
         assert busy.result().version == "1.12"
+        totals = gw.gateway.telemetry.version_totals()[("ctr-ranker", "1.12")]
+        assert (totals.success_count, round(totals.executions)) == (4, 2)  # ModelStatistics' execution_count
     for x, response in zip(inputs, responses, strict=True):
         assert response.version == "1.12"
         np.testing.assert_allclose(scores(response), direct("1.12", x), rtol=1e-6)

@@ -197,6 +197,10 @@ def test_statistics_count_successes_and_failures_per_version(
     assert after.inference_stats.fail.count == before.inference_stats.fail.count + 1
     assert after.inference_stats.success.ns > before.inference_stats.success.ns
     assert after.inference_count == before.inference_count + 3
+    assert after.execution_count == before.execution_count + 1  # one model run
+    assert after.inference_stats.compute_infer.count == before.inference_stats.compute_infer.count + 1
+    compute = after.inference_stats.compute_infer.ns - before.inference_stats.compute_infer.ns
+    assert 0 < compute < after.inference_stats.success.ns - before.inference_stats.success.ns
     everything = stub.ModelStatistics(oip.ModelStatisticsRequest()).model_stats
     assert {(s.name, s.version) for s in everything} >= {("simple", "1"), ("ctr-ranker", "1.12")}
 

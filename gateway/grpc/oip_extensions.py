@@ -75,8 +75,9 @@ def model_statistics_response(
 ) -> oip.ModelStatisticsResponse:
     """Per version: success and fail counts with cumulative durations, as Triton reports them.
 
-    The gateway runs one model execution per successful request, so `execution_count` is the
-    success count and `inference_count` the rows those requests carried.
+    `inference_count` is the rows the successful requests carried, `execution_count` the model
+    runs (a batch of several requests is one run), and `compute_infer` those runs' time.
+    `queue` stays zero: requests wait only in a batch, and that wait is part of `success`.
     """
     response = oip.ModelStatisticsResponse()
     for info in versions:
@@ -86,10 +87,11 @@ def model_statistics_response(
             version=info.version,
             last_inference=round(t.last_at * 1000),
             inference_count=t.success_rows,
-            execution_count=t.success_count,
+            execution_count=round(t.executions),
             inference_stats=oip.InferStatistics(
                 success=_duration(t.success_count, t.success_seconds),
                 fail=_duration(t.fail_count, t.fail_seconds),
+                compute_infer=_duration(round(t.executions), t.compute_seconds),
             ),
         )
     return response

@@ -65,6 +65,9 @@ class VersionTotals:
     fail_seconds: float = 0.0
     #: Wall-clock time of the last request (0: none yet).
     last_at: float = 0.0
+    #: Model runs (a batch of several requests is one) and the seconds they took.
+    executions: float = 0.0
+    compute_seconds: float = 0.0
 
 
 class Telemetry:
@@ -99,6 +102,8 @@ class Telemetry:
         self._counts: dict[tuple[str, str, str, str], int] = {}
         # Per (endpoint, version, arm, code): [seconds, rows, wall time of the last request].
         self._sums: dict[tuple[str, str, str, str], list[float]] = {}
+        # Per (endpoint, version): [model runs, their seconds], each request adding its share of its run.
+        self._runs: dict[tuple[str, str], list[float]] = {}
         self._rows: dict[tuple[str, str, str], int] = {}
         self._nulls: dict[tuple[str, str, str, str], int] = {}
         self._revision = 0
@@ -219,6 +224,16 @@ class Telemetry:
                 self.durations.observe(key, seconds)
         self.windows.window(series, len(features)).record(seconds, code, rows, nan_per_feature)
 
+    def ran(self, endpoint: str, version: str, seconds: float, shared: int) -> None:
+        """A served request's model run: `seconds` long, shared by `shared` requests (a batch), 1 alone."""
+        key = (endpoint, version)
+        with self._lock:
+            runs = self._runs.get(key)
+            if runs is None:
+                runs = self._runs[key] = [0.0, 0.0]
+            runs[0] += 1 / shared
+            runs[1] += seconds / shared
+
     def abandoned(self, series: SeriesKey) -> None:
         """A request already recorded whose caller had gone (deadline or cancellation) when its answer was ready."""
         self.windows.window(series).record_abandoned()
@@ -306,6 +321,7 @@ class Telemetry:
         """Cumulative totals per (endpoint, version), over every arm, since the process started."""
         with self._lock:
             items = [(key, self._counts[key], sums[0], sums[1], sums[2]) for key, sums in self._sums.items()]
+            runs = {key: tuple(value) for key, value in self._runs.items()}
         totals: dict[tuple[str, str], VersionTotals] = {}
         for (endpoint, version, _arm, code), count, seconds, rows, last in items:
             t = totals.setdefault((endpoint, version), VersionTotals())
@@ -317,6 +333,9 @@ class Telemetry:
                 t.fail_count += count
                 t.fail_seconds += seconds
             t.last_at = max(t.last_at, last)
+        for key, (executions, compute) in runs.items():
+            t = totals.setdefault(key, VersionTotals())
+            t.executions, t.compute_seconds = executions, compute
         return totals
 
     def shutdown(self) -> None:
