@@ -42,8 +42,8 @@ from gateway.runtime import OnnxModel
 Outputs = list[np.ndarray]
 #: What a request gets: its outputs, how many requests shared its run, and the run's seconds.
 Result = tuple[Outputs, int, float]
-#: Each request's outcome (in entry order), the requests that shared the run, and its seconds.
-BatchOutcome = tuple[list["Outputs | BaseException"], int, float]
+#: Each request's outcome, in entry order: its `Result`, or its error.
+BatchOutcome = list["Result | BaseException"]
 #: Seconds until a deadline (None: no deadline), on admission's clock.
 TimeLeft = Callable[[float | None], float | None]
 
@@ -75,25 +75,59 @@ def _expired(left: TimeLeft, deadline: float | None) -> bool:
     return remaining is not None and remaining <= 0
 
 
-def _alone(model: OnnxModel, entry: _Entry, left: TimeLeft) -> Outputs | BaseException:
+def _alone(model: OnnxModel, entry: _Entry, left: TimeLeft) -> Result | BaseException:
+    ran = time.perf_counter()
     try:
         arrays = model.run(entry.feeds, entry.wanted)
     except Exception as err:  # the request's own error, delivered to it alone
         return err
     if _expired(left, entry.deadline):
         return DeadlineExceeded(f"{model.source}: the request's deadline passed while the model ran; answer dropped")
-    return arrays
+    return arrays, 1, time.perf_counter() - ran
+
+
+def _merged(
+    model: OnnxModel, entries: Sequence[_Entry], indices: Sequence[int], left: TimeLeft
+) -> list[Result | BaseException] | None:
+    """One run over the requests' rows, split back per request.
+
+    None when the run failed, or its outputs do not have one row per input row (detections,
+    an export fixed to batch 1): the requests then run alone.
+    """
+    ran = time.perf_counter()
+    try:
+        merged = {spec.name: np.concatenate([entries[i].feeds[spec.name] for i in indices]) for spec in model.inputs}
+        arrays = model.run(merged, model.output_names)
+    except Exception:  # each request runs alone and gets its own error
+        return None
+    seconds = time.perf_counter() - ran
+    if any(array.shape[0] != sum(entries[i].rows for i in indices) for array in arrays):
+        return None
+    position = {name: i for i, name in enumerate(model.output_names)}
+    results: list[Result | BaseException] = []
+    start = 0
+    for index in indices:
+        entry = entries[index]
+        end = start + entry.rows
+        if _expired(left, entry.deadline):
+            results.append(
+                DeadlineExceeded(f"{model.source}: the request's deadline passed while its batch ran; answer dropped")
+            )
+        else:
+            results.append(([arrays[position[name]][start:end] for name in entry.wanted], len(indices), seconds))
+        start = end
+    return results
 
 
 def run_batch(model: OnnxModel, entries: Sequence[_Entry], left: TimeLeft) -> BatchOutcome:
-    """Run the entries' requests as one merged run: each gets its outputs or its own error.
+    """Run the entries' requests as one merged run: each gets its outputs or its own error, in entry order.
 
-    Returns the results in entry order, how many requests shared the run (1 when each ran
-    alone) and the seconds the run took. Runs on the event loop or a runner thread; it reads
-    the entries' futures only to skip callers that went away.
+    A request whose inputs disagree on their rows cannot be split back out of a merged run, and
+    a merged run that fails (or whose outputs are not per row) gives way to runs alone: each
+    request gets exactly what it would have got without batching. Runs on the event loop or a
+    runner thread; it reads the entries' futures only to skip callers that went away.
     """
-    started = time.perf_counter()
-    results: list[Outputs | BaseException] = []
+    results: BatchOutcome = []
     live = []
     for entry in entries:
         if entry.future.done():
@@ -107,31 +141,16 @@ def run_batch(model: OnnxModel, entries: Sequence[_Entry], left: TimeLeft) -> Ba
         else:
             live.append(len(results))
             results.append(_NOT_RUN)
-    if len(live) > 1:
-        try:
-            merged = {spec.name: np.concatenate([entries[i].feeds[spec.name] for i in live]) for spec in model.inputs}
-            arrays = model.run(merged, model.output_names)
-        except Exception:  # each request is run alone below and gets its own error
-            pass
-        else:
-            position = {name: i for i, name in enumerate(model.output_names)}
-            start = 0
-            for index in live:
-                entry = entries[index]
-                end = start + entry.rows
-                if _expired(left, entry.deadline):
-                    results[index] = DeadlineExceeded(
-                        f"{model.source}: the request's deadline passed while its batch ran; answer dropped"
-                    )
-                else:
-                    results[index] = [arrays[position[name]][start:end] for name in entry.wanted]
-                start = end
-            return results, len(live), time.perf_counter() - started
-    # One request, or a merged run that failed (a bad request, inputs that do not concatenate):
-    # each request runs alone and gets exactly what it would have got without batching.
+    mergeable = [i for i in live if all(a.shape[0] == entries[i].rows for a in entries[i].feeds.values())]
+    if len(mergeable) > 1:
+        merged = _merged(model, entries, mergeable, left)
+        if merged is not None:
+            for index, result in zip(mergeable, merged, strict=True):
+                results[index] = result
+            live = [i for i in live if i not in set(mergeable)]
     for index in live:
         results[index] = _alone(model, entries[index], left)
-    return results, 1, time.perf_counter() - started
+    return results
 
 
 _NOT_RUN = RuntimeError("not run")
@@ -218,7 +237,7 @@ class Batcher:
                 run = self._runner.run(run_batch, model, entries, self._left)
                 run.add_done_callback(lambda done: _resolve(queue, entries, done))
             else:
-                _deliver(queue, entries, *run_batch(model, entries, self._left))
+                _deliver(queue, entries, run_batch(model, entries, self._left))
         except Exception as err:  # the pool is shut down: no request may wait forever
             _fail(queue, entries, err)
 
@@ -271,9 +290,7 @@ def _prune(queue: _Queue) -> bool:
     return True
 
 
-def _deliver(
-    queue: _Queue, entries: Sequence[_Entry], results: Sequence[Outputs | BaseException], shared: int, seconds: float
-) -> None:
+def _deliver(queue: _Queue, entries: Sequence[_Entry], results: BatchOutcome) -> None:
     queue.running -= len(entries)
     for entry, result in zip(entries, results, strict=True):
         entry.slot.release()
@@ -282,7 +299,7 @@ def _deliver(
         if isinstance(result, BaseException):
             entry.future.set_exception(result)
         else:
-            entry.future.set_result((result, shared, seconds))
+            entry.future.set_result(result)
 
 
 def _fail(queue: _Queue, entries: Sequence[_Entry], error: BaseException) -> None:
@@ -301,4 +318,4 @@ def _resolve(queue: _Queue, entries: Sequence[_Entry], done: asyncio.Future[Batc
     if error is not None:
         _fail(queue, entries, error)
         return
-    _deliver(queue, entries, *done.result())
+    _deliver(queue, entries, done.result())

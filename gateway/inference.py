@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import random
 import time
@@ -386,8 +387,10 @@ class InferenceService:
             )
         delay = fault.latency_ms / 1000 if fault is not None else 0.0
         if routes.mirror and self._shadow is not None and decision.reason in _MIRRORED:
-            # The shadow report compares like with like: this request's model run (plus any injected delay).
-            self._mirror(routes, decision, request, call.request_id, outputs, run_seconds + delay, call.span)
+            # The shadow report compares like with like: a run of this request alone (plus any injected
+            # delay), as the shadow times a copy alone; a batched run is not one, so it is left untimed.
+            seconds = run_seconds + delay if shared == 1 else math.nan
+            self._mirror(routes, decision, request, call.request_id, outputs, seconds, call.span)
         return InferResult(
             request_id=call.request_id,
             endpoint=routes.name,

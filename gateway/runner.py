@@ -89,7 +89,7 @@ class ModelRunner:
         """Whether a run of `rows` rows on `model` goes to the pool (`mode`: the endpoint's runner setting)."""
         if self._pool is None or mode == "inline":
             return False
-        return mode == "pool" or model.cost.seconds(rows) > self.inline_max_seconds
+        return mode == "pool" or model.dynamic_inner or model.cost.seconds(rows) > self.inline_max_seconds
 
     def run(self, function: Callable[..., T], *args: Any, after: Callable[[], None] | None = None) -> asyncio.Future[T]:
         """`function(*args)` on a runner thread; cancelling the returned future before it starts drops it.
@@ -109,7 +109,12 @@ class ModelRunner:
         """Where runs of this version happen under `runner: auto`, and why (for the logs)."""
         cost = model.cost.seconds(1)
         limit = f"{self.inline_max_seconds * 1e6:.0f} us"
-        if cost > self.inline_max_seconds:
+        if model.dynamic_inner:
+            where = (
+                f"an input has a free dimension besides the batch (its cost was measured at size 1 there): "
+                f"runs go to the runner pool ({self.threads} threads)"
+            )
+        elif cost > self.inline_max_seconds:
             where = f"above the {limit} inline limit: runs go to the runner pool ({self.threads} threads)"
         else:
             rows = self._rows_inline(model)

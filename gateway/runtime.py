@@ -108,6 +108,9 @@ class OnnxModel:
         )
         #: Whether every input and output has a free first (batch) dimension: requests can be merged.
         self.batchable = all(spec.batched for spec in (*self.inputs, *self.outputs))
+        #: Whether an input has a free dimension besides the first (a sequence length): the measured
+        #: cost, taken at size 1 there, does not bound a run's cost.
+        self.dynamic_inner = any(d is None for spec in self.inputs for d in spec.shape[1:])
         self.cost = RunCost()
         # onnxruntime's public `run` is a Python wrapper that re-checks the input names (the
         # gateway's checks already did) and GPU graph capture before calling the session's

@@ -134,11 +134,12 @@ def test_a_batch_entry_past_its_deadline_or_abandoned_is_not_run_and_every_slot_
             for i, (rows, deadline) in enumerate([(1, now - 1), (2, None), (1, None)])
         ]
         entries[2].future.cancel()
-        results, shared, seconds = run_batch(model, entries, admission.left)
-        assert shared == 1 and seconds > 0  # one live request: it ran alone
+        results = run_batch(model, entries, admission.left)
+        alone = results[1]
+        assert not isinstance(alone, BaseException) and alone[1] == 1 and alone[2] > 0  # one live request: alone
         for entry in entries:
             entry.slot.release()
-        return list(results)
+        return [r if isinstance(r, BaseException) else r[0] for r in results]
 
     expired, served, abandoned = asyncio.run(scenario())
     assert isinstance(expired, DeadlineExceeded) and "deadline passed" in expired.message
