@@ -161,6 +161,14 @@ class OnnxModel:
             return min(samples)
 
         first = fastest(1)
-        per_row = max(fastest(rows) - first, 0.0) / (rows - 1) if self.batchable and rows > 1 else 0.0
+        per_row = 0.0
+        if self.batchable and rows > 1:
+            try:
+                per_row = max(fastest(rows) - first, 0.0) / (rows - 1)
+            except Exception as err:  # onnxruntime raises several types: an export that only runs at batch 1
+                log.warning(
+                    "%s declares a free batch dimension but fails at %d rows: not batched (%s)", self.source, rows, err
+                )
+                self.batchable = False
         self.cost = RunCost(first, per_row)
         return self.cost

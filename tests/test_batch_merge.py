@@ -110,3 +110,21 @@ def test_a_model_with_a_free_inner_dimension_runs_off_the_loop() -> None:
         assert "free dimension besides the batch" in runner.describe("sequences", "1", model)
     finally:
         runner.shutdown()
+
+
+def test_an_export_that_only_runs_at_batch_one_loads_and_is_not_batched() -> None:
+    # Declares a free batch dimension but reshapes to one row inside (a common export mistake).
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 4])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["X", "shape"], ["R"]), helper.make_node("Add", ["X", "R"], ["Y"])],
+        "fixed",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[shape],
+    )
+    onnx_model = helper.make_model(graph, opset_imports=OPSET)
+    onnx_model.ir_version = 8
+    model = OnnxModel(onnx_model.SerializeToString(), source="fixed 1")
+    assert model.batchable
+    cost = model.measure_cost()  # batch 1 works, 32 rows fail: measured at batch 1, no merging
+    assert not model.batchable and cost.per_row_seconds == 0 and cost.first_row_seconds > 0
