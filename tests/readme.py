@@ -11,8 +11,8 @@ The rules (also in the README's last section, "The README is tested"):
   pointing at that gateway and `GATEWAY_ADMIN_TOKEN` set to the demo token. In commands,
   `localhost:8001`, `localhost:8002` and `localhost:9464` (or `127.0.0.1:...`) become its
   inference, admin and metrics addresses; in a section without one, free ports (also set as
-  GATEWAY_LISTEN / GATEWAY_ADMIN_LISTEN). The examples' other fixed ports (8011, 8012, 2379,
-  2380) become free ports in every section.
+  GATEWAY_LISTEN / GATEWAY_ADMIN_LISTEN). The examples' other fixed ports (8011, 8012, 8031,
+  8032, 2379, 2380) become free ports in every section.
 - ```sh / ```bash blocks run as one script with `set -eo pipefail`: any failing command fails
   the test. ```console blocks hold `$ ` commands (continued by `> ` lines) with their output
   below; every output line shown must appear in the real output, in order (`...` matches
@@ -54,7 +54,14 @@ _DIRECTIVE = re.compile(r"^\s*<!--\s*readme:\s*(\w+)\s*(.*?)\s*-->\s*$")
 _FENCE = re.compile(r"^(\s*)```\s*([\w+-]*)\s*$")
 _PORTS = {"8001": "inference", "8002": "admin", "9464": "metrics"}
 #: Other fixed ports the README's examples use (a second process, etcd): free ports per section.
-_OTHER_PORTS = {"8011": "inference-b", "8012": "admin-b", "2379": "etcd", "2380": "etcd-peer"}
+_OTHER_PORTS = {
+    "8011": "inference-b",
+    "8012": "admin-b",
+    "8031": "inference-c",
+    "8032": "admin-c",
+    "2379": "etcd",
+    "2380": "etcd-peer",
+}
 
 
 @dataclass
