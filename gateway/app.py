@@ -128,6 +128,22 @@ class Gateway:
                 ],
             )
 
+        unbatched: set[tuple[str, str]] = set()
+
+        def batching_notes(_revision: int, state: DesiredState) -> None:
+            # Batching configured for a model that cannot merge runs is a no-op: say so once.
+            for name, endpoint in state.endpoints.items():
+                for version in endpoint.versions if endpoint.batching is not None else ():
+                    model = self.registry.ready_model(name, version)
+                    if model is not None and not model.batchable and (name, version) not in unbatched:
+                        unbatched.add((name, version))
+                        log.warning(
+                            "%s %s: batching is configured but this model cannot merge requests (an input or "
+                            "output has no free first dimension, or it fails at 32 rows): each request runs alone",
+                            name,
+                            version,
+                        )
+
         def faults(_revision: int, state: DesiredState) -> None:
             self.faults.replace(
                 {(name, version): fault for name, ep in state.endpoints.items() for version, fault in ep.faults.items()}
@@ -148,6 +164,7 @@ class Gateway:
 
         self.registry.on_change(loaded)
         self.control.on_change(routed)
+        self.control.on_change(batching_notes)
         self.control.on_change(drift_references)
         self.control.on_change(faults)
         self.control.on_commit(

@@ -176,6 +176,10 @@ class ModelRegistry:
         """Whether a version can serve now."""
         return (endpoint, version) in self._ready
 
+    def ready_model(self, endpoint: str, version: str) -> OnnxModel | None:
+        """The READY model of a version, or None."""
+        return self._ready.get((endpoint, version))
+
     def runnable(self, endpoint: str, version: str) -> OnnxModel:
         """The READY model of a version (hot path: one dict read), or NotReady naming its state."""
         model = self._ready.get((endpoint, version))

@@ -7,6 +7,8 @@ what it would have got alone, for models whose inputs or outputs do not line up 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from gateway.admission import Admission
 from gateway.batcher import Result, _alone, _Entry, run_batch
 from gateway.runner import ModelRunner
 from gateway.runtime import OnnxModel
+from testkit.gateways import predict_request, running_gateway, tensor
 from tests.simple_model import write_simple
 
 OPSET = [helper.make_opsetid("", 13)]
@@ -112,8 +115,8 @@ def test_a_model_with_a_free_inner_dimension_runs_off_the_loop() -> None:
         runner.shutdown()
 
 
-def test_an_export_that_only_runs_at_batch_one_loads_and_is_not_batched() -> None:
-    # Declares a free batch dimension but reshapes to one row inside (a common export mistake).
+def fixed_to_one_row() -> bytes:
+    """Declares a free batch dimension but reshapes to one row inside (a common export mistake)."""
     shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 4])
     graph = helper.make_graph(
         [helper.make_node("Reshape", ["X", "shape"], ["R"]), helper.make_node("Add", ["X", "R"], ["Y"])],
@@ -124,7 +127,36 @@ def test_an_export_that_only_runs_at_batch_one_loads_and_is_not_batched() -> Non
     )
     onnx_model = helper.make_model(graph, opset_imports=OPSET)
     onnx_model.ir_version = 8
-    model = OnnxModel(onnx_model.SerializeToString(), source="fixed 1")
+    return onnx_model.SerializeToString()
+
+
+def test_an_export_that_only_runs_at_batch_one_loads_and_is_not_batched() -> None:
+    model = OnnxModel(fixed_to_one_row(), source="fixed 1")
     assert model.batchable
     cost = model.measure_cost()  # batch 1 works, 32 rows fail: measured at batch 1, no merging
     assert not model.batchable and cost.per_row_seconds == 0 and cost.first_row_seconds > 0
+
+
+def test_batching_configured_for_a_model_that_cannot_merge_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = fixed_to_one_row()
+    (tmp_path / "fixed" / "1").mkdir(parents=True)
+    (tmp_path / "fixed" / "1" / "model.onnx").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    (tmp_path / "fixed" / "1" / "manifest.yaml").write_text(f"format: onnx\nfile: model.onnx\nsha256: {digest}\n")
+    routes = f"""
+model_root: {tmp_path}
+endpoints:
+  fixed:
+    versions: ["1"]
+    traffic: {{"1": 100}}
+    labels: {{stable: "1"}}
+    batching: {{max_batch_size: 8, max_delay_ms: 5}}
+"""
+    with caplog.at_level(logging.WARNING, logger="gateway"), running_gateway(routes, model_root=tmp_path) as gw:
+        x = np.ones((1, 4), np.float32)
+        response = gw.predict_stub.Predict(predict_request("fixed", inputs=[tensor("X", x)]), timeout=30)
+        assert response.version == "1"
+    notes = [r.getMessage() for r in caplog.records if "cannot merge requests" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].startswith("fixed 1: batching is configured")
