@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from gateway.errors import DeadlineExceeded, InvalidInput
+from gateway.errors import DeadlineExceeded, InvalidInput, NotReady
 from gateway.routing import EndpointRoutes, RouteDecision
 from gateway.runtime import OnnxModel
 
@@ -99,8 +99,11 @@ class ModelRunner:
         holds (its admission slot) is given back by `after`, never earlier.
         """
         if self._pool is None:
-            raise RuntimeError("the model runner is not started")
-        work = self._pool.submit(function, *args)
+            raise NotReady("the gateway is not running models now (starting or shutting down); retry")
+        try:
+            work = self._pool.submit(function, *args)
+        except RuntimeError:  # the pool shut down meanwhile
+            raise NotReady("the gateway is shutting down; retry on another instance") from None
         if after is not None:
             work.add_done_callback(lambda _: after())
         return asyncio.wrap_future(work)

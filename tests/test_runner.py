@@ -13,7 +13,7 @@ import pytest
 
 from gateway.admission import Admission
 from gateway.batcher import _Entry, run_batch
-from gateway.errors import DeadlineExceeded, InvalidInput
+from gateway.errors import DeadlineExceeded, InvalidInput, NotReady
 from gateway.runner import ModelRunner, RunnerSettings
 from gateway.runtime import OnnxModel, RunCost
 from testkit.gateways import MODELS, config_text, features, running_gateway, scores
@@ -34,6 +34,18 @@ def test_warm_up_measures_the_run_cost_and_the_log_says_where_runs_go(caplog: py
         assert model.batchable
     decisions = [r.getMessage() for r in caplog.records if "inline limit" in r.getMessage()]
     assert any(m.startswith("ctr-ranker 1.12: ") and "us per batch-1 run" in m for m in decisions), decisions
+
+
+def test_a_run_handed_to_a_stopped_runner_is_unavailable_not_internal() -> None:
+    runner = ModelRunner(RunnerSettings(threads=1))
+    with pytest.raises(NotReady, match="not running models"):
+        runner.run(print)
+    runner.start()
+    pool = runner._pool
+    runner.shutdown()
+    runner._pool = pool  # a request that read the pool just before the shutdown
+    with pytest.raises(NotReady, match="shutting down"):
+        runner.run(print)
 
 
 def test_off_loop_by_measured_cost_rows_and_setting() -> None:
