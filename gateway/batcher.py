@@ -26,6 +26,7 @@ through the `ModelRunner`, inline or on a runner thread by its estimated cost.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 import weakref
 from bisect import bisect_right
@@ -218,7 +219,14 @@ class Batcher:
         ):
             self._dispatch(model, queue, runner_mode)
         elif queue.timer is None:
-            queue.timer = loop.call_later(policy.max_delay_ms / 1000, self._dispatch, model, queue, runner_mode)
+            queue.timer = loop.call_later(
+                policy.max_delay_ms / 1000,
+                self._dispatch,
+                model,
+                queue,
+                runner_mode,
+                context=contextvars.Context(),  # the batch's, not its first request's (ids in log lines)
+            )
         return future
 
     def _dispatch(self, model: OnnxModel, queue: _Queue, runner_mode: str) -> None:
