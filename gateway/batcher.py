@@ -102,7 +102,8 @@ def _merged(
     except Exception:  # each request runs alone and gets its own error
         return None
     seconds = time.perf_counter() - ran
-    if any(array.shape[0] != sum(entries[i].rows for i in indices) for array in arrays):
+    rows = sum(entries[i].rows for i in indices)
+    if any(array.shape[0] != rows for array in arrays):
         return None
     position = {name: i for i, name in enumerate(model.output_names)}
     results: list[Result | BaseException] = []
@@ -148,7 +149,8 @@ def run_batch(model: OnnxModel, entries: Sequence[_Entry], left: TimeLeft) -> Ba
         if merged is not None:
             for index, result in zip(mergeable, merged, strict=True):
                 results[index] = result
-            live = [i for i in live if i not in set(mergeable)]
+            merged_in = set(mergeable)
+            live = [i for i in live if i not in merged_in]
     for index in live:
         results[index] = _alone(model, entries[index], left)
     return results

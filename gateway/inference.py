@@ -368,9 +368,8 @@ class InferenceService:
         shared: int = 1,
     ) -> InferResult:
         """Measure a served request, remember it for feedback, observe drift, mirror it to shadows, answer."""
-        self._measure(call, "OK")
+        self._measure(call, "OK", run_seconds, shared)
         routes, decision, fault = call.routes, call.decision, call.fault
-        self._telemetry.ran(routes.name, decision.version, run_seconds, shared)
         feedback_id = ""
         if self._feedback is not None:
             self._feedback.served(call.request_id, call.series, decision.arm)
@@ -450,9 +449,11 @@ class InferenceService:
                     )
                 )
 
-    def _measure(self, call: _Call, code: str) -> None:
+    def _measure(self, call: _Call, code: str, run_seconds: float = 0.0, shared: int = 0) -> None:
         seconds = time.perf_counter() - call.started
-        self._telemetry.record(call.series, call.decision.arm, code, seconds, call.rows, call.nan, call.features)
+        self._telemetry.record(
+            call.series, call.decision.arm, code, seconds, call.rows, call.nan, call.features, run_seconds, shared
+        )
         if call.span is not None:
             call.span.attributes["gateway.batch_size"] = call.rows
 

@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+import pytest
 from google.protobuf.message import Message
 
 from gateway.app import Gateway
@@ -101,6 +103,20 @@ def config_text(**endpoint_overrides: object) -> str:
     fields.update({k: str(v) for k, v in endpoint_overrides.items()})
     body = "\n".join(f"    {k}: {v}" for k, v in fields.items())
     return f"model_root: {MODELS}\nendpoints:\n  ctr-ranker:\n{body}\n"
+
+
+def own_models(directory: Path) -> Path:
+    """A copy of the bundled ctr-ranker versions under `directory` (tests that load, unload or change files)."""
+    root = directory / "models"
+    shutil.copytree(MODELS / "ctr-ranker", root / "ctr-ranker")
+    return root
+
+
+def rpc_error(call: Callable[..., object]) -> grpc.RpcError:
+    """The gRPC error `call` fails with (the test fails if it does not)."""
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value
 
 
 @contextmanager

@@ -37,13 +37,14 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from testkit.etcd import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -295,12 +296,7 @@ def substitute(text: str, addresses: dict[str, str]) -> str:
 
 def free_addresses(names: Iterable[str]) -> dict[str, str]:
     """A free loopback address for each name (the README's fixed ports, moved so runs never collide)."""
-    addresses = {}
-    for name in names:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            addresses[name] = f"127.0.0.1:{probe.getsockname()[1]}"
-    return addresses
+    return {name: f"127.0.0.1:{free_port()}" for name in names}
 
 
 def console_commands(text: str) -> Iterator[tuple[int, str, list[str]]]:

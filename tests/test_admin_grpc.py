@@ -15,21 +15,22 @@ from google.protobuf.message import Message
 
 from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.repository import file_sha256
-from testkit.gateways import CI_TOKEN, MODELS, ONCALL_TOKEN, RunningGateway, config_text, running_gateway
+from testkit.gateways import (
+    CI_TOKEN,
+    MODELS,
+    ONCALL_TOKEN,
+    RunningGateway,
+    config_text,
+    own_models,
+    rpc_error,
+    running_gateway,
+)
 
 
 @pytest.fixture
 def gw(tmp_path: Path) -> Iterator[RunningGateway]:
-    root = tmp_path / "models"
-    shutil.copytree(MODELS / "ctr-ranker", root / "ctr-ranker")
-    with running_gateway(model_root=root) as running:
+    with running_gateway(model_root=own_models(tmp_path)) as running:
         yield running
-
-
-def rpc_error(call) -> grpc.RpcError:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value
 
 
 def test_authentication(gw: RunningGateway, caplog: pytest.LogCaptureFixture) -> None:

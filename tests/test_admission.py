@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from gateway.admission import Admission
+from gateway.clock import SimClock
 from gateway.errors import DeadlineExceeded, Overloaded
 from gateway.grpc.errors import RETRY_PUSHBACK_KEY
 from gateway.pb.gateway.v1 import admin_pb2 as pb
@@ -17,16 +18,8 @@ from gateway.pb.gateway.v1 import inference_pb2_grpc as gw_grpc
 from testkit.gateways import RunningGateway, config_text, predict_request, running_gateway
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_the_limit_sheds_with_a_retry_hint_and_frees_on_release() -> None:
-    clock = Clock()
+    clock = SimClock(100.0)
     admission = Admission(2, clock=clock)
     first = admission.admit("e", "1")
     second = admission.admit("e", "1")
@@ -51,7 +44,7 @@ def test_the_limit_sheds_with_a_retry_hint_and_frees_on_release() -> None:
 
 
 def test_the_in_flight_snapshot_counts_every_version_with_held_slots() -> None:
-    clock = Clock()
+    clock = SimClock(100.0)
     admission = Admission(4, clock=clock)
     running, held = admission.admit("e", "1"), admission.admit("e", "1")
     admission.admit("e", "2")
@@ -64,7 +57,7 @@ def test_the_in_flight_snapshot_counts_every_version_with_held_slots() -> None:
 
 
 def test_work_past_its_deadline_is_not_started() -> None:
-    clock = Clock()
+    clock = SimClock(100.0)
     admission = Admission(4, default_deadline=10.0, clock=clock)
     assert admission.deadline(None) == 110.0
     assert admission.deadline(2.0) == 102.0  # the caller's shorter deadline wins

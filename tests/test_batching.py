@@ -27,6 +27,9 @@ from testkit.gateways import RunningGateway, config_text, features, predict_requ
 from tests.test_grpc_predict import direct
 
 WAIT_FOR_FULL = "{max_batch_size: %d, max_delay_ms: 10000}"
+#: A bound on waiting for a batch a trigger (full, preferred size) runs: under the 10 s delay, so a
+#: trigger that fails is seen (grpc.FutureTimeoutError), not covered by the delay running it later.
+TRIGGERED = 8.0
 
 
 def batching_gateway(batching: str, **overrides: str) -> AbstractContextManager[RunningGateway]:
@@ -117,7 +120,8 @@ def test_requests_that_arrive_while_a_run_is_busy_share_one_run_and_each_gets_it
         busy = occupy(gw, "1.12", runs)
         inputs = [features(rows, seed=rows) for rows in (1, 2, 3)]
         calls = [send(gw, "ctr-ranker@1.12", x) for x in inputs]
-        responses = [call.result() for call in calls]  # full at 6 rows: runs while the first is still held
+        # Full at 6 rows: runs while the first is still held, long before its 10 s delay would run it.
+        responses = [call.result(timeout=TRIGGERED) for call in calls]
         assert runs.rows == [1, 6]
         runs.release.set()
         assert busy.result().version == "1.12"
@@ -221,7 +225,7 @@ def test_a_batch_runs_when_it_reaches_a_preferred_size_or_its_delay() -> None:
     with batching_gateway(preferred) as gw, observed_runs(gw.gateway, "1.12", hold_first=True) as runs:
         occupy(gw, "1.12", runs)
         calls = [send(gw, "ctr-ranker@1.12", features(1, seed=i)) for i in range(2)]
-        assert all(call.result().version == "1.12" for call in calls)
+        assert all(call.result(timeout=TRIGGERED).version == "1.12" for call in calls)  # not its 10 s delay
         assert runs.rows == [1, 2]
     with (
         batching_gateway("{max_batch_size: 8, max_delay_ms: 5}") as gw,

@@ -11,13 +11,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
 from gateway.cli import build_parser
 from gateway.cli.output import MISSING, print_json, shown, table
 from gateway.cli.report import _print, report_dict
 from gateway.pb.gateway.v1 import admin_pb2 as pb
-from testkit.gateways import ONCALL_TOKEN, ROOT, GatewayProcess
+from gateway.pb.gateway.v1 import admin_pb2_grpc
+from testkit.gateways import ONCALL_TOKEN, ROOT, GatewayProcess, bearer
 
 GATEWAY = [sys.executable, "-m", "gateway.cli"]
 ROW = json.dumps([0.1] * 32)
@@ -148,8 +150,12 @@ def test_auth_errors_say_how_to_pass_a_token(served: GatewayProcess) -> None:
 def test_a_closed_pipe_exits_quietly(served: GatewayProcess) -> None:
     env = {**os.environ, "GATEWAY_ADMIN_TARGET": served.admin_target, "GATEWAY_ADMIN_TOKEN": ONCALL_TOKEN}
     command = " ".join([*GATEWAY, "admin", "audit", "--json", "--limit", "500"]) + " | head -c 1 >/dev/null"
-    for _ in range(4):  # audit entries (dry runs are audited too) longer than a pipe's buffer in all
-        _run("admin", "label", "ctr-ranker", "blue", "1.14", "--dry-run", "--reason", "x" * 30_000, env=env)
+    with grpc.insecure_channel(served.admin_target) as channel:  # audit entries (dry runs are audited too)
+        admin = admin_pb2_grpc.AdminStub(channel)
+        label = pb.SetLabelRequest(endpoint="ctr-ranker", label="blue", version="1.14", dry_run=True, reason="x" * 1000)
+        for _ in range(80):
+            admin.SetLabel(label, metadata=bearer(), timeout=30)
+    assert len(_run("admin", "audit", "--json", "--limit", "500", env=env).stdout) > 65536  # beyond a pipe's buffer
     result = subprocess.run(
         ["bash", "-c", f"set -o pipefail; {command}"],
         capture_output=True,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -92,13 +91,13 @@ def test_sigterm_under_load_drops_no_request(tmp_path: Path) -> None:
         slow = [threading.Thread(target=slow_call) for _ in range(8)]
         for thread in threads:
             thread.start()
-        time.sleep(1.5)
+        assert wait_until(lambda: served_by[first.target] > 0, timeout=30)
         for thread in slow:
             thread.start()
         assert wait_until(lambda: in_flight(first, "1.14") == 8, timeout=30)  # the slow calls are in flight
         first.process.send_signal(__import__("signal").SIGTERM)
         exit_code = first.process.wait(timeout=30)
-        time.sleep(0.5)
+        assert wait_until(lambda: served_by[second.target] > 0, timeout=30)  # the clients failed over
         stop.set()
         for thread in [*threads, *slow]:
             thread.join(timeout=30)

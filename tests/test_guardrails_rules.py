@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from gateway.clock import SimClock
 from gateway.errors import InvalidInput
 from gateway.guardrails.rules import Action, Metric, RuleSet, parse_duration, parse_rule
 from gateway.orchestration.evaluate import Status, evaluate
@@ -150,16 +151,8 @@ def test_rule_windows_longer_than_the_history_are_refused() -> None:
     rules.check_history(3600)  # ctr_drop counts since its test began: its window is not cut
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_window_cut_to_the_history_is_inconclusive_not_a_pass() -> None:
-    clock = Clock()
+    clock = SimClock(1_000_000.0)
     window = SlidingWindow(1800, clock=clock)
     for _ in range(200):
         window.record(0.001, "INTERNAL")  # 50 minutes ago: inside the rule's hour, outside the history
@@ -172,7 +165,7 @@ def test_a_window_cut_to_the_history_is_inconclusive_not_a_pass() -> None:
 
 
 def test_null_rate_without_nan_counters_is_inconclusive() -> None:
-    clock = Clock()
+    clock = SimClock(1_000_000.0)
     canary, stable = SlidingWindow(600, clock=clock), SlidingWindow(600, clock=clock)
     for window in (canary, stable):
         for _ in range(200):
@@ -238,3 +231,5 @@ def test_score_drift_checks_canaries_and_shadows() -> None:
 
 def test_sequential_rules_are_not_cut_by_the_history() -> None:
     RuleSet.parse(["value_drop > 3% for 2h"]).check_history(1800)
+    with pytest.raises(InvalidInput):  # a window rule of the same length is
+        RuleSet.parse(["error_rate > 2% for 2h"]).check_history(1800)

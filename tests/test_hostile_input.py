@@ -5,7 +5,6 @@ Each test reproduces one finding of the hardening review (issue 11) and failed b
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,14 @@ from gateway.pb.gateway.v1 import admin_pb2 as pb
 from gateway.pb.gateway.v1 import inference_pb2 as gw
 from gateway.pb.inference import grpc_service_pb2 as oip
 from gateway.pb.inference import grpc_service_pb2_grpc as oip_grpc
-from testkit.gateways import MODELS, RunningGateway, config_text, predict_request, running_gateway
+from testkit.gateways import (
+    RunningGateway,
+    config_text,
+    own_models,
+    predict_request,
+    rpc_error,
+    running_gateway,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +36,8 @@ def hostile() -> Iterator[RunningGateway]:
 
 @pytest.fixture
 def fresh(tmp_path: Path) -> Iterator[RunningGateway]:
-    root = tmp_path / "models"
-    shutil.copytree(MODELS / "ctr-ranker", root / "ctr-ranker")
-    with running_gateway(model_root=root) as running:
+    with running_gateway(model_root=own_models(tmp_path)) as running:
         yield running
-
-
-def rpc_error(call) -> grpc.RpcError:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value
 
 
 # --- 1. caller-chosen strings are bounded ------------------------------------------------------
@@ -201,7 +199,9 @@ def test_non_integer_endpoint_numbers_are_refused(hostile: RunningGateway, text:
     for field in ("max_batch_size", "intra_op_threads"):
         document = config_text(**{field: text})
         err = rpc_error(
-            lambda document=document: hostile.admin("Apply", pb.ApplyRequest(document=document, reason="x"))
+            lambda document=document: hostile.admin(
+                "Apply", pb.ApplyRequest(document=document, reason="x", dry_run=True)
+            )
         )
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, text)
 
@@ -216,7 +216,9 @@ def test_non_finite_shadow_threshold_is_refused(hostile: RunningGateway, text: s
 
 @pytest.mark.parametrize("seconds", [float("nan"), float("inf"), -1.0, 1e300])
 def test_rollout_step_seconds_must_be_finite(hostile: RunningGateway, seconds: float) -> None:
-    request = pb.StartRolloutRequest(endpoint="ctr-ranker", version="1.14", step_seconds=seconds, reason="x")
+    request = pb.StartRolloutRequest(  # a dry run: a regression cannot leave the shared gateway rolling out
+        endpoint="ctr-ranker", version="1.14", step_seconds=seconds, reason="x", dry_run=True
+    )
     err = rpc_error(lambda: hostile.admin("StartRollout", request))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
     assert hostile.admin("GetRoutes", pb.GetRoutesRequest()).endpoints[0].traffic == {"1.12": 90, "1.13": 10}
@@ -225,7 +227,7 @@ def test_rollout_step_seconds_must_be_finite(hostile: RunningGateway, seconds: f
 @pytest.mark.parametrize(("error_rate", "latency_ms"), [(float("nan"), 0.0), (0.0, float("nan")), (0.0, float("inf"))])
 def test_fault_numbers_must_be_finite(hostile: RunningGateway, error_rate: float, latency_ms: float) -> None:
     request = pb.SetFaultRequest(
-        endpoint="ctr-ranker", version="1.13", error_rate=error_rate, latency_ms=latency_ms, reason="x"
+        endpoint="ctr-ranker", version="1.13", error_rate=error_rate, latency_ms=latency_ms, reason="x", dry_run=True
     )
     err = rpc_error(lambda: hostile.admin("SetFault", request))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()

@@ -12,19 +12,13 @@ import pytest
 from gateway.cli.serve import _serve
 from gateway.errors import InvalidInput
 from gateway.settings import GatewaySettings
+from testkit.etcd import free_port
 from testkit.fleet import wait_until
 from testkit.gateways import DEMO_CONFIG
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def test_a_start_that_fails_at_the_admin_listener_leaves_nothing_running(tmp_path: Path) -> None:
-    inference_port = _free_port()
+    inference_port = free_port()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

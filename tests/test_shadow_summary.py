@@ -9,18 +9,11 @@ import random
 import numpy as np
 import pytest
 
+from gateway.clock import SimClock
 from gateway.shadow.stats import ComparisonRecord, ShadowStats, bin_quantiles, diff_bin, diff_bin_value
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _record(rng: random.Random, clock: Clock, i: int) -> ComparisonRecord:
+def _record(rng: random.Random, clock: SimClock, i: int) -> ComparisonRecord:
     diff = rng.choice([0.0, math.inf, rng.lognormvariate(-5, 2)])
     return ComparisonRecord(
         clock.now, f"r{i:04d}", rng.choice(["1.12", "1.13"]), diff, diff / 2, 0.0, 2, rng.randrange(0, 3),
@@ -29,7 +22,7 @@ def _record(rng: random.Random, clock: Clock, i: int) -> ComparisonRecord:
 
 
 def test_summaries_of_three_processes_merge_to_the_report_of_one_holding_everything() -> None:
-    clock = Clock()
+    clock = SimClock(1_000_000.0)
     rng = random.Random(5)
     everything = ShadowStats(clock=clock)
     parts = [ShadowStats(clock=clock) for _ in range(3)]

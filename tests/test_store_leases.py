@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.clock import SimClock
 from gateway.errors import Conflict, LockLost, RecordChanged
 from gateway.state import AuditDraft, RecordSwap, StateStore, fenced, open_store, swapping
 from gateway.state.sqlite import SqliteStore
@@ -15,14 +16,6 @@ from testkit.fleet import wait_until
 
 def draft(before: int = 0) -> AuditDraft:
     return AuditDraft(1.0, "guardian", "rollback", "ctr-ranker", "guardrail", False, before)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(params=["sqlite", "etcd"])
@@ -99,7 +92,7 @@ def test_create_record_keeps_the_first_writers_body(store: StateStore) -> None:
 
 
 def test_sqlite_members_expire_without_renewal(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = SimClock(1_000_000.0)
     store = SqliteStore(tmp_path / "state.db", clock=clock)
     other = SqliteStore(tmp_path / "state.db", clock=clock)  # another process on the same file
     store.join("a", "{}", 5)

@@ -373,7 +373,7 @@ def _drained(
 
     async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if drain.closing:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, drain.refuse().message)
+            await _refuse(context, drain)
         drain.active += 1
         try:
             return await unary(request, context)
@@ -383,6 +383,12 @@ def _drained(
     return counted
 
 
+async def _refuse(context: grpc.aio.ServicerContext, drain: Drain) -> None:
+    """Refuse a call on a draining listener through the one error map (NotReady: UNAVAILABLE)."""
+    status, message, metadata = refusal(drain.refuse())
+    await context.abort(status, message, trailing_metadata=metadata)
+
+
 def _drained_stream(
     stream: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]], drain: Drain
 ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
@@ -390,7 +396,7 @@ def _drained_stream(
 
     async def opened(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         if drain.closing:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, drain.refuse().message)
+            await _refuse(context, drain)
         async for response in stream(requests, context):
             yield response
 

@@ -28,7 +28,7 @@ import numpy as np
 from gateway.app import Gateway
 from gateway.auth import FleetKey
 from gateway.grpc.errors import guard_threaded_servicer
-from gateway.grpc.server import bind, server_options
+from gateway.grpc.server import authorization, bind, server_options
 from gateway.grpc.tls import ClientTls, ServerTls
 from gateway.orchestration.fleet import Fleet, Member
 from gateway.orchestration.fleet_windows import Pulled
@@ -216,11 +216,7 @@ class FleetServicer(pb_grpc.FleetServicer):
 
 def _peer_authenticator(key: FleetKey) -> Any:
     def authenticate(context: grpc.ServicerContext) -> str:
-        authorization = None
-        for name, value in context.invocation_metadata() or ():
-            if name == "authorization":
-                authorization = value if isinstance(value, str) else value.decode()
-        key.check_peer(authorization)
+        key.check_peer(authorization(context.invocation_metadata()))
         return "fleet"
 
     return authenticate

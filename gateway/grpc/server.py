@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -136,15 +136,20 @@ async def start_inference_server(
     return InferenceServer(server, port, health, drain)
 
 
+def authorization(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The call's `authorization` metadata value (the last one), or None."""
+    found = None
+    for key, value in metadata or ():
+        if key == "authorization":
+            found = value if isinstance(value, str) else value.decode()
+    return found
+
+
 def bearer_authenticator(tokens: AdminTokens) -> Callable[[Any], str]:
     """Reads `authorization` metadata and returns the caller's name (raises on bad credentials)."""
 
     def authenticate(context: Any) -> str:  # grpc.ServicerContext or its aio counterpart
-        authorization = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                authorization = value if isinstance(value, str) else value.decode()
-        return tokens.authenticate(authorization)
+        return tokens.authenticate(authorization(context.invocation_metadata()))
 
     return authenticate
 
@@ -178,9 +183,8 @@ class _ReflectionNeedsToken(grpc.ServerInterceptor):  # type: ignore[misc]
         """Reflection calls without a valid token get a handler that refuses them."""
         if not details.method.startswith("/grpc.reflection."):
             return continuation(details)
-        value = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
         try:
-            self._tokens.authenticate(value.decode() if isinstance(value, bytes) else value)
+            self._tokens.authenticate(authorization(details.invocation_metadata))
         except GatewayError as err:
             status, message, _ = refusal(err)
 

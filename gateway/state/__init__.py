@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.errors import InvalidInput, RecordChanged
+from gateway.errors import InvalidInput, LockLost, RecordChanged
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +221,12 @@ def pending_swap() -> RecordSwap | None:
     """The record swap the next write in this thread must carry, or None (none, or already written)."""
     swap = _SWAP.get()
     return swap if swap is not None and not swap.written else None
+
+
+def lock_lost(lock: str, member: str, holder: str) -> LockLost:
+    """The error of a fenced write whose member no longer holds `lock` (`holder`: who does, or "")."""
+    held = f"held by {holder}" if holder else "held by nobody"
+    return LockLost(f"{member} no longer holds {lock} ({held} now); nothing was written")
 
 
 def record_changed(swap: RecordSwap, found: int) -> RecordChanged:

@@ -35,8 +35,17 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, unquote
 
-from gateway.errors import Conflict, LockLost, NotFound, StoreUnavailable
-from gateway.state import AuditDraft, AuditEntry, RecordSwap, Revision, current_fence, pending_swap, record_changed
+from gateway.errors import Conflict, NotFound, StoreUnavailable
+from gateway.state import (
+    AuditDraft,
+    AuditEntry,
+    RecordSwap,
+    Revision,
+    current_fence,
+    lock_lost,
+    pending_swap,
+    record_changed,
+)
 from gateway.state.etcd_client import Compacted, EtcdClient, EtcdSettings, decode, encode, prefix_end
 
 _KEY_WIDTH = 20
@@ -248,8 +257,7 @@ class EtcdStore:
             kvs = answer["responses"][-1]["response_range"].get("kvs", [])
             holder = decode(kvs[0]["value"]) if kvs else ""
             if holder != fence[1]:
-                held = f"held by {holder}" if holder else "held by nobody"
-                raise LockLost(f"{fence[1]} no longer holds {fence[0]} ({held} now); nothing was written")
+                raise lock_lost(fence[0], fence[1], holder)
         if swap is not None:
             if not answer.get("succeeded"):
                 kvs = answer["responses"][swap_at]["response_range"].get("kvs", [])

@@ -24,8 +24,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import Conflict, LockLost, NotFound, StoreUnavailable
-from gateway.state import AuditDraft, AuditEntry, RecordSwap, Revision, current_fence, pending_swap, record_changed
+from gateway.errors import Conflict, NotFound, StoreUnavailable
+from gateway.state import (
+    AuditDraft,
+    AuditEntry,
+    RecordSwap,
+    Revision,
+    current_fence,
+    lock_lost,
+    pending_swap,
+    record_changed,
+)
 
 #: How often a waiting follower checks for another process's commit.
 POLL_SECONDS = 0.02
@@ -390,8 +399,7 @@ class SqliteStore:
         lock, member = fence
         holder = self._holder(lock)
         if holder != member:
-            held = f"held by {holder}" if holder else "held by nobody"
-            raise LockLost(f"{member} no longer holds {lock} ({held} now); nothing was written")
+            raise lock_lost(lock, member, holder)
 
     def _holder(self, lock: str) -> str:
         """The live holder of a lock ("" when none); call with the lock held."""

@@ -68,7 +68,7 @@ def register(
             )
         return out
 
-    def counter(name: str, index: int, *names: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def counter(index: int, *names: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             return [Observation(values[index], attributes) for attributes, values in running(*names) if values[0]]
 
@@ -76,25 +76,25 @@ def register(
 
     meter.create_observable_counter(
         "gateway.request.timeouts",
-        [counter("timeouts", 0, "timeouts")],
+        [counter(0, "timeouts")],
         unit="{request}",
         description="Requests whose caller's deadline passed or that it cancelled, by endpoint, version and arm",
     )
     meter.create_observable_counter(
         "gateway.feedback.outcomes",
-        [counter("outcomes", 0, "outcomes")],
+        [counter(0, "outcomes")],
         unit="{outcome}",
         description="Feedback outcomes joined to the version and arm that served the request",
     )
     meter.create_observable_counter(
         "gateway.feedback.values",
-        [counter("values", 0, "values")],
+        [counter(0, "values")],
         unit="{value}",
         description="Feedback outcomes that carried a business value",
     )
     meter.create_observable_counter(
         "gateway.feedback.value",
-        [counter("value", 1, "values", "value_sum")],
+        [counter(1, "values", "value_sum")],
         description="Sum of the business values sent with Feedback (value per request = this / values)",
     )
 

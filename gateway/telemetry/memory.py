@@ -59,10 +59,7 @@ class MemoryWindow:
     def sample(self) -> int:
         """Read the resident memory now and keep it for this second; returns it."""
         value = self._reader()
-        second = int(self._clock())
-        with self._lock:
-            self._seconds[second % self.horizon] = second
-            self._bytes[second % self.horizon] = value
+        self.put(int(self._clock()), value)
         return value
 
     def export(self, first: int) -> list[tuple[int, int]]:
@@ -91,12 +88,7 @@ class MemoryWindow:
         """Growth over the samples of the last `seconds` taken at or after `since`: latest minus lowest."""
         now = int(self._clock())
         first = max(now - min(seconds, self.horizon) + 1, int(since) + (since > int(since)))
-        samples = []
-        with self._lock:
-            for second in range(first, now + 1):
-                index = second % self.horizon
-                if self._seconds[index] == second:
-                    samples.append((second, self._bytes[index]))
+        samples = self.export(first)
         if not samples:
             return Growth(0, 0, 0, 0.0, 0)
         lowest_at, lowest = min(samples, key=lambda s: s[1])

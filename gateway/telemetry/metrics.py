@@ -100,10 +100,9 @@ class Telemetry:
         self._observe_durations = meter_provider is not None
         self._lock = self.durations.lock
         self._counts: dict[tuple[str, str, str, str], int] = {}
-        # Per (endpoint, version, arm, code): [seconds, rows, wall time of the last request].
+        # Per (endpoint, version, arm, code): [seconds, rows, wall time of the last request, model runs
+        # (each request adds its share of a batch's), their seconds].
         self._sums: dict[tuple[str, str, str, str], list[float]] = {}
-        # Per (endpoint, version): [model runs, their seconds], each request adding its share of its run.
-        self._runs: dict[tuple[str, str], list[float]] = {}
         self._rows: dict[tuple[str, str, str], int] = {}
         self._nulls: dict[tuple[str, str, str, str], int] = {}
         self._revision = 0
@@ -198,11 +197,14 @@ class Telemetry:
         rows: int = 0,
         nan_per_feature: Sequence[int] | None = None,
         features: Sequence[str] = (),
+        run_seconds: float = 0.0,
+        shared: int = 0,
     ) -> None:
         """One request: feeds the series' window, the counters and (metrics on) the latency histogram.
 
         `features` names the model's float input features; `nan_per_feature` (None when the
-        request had no NaN) counts NaNs per feature.
+        request had no NaN) counts NaNs per feature. A served request gives its model run's
+        seconds and how many requests `shared` it (a batch; 0: no run): its share of the run.
         """
         key = (series.endpoint, series.version, arm, code)
         rows_key = (series.endpoint, series.version, arm)
@@ -210,10 +212,13 @@ class Telemetry:
             self._counts[key] = self._counts.get(key, 0) + 1
             sums = self._sums.get(key)
             if sums is None:
-                sums = self._sums[key] = [0.0, 0, 0.0]
+                sums = self._sums[key] = [0.0, 0, 0.0, 0.0, 0.0]
             sums[0] += seconds
             sums[1] += rows
             sums[2] = time.time()
+            if shared:
+                sums[3] += 1 / shared
+                sums[4] += run_seconds / shared
             self._rows[rows_key] = self._rows.get(rows_key, 0) + rows
             if nan_per_feature is not None:
                 for name, count in zip(features, nan_per_feature, strict=False):
@@ -223,16 +228,6 @@ class Telemetry:
             if self._observe_durations:
                 self.durations.observe(key, seconds)
         self.windows.window(series, len(features)).record(seconds, code, rows, nan_per_feature)
-
-    def ran(self, endpoint: str, version: str, seconds: float, shared: int) -> None:
-        """A served request's model run: `seconds` long, shared by `shared` requests (a batch), 1 alone."""
-        key = (endpoint, version)
-        with self._lock:
-            runs = self._runs.get(key)
-            if runs is None:
-                runs = self._runs[key] = [0.0, 0.0]
-            runs[0] += 1 / shared
-            runs[1] += seconds / shared
 
     def abandoned(self, series: SeriesKey) -> None:
         """A request already recorded whose caller had gone (deadline or cancellation) when its answer was ready."""
@@ -320,10 +315,9 @@ class Telemetry:
     def version_totals(self) -> dict[tuple[str, str], VersionTotals]:
         """Cumulative totals per (endpoint, version), over every arm, since the process started."""
         with self._lock:
-            items = [(key, self._counts[key], sums[0], sums[1], sums[2]) for key, sums in self._sums.items()]
-            runs = {key: tuple(value) for key, value in self._runs.items()}
+            items = [(key, self._counts[key], list(sums)) for key, sums in self._sums.items()]
         totals: dict[tuple[str, str], VersionTotals] = {}
-        for (endpoint, version, _arm, code), count, seconds, rows, last in items:
+        for (endpoint, version, _arm, code), count, (seconds, rows, last, executions, compute) in items:
             t = totals.setdefault((endpoint, version), VersionTotals())
             if code == "OK":
                 t.success_count += count
@@ -333,9 +327,8 @@ class Telemetry:
                 t.fail_count += count
                 t.fail_seconds += seconds
             t.last_at = max(t.last_at, last)
-        for key, (executions, compute) in runs.items():
-            t = totals.setdefault(key, VersionTotals())
-            t.executions, t.compute_seconds = executions, compute
+            t.executions += executions
+            t.compute_seconds += compute
         return totals
 
     def shutdown(self) -> None:
