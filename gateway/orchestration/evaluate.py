@@ -175,6 +175,17 @@ def _latency_ratio(x: Comparison, b: WindowStats) -> Verdict:
     return x.verdict(ratio, samples, values={"candidate_ms": cq * 1000, "baseline_ms": bq * 1000})
 
 
+def _features(rule: Rule, names: list[str]) -> range | str:
+    """The features a rule judges (all, or the one it names), or why it names none of them."""
+    if not rule.feature:
+        return range(len(names))
+    if rule.feature not in names:
+        listed = ", ".join(names[:8]) + ("..." if len(names) > 8 else "")
+        return f"no feature {rule.feature!r}; features: {listed}"
+    index = names.index(rule.feature)
+    return range(index, index + 1)
+
+
 def _null_rate(x: Comparison, b: WindowStats) -> Verdict:
     c = x.c
     samples = {x.candidate: c.rows, x.baseline: b.rows}
@@ -183,14 +194,10 @@ def _null_rate(x: Comparison, b: WindowStats) -> Verdict:
         detail = "no NaN counts per feature in the window" if c.rows and b.rows else ""
         return x.verdict(math.nan, samples, detail=detail)
     names = list(x.feature_names) or [str(i) for i in range(len(c.nan_counts))]
-    indices = range(counted)
-    if x.rule.feature:
-        if x.rule.feature not in names:
-            listed = ", ".join(names[:8]) + ("..." if len(names) > 8 else "")
-            detail = f"no feature {x.rule.feature!r}; features: {listed}"
-            return Verdict(x.rule, x.candidate, x.baseline, Status.INCONCLUSIVE, math.nan, samples, detail=detail)
-        index = names.index(x.rule.feature)
-        indices = range(index, min(index + 1, counted))
+    chosen = _features(x.rule, names)
+    if isinstance(chosen, str):
+        return Verdict(x.rule, x.candidate, x.baseline, Status.INCONCLUSIVE, math.nan, samples, detail=chosen)
+    indices = range(chosen.start, min(chosen.stop, counted)) if x.rule.feature else range(counted)
     best, worst = math.nan, -1
     for i in indices:
         delta = c.nan_rate(i) - b.nan_rate(i)
@@ -253,13 +260,9 @@ def _feature_drift(x: Comparison, b: WindowStats) -> Verdict:
     samples = {x.candidate: ch.rows, x.baseline: bh.rows}
     count = min(len(ch.features), len(bh.features))
     names = list(x.feature_names[:count]) or [str(i) for i in range(count)]
-    indices = range(count)
-    if x.rule.feature:
-        if x.rule.feature not in names:
-            listed = ", ".join(names[:8]) + ("..." if len(names) > 8 else "")
-            detail = f"no feature {x.rule.feature!r}; features: {listed}"
-            return Verdict(x.rule, x.candidate, x.baseline, Status.INCONCLUSIVE, math.nan, samples, detail=detail)
-        indices = range(names.index(x.rule.feature), names.index(x.rule.feature) + 1)
+    indices = _features(x.rule, names)
+    if isinstance(indices, str):
+        return Verdict(x.rule, x.candidate, x.baseline, Status.INCONCLUSIVE, math.nan, samples, detail=indices)
     drifts = sorted(((_distance(x.rule, bh.features[i], ch.features[i]), i) for i in indices), reverse=True)
     drifts = [(d, i) for d, i in drifts if not math.isnan(d)]
     if not drifts:

@@ -230,14 +230,7 @@ class Guardian:
         for shadow in ep.shadows if rules.shadow_rules else ():
             out.setdefault(shadow, [])
             for rule in rules.shadow_rules:
-                extra = {}
-                if rule.metric is Metric.SCORE_DRIFT:
-                    extra = {
-                        "histograms": (self._histograms.window(ep.name, shadow, rule.window_seconds), None),
-                        "drift_note": self._histograms.status(ep.name),
-                    }
-                elif rule.metric is Metric.MEMORY_GROWTH:
-                    extra = {"memory": self.memory.evidence(ep.name, shadow, rule.window_seconds)}
+                extra = self._evidence(ep, rule, shadow, "")  # no stable: a shadow is judged against its primary
                 out[shadow].append(evaluate(rule, shadow, "", stats(shadow, rule.window_seconds), None, **extra))
         return out
 
